@@ -1,0 +1,80 @@
+// SPDX-License-Identifier: Apache-2.0
+// pybind11 module diffrepro._cpu: turns integer addresses from torch's data_ptr() into typed
+// pointers, releases the GIL around the kernels and maps a Status to a RuntimeError.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "../cpu/gemm.h"
+#include "diffrepro/api_cpu.h"
+
+namespace py = pybind11;
+using diffrepro::index_t;
+using diffrepro::RowType;
+using diffrepro::Status;
+
+namespace {
+
+template <class T>
+T* ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void check(Status s, const char* op) {
+  if (s != Status::kOk)
+    throw std::runtime_error(std::string("diffrepro._cpu.") + op + ": " +
+                             diffrepro::status_message(s));
+}
+
+void empirical_denoiser(bool f64, std::uintptr_t x, std::uintptr_t y, int y_type, index_t Q,
+                        index_t N, index_t D, std::uintptr_t center, std::uintptr_t inv_sigma2,
+                        index_t row_offset, index_t tile_rows, int workers,
+                        std::uintptr_t max_logit, std::uintptr_t sum_exp,
+                        std::uintptr_t sum_exp_sq, std::uintptr_t weighted_sum,
+                        std::uintptr_t nearest_index, std::uintptr_t nearest_sqdist) {
+  Status s;
+  {
+    py::gil_scoped_release release;
+    if (f64)
+      s = diffrepro::empirical_denoiser_cpu<double>(
+          ptr<const double>(x), ptr<const void>(y), static_cast<RowType>(y_type), Q, N, D,
+          ptr<const double>(center), ptr<const double>(inv_sigma2), row_offset, tile_rows,
+          workers, ptr<double>(max_logit), ptr<double>(sum_exp), ptr<double>(sum_exp_sq),
+          ptr<double>(weighted_sum), ptr<index_t>(nearest_index), ptr<double>(nearest_sqdist));
+    else
+      s = diffrepro::empirical_denoiser_cpu<float>(
+          ptr<const float>(x), ptr<const void>(y), static_cast<RowType>(y_type), Q, N, D,
+          ptr<const float>(center), ptr<const double>(inv_sigma2), row_offset, tile_rows, workers,
+          ptr<double>(max_logit), ptr<double>(sum_exp), ptr<double>(sum_exp_sq),
+          ptr<float>(weighted_sum), ptr<index_t>(nearest_index), ptr<double>(nearest_sqdist));
+  }
+  check(s, "empirical_denoiser");
+}
+
+void nn_search(std::uintptr_t queries, std::uintptr_t refs, int refs_type, index_t Q, index_t N,
+               index_t D, int k, bool inner_product, index_t row_offset, index_t tile_rows,
+               int workers, std::uintptr_t values, std::uintptr_t indices) {
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = diffrepro::nn_search_cpu(ptr<const float>(queries), ptr<const void>(refs),
+                                 static_cast<RowType>(refs_type), Q, N, D, k, inner_product,
+                                 row_offset, tile_rows, workers, ptr<float>(values),
+                                 ptr<index_t>(indices));
+  }
+  check(s, "nn_search");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "diffrepro CPU kernels (raw-pointer interface; use diffrepro.ops instead)";
+  diffrepro::detail::gemm_init_single_threaded();
+  m.def("empirical_denoiser", &empirical_denoiser);
+  m.def("nn_search", &nn_search);
+  m.def("gemm_core", [] { return std::string(diffrepro::cpu_gemm_core()); });
+  m.def("cpu_isa", [] { return std::string(diffrepro::cpu_isa()); });
+  m.attr("version") = DR_VERSION;
+}

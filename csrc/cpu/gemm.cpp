@@ -1,0 +1,52 @@
+// SPDX-License-Identifier: Apache-2.0
+// Binds gemm.h to scipy-openblas32's prefixed CBLAS symbols.
+#include "gemm.h"
+
+#include <cblas.h>
+
+#include <string>
+
+#include "diffrepro/api_cpu.h"
+
+namespace diffrepro::detail {
+
+void gemm(bool b_trans, index_t M, index_t N, index_t K, float alpha, const float* A, index_t lda,
+          const float* B, index_t ldb, float beta, float* C, index_t ldc) {
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, b_trans ? CblasTrans : CblasNoTrans,
+                    static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A,
+                    static_cast<int>(lda), B, static_cast<int>(ldb), beta, C,
+                    static_cast<int>(ldc));
+}
+
+void gemm(bool b_trans, index_t M, index_t N, index_t K, double alpha, const double* A,
+          index_t lda, const double* B, index_t ldb, double beta, double* C, index_t ldc) {
+  scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, b_trans ? CblasTrans : CblasNoTrans,
+                    static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A,
+                    static_cast<int>(lda), B, static_cast<int>(ldb), beta, C,
+                    static_cast<int>(ldc));
+}
+
+const char* gemm_core_name() { return scipy_openblas_get_corename(); }
+
+// Our workers call the BLAS concurrently; letting it spawn its own pool on top would
+// oversubscribe the cores.
+void gemm_init_single_threaded() { scipy_openblas_set_num_threads(1); }
+
+}  // namespace diffrepro::detail
+
+namespace diffrepro {
+
+// The vector ISA of the products is the BLAS core's; OpenBLAS names its AVX-512 cores after
+// the Intel parts that introduced them.
+const char* cpu_gemm_core() { return detail::gemm_core_name(); }
+
+const char* cpu_isa() {
+  const std::string core = detail::gemm_core_name();
+  for (const char* name : {"SkylakeX", "Cooperlake", "SapphireRapids"})
+    if (core == name) return "avx512";
+  for (const char* name : {"Haswell", "Zen"})
+    if (core == name) return "avx2";
+  return "generic";
+}
+
+}  // namespace diffrepro

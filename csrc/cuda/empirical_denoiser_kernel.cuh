@@ -1,0 +1,436 @@
+// SPDX-License-Identifier: Apache-2.0
+// Empirical-denoiser kernels (partial online-softmax state over one chunk of training rows) and
+// the launch plan that drives them. One source for nvcc and for the CPU emulator (exec_ctx.cuh):
+// the emulator tests run exactly these kernels and exactly this plan.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+
+#include "diffrepro/config.h"
+#include "diffrepro/online_softmax.h"
+#include "diffrepro/rows.h"
+#include "diffrepro/status.h"
+#include "diffrepro/topk.h"
+#include "exec_ctx.cuh"
+#include "tile_gemm.cuh"
+
+namespace diffrepro {
+namespace detail {
+
+// Tile configurations. 0: 32x32 tiles, 2x2 micro-tiles on 256 threads (large Q). 1: 16x64, 1x4
+// on 256 threads: for Q <= 16 a 32-query tile would leave half of every block idle. 2: 8x8 on one
+// warp: exists for the emulator, where it exercises ragged edges with few OS threads.
+// TK = 16 keeps the two staged slices at 2 x 32 x 17 x 4 B ~ 4.3 KB (float), so several blocks
+// fit per SM; shared memory per block stays well under the 48 KB static limit even for double.
+using DenoiserCfgLarge = TileConfig<32, 32, 16, 256, 2, 2>;
+using DenoiserCfgNarrow = TileConfig<16, 64, 16, 256, 1, 4>;
+using DenoiserCfgTiny = TileConfig<8, 8, 4, 32, 1, 2>;
+inline constexpr int kDenoiserConfigs = 3;
+
+inline int denoiser_auto_config(index_t Q) { return Q <= 16 ? 1 : 0; }
+
+inline void denoiser_tile_shape(int config, int& TQ, int& TN) {
+  switch (config) {
+    case 1: TQ = DenoiserCfgNarrow::TQ; TN = DenoiserCfgNarrow::TN; break;
+    case 2: TQ = DenoiserCfgTiny::TQ; TN = DenoiserCfgTiny::TN; break;
+    default: TQ = DenoiserCfgLarge::TQ; TN = DenoiserCfgLarge::TN; break;
+  }
+}
+
+// Partial state of one split (a contiguous range of training rows) for every query. The layout
+// equals the final outputs', so a single-split launch writes straight into the outputs
+// (best_logit then lives in nearest_sqdist until the finishing kernel overwrites it).
+template <class T>
+struct DenoiserPartial {
+  double* max_logit;    // [S, Q] running max m of the true logits
+  double* sum_exp;      // [S, Q] Z relative to m
+  double* sum_exp_sq;   // [S, Q] Z2 relative to m
+  double* best_logit;   // [S, Q] logit of the current argmax
+  index_t* best_index;  // [S, Q] global row index of the argmax (-1: none yet)
+  T* weighted_sum;      // [S, Q, D] A relative to m, uncentred rows
+};
+
+// ------------------------------------------------------------------------------------------------
+// Kernel 1: blockIdx.x = query tile, blockIdx.y = split of the training rows.
+// For every TN-tile of rows of its split, the block
+//   (a) walks D in TK-slices: stages x' = x~ - c and y' = y - c, accumulates g = x'.y' in
+//       registers and 1/2||y'||^2 on one thread per row (centring first keeps the products small
+//       when the data share a large offset, e.g. +100: then ||y||^2 ~ 3e7 D would swamp g);
+//   (b) forms true logits l = (g - 1/2||y'||^2 - 1/2||x'||^2) / sigma^2 in float64, one warp per
+//       query: warp max, argmax, p = exp(l - tile max) and sums by xor-butterflies (a fixed
+//       reduction tree, so the result does not depend on scheduling), then merges the tile
+//       state into the running state with softmax_merge, which returns the two scale factors;
+//   (c) walks D again staging uncentred y and updates A[q, d] = fa A + fb sum_n p_qn y_nd.
+//       A lives in global memory because TQ x D does not fit on chip for D = 3072; each (q, d)
+//       belongs to one thread, so there are no atomics, and the traffic is O(TQ D) per tile
+//       against O(TQ TN D) flops.
+// ------------------------------------------------------------------------------------------------
+template <class T, RowType R, class Cfg>
+DR_KERNEL void empirical_denoiser_partial_kernel(
+    const T* x,                 // [Q, D] queries x~ = x / s
+    const void* y,              // [N, D] training rows of storage type R
+    index_t Q, index_t N, index_t D,
+    const T* center,            // [D] centring vector c
+    const double* inv_sigma2,   // [Q] 1 / sigma^2
+    index_t row_offset, index_t rows_per_split,
+    DenoiserPartial<T> out) {   // per-split partial states ([S, Q] / [S, Q, D])
+  constexpr int TQ = Cfg::TQ, TN = Cfg::TN, TK = Cfg::TK, NT = Cfg::NT;
+  constexpr int RQ = Cfg::RQ, RN = Cfg::RN;
+  // +1 column of padding: the micro-tile loop reads a column kk of 16/32 different rows at once.
+  DR_SHARED T xs[TQ][TK + 1];     // x' slice
+  DR_SHARED T ys[TN][TK + 1];     // y' slice (phase a), then uncentred y slice (phase c)
+  DR_SHARED T ws[TQ][TN + 1];     // g tile, then p = exp(l - tile max)
+  DR_SHARED T y_half_sq[TN];      // 1/2 ||y'_n||^2
+  DR_SHARED double x_half_sq[TQ]; // 1/2 ||x'_q||^2
+  DR_SHARED double st_max[TQ], st_sum[TQ], st_sum_sq[TQ], st_best[TQ];
+  DR_SHARED index_t st_best_idx[TQ];
+  DR_SHARED T scale_old[TQ], scale_new[TQ];  // softmax_merge factors of the current tile
+
+  const int tid = static_cast<int>(dr_tid());
+  const int lane = static_cast<int>(dr_lane());
+  const int warp = static_cast<int>(dr_warp());
+  const int tq = tid / Cfg::kThreadsN;
+  const int tn = tid % Cfg::kThreadsN;
+  const index_t q0 = static_cast<index_t>(dr_bid_x()) * TQ;
+  const int split = static_cast<int>(dr_bid_y());
+  const index_t n_begin = split * rows_per_split;
+  const index_t n_end = n_begin + rows_per_split < N ? n_begin + rows_per_split : N;
+  const int q_valid = Q - q0 < TQ ? static_cast<int>(Q - q0) : TQ;
+  const double neg_inf = -static_cast<double>(INFINITY);
+
+  for (int q = tid; q < TQ; q += NT) {
+    const SoftmaxState<double> s0 = softmax_init<double>();
+    st_max[q] = s0.max;
+    st_sum[q] = s0.sum;
+    st_sum_sq[q] = s0.sum_sq;
+    st_best[q] = neg_inf;
+    st_best_idx[q] = -1;
+  }
+  // (The first dr_sync below orders these writes before any read.)
+
+  const T* xq = x + q0 * D;
+  double x_acc = 0.0;  // thread q < TQ: ||x'_q||^2, accumulated during the first tile only
+  bool first = true;
+  for (index_t n0 = n_begin; n0 < n_end; n0 += TN) {  // uniform across the block
+    const int n_valid = n_end - n0 < TN ? static_cast<int>(n_end - n0) : TN;
+    T acc[RQ][RN];
+    for (int i = 0; i < RQ; ++i)
+      for (int j = 0; j < RN; ++j) acc[i][j] = T(0);
+    T y_acc = T(0);
+
+    // (a) g = x'.y' over D, TK columns at a time.
+    for (index_t d0 = 0; d0 < D; d0 += TK) {
+      stage_slice<TQ, TK, NT>(xs, q_valid, d0, D,
+                              [&](int r, index_t d) { return xq[r * D + d] - center[d]; });
+      stage_slice<TN, TK, NT>(ys, n_valid, d0, D, [&](int r, index_t d) {
+        return load_row_value<T>(R, y, (n0 + r) * D + d) - center[d];
+      });
+      dr_sync();
+      if (first && tid < TQ)
+        for (int kk = 0; kk < TK; ++kk) x_acc += static_cast<double>(xs[tid][kk]) * xs[tid][kk];
+      if (tid < TN)
+        for (int kk = 0; kk < TK; ++kk) y_acc += ys[tid][kk] * ys[tid][kk];
+      micro_tile_update<Cfg>(xs, ys, acc, tq, tn, [](T c, T a, T b) { return c + a * b; });
+      dr_sync();
+    }
+    if (first && tid < TQ) x_half_sq[tid] = 0.5 * x_acc;
+    if (tid < TN) y_half_sq[tid] = T(0.5) * y_acc;
+    dr_sync();
+    for (int i = 0; i < RQ; ++i)
+      for (int j = 0; j < RN; ++j) {
+        const int n = tn + j * Cfg::kThreadsN;
+        ws[tq + i * (TQ / RQ)][n] = acc[i][j] - y_half_sq[n];  // g in T
+      }
+    dr_sync();
+
+    // (b) One warp per query row of the tile; lanes stride over the TN columns. Loop bounds
+    // depend only on the warp index, so all 32 lanes reach every shuffle together.
+    for (int qq = warp; qq < TQ; qq += Cfg::kWarps) {
+      const bool q_ok = qq < q_valid;
+      const double isg = q_ok ? inv_sigma2[q0 + qq] : 0.0;
+      double m_loc = neg_inf;
+      double best_l = neg_inf;
+      index_t best_i = -1;
+      for (int n = lane; n < TN; n += kWarpSize) {
+        // Padding columns (rows past the split) and padding queries get l = -inf; they then
+        // weigh exactly 0 below, because softmax_rescale maps -inf to 0 without forming
+        // -inf - (-inf).
+        const double l = (q_ok && n < n_valid)
+                             ? (static_cast<double>(ws[qq][n]) - x_half_sq[qq]) * isg
+                             : neg_inf;
+        m_loc = l > m_loc ? l : m_loc;
+        const index_t gi = n < n_valid ? row_offset + n0 + n : -1;
+        if (topk_better(l, gi, best_l, best_i, true)) {
+          best_l = l;
+          best_i = gi;
+        }
+      }
+      for (int off = kWarpSize / 2; off > 0; off /= 2) {
+        const double m_o = dr_shfl_xor(m_loc, off);
+        m_loc = m_o > m_loc ? m_o : m_loc;
+        const double l_o = dr_shfl_xor(best_l, off);
+        const index_t i_o = dr_shfl_xor(best_i, off);
+        // Lowest global index wins an exact tie, whichever lane held it.
+        if (topk_better(l_o, i_o, best_l, best_i, true)) {
+          best_l = l_o;
+          best_i = i_o;
+        }
+      }
+      double s1 = 0.0, s2 = 0.0;
+      for (int n = lane; n < TN; n += kWarpSize) {
+        const double l = (q_ok && n < n_valid)
+                             ? (static_cast<double>(ws[qq][n]) - x_half_sq[qq]) * isg
+                             : neg_inf;
+        const double p = softmax_rescale(l, m_loc);  // in [0, 1]: m_loc is the tile max
+        ws[qq][n] = static_cast<T>(p);
+        s1 += p;
+        s2 += p * p;
+      }
+      for (int off = kWarpSize / 2; off > 0; off /= 2) {
+        s1 += dr_shfl_xor(s1, off);
+        s2 += dr_shfl_xor(s2, off);
+      }
+      if (lane == 0) {
+        SoftmaxState<double> st{st_max[qq], st_sum[qq], st_sum_sq[qq]};
+        const MergeScales<double> f = softmax_merge(st, softmax_block(m_loc, s1, s2));
+        st_max[qq] = st.max;
+        st_sum[qq] = st.sum;
+        st_sum_sq[qq] = st.sum_sq;
+        scale_old[qq] = static_cast<T>(f.a);
+        scale_new[qq] = static_cast<T>(f.b);
+        // Tiles arrive in increasing row order, so a tie with an earlier tile keeps the
+        // earlier (lower) index; topk_better makes that explicit.
+        if (topk_better(best_l, best_i, st_best[qq], st_best_idx[qq], true)) {
+          st_best[qq] = best_l;
+          st_best_idx[qq] = best_i;
+        }
+      }
+    }
+    dr_sync();
+
+    // (c) A <- fa A + fb sum_n p_n y_n, restaging the same rows uncentred (the output is the
+    // weighted sum of the rows themselves). On the first tile A is write-only: the workspace is
+    // uninitialised and 0 * NaN would poison it.
+    for (index_t d0 = 0; d0 < D; d0 += TK) {
+      stage_slice<TN, TK, NT>(ys, n_valid, d0, D, [&](int r, index_t d) {
+        return load_row_value<T>(R, y, (n0 + r) * D + d);
+      });
+      dr_sync();
+      for (int e = tid; e < TQ * TK; e += NT) {
+        const int qq = e / TK;
+        const int kk = e % TK;
+        const index_t d = d0 + kk;
+        if (qq < q_valid && d < D) {
+          T s = T(0);
+          for (int n = 0; n < TN; ++n) s += ws[qq][n] * ys[n][kk];  // padding: p = 0, y = 0
+          T* a = out.weighted_sum + (split * Q + q0 + qq) * D + d;
+          *a = first ? scale_new[qq] * s : scale_old[qq] * *a + scale_new[qq] * s;
+        }
+      }
+      dr_sync();
+    }
+    first = false;
+  }
+
+  for (int q = tid; q < q_valid; q += NT) {
+    const index_t o = split * Q + q0 + q;
+    out.max_logit[o] = st_max[q];
+    out.sum_exp[o] = st_sum[q];
+    out.sum_exp_sq[o] = st_sum_sq[q];
+    out.best_logit[o] = st_best[q];
+    out.best_index[o] = st_best_idx[q];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel 2: one block per query. Merges the S split states in split order (thread 0, with
+// softmax_merge; S <= kMaxSplits), folds the per-split accumulators with the resulting
+// coefficients in a fixed order (float64 sum), then recomputes ||x~ - y_nearest||^2 in float64
+// with a block tree + warp-shuffle reduction. With S = 1 the partial kernel already wrote the
+// outputs and only the distance is computed.
+// ------------------------------------------------------------------------------------------------
+inline constexpr int kDenoiserMergeThreads = 128;
+
+template <class T, RowType R>
+DR_KERNEL void empirical_denoiser_merge_kernel(
+    const T* x,                  // [Q, D] queries x~
+    const void* y,               // [N, D] training rows
+    index_t Q, index_t N, index_t D, index_t row_offset, int S,
+    DenoiserPartial<T> part,     // [S, Q] / [S, Q, D] (unused when S = 1)
+    double* max_logit,           // [Q]
+    double* sum_exp,             // [Q]
+    double* sum_exp_sq,          // [Q]
+    T* weighted_sum,             // [Q, D]
+    index_t* nearest_index,      // [Q]
+    double* nearest_sqdist) {    // [Q]
+  constexpr int NT = kDenoiserMergeThreads;
+  DR_SHARED double coef[kMaxSplits];
+  DR_SHARED double red[NT];
+  DR_SHARED index_t nearest;
+  const int tid = static_cast<int>(dr_tid());
+  const index_t q = dr_bid_x();
+  (void)N;
+
+  if (S > 1) {  // uniform: S is a kernel argument
+    if (tid == 0) {
+      SoftmaxState<double> st{part.max_logit[q], part.sum_exp[q], part.sum_exp_sq[q]};
+      double best_l = part.best_logit[q];
+      index_t best_i = part.best_index[q];
+      coef[0] = 1.0;
+      for (int s = 1; s < S; ++s) {
+        const index_t o = s * Q + q;
+        const MergeScales<double> f = softmax_merge(
+            st, softmax_block(part.max_logit[o], part.sum_exp[o], part.sum_exp_sq[o]));
+        for (int j = 0; j < s; ++j) coef[j] *= f.a;  // A = fa A + fb A_s, unrolled
+        coef[s] = f.b;
+        if (topk_better(part.best_logit[o], part.best_index[o], best_l, best_i, true)) {
+          best_l = part.best_logit[o];
+          best_i = part.best_index[o];
+        }
+      }
+      max_logit[q] = st.max;
+      sum_exp[q] = st.sum;
+      sum_exp_sq[q] = st.sum_sq;
+      nearest_index[q] = best_i;
+    }
+    dr_sync();
+    for (index_t d = tid; d < D; d += NT) {
+      double a = 0.0;
+      for (int s = 0; s < S; ++s)
+        a += coef[s] * static_cast<double>(part.weighted_sum[(s * Q + q) * D + d]);
+      weighted_sum[q * D + d] = static_cast<T>(a);
+    }
+  }
+  if (tid == 0) nearest = nearest_index[q];
+  dr_sync();
+
+  // Exact float64 distance to the winning row (rows decoded in float64, like the oracle).
+  const index_t idx = nearest;
+  double acc = 0.0;
+  if (idx >= 0) {
+    const index_t base = (idx - row_offset) * D;
+    for (index_t d = tid; d < D; d += NT) {
+      const double diff = static_cast<double>(x[q * D + d]) - load_row_value<double>(R, y, base + d);
+      acc += diff * diff;
+    }
+  }
+  red[tid] = acc;
+  dr_sync();
+  for (int s = NT / 2; s >= kWarpSize; s /= 2) {
+    if (tid < s) red[tid] += red[tid + s];
+    dr_sync();
+  }
+  if (tid < kWarpSize) {  // warp-uniform branch: the whole first warp shuffles together
+    double v = red[tid];
+    for (int off = kWarpSize / 2; off > 0; off /= 2) v += dr_shfl_xor(v, off);
+    if (tid == 0) nearest_sqdist[q] = idx >= 0 ? v : static_cast<double>(INFINITY);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Plan and launch (shared by the CUDA launcher and the emulator module).
+// ------------------------------------------------------------------------------------------------
+
+// Workspace for `splits` partial states (zero bytes when one split suffices).
+inline std::size_t denoiser_workspace_bytes(index_t Q, index_t N, index_t D, int config,
+                                            int forced_splits, std::size_t elem_size) {
+  if (Q <= 0 || N <= 0 || D <= 0) return 0;
+  if (config < 0) config = denoiser_auto_config(Q);
+  int TQ, TN;
+  denoiser_tile_shape(config, TQ, TN);
+  const SplitPlan p = plan_splits(Q, N, TQ, TN, forced_splits);
+  if (p.splits <= 1) return 0;
+  const std::size_t sq = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(Q);
+  return align_up(sq * static_cast<std::size_t>(D) * elem_size) + 4 * align_up(sq * sizeof(double)) +
+         align_up(sq * sizeof(index_t));
+}
+
+template <class T, RowType R, class Cfg>
+Status denoiser_launch_cfg(const T* x, const void* y, index_t Q, index_t N, index_t D,
+                           const T* center, const double* inv_sigma2, index_t row_offset,
+                           int forced_splits, void* workspace, double* max_logit,
+                           double* sum_exp, double* sum_exp_sq, T* weighted_sum,
+                           index_t* nearest_index, double* nearest_sqdist, void* stream) {
+  const SplitPlan p = plan_splits(Q, N, Cfg::TQ, Cfg::TN, forced_splits);
+  DenoiserPartial<T> part{max_logit, sum_exp, sum_exp_sq, nearest_sqdist, nearest_index,
+                          weighted_sum};
+  if (p.splits > 1) {
+    if (workspace == nullptr) return Status::kInvalidArgument;
+    const std::size_t sq = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(Q);
+    char* w = static_cast<char*>(workspace);
+    part.weighted_sum = reinterpret_cast<T*>(w);
+    w += align_up(sq * static_cast<std::size_t>(D) * sizeof(T));
+    part.max_logit = reinterpret_cast<double*>(w);
+    w += align_up(sq * sizeof(double));
+    part.sum_exp = reinterpret_cast<double*>(w);
+    w += align_up(sq * sizeof(double));
+    part.sum_exp_sq = reinterpret_cast<double*>(w);
+    w += align_up(sq * sizeof(double));
+    part.best_logit = reinterpret_cast<double*>(w);
+    w += align_up(sq * sizeof(double));
+    part.best_index = reinterpret_cast<index_t*>(w);
+  }
+  Status st = launch_kernel(&empirical_denoiser_partial_kernel<T, R, Cfg>,
+                            Dim2{static_cast<unsigned>(p.q_tiles), static_cast<unsigned>(p.splits)},
+                            Dim2{Cfg::NT, 1}, stream, x, y, Q, N, D, center, inv_sigma2,
+                            row_offset, p.rows_per_split, part);
+  if (st != Status::kOk) return st;
+  return launch_kernel(&empirical_denoiser_merge_kernel<T, R>,
+                       Dim2{static_cast<unsigned>(Q), 1}, Dim2{kDenoiserMergeThreads, 1}, stream,
+                       x, y, Q, N, D, row_offset, p.splits, part, max_logit, sum_exp, sum_exp_sq,
+                       weighted_sum, nearest_index, nearest_sqdist);
+}
+
+template <class T, RowType R>
+Status denoiser_launch_rows(int config, const T* x, const void* y, index_t Q, index_t N,
+                            index_t D, const T* center, const double* inv_sigma2,
+                            index_t row_offset, int forced_splits, void* workspace,
+                            double* max_logit, double* sum_exp, double* sum_exp_sq,
+                            T* weighted_sum, index_t* nearest_index, double* nearest_sqdist,
+                            void* stream) {
+#define DR_DENOISER_CFG(CFG)                                                                    \
+  denoiser_launch_cfg<T, R, CFG>(x, y, Q, N, D, center, inv_sigma2, row_offset, forced_splits, \
+                                 workspace, max_logit, sum_exp, sum_exp_sq, weighted_sum,       \
+                                 nearest_index, nearest_sqdist, stream)
+  switch (config) {
+    case 1: return DR_DENOISER_CFG(DenoiserCfgNarrow);
+    case 2: return DR_DENOISER_CFG(DenoiserCfgTiny);
+    default: return DR_DENOISER_CFG(DenoiserCfgLarge);
+  }
+#undef DR_DENOISER_CFG
+}
+
+// Validates sizes and dispatches on the row storage type and the tile configuration
+// (config < 0: automatic; forced_splits <= 0: automatic). Q = 0 is a no-op.
+template <class T>
+Status denoiser_run(const T* x, const void* y, RowType y_type, index_t Q, index_t N, index_t D,
+                    const T* center, const double* inv_sigma2, index_t row_offset,
+                    void* workspace, double* max_logit, double* sum_exp, double* sum_exp_sq,
+                    T* weighted_sum, index_t* nearest_index, double* nearest_sqdist,
+                    void* stream, int config, int forced_splits) {
+  if (Q < 0 || N < 1 || D < 1 || row_offset < 0) return Status::kInvalidArgument;
+  if (config >= kDenoiserConfigs || forced_splits > kMaxSplits) return Status::kInvalidArgument;
+  if (Q == 0) return Status::kOk;
+  // gridDim.x (query tiles, and Q merge blocks) must fit CUDA's 2^31 - 1 limit.
+  if (Q > index_t(0x7fffffff)) return Status::kInvalidArgument;
+  if (!x || !y || !center || !inv_sigma2 || !max_logit || !sum_exp || !sum_exp_sq ||
+      !weighted_sum || !nearest_index || !nearest_sqdist)
+    return Status::kInvalidArgument;
+  if (config < 0) config = denoiser_auto_config(Q);
+#define DR_DENOISER_ROWS(RT)                                                                    \
+  denoiser_launch_rows<T, RT>(config, x, y, Q, N, D, center, inv_sigma2, row_offset,           \
+                              forced_splits, workspace, max_logit, sum_exp, sum_exp_sq,         \
+                              weighted_sum, nearest_index, nearest_sqdist, stream)
+  switch (y_type) {
+    case RowType::kFloat32: return DR_DENOISER_ROWS(RowType::kFloat32);
+    case RowType::kFloat64: return DR_DENOISER_ROWS(RowType::kFloat64);
+    case RowType::kUInt8: return DR_DENOISER_ROWS(RowType::kUInt8);
+    case RowType::kFloat16: return DR_DENOISER_ROWS(RowType::kFloat16);
+  }
+#undef DR_DENOISER_ROWS
+  return Status::kInvalidArgument;
+}
+
+}  // namespace detail
+}  // namespace diffrepro

@@ -1,0 +1,60 @@
+// SPDX-License-Identifier: Apache-2.0
+// Decoding of stored training / reference rows to the compute type, identical on host and
+// device so that uint8 rows give bit-for-bit the same values as the same rows decoded by torch.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "diffrepro/config.h"
+#include "diffrepro/status.h"
+
+namespace diffrepro {
+
+// IEEE binary16 -> binary32, exact for every input (normals, subnormals, inf, NaN). Written with
+// integer ops only so the same function runs in host code without F16C and in device code.
+DR_HD float half_bits_to_float(std::uint16_t h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  std::uint32_t exp = (h >> 10) & 0x1fu;
+  std::uint32_t man = h & 0x3ffu;
+  std::uint32_t bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (man << 13);  // inf / NaN
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);  // normal: rebias 15 -> 127
+  } else if (man == 0) {
+    bits = sign;  // signed zero
+  } else {  // subnormal half: normalise the mantissa
+    exp = 113u;
+    while ((man & 0x400u) == 0) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Pixel decode u -> u / 127.5 - 1 in type T: one rounding for the division and one for the
+// subtraction, exactly the two operations torch performs for `u.to(T) / 127.5 - 1`.
+template <class T>
+DR_HD T decode_pixel(std::uint8_t u) {
+  return static_cast<T>(u) / static_cast<T>(127.5) - static_cast<T>(1);
+}
+
+// Element e of a row buffer of the given storage type, converted to T.
+template <class T>
+DR_HD T load_row_value(RowType type, const void* base, index_t e) {
+  switch (type) {
+    case RowType::kUInt8: return decode_pixel<T>(static_cast<const std::uint8_t*>(base)[e]);
+    case RowType::kFloat16:
+      return static_cast<T>(half_bits_to_float(static_cast<const std::uint16_t*>(base)[e]));
+    case RowType::kFloat64: return static_cast<T>(static_cast<const double*>(base)[e]);
+    case RowType::kFloat32:
+    default: return static_cast<T>(static_cast<const float*>(base)[e]);
+  }
+}
+
+}  // namespace diffrepro

@@ -1,0 +1,59 @@
+// SPDX-License-Identifier: Apache-2.0
+// Top-k state of one query row: k (score, index) pairs sorted best first. "Better" is the larger
+// score for inner products (largest=true) and the smaller for distances; equal scores go to the
+// lower index (faiss's strict-compare convention), and padding entries (index -1) lose to any
+// real entry, so partial states of chunks shorter than k merge correctly.
+#pragma once
+
+#include "diffrepro/config.h"
+
+namespace diffrepro {
+
+template <class T>
+DR_HD bool topk_better(T sa, index_t ia, T sb, index_t ib, bool largest) {
+  if (ib < 0) return ia >= 0;
+  if (ia < 0) return false;
+  if (sa != sb) return largest ? sa > sb : sa < sb;
+  return ia < ib;
+}
+
+// Inserts (s, i) into the sorted list (scores, idx) of length k if it beats the worst entry.
+template <class T>
+DR_HD void topk_push(T* scores, index_t* idx, int k, T s, index_t i, bool largest) {
+  if (!topk_better(s, i, scores[k - 1], idx[k - 1], largest)) return;
+  int p = k - 1;
+  while (p > 0 && topk_better(s, i, scores[p - 1], idx[p - 1], largest)) {
+    scores[p] = scores[p - 1];
+    idx[p] = idx[p - 1];
+    --p;
+  }
+  scores[p] = s;
+  idx[p] = i;
+}
+
+// Fills a list with padding: worst possible score and index -1.
+template <class T>
+DR_HD void topk_init(T* scores, index_t* idx, int k, bool largest) {
+  for (int j = 0; j < k; ++j) {
+    scores[j] = largest ? -static_cast<T>(INFINITY) : static_cast<T>(INFINITY);
+    idx[j] = -1;
+  }
+}
+
+// Merges two sorted lists a and b of length k into out (which may alias neither).
+template <class T>
+DR_HD void topk_merge(const T* sa, const index_t* ia, const T* sb, const index_t* ib, int k,
+                      bool largest, T* so, index_t* io) {
+  int p = 0, q = 0;
+  for (int j = 0; j < k; ++j) {
+    if (topk_better(sa[p], ia[p], sb[q], ib[q], largest)) {
+      so[j] = sa[p];
+      io[j] = ia[p++];
+    } else {
+      so[j] = sb[q];
+      io[j] = ib[q++];
+    }
+  }
+}
+
+}  // namespace diffrepro

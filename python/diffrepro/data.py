@@ -1,0 +1,596 @@
+# SPDX-License-Identifier: Apache-2.0
+# Dataset readers (CIFAR-10 python batches, EDM dataset zips and folders, npz, npy) returning uint8
+# NCHW arrays in the reference order, plus the uint8 quantisation, PNG/grid writers and atomic saves.
+"""Image data in and out (SPEC §0, §4.3, §4.4, §9).
+
+Every reader returns uint8 images as an ``[N, C, H, W]`` numpy array (RGB or single channel,
+C-major) in the order the reference code uses: the CIFAR-10 batches in file order, and EDM
+zips and folders by sorted relative file name. Convert to the diffusion scale with
+``y = u / 127.5 - 1``; :func:`quantize` is the exact inverse on those values.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import functools
+import hashlib
+import importlib.resources
+import io
+import json
+import os
+import pickle
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+
+__all__ = [
+    "Dataset",
+    "load_dataset",
+    "default_dataset",
+    "dataset_hash",
+    "quantize",
+    "save_png",
+    "image_grid",
+    "save_grid_png",
+    "write_edm_zip",
+    "write_cifar_batches",
+    "atomic_write_bytes",
+    "atomic_save_npz",
+]
+
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_TRAIN = tuple(f"data_batch_{k}" for k in range(1, 6))
+_CIFAR_TEST = ("test_batch",)
+_CIFAR_LABEL_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+_DEFAULT_DATA = "cifar10_500.npz"
+
+
+@dataclass
+class Dataset:
+    """An image data set held as uint8.
+
+    Attributes:
+        images: uint8 ``[N, C, H, W]`` array (may be an ``np.memmap`` for ``.npy`` inputs).
+        labels: int64 ``[N]`` class indices, or None when the source has none.
+        names: ``N`` per-image names (relative file names, ``"batch:row"`` or ``"file.npz:row"``),
+            or None for array inputs.
+        source: the path (or resource name) the data came from.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    names: list[str] | None
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def label_dim(self) -> int:
+        """Number of classes (``max(label) + 1``), 0 when unlabelled."""
+        if self.labels is None or len(self.labels) == 0:
+            return 0
+        return int(self.labels.max()) + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Readers
+
+
+def load_dataset(path: str | os.PathLike, *, max_images: int | None = None,
+                 split: str = "train", progress: bool = False) -> Dataset:
+    """Load an image data set, dispatching on what ``path`` is.
+
+    Recognised inputs (SPEC §9):
+
+    * ``cifar-10-python.tar.gz`` (any ``*.tar.gz`` holding ``cifar-10-batches-py/``) or an
+      extracted ``cifar-10-batches-py`` folder: ``split="train"`` concatenates
+      ``data_batch_1`` … ``data_batch_5`` in that order, ``split="test"`` reads ``test_batch``.
+    * An EDM dataset ``*.zip`` or an image folder: every file whose extension PIL knows, sorted
+      by relative name (``/`` separators), labels from ``dataset.json`` when present. A folder
+      without images falls back to its top-level ``*.npz`` files with key ``samples``
+      (``[N, H, W, C]`` uint8), concatenated in sorted file order.
+    * ``*.npz`` with ``images`` (``[N, C, H, W]`` uint8) and optional ``labels``, or with
+      ``samples`` (``[N, H, W, C]`` uint8).
+    * ``*.npy`` holding a uint8 ``[N, C, H, W]`` array, opened as a read-only memmap.
+
+    Args:
+        path: file or folder as above.
+        max_images: keep only the first ``max_images`` images in that order (as EDM's
+            ``dataset_tool.py --max-images``). None keeps all.
+        split: ``"train"`` or ``"test"``; only CIFAR-10 python inputs have a test split.
+        progress: show a tqdm progress bar while decoding image files.
+
+    Returns:
+        A :class:`Dataset` with uint8 ``[N, C, H, W]`` images.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unknown format, inconsistent images or labels, bad ``max_images``/``split``.
+    """
+    path = os.fspath(path)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if max_images is not None and (isinstance(max_images, bool) or int(max_images) != max_images
+                                   or max_images < 0):
+        raise ValueError(f"max_images must be a non-negative integer or None, got {max_images!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path {path!r} does not exist")
+
+    is_cifar = (path.endswith(".tar.gz") or
+                (os.path.isdir(path) and os.path.isfile(os.path.join(path, _CIFAR_TRAIN[0]))))
+    if is_cifar:
+        return _load_cifar(path, split, max_images)
+    if split != "train":
+        raise ValueError(f"split={split!r} only applies to CIFAR-10 python inputs; path {path!r} "
+                         "is not one (use split='train')")
+    if os.path.isdir(path):
+        return _load_image_folder(path, max_images, progress)
+    lower = path.lower()
+    if lower.endswith(".zip"):
+        return _load_edm_zip(path, max_images, progress)
+    if lower.endswith(".npz"):
+        return _load_npz(path, max_images)
+    if lower.endswith(".npy"):
+        images = np.load(path, mmap_mode="r")
+        _check_images(images, f"array in {path!r}")
+        return Dataset(images[:max_images], None, None, path)
+    raise ValueError(
+        f"path {path!r} is not a recognised data set: expected a CIFAR-10 python archive "
+        "(cifar-10-python.tar.gz) or cifar-10-batches-py folder, an EDM dataset .zip, an image "
+        "folder, a .npz with 'images' or 'samples', or a uint8 [N,C,H,W] .npy")
+
+
+def default_dataset() -> Dataset:
+    """Load the embedded demo set: the first 500 CIFAR-10 training images with labels.
+
+    The rows are the first 500 images of ``data_batch_1`` in file order (see
+    ``diffrepro/_data/README.md`` for provenance).
+
+    Returns:
+        A :class:`Dataset` with uint8 ``[500, 3, 32, 32]`` images and int64 labels.
+    """
+    resource = importlib.resources.files("diffrepro") / "_data" / _DEFAULT_DATA
+    with resource.open("rb") as f, np.load(f) as z:
+        images, labels = z["images"], z["labels"].astype(np.int64)
+    names = [f"data_batch_1:{i}" for i in range(len(images))]
+    return Dataset(images, labels, names, f"diffrepro/_data/{_DEFAULT_DATA}")
+
+
+def dataset_hash(images: np.ndarray) -> str:
+    """SHA-256 (hex) of the C-contiguous bytes of a uint8 ``[N, C, H, W]`` array.
+
+    Memmaps are hashed in chunks without loading them whole.
+
+    Args:
+        images: uint8 ``[N, C, H, W]`` numpy array (or CPU torch tensor).
+
+    Returns:
+        64-character hex digest.
+    """
+    images = _as_numpy(images, "images")
+    _check_images(images, "images")
+    h = hashlib.sha256()
+    rows = max(1, (64 << 20) // max(1, images[0].nbytes if len(images) else 1))
+    for start in range(0, len(images), rows):
+        h.update(np.ascontiguousarray(images[start:start + rows]).data)
+    return h.hexdigest()
+
+
+def _check_images(images, what: str) -> None:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
+            or images.shape[1] not in (1, 3):
+        got = (f"{type(images).__name__} {getattr(images, 'dtype', '')} "
+               f"{tuple(getattr(images, 'shape', ()))}")
+        raise ValueError(f"{what} must be a uint8 [N, C, H, W] array with C in (1, 3), got {got}")
+
+
+def _as_numpy(a, what: str) -> np.ndarray:
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch tensor
+        return a.detach().cpu().numpy()
+    raise TypeError(f"{what} must be a numpy array or torch tensor, got {type(a).__name__}")
+
+
+@functools.cache
+def _numpy_pickle_globals() -> dict[tuple[str, str], object]:
+    """The globals a pickled numpy array may reference, under old and new module names."""
+    allowed: dict[tuple[str, str], object] = {("_codecs", "encode"): codecs.encode}
+    for obj in (np.ndarray, np.dtype, np.zeros(1).__reduce__()[0],
+                np.float64(0).__reduce__()[0], np.zeros(1).__reduce_ex__(5)[0]):
+        # Files written with numpy < 2 name numpy.core, numpy >= 2 names numpy._core.
+        for module in {obj.__module__, obj.__module__.replace("numpy._core", "numpy.core")}:
+            allowed[(module, obj.__name__)] = obj
+    return allowed
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds numpy arrays, dtypes and scalars (never arbitrary code)."""
+
+    def find_class(self, module, name):
+        obj = _numpy_pickle_globals().get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f"CIFAR-10 batch references {module}.{name}; only numpy "
+                                         "arrays are allowed in a data batch")
+        return obj
+
+
+def _read_cifar_batch(f, where: str) -> tuple[np.ndarray, np.ndarray]:
+    batch = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    try:
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where} is not a CIFAR-10 batch (needs 'data' and 'labels'): {e}") from e
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
+        raise ValueError(f"{where}: expected data [n, 3072] and labels [n], got "
+                         f"{data.shape} and {labels.shape}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar(path: str, split: str, max_images: int | None) -> Dataset:
+    members = _CIFAR_TRAIN if split == "train" else _CIFAR_TEST
+    images, labels, names = [], [], []
+    with (tarfile.open(path, "r:gz") if os.path.isfile(path) else contextlib.nullcontext()) as tar:
+        for member in members:
+            if max_images is not None and sum(len(x) for x in images) >= max_images:
+                break
+            if tar is None:
+                where = os.path.join(path, member)
+                if not os.path.isfile(where):
+                    raise ValueError(f"path {path!r}: missing CIFAR-10 file {member!r}")
+                with open(where, "rb") as f:
+                    x, y = _read_cifar_batch(f, where)
+            else:
+                where = f"{path}:{_CIFAR_DIR}/{member}"
+                try:
+                    info = tar.getmember(f"{_CIFAR_DIR}/{member}")
+                except KeyError:
+                    raise ValueError(f"path {path!r} is not a CIFAR-10 python archive: no member "
+                                     f"{_CIFAR_DIR}/{member}") from None
+                with tar.extractfile(info) as f:
+                    x, y = _read_cifar_batch(f, where)
+            images.append(x)
+            labels.append(y)
+            names += [f"{member}:{i}" for i in range(len(x))]
+    images_all = np.concatenate(images)[:max_images]
+    return Dataset(np.ascontiguousarray(images_all), np.concatenate(labels)[:max_images],
+                   names[:len(images_all)], path)
+
+
+def _image_extensions() -> set[str]:
+    PIL.Image.init()
+    return set(PIL.Image.EXTENSION)
+
+
+def _is_image_name(name: str, extensions: set[str]) -> bool:
+    return os.path.splitext(name)[1].lower() in extensions
+
+
+def _decode(data: bytes | str, where: str) -> np.ndarray:
+    """Decode one image file to uint8 CHW (mode L gives C=1, RGB gives C=3)."""
+    with PIL.Image.open(data if isinstance(data, str) else io.BytesIO(data)) as img:
+        if img.mode not in ("L", "RGB"):
+            raise ValueError(f"image {where!r} has PIL mode {img.mode!r}; expected 'L' or 'RGB'")
+        hwc = np.asarray(img, dtype=np.uint8)
+    return (hwc[None] if hwc.ndim == 2 else hwc.transpose(2, 0, 1))
+
+
+def _stack(names: list[str], read: Callable, source: str, progress: bool) -> np.ndarray:
+    """Decode ``names`` in order into one preallocated ``[N, C, H, W]`` array."""
+    from tqdm.auto import tqdm
+
+    images = None
+    for i, name in enumerate(tqdm(names, desc="decode", disable=not progress)):
+        chw = _decode(read(name), f"{source}:{name}")
+        if images is None:
+            images = np.empty((len(names), *chw.shape), np.uint8)
+        elif chw.shape != images.shape[1:]:
+            raise ValueError(f"image {source}:{name} has shape {chw.shape} (CHW) but "
+                             f"{source}:{names[0]} has {images.shape[1:]}; all must match")
+        images[i] = chw
+    return images
+
+
+def _labels_from_json(text: bytes | str | None, names: list[str], source: str):
+    if text is None:
+        return None
+    labels = json.loads(text).get("labels")
+    if labels is None:
+        return None
+    table = dict(labels)
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ValueError(f"{source}/dataset.json has no label for {missing[0]!r} "
+                         f"({len(missing)} images unlabelled)")
+    return np.asarray([table[n] for n in names], dtype=np.int64)
+
+
+def _load_edm_zip(path: str, max_images: int | None, progress: bool) -> Dataset:
+    extensions = _image_extensions()
+    with zipfile.ZipFile(path) as z:
+        all_names = set(z.namelist())
+        names = sorted(n for n in all_names if _is_image_name(n, extensions))[:max_images]
+        if not names:
+            raise ValueError(f"path {path!r}: zip contains no image files")
+        meta = z.read("dataset.json") if "dataset.json" in all_names else None
+        labels = _labels_from_json(meta, names, path)
+        images = _stack(names, z.read, path, progress)
+    return Dataset(images, labels, names, path)
+
+
+def _load_image_folder(path: str, max_images: int | None, progress: bool) -> Dataset:
+    extensions = _image_extensions()
+    rel = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                 for root, _dirs, files in os.walk(path) for f in files)
+    names = [n for n in rel if _is_image_name(n, extensions)][:max_images]
+    if not names:
+        return _load_npz_samples_folder(path, max_images)
+    meta_path = os.path.join(path, "dataset.json")
+    meta = open(meta_path, "rb").read() if os.path.isfile(meta_path) else None
+    labels = _labels_from_json(meta, names, path)
+    images = _stack(names, lambda n: os.path.join(path, n), path, progress)
+    return Dataset(images, labels, names, path)
+
+
+def _samples_to_nchw(samples, where: str) -> np.ndarray:
+    samples = np.asarray(samples)
+    if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[3] not in (1, 3):
+        raise ValueError(f"{where}: 'samples' must be uint8 [N, H, W, C] with C in (1, 3), "
+                         f"got {samples.dtype} {samples.shape}")
+    return samples.transpose(0, 3, 1, 2)
+
+
+def _load_npz_samples_folder(path: str, max_images: int | None) -> Dataset:
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith(".npz"))
+    if not files:
+        raise ValueError(f"path {path!r}: folder contains neither image files nor *.npz sample files")
+    chunks, names, total = [], [], 0
+    for file in files:
+        if max_images is not None and total >= max_images:
+            break
+        with np.load(os.path.join(path, file)) as z:
+            if "samples" not in z:
+                raise ValueError(f"{path}/{file}: expected key 'samples', found {sorted(z.keys())}")
+            x = _samples_to_nchw(z["samples"], f"{path}/{file}")
+        chunks.append(x)
+        names += [f"{file}:{i}" for i in range(len(x))]
+        total += len(x)
+    images = np.ascontiguousarray(np.concatenate(chunks)[:max_images])
+    return Dataset(images, None, names[:len(images)], path)
+
+
+def _load_npz(path: str, max_images: int | None) -> Dataset:
+    with np.load(path) as z:
+        keys = set(z.keys())
+        if "images" in keys:
+            images = np.asarray(z["images"])
+            _check_images(images, f"'images' in {path!r}")
+        elif "samples" in keys:
+            images = np.ascontiguousarray(_samples_to_nchw(z["samples"], path))
+        else:
+            raise ValueError(f"path {path!r}: npz needs key 'images' ([N,C,H,W] uint8) or "
+                             f"'samples' ([N,H,W,C] uint8), found {sorted(keys)}")
+        labels = np.asarray(z["labels"]).astype(np.int64) if "labels" in keys else None
+    if labels is not None and labels.shape != (len(images),):
+        raise ValueError(f"path {path!r}: 'labels' must have shape ({len(images)},), "
+                         f"got {labels.shape}")
+    return Dataset(images[:max_images], None if labels is None else labels[:max_images], None, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writers
+
+
+def quantize(x):
+    """Convert images in [-1, 1] to uint8 as the reference does (SPEC §0, §4.4).
+
+    ``q = floor(clip(x * 127.5 + 128, 0, 255))``, evaluated in float64. This is round-half-up of
+    ``x * 127.5 + 127.5``, so ``u / 127.5 - 1`` maps back to ``u`` exactly (also from float32).
+
+    Args:
+        x: float array or tensor of any shape (numpy or torch; layout is kept).
+
+    Returns:
+        uint8 array of the same shape and kind (torch tensors stay on their device).
+
+    Raises:
+        ValueError: ``x`` contains NaN or infinity.
+        TypeError: ``x`` is not a floating numpy array or torch tensor.
+    """
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"x must be a floating array, got dtype {x.dtype}")
+        if not np.isfinite(x).all():
+            raise ValueError("x contains non-finite values (NaN or inf); cannot quantize")
+        return np.floor(np.clip(x.astype(np.float64) * 127.5 + 128.0, 0.0, 255.0)).astype(np.uint8)
+    if hasattr(x, "is_floating_point"):
+        import torch
+
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains non-finite values (NaN or inf); cannot quantize")
+        q = (x.to(torch.float64) * 127.5 + 128.0).clamp_(0.0, 255.0).floor_()
+        return q.to(torch.uint8)
+    raise TypeError(f"x must be a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def _chw_to_pil(image, what: str) -> PIL.Image.Image:
+    image = _as_numpy(image, what)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"{what} must be uint8 [C, H, W] with C in (1, 3), got "
+                         f"{image.dtype} {image.shape}")
+    if image.shape[0] == 1:
+        return PIL.Image.fromarray(np.ascontiguousarray(image[0]), "L")
+    return PIL.Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), "RGB")
+
+
+def _png_bytes(image, what: str, compress_level: int) -> bytes:
+    buf = io.BytesIO()
+    _chw_to_pil(image, what).save(buf, format="png", compress_level=compress_level, optimize=False)
+    return buf.getvalue()
+
+
+def save_png(path: str | os.PathLike, image, *, compress_level: int = 6) -> None:
+    """Write one uint8 ``[C, H, W]`` image as PNG (mode RGB for C=3, L for C=1), atomically.
+
+    Args:
+        path: destination file; its folder must exist.
+        image: uint8 ``[C, H, W]`` numpy array or tensor (use :func:`quantize` first).
+        compress_level: zlib level 0-9 (PNG is lossless at every level; EDM's
+            ``dataset_tool.py`` uses 0, PIL's default is 6).
+    """
+    atomic_write_bytes(path, _png_bytes(image, "image", compress_level))
+
+
+def image_grid(images, rows: int, cols: int):
+    """Tile ``rows * cols`` images row-major: image ``i`` goes to row ``i // cols``, column ``i % cols``.
+
+    Args:
+        images: ``[rows*cols, C, H, W]`` numpy array or tensor of any dtype.
+        rows: number of grid rows.
+        cols: number of grid columns.
+
+    Returns:
+        ``[C, rows*H, cols*W]`` array of the same kind and dtype.
+    """
+    if images.ndim != 4 or images.shape[0] != rows * cols:
+        raise ValueError(f"images must be [rows*cols, C, H, W] = [{rows * cols}, C, H, W], got "
+                         f"shape {tuple(images.shape)}")
+    _, c, h, w = images.shape
+    grid = images.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4) if hasattr(images, "permute") \
+        else images.reshape(rows, cols, c, h, w).transpose(2, 0, 3, 1, 4)
+    return grid.reshape(c, rows * h, cols * w)
+
+
+def save_grid_png(path: str | os.PathLike, images, rows: int, cols: int) -> None:
+    """Save a row-major grid of images as one PNG (floats in [-1, 1] are quantized first).
+
+    Args:
+        path: destination file.
+        images: ``[rows*cols, C, H, W]`` uint8, or float in [-1, 1].
+        rows: number of grid rows.
+        cols: number of grid columns.
+    """
+    floating = (images.is_floating_point() if hasattr(images, "is_floating_point")
+                else np.issubdtype(images.dtype, np.floating))
+    if floating:
+        images = quantize(images)
+    save_png(path, image_grid(images, rows, cols))
+
+
+def write_edm_zip(path: str | os.PathLike, images, labels=None) -> None:
+    """Write images as an EDM ``dataset_tool.py`` zip (SPEC §9), atomically.
+
+    Layout: ``ZIP_STORED`` members ``"{idx//1000:05d}/img{idx:08d}.png"`` saved with
+    ``compress_level=0``, followed by ``dataset.json`` = ``{"labels": [[name, int], ...]}`` or
+    ``{"labels": null}``.
+
+    Args:
+        path: destination ``.zip``.
+        images: uint8 ``[N, C, H, W]`` (C in 1, 3).
+        labels: optional ``[N]`` integer class labels.
+    """
+    images = _as_numpy(images, "images")
+    _check_images(images, "images")
+    if labels is not None:
+        labels = _as_numpy(labels, "labels")
+        if labels.shape != (len(images),):
+            raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
+    buf = io.BytesIO()
+    entries = []
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
+        for idx, image in enumerate(images):
+            name = f"{idx // 1000:05d}/img{idx:08d}.png"
+            z.writestr(name, _png_bytes(image, f"images[{idx}]", 0))
+            if labels is not None:
+                entries.append([name, int(labels[idx])])
+        z.writestr("dataset.json", json.dumps({"labels": entries if labels is not None else None}))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_cifar_batches(directory: str | os.PathLike, images, labels, *, test_images=None,
+                        test_labels=None, num_batches: int = 5) -> list[str]:
+    """Write a ``cifar-10-batches-py``-style folder of pickled batches (a test-fixture helper).
+
+    The training images are split into ``num_batches`` consecutive ``data_batch_k`` files;
+    each is a protocol-2 pickle of ``{"batch_label", "labels", "data" [n, 3072] uint8,
+    "filenames"}`` as in the real release, plus ``batches.meta`` with the label names and, when
+    given, ``test_batch``.
+
+    Args:
+        directory: output folder (created if missing).
+        images: uint8 ``[N, 3, 32, 32]`` training images.
+        labels: ``[N]`` integer labels.
+        test_images: optional uint8 ``[M, 3, 32, 32]`` test images.
+        test_labels: ``[M]`` labels for ``test_images``.
+        num_batches: number of ``data_batch_k`` files.
+
+    Returns:
+        The written file names.
+    """
+    os.makedirs(directory, exist_ok=True)
+    parts = [(f"data_batch_{k + 1}", x, y) for k, (x, y) in
+             enumerate(zip(np.array_split(_as_numpy(images, "images"), num_batches),
+                           np.array_split(_as_numpy(labels, "labels"), num_batches)))]
+    if test_images is not None:
+        parts.append(("test_batch", _as_numpy(test_images, "test_images"),
+                      _as_numpy(test_labels, "test_labels")))
+    written = []
+    for name, x, y in parts:
+        if x.dtype != np.uint8 or x.shape[1:] != (3, 32, 32) or len(y) != len(x):
+            raise ValueError(f"{name}: images must be uint8 [n, 3, 32, 32] with n labels, got "
+                             f"{x.dtype} {x.shape} and {len(y)} labels")
+        batch = {"batch_label": name, "labels": [int(v) for v in y],
+                 "data": np.ascontiguousarray(x.reshape(len(x), -1)),
+                 "filenames": [f"{name}_{i:05d}.png" for i in range(len(x))]}
+        atomic_write_bytes(os.path.join(directory, name), pickle.dumps(batch, protocol=2))
+        written.append(name)
+    meta = {"label_names": list(_CIFAR_LABEL_NAMES), "num_cases_per_batch": len(parts[0][1]),
+            "num_vis": 3072}
+    atomic_write_bytes(os.path.join(directory, "batches.meta"), pickle.dumps(meta, protocol=2))
+    return written + ["batches.meta"]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    Readers never see a partial file; on error the temporary file is removed.
+    """
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_save_npz(path: str | os.PathLike, /, **arrays) -> None:
+    """``np.savez`` (uncompressed) to ``path`` atomically; the name is used exactly as given.
+
+    Args:
+        path: destination file (no ``.npz`` suffix is appended).
+        **arrays: arrays to store, by key.
+    """
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable) -> None:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

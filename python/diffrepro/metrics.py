@@ -1,0 +1,681 @@
+# SPDX-License-Identifier: MIT
+"""Reproducibility, memorisation and linearity metrics of P1 and P2 (SPEC §5, §8).
+
+Every function returns a dict. Proportions carry ``count`` (successes), ``n`` (trials) and
+``ci95``, the 95% Wilson score interval (Wilson 1927). Thresholds are strict: a similarity
+counts when ``> tau``, an MAE when ``< thresh``. Similarities are cosines computed in float64
+as ``<a, b> / (|a| |b|)`` (defensive renormalisation, SPEC §5.1); nearest-neighbour searches
+run in the diffrepro kernels and the winner's score is then recomputed exactly in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .ops import merge_topk, nn_search_partial
+from .sscd import Features, load_features
+
+__all__ = [
+    "gl_nn",
+    "gl_sscd",
+    "hyperplane_map",
+    "linearity_score",
+    "mae_score",
+    "rp",
+    "rp_between",
+    "rp_cond",
+    "rp_manifold",
+    "score_error",
+    "similarity_matrix",
+    "sv_alignment",
+    "weight_nmse",
+    "wilson_interval",
+]
+
+_Z95 = 1.959963984540054  # two-sided 95% standard-normal quantile
+FeaturesLike = Features | tuple | str | os.PathLike
+ArrayLike = np.ndarray | torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+# ----------------------------------------------------------------------------------------------
+def wilson_interval(k: int, n: int, *, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion.
+
+    ``(p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)`` with ``p̂ = k/n``.
+
+    Args:
+        k: number of successes, ``0 <= k <= n``.
+        n: number of trials, ``n >= 1``.
+        z: standard-normal quantile (default: 95% two-sided).
+
+    Returns:
+        ``(low, high)``, clipped to [0, 1].
+
+    Raises:
+        ValueError: if ``n < 1`` or ``k`` is outside ``[0, n]``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1 for a proportion, got {n}")
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n={n}], got {k}")
+    p = k / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _proportion(name: str, hits: np.ndarray, **extra: Any) -> dict[str, Any]:
+    """Dict with ``name`` = mean of the boolean ``hits``, its count, n and Wilson interval."""
+    hits = np.asarray(hits, dtype=bool).ravel()
+    k, n = int(hits.sum()), hits.size
+    return {name: k / n, "count": k, "n": n, "ci95": wilson_interval(k, n), **extra}
+
+
+def _as_numpy(x: ArrayLike) -> np.ndarray:
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def _as_features(x: FeaturesLike, name: str) -> Features:
+    """Accept a :class:`Features`, a ``(features, ids)`` pair or a feature-file path."""
+    if isinstance(x, (str, os.PathLike)):
+        x = load_features(x)
+    elif isinstance(x, tuple) and not isinstance(x, Features):
+        if len(x) != 2:
+            raise ValueError(f"{name} must be Features, (features, ids) or a path, got a tuple of length {len(x)}")
+        x = Features(_as_numpy(x[0]), np.asarray(x[1]), {})
+    elif not isinstance(x, Features):
+        raise TypeError(f"{name} must be Features, (features, ids) or a path, got {type(x).__name__}")
+    feats = _as_numpy(x.features)
+    if feats.ndim != 2:
+        raise ValueError(f"{name}.features must have shape [N, D], got {feats.shape}")
+    if x.ids is None:
+        raise ValueError(f"{name} has no ids (legacy feature file); pass (features, ids) to pair explicitly")
+    ids = np.asarray(x.ids)
+    if ids.shape != (len(feats),):
+        raise ValueError(f"{name}.ids must have shape [{len(feats)}], got {ids.shape}")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"{name}.ids must be unique, got repeated ids")
+    return Features(feats, ids, x.meta)
+
+
+def _missing(have: np.ndarray, want: np.ndarray) -> str:
+    miss = np.setdiff1d(want, have)
+    shown = ", ".join(map(str, miss[:10])) + (f", ... ({len(miss)} in all)" if len(miss) > 10 else "")
+    return f"[{shown}]"
+
+
+def _pair_by_id(a: Features, b: Features, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices ``(ia, ib)`` pairing equal ids, and the ids, in ascending id order.
+
+    Raises:
+        ValueError: naming the missing ids if the two id sets differ.
+    """
+    if a.ids.dtype.kind != b.ids.dtype.kind and {a.ids.dtype.kind, b.ids.dtype.kind} != {"i", "u"}:
+        raise ValueError(f"{name_a}.ids ({a.ids.dtype}) and {name_b}.ids ({b.ids.dtype}) are of different kinds")
+    common, ia, ib = np.intersect1d(a.ids, b.ids, assume_unique=True, return_indices=True)
+    if len(common) != len(a.ids) or len(common) != len(b.ids):
+        raise ValueError(
+            f"{name_a} and {name_b} must hold the same ids: {name_b} lacks {_missing(b.ids, a.ids)}, "
+            f"{name_a} lacks {_missing(a.ids, b.ids)}")
+    return ia, ib, common
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine ``<a,b>/(|a||b|)`` in float64 over the last axis (broadcasting)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+
+
+def _paired_cosine(a: Features, b: Features, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine of rows with equal ids; returns ``(sim [S], ids [S])``."""
+    if a.features.shape[1] != b.features.shape[1]:
+        raise ValueError(f"{name_a} has D={a.features.shape[1]} but {name_b} has D={b.features.shape[1]}")
+    ia, ib, ids = _pair_by_id(a, b, name_a, name_b)
+    return _cosine(a.features[ia], b.features[ib]), ids
+
+
+def _shards(refs: Any) -> list:
+    """Reference rows as a list of 2-D-able arrays: one array, a ``.npy``/``.npz`` path, or a list."""
+    items = list(refs) if isinstance(refs, (list, tuple)) else [refs]
+    out = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            item = load_features(path).features if path.suffix == ".npz" else np.load(path, mmap_mode="r")
+        out.append(item)
+    return out
+
+
+def _stream_top1(queries: np.ndarray, refs: Any, metric: str, chunk_rows: int, unit_rows: bool = False):
+    """Best reference row per query, streaming the references ``chunk_rows`` rows at a time.
+
+    Args:
+        queries: float32 [Q, D].
+        refs: see :func:`_shards`; each shard is [N_s, D] or [N_s, C, H, W].
+        metric: ``"ip"`` or ``"l2"``.
+        chunk_rows: rows per kernel call (bounds host memory for memmaps).
+        unit_rows: L2-normalise each reference chunk (a float32 copy) before the search.
+
+    Returns:
+        ``(index [Q] int64 global row, shards)``.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    shards = _shards(refs)
+    best, offset = None, 0
+    for shard in shards:
+        for start in range(0, len(shard), chunk_rows):
+            chunk = shard[start:start + chunk_rows].reshape(min(chunk_rows, len(shard) - start), -1)
+            if chunk.shape[1] != queries.shape[1]:
+                raise ValueError(f"reference rows have D={chunk.shape[1]}, queries have D={queries.shape[1]}")
+            if unit_rows:
+                chunk = _unit_rows(chunk)
+            state = nn_search_partial(queries, chunk, 1, metric=metric, row_offset=offset + start)
+            best = state if best is None else merge_topk(best, state)
+        offset += len(shard)
+    if best is None:
+        raise ValueError("the reference set must hold at least one row, got N=0")
+    return np.asarray(best.indices)[:, 0].astype(np.int64), shards
+
+
+def _decode(rows: np.ndarray) -> np.ndarray:
+    """Rows as float64; uint8 images are decoded ``u/127.5 − 1`` (the kernels' convention)."""
+    rows = np.asarray(rows)
+    return rows / 127.5 - 1.0 if rows.dtype == np.uint8 else rows.astype(np.float64)
+
+
+def _rows(shards: list, index: np.ndarray) -> np.ndarray:
+    """Global rows ``index`` [Q] of the concatenated shards, flattened and decoded: float64 [Q, D]."""
+    starts = np.cumsum([0] + [len(s) for s in shards])
+    out = None
+    for s, shard in enumerate(shards):
+        sel = (index >= starts[s]) & (index < starts[s + 1])
+        if sel.any():
+            rows = _decode(np.asarray(shard[index[sel] - starts[s]]).reshape(int(sel.sum()), -1))
+            out = np.empty((len(index), rows.shape[1])) if out is None else out
+            out[sel] = rows
+    return out
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# P1 image-level scores (SPEC §5.2, §5.3, §5.5)
+# ----------------------------------------------------------------------------------------------
+def rp(a: FeaturesLike, b: FeaturesLike, *, tau: float = 0.6) -> dict[str, Any]:
+    """Reproducibility score: fraction of same-seed pairs with SSCD similarity ``> tau``.
+
+    Args:
+        a: descriptors of model A's generations (Features, ``(features [S, D], ids [S])`` or a
+            feature file); rows are paired with ``b`` by id, not by order.
+        b: descriptors of model B's generations, with the same id set.
+        tau: threshold (0.6 for CIFAR, 0.4 for ImageNet-64 and Stable Diffusion).
+
+    Returns:
+        ``{"rp", "count", "n", "ci95", "tau", "ids" [S], "sim" [S] float64}`` in ascending id order.
+
+    Raises:
+        ValueError: if the id sets differ (naming the missing ids) or D differs.
+    """
+    sim, ids = _paired_cosine(_as_features(a, "a"), _as_features(b, "b"), "a", "b")
+    return _proportion("rp", sim > tau, tau=tau, ids=ids, sim=sim)
+
+
+def _as_uint8_images(x: ArrayLike, name: str) -> np.ndarray:
+    arr = _as_numpy(x)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"{name} must be uint8 quantised images [S, C, H, W], got dtype {arr.dtype}")
+    if arr.ndim < 2:
+        raise ValueError(f"{name} must have shape [S, ...], got {arr.shape}")
+    return arr
+
+
+def mae_score(q1: ArrayLike, q2: ArrayLike, *, thresh: float = 15.0,
+              ids1: Sequence | None = None, ids2: Sequence | None = None) -> dict[str, Any]:
+    """MAE score: fraction of pairs whose mean absolute pixel difference on [0, 255] is ``< thresh``.
+
+    Args:
+        q1: uint8 [S, C, H, W] quantised generations of model 1.
+        q2: uint8 [S, C, H, W] quantised generations of model 2.
+        thresh: strict threshold on the per-pair MAE.
+        ids1: optional [S] ids of ``q1``; with ``ids2`` the pairs are matched by id, otherwise
+            by row.
+        ids2: optional [S] ids of ``q2``.
+
+    Returns:
+        ``{"mae_score", "count", "n", "ci95", "thresh", "mae" [S] float64}``.
+
+    Raises:
+        TypeError: if the images are not uint8.
+        ValueError: on a shape mismatch or differing id sets.
+    """
+    a, b = _as_uint8_images(q1, "q1"), _as_uint8_images(q2, "q2")
+    if (ids1 is None) != (ids2 is None):
+        raise ValueError("ids1 and ids2 must be given together")
+    if ids1 is not None:
+        ia, ib, _ = _pair_by_id(Features(a, np.asarray(ids1), {}), Features(b, np.asarray(ids2), {}), "q1", "q2")
+        a, b = a[ia], b[ib]
+    if a.shape != b.shape:
+        raise ValueError(f"q1 and q2 must have the same shape, got {a.shape} and {b.shape}")
+    # Signed arithmetic (uint8 subtraction would wrap); the int64 sum is exact.
+    diff = np.abs(a.reshape(len(a), -1).astype(np.int16) - b.reshape(len(b), -1).astype(np.int16))
+    mae = diff.sum(axis=1, dtype=np.int64) / diff.shape[1]
+    return _proportion("mae_score", mae < thresh, thresh=thresh, mae=mae)
+
+
+def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau: float = 0.6,
+            chunk_rows: int = 65536) -> dict[str, Any]:
+    """P1's generalisation score: ``GL = 1 − mean_j 1[max_i M_SSCD(x_j, y_i) > tau]``.
+
+    The row maxima come from ``diffrepro.nn_search_partial(metric="ip")`` on L2-normalised
+    float32 descriptors, streamed over the training descriptors ``chunk_rows`` rows at a time
+    and merged with ``merge_topk``; the winner's cosine is then recomputed in float64.
+
+    Args:
+        gen_features: [Q, D] descriptors of the generations (array, Features or feature file).
+        train_features: [N, D] training descriptors of any size: an array or ``np.memmap``, a
+            ``.npy`` path (memory-mapped), a ``.npz`` feature file, or a list of these (shards
+            concatenated in order).
+        tau: threshold (strict ``>``).
+        chunk_rows: training rows per kernel call.
+
+    Returns:
+        ``{"gl", "memorised_fraction", "count" (memorised), "n", "ci95" (of the memorised
+        fraction), "gl_ci95", "tau", "max_sim" [Q] float64, "nn_index" [Q] int64}``. P1's
+        ``mscore`` prints ``gl`` but returns ``memorised_fraction``.
+    """
+    if isinstance(gen_features, (str, os.PathLike)):
+        gen_features = load_features(gen_features)
+    gen = _as_numpy(gen_features.features if isinstance(gen_features, Features) else gen_features)
+    if gen.ndim != 2:
+        raise ValueError(f"gen_features must have shape [Q, D], got {gen.shape}")
+    index, shards = _stream_top1(_unit_rows(gen), train_features, "ip", chunk_rows, unit_rows=True)
+    max_sim = _cosine(gen, _rows(shards, index))
+    out = _proportion("memorised_fraction", max_sim > tau, tau=tau, max_sim=max_sim, nn_index=index)
+    lo, hi = out["ci95"]
+    return {"gl": 1.0 - out["memorised_fraction"], "gl_ci95": (1.0 - hi, 1.0 - lo), **out}
+
+
+def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = False,
+          chunk_rows: int = 65536) -> dict[str, Any]:
+    """P2's nearest-neighbour generalisation score (eq. 14, reconstructed; SPEC §5.4).
+
+    ``GL_nn = mean_k ‖x_k − NN(x_k)‖₂ / ‖x_k‖₂`` with ``NN`` the training image nearest in
+    per-pixel Euclidean distance on [-1, 1] images. The search is
+    ``nn_search_partial(metric="l2")`` streamed over the training set (ties to the lowest
+    index); the winner's distance is recomputed exactly in float64.
+
+    Args:
+        gen: float [K, C, H, W] or [K, d] generations in [-1, 1].
+        train: training images, [N, C, H, W] or [N, d], float32/float16 in [-1, 1] or uint8
+            (decoded ``u/127.5 − 1``); an array, memmap, ``.npy`` path or a list of them.
+        normalize: ``"x"`` (divide by ‖x_k‖, default), ``"nn"`` (by ‖NN(x_k)‖) or ``"none"``.
+        quantize: quantise the generations first (SPEC §0 uint8 rule), as saved PNGs would be.
+        chunk_rows: training rows per kernel call.
+
+    Returns:
+        ``{"gl_nn", "n", "std", "normalize", "ratio" [K], "dist" [K], "nn_index" [K]}``.
+    """
+    if normalize not in ("x", "none", "nn"):
+        raise ValueError(f"normalize must be 'x', 'none' or 'nn', got {normalize!r}")
+    x = _as_numpy(gen)
+    if quantize:
+        from .data import quantize as _quantize
+
+        x = _decode(_as_numpy(_quantize(x)))
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    if len(x) == 0:
+        raise ValueError("gen must hold at least one image, got K=0")
+    index, shards = _stream_top1(x.astype(np.float32), train, "l2", chunk_rows)
+    nn = _rows(shards, index)
+    dist = np.linalg.norm(x - nn, axis=1)
+    denom = {"x": np.linalg.norm(x, axis=1), "nn": np.linalg.norm(nn, axis=1), "none": 1.0}[normalize]
+    ratio = dist / denom
+    return {"gl_nn": float(ratio.mean()), "n": len(ratio), "std": float(ratio.std(ddof=1)) if len(ratio) > 1 else 0.0,
+            "normalize": normalize, "ratio": ratio, "dist": dist, "nn_index": index}
+
+
+def rp_cond(a_by_class: Mapping[Any, FeaturesLike], b_by_class: Mapping[Any, FeaturesLike], *,
+            tau: float = 0.6) -> dict[str, Any]:
+    """Conditional RP: same noise j and same class c for two conditional models (SPEC §5.5).
+
+    Args:
+        a_by_class: class label -> model A's descriptors of that class's generations.
+        b_by_class: class label -> model B's descriptors, same labels and same ids per class.
+        tau: threshold (strict ``>``).
+
+    Returns:
+        ``{"rp_cond", "count", "n", "ci95", "tau", "per_class": {label: rp}}``, pooled over all
+        (j, c) pairs.
+    """
+    if set(a_by_class) != set(b_by_class):
+        raise ValueError(f"a_by_class and b_by_class must have the same classes, got "
+                         f"{sorted(a_by_class, key=str)} and {sorted(b_by_class, key=str)}")
+    hits, per_class = [], {}
+    for c in sorted(a_by_class, key=str):
+        sim, _ = _paired_cosine(_as_features(a_by_class[c], f"a_by_class[{c!r}]"),
+                                _as_features(b_by_class[c], f"b_by_class[{c!r}]"),
+                                f"a_by_class[{c!r}]", f"b_by_class[{c!r}]")
+        hits.append(sim > tau)
+        per_class[c] = float(hits[-1].mean())
+    if not hits:
+        raise ValueError("a_by_class must hold at least one class, got none")
+    return _proportion("rp_cond", np.concatenate(hits), tau=tau, per_class=per_class)
+
+
+def rp_between(uncond: FeaturesLike, cond_by_class: Mapping[Any, FeaturesLike], *,
+               tau: float = 0.6) -> dict[str, Any]:
+    """RP between an unconditional model and a conditional one: ``max_c`` similarity per noise.
+
+    Args:
+        uncond: descriptors of the unconditional generations, ids = seeds j.
+        cond_by_class: class label -> descriptors of the conditional generations with the same
+            seeds.
+        tau: threshold (strict ``>``).
+
+    Returns:
+        ``{"rp_between", "count", "n", "ci95", "tau", "ids" [S], "max_sim" [S],
+        "best_class" [S]}`` (``best_class``: the first label, in sorted order, attaining the max).
+    """
+    if not cond_by_class:
+        raise ValueError("cond_by_class must hold at least one class, got none")
+    u = _as_features(uncond, "uncond")
+    labels = sorted(cond_by_class, key=str)
+    sims = []
+    for c in labels:
+        sim, ids = _paired_cosine(u, _as_features(cond_by_class[c], f"cond_by_class[{c!r}]"),
+                                  "uncond", f"cond_by_class[{c!r}]")
+        sims.append(sim)
+    sims = np.stack(sims)
+    best = sims.argmax(axis=0)
+    max_sim = sims.max(axis=0)
+    return _proportion("rp_between", max_sim > tau, tau=tau, ids=ids, max_sim=max_sim,
+                       best_class=np.array(labels, dtype=object)[best])
+
+
+def rp_manifold(gen_a: Callable[[ArrayLike], ArrayLike], gen_b: Callable[[ArrayLike], ArrayLike],
+                eps0: ArrayLike, eps1: ArrayLike, *, features_fn: Callable[[ArrayLike], ArrayLike],
+                alphas: Sequence[float] | None = None, tau: float = 0.6) -> dict[str, Any]:
+    """RP along slerp paths between noise pairs (P1 App. A.3 with the §11.1 reading).
+
+    For each alpha, ``eps = slerp(eps0, eps1; alpha)`` (``diffrepro.noise.slerp``; lerp where
+    sin θ < 1e-6) and the score counts ``M_SSCD(f(gen_a(eps)), f(gen_b(eps))) > tau``.
+
+    Args:
+        gen_a: model A, initial noise [P, C, H, W] -> images [P, ...].
+        gen_b: model B, same signature.
+        eps0: [P, C, H, W] first noise of each pair.
+        eps1: [P, C, H, W] second noise of each pair.
+        features_fn: images -> [P, D] descriptors (e.g. an :class:`SSCDExtractor` applied to
+            quantised images).
+        alphas: interpolation points; default ``linspace(0, 1, 100)``.
+        tau: threshold (strict ``>``).
+
+    Returns:
+        ``{"rp_manifold", "count", "n", "ci95", "tau", "alpha" [A], "rp_per_alpha" [A],
+        "sim" [A, P]}``.
+    """
+    from .noise import slerp
+
+    alphas = np.linspace(0.0, 1.0, 100) if alphas is None else np.asarray(alphas, dtype=np.float64)
+    if eps0.shape != eps1.shape:
+        raise ValueError(f"eps0 and eps1 must have the same shape, got {tuple(eps0.shape)} and {tuple(eps1.shape)}")
+    sims = []
+    for alpha in alphas:
+        eps = slerp(eps0, eps1, float(alpha))
+        sims.append(_cosine(_as_numpy(features_fn(gen_a(eps))), _as_numpy(features_fn(gen_b(eps)))))
+    sims = np.stack(sims)
+    return _proportion("rp_manifold", sims > tau, tau=tau, alpha=alphas,
+                       rp_per_alpha=(sims > tau).mean(axis=1), sim=sims)
+
+
+def similarity_matrix(items: Sequence[Any], metric: str = "rp", *, names: Sequence[str] | None = None,
+                      tau: float = 0.6, thresh: float = 15.0) -> dict[str, Any]:
+    """Pairwise RP or MAE-score matrix over several models (P1 Fig. 3, Figs. 14/15).
+
+    Args:
+        items: per model, descriptors (``metric="rp"``: anything :func:`rp` accepts) or uint8
+            images (``metric="mae"``: an array paired by row, or ``(images, ids)``).
+        metric: ``"rp"`` or ``"mae"``.
+        names: model names (default ``"0", "1", ...``).
+        tau: RP threshold.
+        thresh: MAE threshold.
+
+    Returns:
+        ``{"matrix" [M, M], "count" [M, M], "n" [M, M], "ci95" [M, M, 2], "names", "metric"}``.
+        Symmetric; the diagonal is defined as 1 (not computed), with count = n = 0 and
+        ci95 = (1, 1).
+    """
+    if metric not in ("rp", "mae"):
+        raise ValueError(f"metric must be 'rp' or 'mae', got {metric!r}")
+    m = len(items)
+    names = [str(i) for i in range(m)] if names is None else list(names)
+    if len(names) != m:
+        raise ValueError(f"names must have {m} entries to match items, got {len(names)}")
+
+    def score(i: int, j: int) -> dict[str, Any]:
+        if metric == "rp":
+            return rp(items[i], items[j], tau=tau)
+        (qi, idi), (qj, idj) = ((x if isinstance(x, tuple) else (x, None)) for x in (items[i], items[j]))
+        return mae_score(qi, qj, thresh=thresh, ids1=idi, ids2=idj)
+
+    matrix = np.eye(m)
+    count = np.zeros((m, m), dtype=np.int64)
+    n = np.zeros((m, m), dtype=np.int64)
+    ci = np.ones((m, m, 2))
+    for i in range(m):
+        for j in range(i + 1, m):
+            res = score(i, j)
+            key = "rp" if metric == "rp" else "mae_score"
+            matrix[i, j] = matrix[j, i] = res[key]
+            count[i, j] = count[j, i] = res["count"]
+            n[i, j] = n[j, i] = res["n"]
+            ci[i, j] = ci[j, i] = res["ci95"]
+    return {"matrix": matrix, "count": count, "n": n, "ci95": ci, "names": names, "metric": metric}
+
+
+# ----------------------------------------------------------------------------------------------
+# P2 linearity, score error and weight comparison (SPEC §5.6–5.8)
+# ----------------------------------------------------------------------------------------------
+def _flat64(x: ArrayLike) -> torch.Tensor:
+    """[B, ...] -> float64 [B, d] tensor on the input's device."""
+    t = torch.as_tensor(x)
+    return t.to(torch.float64).reshape(t.shape[0], -1)
+
+
+def linearity_score(f: Callable[[ArrayLike], ArrayLike], x1: ArrayLike, x2: ArrayLike, *,
+                    a_values: Sequence[float] = (0.99, 0.8675, 0.745, 0.6225, 0.5),
+                    abs_cos: bool = False, nmse_squared: bool = False) -> dict[str, Any]:
+    """P2's linearity scores of ``f = D(·; σ)`` (eqs. 11–12, SPEC §5.6).
+
+    With ``α = sqrt(a)``, ``β = sqrt(1 − a)`` (so α² + β² = 1) and ``t = α f(x1) + β f(x2)``:
+    cosine ``<f(αx1 + βx2), t> / (‖f(αx1+βx2)‖ ‖t‖)`` and NMSE ``‖f(αx1+βx2) − t‖ / ‖t‖``,
+    each per pair, then averaged. ``f(x1)`` and ``f(x2)`` are evaluated once.
+
+    Args:
+        f: callable [P, ...] -> [P, ...] (numpy or torch).
+        x1: [P, ...] first inputs (e.g. ``y + σ ε``).
+        x2: [P, ...] second inputs.
+        a_values: values of a = α² (the reference notebook's ``alpha``).
+        abs_cos: take |cos| (the paper's possible reading; the code has no abs).
+        nmse_squared: square the ratio (the paper's literal "mean square"; the code does not).
+
+    Returns:
+        ``{"a" [A], "alpha" [A], "beta" [A], "cos" [A], "nmse" [A], "cos_per_sample" [A, P],
+        "nmse_per_sample" [A, P], "n": P}``.
+    """
+    if tuple(x1.shape) != tuple(x2.shape):
+        raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    a = np.asarray(a_values, dtype=np.float64)
+    if np.any((a < 0) | (a > 1)):
+        raise ValueError(f"a_values must lie in [0, 1], got {a.tolist()}")
+    f1, f2 = _flat64(f(x1)), _flat64(f(x2))
+    cos_all, nmse_all = [], []
+    for av in a:
+        alpha, beta = math.sqrt(av), math.sqrt(1.0 - av)
+        out = _flat64(f(alpha * x1 + beta * x2))
+        target = alpha * f1 + beta * f2
+        cos = (out * target).sum(1) / (out.norm(dim=1) * target.norm(dim=1))
+        ratio = (out - target).norm(dim=1) / target.norm(dim=1)
+        cos_all.append((cos.abs() if abs_cos else cos).cpu().numpy())
+        nmse_all.append((ratio ** 2 if nmse_squared else ratio).cpu().numpy())
+    cos_all, nmse_all = np.stack(cos_all), np.stack(nmse_all)
+    return {"a": a, "alpha": np.sqrt(a), "beta": np.sqrt(1.0 - a), "cos": cos_all.mean(axis=1),
+            "nmse": nmse_all.mean(axis=1), "cos_per_sample": cos_all, "nmse_per_sample": nmse_all,
+            "n": cos_all.shape[1]}
+
+
+def score_error(D1: Callable, D2: Callable, x: ArrayLike, sigma: float, *,
+                batch_size: int | None = None) -> dict[str, Any]:
+    """Score-field approximation error between two denoisers (P2 eq. 10, SPEC §5.7).
+
+    ``rmse = mean_x sqrt((1/d) ‖D1(x;σ) − D2(x;σ)‖²)`` in [-1, 1] units (0.05 ≈ 6.4/255), and
+    the App. G variant ``nmse = mean_x ‖D1 − D2‖² / ‖D2‖²``.
+
+    Args:
+        D1: denoiser callable ``D(x, sigma)``.
+        D2: denoiser callable ``D(x, sigma)``.
+        x: [B, ...] noisy inputs ``y + σ ε``.
+        sigma: noise level passed to both denoisers.
+        batch_size: call the denoisers on at most this many inputs at a time.
+
+    Returns:
+        ``{"rmse", "nmse", "rmse_per_sample" [B], "nmse_per_sample" [B], "n", "sigma"}``.
+    """
+    step = len(x) if batch_size is None else int(batch_size)
+    if step < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rmse, nmse = [], []
+    for start in range(0, len(x), step):
+        xb = x[start:start + step]
+        d1, d2 = _flat64(D1(xb, sigma)), _flat64(D2(xb, sigma))
+        sq = ((d1 - d2) ** 2).sum(1)
+        rmse.append((sq / d1.shape[1]).sqrt().cpu().numpy())
+        nmse.append((sq / (d2 ** 2).sum(1)).cpu().numpy())
+    if not rmse:
+        raise ValueError("x must hold at least one input, got B=0")
+    rmse, nmse = np.concatenate(rmse), np.concatenate(nmse)
+    return {"rmse": float(rmse.mean()), "nmse": float(nmse.mean()), "rmse_per_sample": rmse,
+            "nmse_per_sample": nmse, "n": len(rmse), "sigma": float(sigma)}
+
+
+def _matrix64(w: ArrayLike, name: str) -> torch.Tensor:
+    t = torch.as_tensor(w).to(torch.float64)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be a matrix [d, d], got shape {tuple(t.shape)}")
+    return t
+
+
+def weight_nmse(W_L: ArrayLike, W_G: ArrayLike, squared: bool = True) -> dict[str, Any]:
+    """Relative distance of two weight matrices, ``‖W_L − W_G‖_F² / ‖W_G‖_F²`` (SPEC §5.8).
+
+    Args:
+        W_L: [d, d] effective distilled weight (the parameter divided by √d; see distill).
+        W_G: [d, d] Gaussian (Wiener) weight.
+        squared: squared Frobenius ratio (default, [RECON]) or the plain ratio of norms.
+
+    Returns:
+        ``{"nmse", "squared"}``.
+    """
+    wl, wg = _matrix64(W_L, "W_L"), _matrix64(W_G, "W_G")
+    if wl.shape != wg.shape:
+        raise ValueError(f"W_L and W_G must have the same shape, got {tuple(wl.shape)} and {tuple(wg.shape)}")
+    ratio = (torch.linalg.matrix_norm(wl - wg) / torch.linalg.matrix_norm(wg)).item()
+    return {"nmse": ratio ** 2 if squared else ratio, "squared": squared}
+
+
+def sv_alignment(W_L: ArrayLike, U: ArrayLike, K: int = 100, *, lam: ArrayLike | None = None) -> dict[str, Any]:
+    """Alignment of W_L's left singular vectors with the data covariance eigenvectors (SPEC §5.8).
+
+    Args:
+        W_L: [d, d] effective distilled weight.
+        U: [d, d'] orthonormal eigenvectors of Σ as columns, in descending eigenvalue order
+            (or any order when ``lam`` is given).
+        K: number of leading vectors compared (clipped to the available count).
+        lam: optional [d'] eigenvalues; ``U``'s columns are then sorted by descending ``lam``.
+
+    Returns:
+        ``{"alignment" [K]: |<u_k^L, u_k>|, "overlap" [K]: ‖U_L[:, :k]ᵀ U[:, :k]‖_F² / k,
+        "principal_angles" [K] radians ascending (between the two K-dim subspaces),
+        "singular_values" [K] of W_L, "K"}``.
+    """
+    wl, u = _matrix64(W_L, "W_L"), _matrix64(U, "U")
+    if u.shape[0] != wl.shape[0]:
+        raise ValueError(f"U must have {wl.shape[0]} rows to match W_L, got {u.shape[0]}")
+    if lam is not None:
+        u = u[:, torch.argsort(torch.as_tensor(lam).to(torch.float64).cpu(), descending=True).to(u.device)]
+    k = min(int(K), u.shape[1], wl.shape[1])
+    if k < 1:
+        raise ValueError(f"K must be >= 1, got {K}")
+    u_l, s_l, _ = torch.linalg.svd(wl)
+    cross = u_l[:, :k].T @ u[:, :k]                      # [K, K]
+    overlap = (cross ** 2).cumsum(0).cumsum(1).diagonal() / torch.arange(1, k + 1, dtype=torch.float64)
+    cosines = torch.linalg.svdvals(cross).clamp(0.0, 1.0)
+    return {"alignment": cross.diagonal().abs().cpu().numpy(), "overlap": overlap.cpu().numpy(),
+            "principal_angles": torch.arccos(cosines).cpu().numpy(), "singular_values": s_l[:k].cpu().numpy(),
+            "K": k}
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise-hyperplane map (P1 Fig. 4, SPEC §8)
+# ----------------------------------------------------------------------------------------------
+def hyperplane_map(generate_fn: Callable[[ArrayLike], ArrayLike], features_fn: Callable[[ArrayLike], ArrayLike],
+                   e1: ArrayLike, e2: ArrayLike, e3: ArrayLike, n: int = 100, *, lo: float = -0.1,
+                   hi: float = 1.1, renormalize: bool = False, batch_size: int = 1000,
+                   path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Which anchor each point of a noise plane reproduces (P1 Fig. 4).
+
+    The plane is ``ε(α, β) = ε1 + α(ε2 − ε1) + β(ε3 − ε1)`` (``diffrepro.noise.hyperplane``),
+    α, β in ``linspace(lo, hi, n)``. Anchors ``x_k = G(ε_k)``; each plane point gets
+    ``label = argmax_k M_SSCD(x_k, G(ε(α, β)))`` (ties to the lowest k) and ``sim = max_k``.
+
+    Args:
+        generate_fn: noise [B, C, H, W] -> images [B, ...].
+        features_fn: images -> [B, D] descriptors.
+        e1: [C, H, W] anchor noise 1 (α = β = 0).
+        e2: [C, H, W] anchor noise 2 (α = 1, β = 0).
+        e3: [C, H, W] anchor noise 3 (α = 0, β = 1).
+        n: grid points per axis.
+        lo: grid start.
+        hi: grid end.
+        renormalize: rescale plane noises (see ``diffrepro.noise.hyperplane``); P1 does not.
+        batch_size: plane noises generated per call.
+        path: if given, save ``alpha``, ``beta``, ``label``, ``sim`` there as ``.npz``.
+
+    Returns:
+        ``{"alpha" [n], "beta" [n], "label" [n, n] int64, "sim" [n, n] float64}``, where
+        ``[i, j]`` is the point ``(alpha[i], beta[j])``.
+    """
+    from .noise import hyperplane
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    anchors = torch.stack([torch.as_tensor(e) for e in (e1, e2, e3)])
+    anchor_feats = _as_numpy(features_fn(generate_fn(anchors)))            # [3, D]
+    grid = np.linspace(lo, hi, n)
+    plane = hyperplane(e1, e2, e3, grid, grid, renormalize=renormalize)  # [n*n, C, H, W]
+    sims = []
+    for start in range(0, len(plane), batch_size):
+        feats = _as_numpy(features_fn(generate_fn(plane[start:start + batch_size])))
+        sims.append(_cosine(feats[:, None, :], anchor_feats[None, :, :]))  # [B, 3]
+    sims = np.concatenate(sims)
+    out = {"alpha": grid, "beta": grid, "label": sims.argmax(axis=1).reshape(n, n).astype(np.int64),
+           "sim": sims.max(axis=1).reshape(n, n)}
+    if path is not None:
+        from .sscd import _atomic_savez
+
+        _atomic_savez(path, **out)
+    return out

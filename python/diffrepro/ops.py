@@ -1,0 +1,371 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The kernels' public API: validate, pick the backend from the device (once, here), allocate
+outputs with torch, pass raw pointers.
+
+Two ops, each in a one-shot and a streaming form:
+
+* ``empirical_denoiser`` / ``empirical_denoiser_partial`` + ``merge_states`` + ``finalize``
+* ``nn_search`` / ``nn_search_partial`` + ``merge_topk``
+
+The streaming forms process a training (reference) set in chunks, e.g. a memory-mapped uint8
+``.npy`` larger than RAM, or shards held by different processes; their states merge
+associatively and commutatively.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _backend
+from ._validate import ROW_TYPES, as_rows, check_finite, check_int, per_query, same_device, to_tensor
+
+__all__ = [
+    "DenoiserState",
+    "TopKState",
+    "empirical_denoiser",
+    "empirical_denoiser_partial",
+    "merge_states",
+    "finalize",
+    "nn_search",
+    "nn_search_partial",
+    "merge_topk",
+]
+
+_FLOATS = (torch.float32, torch.float64)
+# Rows sampled to pick the centring vector: enough to remove a common offset, cheap to read.
+_CENTER_SAMPLE = 256
+
+
+def _workers(override: int | None) -> int:
+    if override is not None:
+        return check_int("_workers", override, 1)
+    env = os.environ.get("DIFFREPRO_NUM_THREADS")
+    if env:
+        return check_int("DIFFREPRO_NUM_THREADS", int(env), 1)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def _decode(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stored rows -> compute dtype, with the kernels' uint8 convention u / 127.5 - 1."""
+    if rows.dtype == torch.uint8:
+        return rows.to(dtype) / 127.5 - 1
+    return rows.to(dtype)
+
+
+@dataclass
+class DenoiserState:
+    """Streaming softmax state of the empirical denoiser over the rows seen so far.
+
+    Attributes:
+        max_logit: [Q] float64, max_i l_i with l_i = -||x/s - y_i||^2 / (2 sigma^2).
+        sum_exp: [Q] float64, sum_i exp(l_i - max_logit).
+        sum_exp_sq: [Q] float64, sum_i exp(l_i - max_logit)^2.
+        weighted_sum: [Q, D] (x's dtype), sum_i exp(l_i - max_logit) y_i.
+        nearest_index: [Q] int64, global index of the nearest row (lowest index wins ties).
+        nearest_sqdist: [Q] float64, ||x/s - y_nearest||^2 recomputed in float64.
+    """
+
+    max_logit: torch.Tensor
+    sum_exp: torch.Tensor
+    sum_exp_sq: torch.Tensor
+    weighted_sum: torch.Tensor
+    nearest_index: torch.Tensor
+    nearest_sqdist: torch.Tensor
+
+
+@dataclass
+class TopKState:
+    """Top-k of each query over the references seen so far, best first.
+
+    Attributes:
+        values: [Q, k] float32 inner products (metric "ip") or squared distances ("l2");
+            padding is -inf ("ip") or +inf ("l2").
+        indices: [Q, k] int64 global reference indices, -1 for padding.
+        metric: "ip" or "l2".
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    metric: str
+
+
+def _prepare_denoiser(x, train, sigma, s):
+    xt, from_numpy = to_tensor("x", x, _FLOATS)
+    tt, _ = to_tensor("train", train, (xt.dtype, torch.uint8))
+    device = same_device(x=xt, train=tt)
+    x2 = as_rows("x", xt)
+    y2 = as_rows("train", tt)
+    if y2.shape[1] != x2.shape[1]:
+        raise ValueError(
+            f"train rows must have D = {x2.shape[1]} features like x (shape {list(xt.shape)}), "
+            f"got train of shape {list(tt.shape)}"
+        )
+    check_finite("x", x2)
+    Q = x2.shape[0]
+    inv_sigma2 = per_query("sigma", sigma, Q, device).pow(-2)
+    scale = per_query("s", s, Q, device)
+    # x~ = x / s: the denoiser acts on the unscaled variable (SPEC 1.1).
+    xs = (x2 / scale.to(x2.dtype)[:, None]).contiguous() if not bool((scale == 1).all()) else x2
+    return xt, from_numpy, x2, xs, y2, inv_sigma2, device
+
+
+def _center(y2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mean of an evenly strided sample of rows: removes a large common offset before the
+    products (the logits are invariant to a shift of x and y by the same vector)."""
+    step = max(1, y2.shape[0] // _CENTER_SAMPLE)
+    sample = _decode(y2[::step][:_CENTER_SAMPLE], torch.float64)
+    return sample.mean(0).to(dtype).contiguous()
+
+
+def _empty_state(Q: int, D: int, dtype, device) -> DenoiserState:
+    f64 = dict(dtype=torch.float64, device=device)
+    return DenoiserState(
+        max_logit=torch.full((Q,), -float("inf"), **f64),
+        sum_exp=torch.zeros(Q, **f64),
+        sum_exp_sq=torch.zeros(Q, **f64),
+        weighted_sum=torch.zeros(Q, D, dtype=dtype, device=device),
+        nearest_index=torch.full((Q,), -1, dtype=torch.int64, device=device),
+        nearest_sqdist=torch.full((Q,), float("inf"), **f64),
+    )
+
+
+def _denoiser_state(xs, y2, inv_sigma2, row_offset, tile, workers) -> DenoiserState:
+    Q, D = xs.shape
+    N = y2.shape[0]
+    state = _empty_state(Q, D, xs.dtype, xs.device)
+    if Q == 0 or N == 0:
+        return state
+    center = _center(y2, xs.dtype)
+    args = (
+        xs.dtype == torch.float64, xs.data_ptr(), y2.data_ptr(), ROW_TYPES[y2.dtype], Q, N, D,
+        center.data_ptr(), inv_sigma2.data_ptr(), int(row_offset),
+    )
+    outs = (
+        state.max_logit.data_ptr(), state.sum_exp.data_ptr(), state.sum_exp_sq.data_ptr(),
+        state.weighted_sum.data_ptr(), state.nearest_index.data_ptr(), state.nearest_sqdist.data_ptr(),
+    )
+    if xs.device.type == "cpu":
+        _backend.cpu.empirical_denoiser(*args, int(tile or 0), _workers(workers), *outs)
+    elif xs.device.type == "cuda":
+        _cuda_empirical_denoiser(args, outs, xs.device)
+    else:
+        raise ValueError(f"x must be on a cpu or cuda device, got {xs.device}")
+    if not bool(torch.isfinite(state.sum_exp).all()):
+        # A NaN/Inf training value poisons every weight; name it without a pass over train
+        # on the common path.
+        check_finite("train", y2)
+    return state
+
+
+def _cuda_empirical_denoiser(args, outs, device):
+    cuda = _backend.cuda_module()
+    Q, N, D = args[4], args[5], args[6]
+    ws = torch.empty(int(cuda.empirical_denoiser_workspace_bytes(Q, N, D)), dtype=torch.uint8, device=device)
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        cuda.empirical_denoiser(*args, ws.data_ptr(), *outs, stream)
+
+
+def empirical_denoiser_partial(x, train_chunk, sigma, *, s=1.0, row_offset: int = 0,
+                               _tile: int | None = None, _workers: int | None = None) -> DenoiserState:
+    """Softmax state of the empirical denoiser over one chunk of training rows.
+
+    Args:
+        x: [Q, D] or [Q, C, H, W] float32/float64 queries (torch or numpy).
+        train_chunk: [n, D] or [n, C, H, W] rows of x's dtype, or uint8 pixels decoded as
+            u / 127.5 - 1; numpy arrays and np.memmap are used without a copy.
+        sigma: positive float or [Q] noise levels. s: positive float or [Q] signal scales.
+        row_offset: global index of the chunk's first row (for ``nearest_index``).
+
+    Returns:
+        DenoiserState; combine chunks with ``merge_states`` and read it with ``finalize``.
+    """
+    _, _, _, xs, y2, inv_sigma2, _ = _prepare_denoiser(x, train_chunk, sigma, s)
+    check_int("row_offset", row_offset, 0)
+    return _denoiser_state(xs, y2, inv_sigma2, row_offset, _tile, _workers)
+
+
+def merge_states(a: DenoiserState, b: DenoiserState) -> DenoiserState:
+    """Merges two chunk states of the same queries (associative and commutative)."""
+    if a.weighted_sum.shape != b.weighted_sum.shape:
+        raise ValueError(
+            f"states must cover the same queries, got weighted_sum shapes "
+            f"{list(a.weighted_sum.shape)} and {list(b.weighted_sum.shape)}"
+        )
+    m = torch.maximum(a.max_logit, b.max_logit)
+    # exp(-inf - m) is 0, but -inf - (-inf) is NaN: an empty state contributes nothing.
+    fa = torch.where(a.max_logit == -float("inf"), 0.0, torch.exp(a.max_logit - m))
+    fb = torch.where(b.max_logit == -float("inf"), 0.0, torch.exp(b.max_logit - m))
+    ws = a.weighted_sum.double() * fa[:, None] + b.weighted_sum.double() * fb[:, None]
+    take_b = (b.nearest_index >= 0) & (
+        (a.nearest_index < 0)
+        | (b.nearest_sqdist < a.nearest_sqdist)
+        | ((b.nearest_sqdist == a.nearest_sqdist) & (b.nearest_index < a.nearest_index))
+    )
+    return DenoiserState(
+        max_logit=m,
+        sum_exp=a.sum_exp * fa + b.sum_exp * fb,
+        sum_exp_sq=a.sum_exp_sq * fa * fa + b.sum_exp_sq * fb * fb,
+        weighted_sum=ws.to(a.weighted_sum.dtype),
+        nearest_index=torch.where(take_b, b.nearest_index, a.nearest_index),
+        nearest_sqdist=torch.where(take_b, b.nearest_sqdist, a.nearest_sqdist),
+    )
+
+
+def finalize(state: DenoiserState) -> tuple[torch.Tensor, dict]:
+    """Denoised output and diagnostics of a state.
+
+    Returns:
+        (out [Q, D] in the state's dtype, info) with info["log_normalizer"] [Q] float64
+        (logsumexp_i l_i, including the ||x||^2 term), info["nearest_index"] [Q] int64 and
+        info["n_eff"] [Q] float64 = 1 / sum_i w_i^2.
+    """
+    if bool((state.max_logit == -float("inf")).any()):
+        raise ValueError("state has queries that saw no training rows; merge a non-empty chunk first")
+    out = (state.weighted_sum.double() / state.sum_exp[:, None]).to(state.weighted_sum.dtype)
+    info = {
+        "log_normalizer": state.max_logit + torch.log(state.sum_exp),
+        "nearest_index": state.nearest_index,
+        "nearest_sqdist": state.nearest_sqdist,
+        "n_eff": state.sum_exp.square() / state.sum_exp_sq,
+    }
+    return out, info
+
+
+def empirical_denoiser(x, train, sigma, *, s=1.0, _tile: int | None = None, _workers: int | None = None):
+    """Empirical optimal denoiser D(x; sigma) = sum_i softmax_i(-||x/s - y_i||^2 / 2 sigma^2) y_i.
+
+    One streaming pass over the training rows (online softmax), never a Q x N matrix.
+
+    Args:
+        x: [Q, D] or [Q, C, H, W], float32 (speed path) or float64 (reference path); a torch
+            tensor or a numpy array (numpy in, numpy out).
+        train: [N, D] or [N, C, H, W] of x's dtype, or uint8 pixels decoded inside the kernel as
+            ``u.to(dtype) / 127.5 - 1`` (bitwise equal to passing the decoded floats); np.memmap ok.
+            A non-contiguous tensor is copied once.
+        sigma: positive float or [Q] tensor. s: positive float or [Q] tensor (x~ = x / s).
+
+    Returns:
+        The denoised rows with x's shape and dtype.
+
+    Raises:
+        TypeError: wrong container or dtype. ValueError: shapes, D mismatch, sigma/s <= 0,
+        NaN/Inf inputs, inputs requiring grad, mixed devices.
+        BackendUnavailableError: CUDA tensors without a usable CUDA build.
+    """
+    xt, from_numpy, x2, xs, y2, inv_sigma2, _ = _prepare_denoiser(x, train, sigma, s)
+    if y2.shape[0] == 0:
+        raise ValueError(f"train must have at least one row, got shape {list(y2.shape)}")
+    if x2.shape[0] == 0:
+        out = torch.empty_like(x2)
+    else:
+        out, _ = finalize(_denoiser_state(xs, y2, inv_sigma2, 0, _tile, _workers))
+    out = out.reshape(xt.shape)
+    return out.numpy() if from_numpy else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Nearest-neighbour search
+
+_METRICS = ("ip", "l2")
+
+
+def _prepare_search(queries, refs, k, metric):
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    k = check_int("k", k, 1)
+    qt, from_numpy = to_tensor("queries", queries, (torch.float32,))
+    rt, _ = to_tensor("refs", refs, (torch.float32, torch.float16, torch.uint8))
+    same_device(queries=qt, refs=rt)
+    q2 = as_rows("queries", qt)
+    r2 = as_rows("refs", rt)
+    if r2.shape[1] != q2.shape[1]:
+        raise ValueError(
+            f"refs rows must have D = {q2.shape[1]} features like queries (shape {list(qt.shape)}), "
+            f"got refs of shape {list(rt.shape)}"
+        )
+    check_finite("queries", q2)
+    check_finite("refs", r2)
+    return q2, r2, k, from_numpy
+
+
+def _search_state(q2, r2, k, metric, row_offset, tile, workers) -> TopKState:
+    Q, D = q2.shape
+    N = r2.shape[0]
+    pad = -float("inf") if metric == "ip" else float("inf")
+    values = torch.full((Q, k), pad, dtype=torch.float32, device=q2.device)
+    indices = torch.full((Q, k), -1, dtype=torch.int64, device=q2.device)
+    if Q and N:
+        args = (q2.data_ptr(), r2.data_ptr(), ROW_TYPES[r2.dtype], Q, N, D, k, metric == "ip", int(row_offset))
+        if q2.device.type == "cpu":
+            _backend.cpu.nn_search(*args, int(tile or 0), _workers(workers), values.data_ptr(), indices.data_ptr())
+        elif q2.device.type == "cuda":
+            cuda = _backend.cuda_module()
+            ws = torch.empty(int(cuda.nn_search_workspace_bytes(Q, N, D, k)), dtype=torch.uint8, device=q2.device)
+            with torch.cuda.device(q2.device):
+                stream = torch.cuda.current_stream(q2.device).cuda_stream
+                cuda.nn_search(*args, values.data_ptr(), indices.data_ptr(), ws.data_ptr(), stream)
+        else:
+            raise ValueError(f"queries must be on a cpu or cuda device, got {q2.device}")
+    return TopKState(values, indices, metric)
+
+
+def nn_search_partial(queries, refs_chunk, k: int, *, metric: str = "ip", row_offset: int = 0,
+                      _tile: int | None = None, _workers: int | None = None) -> TopKState:
+    """Top-k state of each query over one chunk of references (see ``nn_search``).
+
+    Chunks with fewer than k rows are padded with -inf ("ip") / +inf ("l2") and index -1.
+    Combine chunks with ``merge_topk``.
+    """
+    q2, r2, k, _ = _prepare_search(queries, refs_chunk, k, metric)
+    check_int("row_offset", row_offset, 0)
+    return _search_state(q2, r2, k, metric, row_offset, _tile, _workers)
+
+
+def merge_topk(a: TopKState, b: TopKState) -> TopKState:
+    """Merges two top-k states of the same queries (associative; ties -> lower index)."""
+    if a.metric != b.metric or a.values.shape != b.values.shape:
+        raise ValueError(
+            f"states must share metric and shape, got {a.metric} {list(a.values.shape)} "
+            f"and {b.metric} {list(b.values.shape)}"
+        )
+    k = a.values.shape[1]
+    values = torch.cat([a.values, b.values], 1)
+    indices = torch.cat([a.indices, b.indices], 1)
+    # Lexicographic (score, index) order by two stable sorts; padding (-1) goes last.
+    key_index = torch.where(indices < 0, torch.iinfo(torch.int64).max, indices)
+    order = torch.sort(key_index, dim=1, stable=True).indices
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    order = torch.sort(values, dim=1, descending=a.metric == "ip", stable=True).indices[:, :k]
+    return TopKState(values.gather(1, order), indices.gather(1, order), a.metric)
+
+
+def nn_search(queries, refs, k: int = 1, *, metric: str = "ip", _tile: int | None = None,
+              _workers: int | None = None):
+    """k nearest references of each query.
+
+    Args:
+        queries: [Q, D] (or [Q, C, H, W]) float32, torch or numpy.
+        refs: [N, D] (or images) float32, float16, or uint8 pixels decoded as u / 127.5 - 1
+            (then queries must be in that scale); np.memmap ok.
+        k: 1 <= k <= N.
+        metric: "ip" (largest inner product: cosine for L2-normalised rows such as SSCD
+            descriptors) or "l2" (smallest squared Euclidean distance, clamped at 0).
+
+    Returns:
+        (values [Q, k] float32, indices [Q, k] int64), best first, ties to the lowest index;
+        numpy arrays if queries was numpy.
+    """
+    q2, r2, k, from_numpy = _prepare_search(queries, refs, k, metric)
+    if k > r2.shape[0]:
+        raise ValueError(f"k must be <= the number of refs N = {r2.shape[0]}, got k = {k}")
+    st = _search_state(q2, r2, k, metric, 0, _tile, _workers)
+    if from_numpy:
+        return st.values.numpy(), st.indices.numpy()
+    return st.values, st.indices

@@ -1,0 +1,184 @@
+# SPDX-License-Identifier: MIT
+"""PNG figures for the metrics: similarity matrices, hyperplane maps, score-vs-σ curves and
+generations beside their nearest training images.
+
+matplotlib (optional dependency) is imported lazily with the Agg backend; :func:`nn_grid`
+needs only Pillow.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["hyperplane_rgb", "nn_grid", "plot_hyperplane_map", "plot_score_vs_sigma", "plot_similarity_matrix"]
+
+# Pure colours of the three hyperplane classes (anchor 1, 2, 3).
+_CLASS_RGB = np.array([[0.85, 0.15, 0.15], [0.15, 0.65, 0.2], [0.2, 0.3, 0.9]])
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("diffrepro.plots needs matplotlib: pip install matplotlib") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    fig.clf()
+    _pyplot().close(fig)
+
+
+def plot_similarity_matrix(matrix: np.ndarray, path: str | os.PathLike, *, names: Sequence[str] | None = None,
+                           title: str | None = None, annotate: bool = True) -> None:
+    """Heatmap of an RP/MAE-score matrix (P1 Fig. 3).
+
+    Args:
+        matrix: [M, M] scores in [0, 1] (``similarity_matrix(...)["matrix"]``).
+        path: output PNG.
+        names: M model names for the axes.
+        title: figure title.
+        annotate: print each value in its cell.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"matrix must be square [M, M], got {matrix.shape}")
+    m = matrix.shape[0]
+    names = [str(i) for i in range(m)] if names is None else list(names)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * m, 0.8 + 0.6 * m))
+    im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(m), names, rotation=45, ha="right")
+    ax.set_yticks(range(m), names)
+    if annotate:
+        for i in range(m):
+            for j in range(m):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center",
+                        color="black" if matrix[i, j] > 0.6 else "white", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        ax.set_title(title)
+    _save(fig, path)
+
+
+def hyperplane_rgb(label: np.ndarray, sim: np.ndarray, *, floor: float = 0.0) -> np.ndarray:
+    """RGB image of a hyperplane map: the class colour of ``label`` scaled by ``sim``.
+
+    Args:
+        label: [n, n] anchor index 0..2 per point.
+        sim: [n, n] max similarity per point.
+        floor: similarity shown as black (brightness ``(sim − floor)/(1 − floor)``, clipped).
+
+    Returns:
+        float [n, n, 3] in [0, 1].
+    """
+    bright = np.clip((np.asarray(sim, dtype=np.float64) - floor) / (1.0 - floor), 0.0, 1.0)
+    return _CLASS_RGB[np.asarray(label)] * bright[..., None]
+
+
+def plot_hyperplane_map(result: Mapping[str, np.ndarray] | str | os.PathLike, path: str | os.PathLike, *,
+                        title: str | None = None, floor: float = 0.0) -> None:
+    """Plot a noise-hyperplane map (P1 Fig. 4): three colour maps by label, brightness by similarity.
+
+    Args:
+        result: the dict returned by ``metrics.hyperplane_map`` or its ``.npz`` file
+            (``alpha``, ``beta``, ``label``, ``sim``).
+        path: output PNG.
+        title: figure title.
+        floor: similarity mapped to black.
+    """
+    if isinstance(result, (str, os.PathLike)):
+        with np.load(result, allow_pickle=False) as f:
+            result = {k: f[k] for k in ("alpha", "beta", "label", "sim")}
+    alpha, beta = np.asarray(result["alpha"]), np.asarray(result["beta"])
+    rgb = hyperplane_rgb(result["label"], result["sim"], floor=floor)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    # label[i, j] is (alpha[i], beta[j]): alpha on the x axis, beta on the y axis.
+    ax.imshow(rgb.transpose(1, 0, 2), origin="lower", interpolation="nearest",
+              extent=(alpha[0], alpha[-1], beta[0], beta[-1]))
+    for k, (a, b) in enumerate(((0, 0), (1, 0), (0, 1))):
+        ax.plot(a, b, marker="o", color="white", markeredgecolor="black")
+        ax.annotate(f"x{k + 1}", (a, b), textcoords="offset points", xytext=(5, 5), color="white")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("beta")
+    if title:
+        ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_score_vs_sigma(sigmas: Sequence[float], curves: Mapping[str, Sequence[float]], path: str | os.PathLike, *,
+                        ylabel: str = "score", title: str | None = None, logx: bool = True,
+                        hline: float | None = None) -> None:
+    """Line plot of one or more scores against σ (e.g. linearity, score error, weight NMSE).
+
+    Args:
+        sigmas: [S] noise levels.
+        curves: name -> [S] values.
+        path: output PNG.
+        ylabel: y-axis label.
+        title: figure title.
+        logx: log-scale σ axis.
+        hline: optional horizontal reference line (e.g. a threshold).
+    """
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in curves.items():
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != sigmas.shape:
+            raise ValueError(f"curves[{name!r}] must have shape {sigmas.shape} to match sigmas, got {values.shape}")
+        ax.plot(sigmas, values, marker="o", label=name)
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle="--")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel("sigma")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    _save(fig, path)
+
+
+def nn_grid(gen: np.ndarray, train: np.ndarray, nn_index: np.ndarray, path: str | os.PathLike, *,
+            per_row: int = 8, scale: int = 2, pad: int = 2) -> None:
+    """Grid PNG: each generation above its nearest training image (Pillow only).
+
+    Args:
+        gen: uint8 [K, C, H, W] generations (C = 1 or 3).
+        train: uint8 [N, C, H, W] training images.
+        nn_index: [K] index into ``train`` of each generation's nearest neighbour.
+        path: output PNG.
+        per_row: pairs per row of the grid.
+        scale: integer upscaling factor (nearest neighbour).
+        pad: white border between tiles, in output pixels.
+    """
+    from PIL import Image
+
+    gen, train = np.asarray(gen), np.asarray(train)
+    if gen.dtype != np.uint8 or train.dtype != np.uint8:
+        raise TypeError(f"gen and train must be uint8 images, got {gen.dtype} and {train.dtype}")
+    if gen.ndim != 4 or train.ndim != 4 or gen.shape[1:] != train.shape[1:]:
+        raise ValueError(f"gen and train must be [K, C, H, W] with equal C, H, W, got {gen.shape} and {train.shape}")
+    nn_index = np.asarray(nn_index, dtype=np.int64)
+    if nn_index.shape != (len(gen),):
+        raise ValueError(f"nn_index must have shape [{len(gen)}], got {nn_index.shape}")
+    k, c, h, w = gen.shape
+    th, tw = h * scale + pad, w * scale + pad
+    rows = -(-k // per_row)
+    canvas = np.full((rows * 2 * th + pad, min(k, per_row) * tw + pad, 3), 255, np.uint8)
+    for j in range(k):
+        r, col = divmod(j, per_row)
+        for half, img in enumerate((gen[j], train[nn_index[j]])):
+            tile = np.repeat(np.repeat(img.transpose(1, 2, 0), scale, 0), scale, 1)
+            top, left = (2 * r + half) * th + pad, col * tw + pad
+            canvas[top:top + h * scale, left:left + w * scale] = tile if c == 3 else tile.repeat(3, axis=2)
+    Image.fromarray(canvas).save(path)
