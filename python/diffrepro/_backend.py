@@ -48,9 +48,13 @@ def blas_coretype_choice() -> str | None:
 
 
 def _preload_openblas() -> str:
-    import scipy_openblas32
-
-    libdir = scipy_openblas32.get_lib_dir()
+    # Locate the package without importing it: its __init__ loads the library at once, before
+    # diffrepro could choose the core. (If the process already imported it, its choice stands;
+    # build_info() reports the core actually in use.)
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("diffrepro needs the scipy-openblas32 package (pip install scipy-openblas32)")
+    libdir = os.path.join(list(spec.submodule_search_locations)[0], "lib")
     candidates = sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*")))
     if not candidates:
         raise ImportError(f"diffrepro: no libscipy_openblas in {libdir}")

@@ -54,7 +54,7 @@ def as_rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name} must have shape [R, D] or [R, C, H, W], got {_describe(tensor)}")
     if tensor.shape[1:].numel() == 0:
         raise ValueError(f"{name} must have at least one feature per row, got {_describe(tensor)}")
-    rows = tensor.reshape(tensor.shape[0], -1)
+    rows = tensor.reshape(tensor.shape[0], tensor.shape[1:].numel())
     return rows if rows.is_contiguous() else rows.contiguous()
 
 

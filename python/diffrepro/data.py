@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 import PIL.Image
+from tqdm.auto import tqdm
 
 __all__ = [
     "Dataset",
@@ -287,8 +288,6 @@ def _decode(data: bytes | str, where: str) -> np.ndarray:
 
 def _stack(names: list[str], read: Callable, source: str, progress: bool) -> np.ndarray:
     """Decode ``names`` in order into one preallocated ``[N, C, H, W]`` array."""
-    from tqdm.auto import tqdm
-
     images = None
     for i, name in enumerate(tqdm(names, desc="decode", disable=not progress)):
         chw = _decode(read(name), f"{source}:{name}")

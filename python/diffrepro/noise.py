@@ -13,27 +13,27 @@ import math
 import os
 import re
 import tempfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
-    "StackedRandomGenerator",
-    "seed_latents",
-    "parse_seeds",
     "NoiseBank",
-    "slerp",
+    "StackedRandomGenerator",
     "noise_plane",
-    "split_seeds",
+    "parse_seeds",
     "seed_filename",
+    "seed_latents",
+    "slerp",
+    "split_seeds",
 ]
 
 
 def _as_seed_list(seeds, name: str = "seeds") -> list[int]:
     if isinstance(seeds, str):
         return parse_seeds(seeds)
-    if isinstance(seeds, torch.Tensor) or isinstance(seeds, np.ndarray):
+    if isinstance(seeds, (torch.Tensor, np.ndarray)):
         seeds = seeds.tolist()
     try:
         out = [int(s) for s in seeds]
@@ -171,7 +171,7 @@ class NoiseBank:
         self._index = {int(s): i for i, s in enumerate(seeds.tolist())}
 
     @classmethod
-    def generate(cls, seeds, shape: Sequence[int], *, device="cpu") -> "NoiseBank":
+    def generate(cls, seeds, shape: Sequence[int], *, device="cpu") -> NoiseBank:
         """Draws per-seed latents with :func:`seed_latents` (stored on the CPU)."""
         seeds = _as_seed_list(seeds)
         latents, _ = seed_latents(seeds, shape, device=device)
@@ -211,7 +211,7 @@ class NoiseBank:
             raise
 
     @classmethod
-    def load(cls, path) -> "NoiseBank":
+    def load(cls, path) -> NoiseBank:
         """Reads a bank written by :meth:`save`.
 
         Raises:

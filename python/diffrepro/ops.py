@@ -119,7 +119,7 @@ def _center(y2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Mean of an evenly strided sample of rows: removes a large common offset before the
     products (the logits are invariant to a shift of x and y by the same vector)."""
     step = max(1, y2.shape[0] // _CENTER_SAMPLE)
-    sample = _decode(y2[::step][:_CENTER_SAMPLE], torch.float64)
+    sample = _decode(y2[::step][:_CENTER_SAMPLE], dtype).double()  # same values for uint8 and decoded rows
     return sample.mean(0).to(dtype).contiguous()
 
 

@@ -13,33 +13,34 @@ Formulas follow Karras et al. 2022 (EDM, Algorithm 2 and Table 1, and its public
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 __all__ = [
-    "NoiseFamily",
     "EDM",
-    "VP",
     "VE",
-    "SubVP",
+    "VP",
     "DiscreteDDPM",
     "EDMAblationFamily",
     "IDDPMRounding",
-    "round_sigma_identity",
-    "get_round_sigma",
+    "NoiseFamily",
+    "SubVP",
     "clamp_sigma_range",
-    "network_sigma_range",
-    "iddpm_u",
-    "edm_sigmas",
-    "vp_sigmas",
-    "ve_sigmas",
-    "iddpm_sigmas",
-    "discretize",
     "default_sigma_range",
+    "discretize",
     "dpm_solver_timesteps",
+    "edm_sigmas",
+    "get_round_sigma",
+    "iddpm_sigmas",
+    "iddpm_u",
+    "network_sigma_range",
+    "round_sigma_identity",
+    "ve_sigmas",
+    "vp_sigmas",
 ]
 
 _F64 = torch.float64
@@ -164,7 +165,7 @@ class VP(NoiseFamily):
         return self.beta_1 - self.beta_0
 
     @classmethod
-    def from_sigma_range(cls, sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> "VP":
+    def from_sigma_range(cls, sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> VP:
         """Betas re-derived from a sigma range as EDM's ablation sampler does (SPEC §3.2).
 
         ``sigma(epsilon_s) = sigma_min`` and ``sigma(1) = sigma_max``; the EDM defaults give
@@ -348,18 +349,19 @@ class DiscreteDDPM(NoiseFamily):
         abar = self.alphas_cumprod
         return torch.sqrt((1 - abar) / abar)
 
-    def _grid(self):
+    def _grid(self, device=None):
         t_grid = torch.arange(1, self.num_timesteps + 1, dtype=_F64) / self.num_timesteps
         log_alpha = 0.5 * torch.cumsum(torch.log1p(-self.betas), 0)
-        return t_grid, log_alpha
+        return t_grid.to(device), log_alpha.to(device)
 
     def log_alpha(self, t) -> torch.Tensor:
-        t_grid, log_alpha = self._grid()
-        return _interp(_f64(t), t_grid, log_alpha)
+        t = _f64(t)
+        t_grid, log_alpha = self._grid(t.device)
+        return _interp(t, t_grid, log_alpha)
 
     def _dlog_alpha(self, t):
-        t_grid, log_alpha = self._grid()
         t = _f64(t)
+        t_grid, log_alpha = self._grid(t.device)
         idx = torch.searchsorted(t_grid, t.reshape(-1)).clamp(1, t_grid.numel() - 1)
         slope = (log_alpha[idx] - log_alpha[idx - 1]) / (t_grid[idx] - t_grid[idx - 1])
         return slope.reshape(t.shape)
@@ -379,8 +381,9 @@ class DiscreteDDPM(NoiseFamily):
         return -(sig**2 + 1) * self._dlog_alpha(t) / sig
 
     def sigma_inv(self, sigma):
-        t_grid, log_alpha = self._grid()
-        target = -0.5 * torch.log1p(_f64(sigma) ** 2)
+        sigma = _f64(sigma)
+        t_grid, log_alpha = self._grid(sigma.device)
+        target = -0.5 * torch.log1p(sigma**2)
         return _interp(target, log_alpha.flip(0), t_grid.flip(0))
 
 
@@ -462,6 +465,11 @@ def iddpm_u(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> torch.Tens
     """
     if isinstance(M, bool) or not isinstance(M, int) or M < 1:
         raise ValueError(f"M must be an int >= 1, got {M!r}")
+    return _iddpm_u_cached(M, float(C_1), float(C_2)).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _iddpm_u_cached(M: int, C_1: float, C_2: float) -> torch.Tensor:
     j = torch.arange(M + 1, dtype=_F64)
     abar = torch.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
     u = torch.zeros(M + 1, dtype=_F64)
@@ -475,7 +483,8 @@ def iddpm_u(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> torch.Tens
 class IDDPMRounding:
     """``round_sigma`` of EDM's iDDPMPrecond: snaps sigma to the nearest ``u_j``.
 
-    Attributes ``sigma_min = u_{M-1}`` (0.006425) and ``sigma_max = u_0`` (~2.03e4) give the
+    A network wrapper may subclass it (or copy ``round_sigma``, ``sigma_min`` and
+    ``sigma_max``) to get EDM's iDDPM behaviour in the samplers. Attributes ``sigma_min = u_{M-1}`` (0.006425) and ``sigma_max = u_0`` (~2.03e4) give the
     network support. Ties go to the lowest index (as ``argmin``).
     """
 
@@ -495,12 +504,16 @@ class IDDPMRounding:
     def sigma_max(self) -> float:
         return float(self.u[0])
 
-    def __call__(self, sigma):
+    def round_sigma(self, sigma):
         """Rounds ``sigma`` (float or tensor, any shape) to the nearest ``u_j``; float64 out."""
         sigma = _f64(sigma)
-        u = self.u
+        u = self.u.to(sigma.device)
         index = (sigma.reshape(-1, 1) - u.reshape(1, -1)).abs().argmin(1)
         return u[index].reshape(sigma.shape)
+
+    def __call__(self, sigma):
+        """Same as :meth:`round_sigma`, so an instance can be passed wherever a hook is expected."""
+        return self.round_sigma(sigma)
 
 
 def get_round_sigma(net) -> Callable:

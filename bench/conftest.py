@@ -1,0 +1,62 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Benchmark fixtures: sizes from DIFFREPRO_BENCH_SIZES (small | paper), a results registry and
+the ratio table printed at the end of the run (and saved to .benchmarks/ratios.json)."""
+import json
+import os
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import diffrepro
+from diffrepro import benchmarks
+
+RESULTS: list[dict] = []
+
+
+@pytest.fixture(scope="session")
+def bench_sizes():
+    return benchmarks.sizes()
+
+
+@pytest.fixture
+def record(request):
+    """record(case, impl, seconds_list_or_benchmark, flops, note='')"""
+
+    def _record(case, impl, timing, flops, note=""):
+        if isinstance(timing, list):
+            seconds = statistics.median(timing)
+        elif timing.stats is not None:  # pytest-benchmark fixture after pedantic()
+            seconds = timing.stats.stats.median
+            timing.extra_info.update(case=case, impl=impl, gflops=flops / seconds / 1e9,
+                                     build_info=str(diffrepro.build_info()))
+        else:  # --benchmark-disable: nothing measured
+            return
+        RESULTS.append(dict(case=case, impl=impl, seconds=seconds, gflops=flops / seconds / 1e9, note=note))
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    terminalreporter.write_line("")
+    terminalreporter.write_line(f"diffrepro ratio table ({diffrepro.build_info()['gemm_engine']}, "
+                                f"{os.cpu_count()} CPUs, sizes={os.environ.get('DIFFREPRO_BENCH_SIZES', 'small')})")
+    terminalreporter.write_line(benchmarks.format_table(RESULTS))
+    out = Path(".benchmarks")
+    out.mkdir(exist_ok=True)
+    (out / "ratios.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+@pytest.fixture(scope="session")
+def real_cifar():
+    path = Path(os.environ.get("DIFFREPRO_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "cifar10-train-subset.npz"
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"real CIFAR-10 sample not found at {path}")
+        pytest.skip(f"real CIFAR-10 sample not found at {path}")
+    with np.load(path) as f:
+        return torch.from_numpy(f["images"])

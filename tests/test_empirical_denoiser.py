@@ -1,0 +1,201 @@
+# SPDX-License-Identifier: Apache-2.0
+"""empirical_denoiser and its streaming form against the float64 oracle (diffrepro.reference)."""
+import numpy as np
+import pytest
+import torch
+
+import diffrepro as dr
+from diffrepro.reference import empirical_denoiser_info_reference, empirical_denoiser_reference
+from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
+
+SIGMAS = [1e-4, 0.002, 0.02, 2.0, 80.0, 1e4]
+
+
+def noisy_queries(y, sigma, Q, gen=None):
+    """In-distribution queries x = y_i + sigma * eps, as a sampler produces them."""
+    idx = torch.randint(0, y.shape[0], (Q,), generator=gen)
+    return y[idx] + sigma * torch.randn(Q, y.shape[1], generator=gen)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_float32_matches_oracle_on_real_images(cifar_subset, sigma):
+    y = torch.from_numpy(cifar_subset[:400]).reshape(400, -1).float() / 127.5 - 1
+    x = noisy_queries(y, sigma, 9)
+    out = dr.empirical_denoiser(x, y, sigma)
+    oracle = empirical_denoiser_reference(x, y, sigma)
+    assert_f32_accuracy(out, oracle, naive_float32_denoiser(x, y, sigma))
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_float64_matches_oracle(sigma):
+    y = torch.rand(257, 45, dtype=torch.float64) * 2 - 1
+    x = noisy_queries(y, sigma, 5)
+    out = dr.empirical_denoiser(x, y, sigma, _tile=64)
+    assert_f64_accuracy(out, empirical_denoiser_reference(x, y, sigma))
+
+
+def test_small_sigma_gives_nearest_row_and_ties_are_averaged():
+    y = torch.rand(50, 12, dtype=torch.float64) * 2 - 1
+    x = y[[3, 17]] + 1e-3
+    out = dr.empirical_denoiser(x, y, 1e-4)
+    assert torch.allclose(out, y[[3, 17]], atol=1e-12)
+    # A query equidistant from rows 0 and 1 (all other rows far): their average.
+    y2 = torch.zeros(4, 6, dtype=torch.float64)
+    y2[0, 0], y2[1, 0], y2[2, 1], y2[3, 2] = 1.0, -1.0, 50.0, 50.0
+    mid = torch.zeros(1, 6, dtype=torch.float64)
+    assert torch.allclose(dr.empirical_denoiser(mid, y2, 1e-3), (y2[0] + y2[1])[None] / 2, atol=1e-12)
+
+
+def test_large_sigma_gives_mean():
+    y = torch.rand(64, 10, dtype=torch.float64)
+    x = torch.randn(3, 10, dtype=torch.float64)
+    out = dr.empirical_denoiser(x, y, 1e7)
+    assert torch.allclose(out, y.mean(0).expand(3, -1), atol=1e-9)
+
+
+def test_far_query_in_batch_is_finite_and_does_not_disturb_others():
+    y = torch.rand(100, 20) * 2 - 1
+    x = noisy_queries(y, 0.02, 4)
+    x[2] += 1e3  # logits of order -1e10: every exp underflows unless the max is tracked
+    out = dr.empirical_denoiser(x, y, 0.002)
+    assert torch.isfinite(out).all()
+    oracle = empirical_denoiser_reference(x, y, 0.002)
+    assert (out.double() - oracle).abs().max().item() <= 1e-4
+
+
+def test_duplicate_rows_and_single_row():
+    y = torch.rand(30, 8, dtype=torch.float64)
+    y_dup = torch.cat([y, y[:10]])
+    x = torch.randn(5, 8, dtype=torch.float64)
+    for sigma in (0.05, 1.0):
+        assert_f64_accuracy(dr.empirical_denoiser(x, y_dup, sigma), empirical_denoiser_reference(x, y_dup, sigma))
+    one = y[:1]
+    assert torch.allclose(dr.empirical_denoiser(x, one, 0.3), one.expand(5, -1))
+
+
+def test_empty_queries_and_odd_d():
+    y = torch.rand(20, 7)
+    out = dr.empirical_denoiser(torch.empty(0, 7), y, 1.0)
+    assert out.shape == (0, 7)
+    x = torch.rand(3, 7)
+    assert_f64_accuracy(dr.empirical_denoiser(x.double(), y.double(), 0.5), empirical_denoiser_reference(x, y, 0.5))
+
+
+@pytest.mark.parametrize("tile", [1, 7, 63, 64, 65, 200])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_tile_edges_and_workers(tile, workers):
+    y = torch.rand(64, 19, dtype=torch.float64) * 2 - 1
+    x = noisy_queries(y, 0.3, 6)
+    out = dr.empirical_denoiser(x, y, 0.3, _tile=tile, _workers=workers)
+    assert_f64_accuracy(out, empirical_denoiser_reference(x, y, 0.3))
+
+
+def test_query_blocks_beyond_one_block():
+    y = torch.rand(40, 5, dtype=torch.float64)
+    x = torch.rand(1100, 5, dtype=torch.float64)  # > kQueryBlock = 1024
+    assert_f64_accuracy(dr.empirical_denoiser(x, y, 0.2), empirical_denoiser_reference(x, y, 0.2))
+
+
+def test_independent_of_chunking_batching_and_sharding():
+    y = torch.rand(300, 24) * 2 - 1
+    x = noisy_queries(y, 0.1, 12)
+    full = dr.empirical_denoiser(x, y, 0.1)
+    # Training-set chunks merged in two different orders (shards of different processes).
+    parts = [dr.empirical_denoiser_partial(x, y[a:b], 0.1, row_offset=a) for a, b in [(0, 77), (77, 200), (200, 300)]]
+    left = dr.merge_states(dr.merge_states(parts[0], parts[1]), parts[2])
+    right = dr.merge_states(parts[2], dr.merge_states(parts[1], parts[0]))
+    for st in (left, right):
+        out, info = dr.finalize(st)
+        assert torch.allclose(out, full, atol=2e-6)
+    # Query batches.
+    halves = torch.cat([dr.empirical_denoiser(x[:5], y, 0.1), dr.empirical_denoiser(x[5:], y, 0.1)])
+    assert torch.allclose(halves, full, atol=1e-6)
+
+
+def test_bitwise_deterministic():
+    y = torch.rand(500, 33) * 2 - 1
+    x = noisy_queries(y, 0.05, 17)
+    a = dr.empirical_denoiser(x, y, 0.05)
+    b = dr.empirical_denoiser(x, y, 0.05)
+    assert torch.equal(a, b)
+
+
+def test_non_contiguous_inputs():
+    y = (torch.rand(40, 30, dtype=torch.float64) * 2 - 1).t().contiguous().t()  # transposed view
+    assert not y.is_contiguous()
+    x = torch.rand(10, 60, dtype=torch.float64)[:, ::2]
+    assert_f64_accuracy(dr.empirical_denoiser(x, y, 0.4), empirical_denoiser_reference(x, y, 0.4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uint8_train_bitwise_equal_to_decoded(cifar_subset, dtype):
+    u = torch.from_numpy(cifar_subset[:300])
+    decoded = u.to(dtype) / 127.5 - 1
+    x = noisy_queries(decoded.reshape(300, -1), 0.5, 8).reshape(8, 3, 32, 32)
+    assert torch.equal(dr.empirical_denoiser(x, u, 0.5), dr.empirical_denoiser(x, decoded, 0.5))
+
+
+def test_large_common_offset_is_centred_away():
+    y = torch.rand(200, 48, dtype=torch.float64) * 2 - 1
+    x = noisy_queries(y, 0.2, 6)
+    oracle = empirical_denoiser_reference(x, y, 0.2)
+    c = 100.0
+    out = dr.empirical_denoiser((x + c).float(), (y + c).float(), 0.2) - c
+    assert (out.double() - oracle).abs().max().item() <= 1e-4
+
+
+def test_per_query_sigma_and_scale():
+    y = torch.rand(80, 16, dtype=torch.float64) * 2 - 1
+    x = torch.randn(4, 16, dtype=torch.float64)
+    sigma = torch.tensor([0.01, 0.3, 2.0, 50.0], dtype=torch.float64)
+    s = torch.tensor([1.0, 0.5, 0.9, 0.1], dtype=torch.float64)
+    out = dr.empirical_denoiser(x, y, sigma, s=s)
+    assert_f64_accuracy(out, empirical_denoiser_reference(x, y, sigma, s))
+
+
+def test_finalize_info_matches_oracle():
+    y = torch.rand(120, 10, dtype=torch.float64) * 2 - 1
+    y[50] = y[7]  # duplicate: the lower index must be reported
+    x = torch.cat([y[[50]] + 1e-4, torch.rand(3, 10, dtype=torch.float64)])
+    out, info = dr.finalize(dr.empirical_denoiser_partial(x, y, 0.3, _tile=32))
+    ref = empirical_denoiser_info_reference(x, y, 0.3)
+    assert torch.allclose(info["log_normalizer"], ref["log_normalizer"], atol=1e-9)
+    assert torch.allclose(info["n_eff"], ref["n_eff"], rtol=1e-9)
+    assert torch.equal(info["nearest_index"], ref["nearest_index"])
+    assert info["nearest_index"][0] == 7
+    assert torch.allclose(info["nearest_sqdist"], ref["nearest_sqdist"], atol=1e-12)
+
+
+def test_nearest_lowest_index_across_chunks():
+    y = torch.rand(10, 4, dtype=torch.float64)
+    y_dup = torch.cat([y, y])  # row i and row i + 10 identical
+    x = y[[2, 8]]
+    a = dr.empirical_denoiser_partial(x, y_dup[10:], 0.1, row_offset=10)
+    b = dr.empirical_denoiser_partial(x, y_dup[:10], 0.1, row_offset=0)
+    _, info = dr.finalize(dr.merge_states(a, b))
+    assert info["nearest_index"].tolist() == [2, 8]
+
+
+def test_numpy_in_numpy_out_and_memmap(tmp_path, cifar_subset):
+    path = tmp_path / "train.npy"
+    np.save(path, cifar_subset[:200])
+    mm = np.load(path, mmap_mode="r")
+    x = (cifar_subset[:3].astype(np.float32) / np.float32(127.5) - 1) + 0.01
+    out = dr.empirical_denoiser(x, mm, 0.2)
+    assert isinstance(out, np.ndarray) and out.shape == x.shape and out.dtype == np.float32
+    assert np.array_equal(out, dr.empirical_denoiser(torch.from_numpy(x), torch.from_numpy(cifar_subset[:200]), 0.2).numpy())
+
+
+def test_streaming_memmap_chunks_equal_one_shot(tmp_path, cifar_subset):
+    path = tmp_path / "train.npy"
+    np.save(path, cifar_subset[:500])
+    mm = np.load(path, mmap_mode="r")
+    x = torch.from_numpy(cifar_subset[[5, 400]]).float() / 127.5 - 1 + 0.05 * torch.randn(2, 3, 32, 32)
+    state = None
+    for a in range(0, 500, 128):
+        part = dr.empirical_denoiser_partial(x, mm[a:a + 128], 0.3, row_offset=a)
+        state = part if state is None else dr.merge_states(state, part)
+    out, info = dr.finalize(state)
+    oracle = empirical_denoiser_reference(x, torch.from_numpy(cifar_subset[:500]), 0.3)
+    assert (out.double() - oracle).abs().max() <= 1e-4
+    assert info["nearest_index"].tolist() == [5, 400]

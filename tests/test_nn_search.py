@@ -1,0 +1,116 @@
+# SPDX-License-Identifier: Apache-2.0
+"""nn_search and its streaming form against float64 brute force and faiss."""
+import numpy as np
+import pytest
+import torch
+
+import diffrepro as dr
+from diffrepro.reference import nn_search_reference
+from helpers import assert_argmax_rule
+
+
+def unit_rows(n, d, gen=None):
+    r = torch.randn(n, d, generator=gen)
+    return r / r.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("k", [1, 3, 10])
+@pytest.mark.parametrize("tile", [None, 1, 15, 16, 17])
+def test_matches_oracle(metric, k, tile):
+    q = unit_rows(37, 29)
+    r = unit_rows(90, 29)
+    v, i = dr.nn_search(q, r, k, metric=metric, _tile=tile)
+    rv, ri = nn_search_reference(q, r, k, metric)
+    assert torch.allclose(v.double(), rv, atol=1e-5)
+    exact = (q.double() @ r.double().T) if metric == "ip" else torch.cdist(q.double(), r.double()) ** 2
+    assert_argmax_rule(v, i, exact, tol=1e-5, largest=metric == "ip")
+    # Every returned index holds the score reported for it.
+    assert torch.allclose(exact.gather(1, i), v.double(), atol=1e-5)
+
+
+def test_agrees_with_faiss_on_sscd_like_descriptors():
+    faiss = pytest.importorskip("faiss") if not __import__("os").environ.get("CI") else __import__("faiss")
+    q = unit_rows(200, 64).numpy()
+    r = unit_rows(3000, 64).numpy()
+    index = faiss.IndexFlatIP(64)
+    index.add(r)
+    fv, fi = index.search(q, 10)
+    v, i = dr.nn_search(q, r, 10)
+    assert isinstance(v, np.ndarray) and v.dtype == np.float32 and i.dtype == np.int64
+    assert np.allclose(v, fv, atol=1e-5)
+    exact = torch.from_numpy(q).double() @ torch.from_numpy(r).double().T
+    assert_argmax_rule(torch.from_numpy(v), torch.from_numpy(i), exact, tol=1e-5)
+
+
+def test_ties_go_to_lowest_index():
+    r = unit_rows(8, 16)
+    r = torch.cat([r, r, r])  # each row three times
+    q = r[[3, 5]] + 0.0
+    for metric in ("ip", "l2"):
+        for tile in (None, 4, 8):
+            _, i = dr.nn_search(q, r, 3, metric=metric, _tile=tile, _workers=3)
+            assert i.tolist() == [[3, 11, 19], [5, 13, 21]]
+
+
+def test_l2_clamped_at_zero_and_exact_self_match():
+    r = torch.rand(50, 33) * 2 - 1
+    v, i = dr.nn_search(r[:5], r, 1, metric="l2")
+    assert (v >= 0).all() and i[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_partial_padding_and_merge(metric):
+    q = unit_rows(6, 12)
+    r = unit_rows(40, 12)
+    st = dr.nn_search_partial(q, r[:3], 5, metric=metric, row_offset=0)
+    pad = -float("inf") if metric == "ip" else float("inf")
+    assert (st.indices[:, 3:] == -1).all() and (st.values[:, 3:] == pad).all()
+    chunks = [(0, 3), (3, 17), (17, 40)]
+    parts = [dr.nn_search_partial(q, r[a:b], 5, metric=metric, row_offset=a) for a, b in chunks]
+    left = dr.merge_topk(dr.merge_topk(parts[0], parts[1]), parts[2])
+    right = dr.merge_topk(parts[2], dr.merge_topk(parts[0], parts[1]))
+    v, i = dr.nn_search(q, r, 5, metric=metric)
+    for st in (left, right):
+        # Chunks run different GEMM shapes, so values may differ in the last bit.
+        assert torch.equal(st.indices, i) and torch.allclose(st.values, v, atol=1e-6)
+
+
+def test_uint8_and_float16_refs(cifar_subset):
+    u = torch.from_numpy(cifar_subset[:300]).reshape(300, -1)
+    decoded = u.float() / 127.5 - 1
+    q = decoded[[10, 200]] + 0.01 * torch.randn(2, 3072)
+    v8, i8 = dr.nn_search(q, u, 4, metric="l2")
+    vf, i_f = dr.nn_search(q, decoded, 4, metric="l2")
+    assert torch.equal(i8, i_f) and torch.equal(v8, vf)
+    assert i8[:, 0].tolist() == [10, 200]
+    h = unit_rows(100, 24)
+    qh = unit_rows(5, 24)
+    vh, ih = dr.nn_search(qh, h.half(), 3)
+    rv, ri = nn_search_reference(qh, h.half().float(), 3)
+    assert torch.allclose(vh.double(), rv, atol=1e-5)
+
+
+def test_memmap_refs(tmp_path):
+    r = unit_rows(500, 16).numpy()
+    np.save(tmp_path / "r.npy", r)
+    mm = np.load(tmp_path / "r.npy", mmap_mode="r")
+    q = unit_rows(7, 16).numpy()
+    v, i = dr.nn_search(q, mm, 2)
+    v2, i2 = dr.nn_search(q, r, 2)
+    assert np.array_equal(i, i2) and np.array_equal(v, v2)
+
+
+def test_k_greater_than_n_is_an_error():
+    with pytest.raises(ValueError, match=r"k must be <= the number of refs N = 4, got k = 5"):
+        dr.nn_search(torch.rand(2, 3), torch.rand(4, 3), 5)
+
+
+def test_deterministic_and_query_blocks():
+    q = unit_rows(1100, 8)  # more than one query block
+    r = unit_rows(300, 8)
+    a = dr.nn_search(q, r, 3)
+    b = dr.nn_search(q, r, 3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    rv, ri = nn_search_reference(q, r, 3)
+    assert torch.allclose(a[0].double(), rv, atol=1e-5)

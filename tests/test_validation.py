@@ -1,0 +1,79 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Every rejected input names the argument, what it got and what was expected."""
+import numpy as np
+import pytest
+import torch
+
+import diffrepro as dr
+
+
+def test_denoiser_rejects_bad_inputs():
+    x = torch.rand(3, 8)
+    y = torch.rand(10, 8)
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor or numpy.ndarray, got list"):
+        dr.empirical_denoiser([[0.0] * 8], y, 1.0)
+    with pytest.raises(TypeError, match=r"x must have one of the dtypes float32/float64, got a torch.int64"):
+        dr.empirical_denoiser(torch.ones(3, 8, dtype=torch.int64), y, 1.0)
+    with pytest.raises(TypeError, match=r"train must have one of the dtypes float32/uint8, got a torch.float64"):
+        dr.empirical_denoiser(x, y.double(), 1.0)
+    with pytest.raises(ValueError, match=r"train rows must have D = 8 features like x .* got train of shape \[10, 9\]"):
+        dr.empirical_denoiser(x, torch.rand(10, 9), 1.0)
+    with pytest.raises(ValueError, match=r"x must have shape \[R, D\] or \[R, C, H, W\], got a torch.float32 tensor of shape \[8\]"):
+        dr.empirical_denoiser(torch.rand(8), y, 1.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"sigma must be a positive finite number, got"):
+            dr.empirical_denoiser(x, y, bad)
+    with pytest.raises(ValueError, match=r"sigma must be a float or have shape \[3\] \(one per query\)"):
+        dr.empirical_denoiser(x, y, torch.ones(4))
+    with pytest.raises(ValueError, match=r"s must be positive and finite everywhere"):
+        dr.empirical_denoiser(x, y, 1.0, s=torch.tensor([1.0, 0.0, 1.0]))
+    bad_x = x.clone()
+    bad_x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"x must be finite, got 1 NaN/Inf values"):
+        dr.empirical_denoiser(bad_x, y, 1.0)
+    bad_y = y.clone()
+    bad_y[4, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"train must be finite, got 1 NaN/Inf values"):
+        dr.empirical_denoiser(x, bad_y, 1.0)
+    with pytest.raises(ValueError, match=r"train must have at least one row"):
+        dr.empirical_denoiser(x, torch.rand(0, 8), 1.0)
+    with pytest.raises(ValueError, match=r"x requires grad"):
+        dr.empirical_denoiser(x.clone().requires_grad_(), y, 1.0)
+    with torch.no_grad():  # allowed when grad mode is off
+        dr.empirical_denoiser(x.clone().requires_grad_(), y, 1.0)
+    with pytest.raises(ValueError, match=r"row_offset must be an int >= 0, got -1"):
+        dr.empirical_denoiser_partial(x, y, 1.0, row_offset=-1)
+
+
+def test_device_mismatch_and_missing_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the CPU-only path is what is checked here")
+    meta = torch.empty(3, 8, device="meta")
+    with pytest.raises(ValueError, match=r"all tensors must be on one device, got x on meta, train on cpu"):
+        dr.empirical_denoiser(meta, torch.rand(10, 8), 1.0)
+
+
+def test_search_rejects_bad_inputs():
+    q = torch.rand(3, 8)
+    r = torch.rand(10, 8)
+    with pytest.raises(ValueError, match=r"metric must be one of \('ip', 'l2'\), got 'cos'"):
+        dr.nn_search(q, r, metric="cos")
+    with pytest.raises(ValueError, match=r"k must be an int >= 1, got 0"):
+        dr.nn_search(q, r, 0)
+    with pytest.raises(TypeError, match=r"queries must have one of the dtypes float32, got a torch.float64"):
+        dr.nn_search(q.double(), r)
+    with pytest.raises(TypeError, match=r"refs must have one of the dtypes float32/float16/uint8, got a torch.float64"):
+        dr.nn_search(q, r.double())
+    bad = r.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"refs must be finite"):
+        dr.nn_search(q, bad)
+    with pytest.raises(TypeError, match=r"queries must have one of the dtypes float32, got a int64 numpy array"):
+        dr.nn_search(np.ones((2, 8), dtype=np.int64), r)
+
+
+def test_state_merge_rejects_mismatch():
+    a = dr.empirical_denoiser_partial(torch.rand(2, 4), torch.rand(5, 4), 1.0)
+    b = dr.empirical_denoiser_partial(torch.rand(3, 4), torch.rand(5, 4), 1.0)
+    with pytest.raises(ValueError, match=r"states must cover the same queries"):
+        dr.merge_states(a, b)
