@@ -1,4 +1,4 @@
-# SPDX-License-Identifier: MIT
+# SPDX-License-Identifier: Apache-2.0
 """Linear distillation of a denoiser at one noise level (P2 §3.1 eqs. 8–9, App. C; SPEC §6).
 
 ``min_{W,b} E_x ‖W x + b − D(x; σ)‖²`` over inputs ``x = y + σ ε``. The default solves it in
@@ -9,61 +9,20 @@ closed form from float64 sufficient statistics; ``mode="adam"`` reproduces P2's 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["LR_TABLE", "LinearFit", "distill_linear", "noisy_batches"]
+from .denoisers import LinearDenoiser
+
+__all__ = ["LR_TABLE", "distill_linear", "noisy_batches"]
 
 #: P2's Adam learning rate per σ (FFHQ EDM-VP), keyed by ``round(σ, 4)`` as the reference folders are.
 LR_TABLE = {80.0: 5e-5, 42.4152: 5e-5, 21.1087: 5e-5, 9.7232: 5e-5, 4.0661: 5e-5,
             1.5017: 5e-4, 0.47: 5e-4, 0.1166: 5e-3, 0.0204: 5e-2, 0.002: 5e-2}
 
 Teacher = Callable[[torch.Tensor, float], torch.Tensor]
-
-
-@dataclass
-class LinearFit:
-    """An affine denoiser ``D_L(x) = W x + b`` on flattened inputs.
-
-    Attributes:
-        W: float64 [d, d] effective weight (for ``mode="adam"`` the parameter divided by √d).
-        b: float64 [d] bias.
-        sigma: the noise level it was fitted at.
-        mode: ``"lstsq"`` or ``"adam"``.
-        M: number of (input, target) pairs used.
-        loss: ``mode="adam"``: float32 [steps] training loss per step; empty otherwise.
-    """
-
-    W: torch.Tensor
-    b: torch.Tensor
-    sigma: float
-    mode: str
-    M: int
-    loss: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-
-    def __call__(self, x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
-        """Apply to x [B, ...] (``sigma`` is accepted for the ``D(x, sigma)`` convention and ignored)."""
-        flat = torch.as_tensor(x).reshape(len(x), -1)
-        w, b = self.W.to(flat.device, flat.dtype), self.b.to(flat.device, flat.dtype)
-        return torch.addmm(b, flat, w.T).reshape(x.shape)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``.npz`` with ``W_eff``, ``b``, ``sigma``, ``mode``, ``M`` (SPEC §9), atomically."""
-        from .sscd import _atomic_savez
-
-        _atomic_savez(path, W_eff=self.W.cpu().numpy(), b=self.b.cpu().numpy(), sigma=np.float64(self.sigma),
-                      mode=np.array(self.mode), M=np.int64(self.M))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "LinearFit":
-        """Read a file written by :meth:`save`."""
-        with np.load(path, allow_pickle=False) as f:
-            return cls(torch.from_numpy(f["W_eff"]), torch.from_numpy(f["b"]), float(f["sigma"]),
-                       str(f["mode"]), int(f["M"]))
 
 
 def noisy_batches(y: np.ndarray | torch.Tensor, sigma: float, *, batch_size: int = 256, epochs: int = 1,
@@ -108,7 +67,8 @@ def _batches(inputs, M: int | None, batch_size: int) -> Iterator[torch.Tensor]:
             done += len(x[:M - done])
         return
     if isinstance(inputs, (np.ndarray, torch.Tensor)):
-        inputs = (inputs[s:s + batch_size] for s in range(0, len(inputs), batch_size))
+        rows = inputs
+        inputs = (rows[s:s + batch_size] for s in range(0, len(rows), batch_size))
     done = 0
     for x in inputs:
         if M is not None and done >= M:
@@ -130,8 +90,8 @@ def _targets(teacher: Teacher, x: torch.Tensor, sigma: float) -> torch.Tensor:
 def distill_linear(teacher: Teacher, inputs: Callable[[int], torch.Tensor] | Iterable | torch.Tensor | np.ndarray,
                    sigma: float, *, M: int | None = None, ridge: float = 0.0, mode: str = "lstsq",
                    batch_size: int = 256, lr: float | None = None,
-                   callback: Callable[[int, LinearFit], None] | None = None,
-                   callback_every: int = 1) -> LinearFit:
+                   callback: Callable[[int, LinearDenoiser, float], None] | None = None,
+                   callback_every: int = 1) -> LinearDenoiser:
     """Best affine approximation ``D_L(x) = W x + b`` of ``teacher(·, σ)`` on the given inputs.
 
     ``mode="lstsq"`` (default) accumulates float64 sums of the inputs and targets, shifted by
@@ -157,11 +117,15 @@ def distill_linear(teacher: Teacher, inputs: Callable[[int], torch.Tensor] | Ite
         mode: ``"lstsq"`` or ``"adam"``.
         batch_size: rows per teacher call when ``inputs`` is a callable or one array.
         lr: ``adam`` learning rate; default ``LR_TABLE[round(sigma, 4)]``.
-        callback: ``adam`` only: called as ``callback(step, fit)`` every ``callback_every`` steps.
+        callback: ``adam`` only: called as ``callback(step, model, loss)`` every
+            ``callback_every`` steps, with the current :class:`LinearDenoiser` and the mean
+            training loss over those steps (e.g. once per epoch for P2's Fig. 4 curves).
         callback_every: steps between callbacks.
 
     Returns:
-        :class:`LinearFit` with float64 ``W`` [d, d] and ``b`` [d] on the inputs' device.
+        :class:`~diffrepro.denoisers.LinearDenoiser` with float64 ``W`` [d, d] (effective
+        weight) and ``b`` [d] on the inputs' device, ``sigma``, ``mode`` and ``M`` (pairs used).
+        Its image shape is the inputs' [C, H, W] (flat inputs: inferred from d).
 
     Raises:
         ValueError: for an unknown mode, too few pairs (M <= d + 1), singular input covariance
@@ -184,7 +148,13 @@ def distill_linear(teacher: Teacher, inputs: Callable[[int], torch.Tensor] | Ite
     return _adam(teacher, batches, float(sigma), lr, callback, callback_every)
 
 
-def _lstsq(teacher: Teacher, batches: Iterator[torch.Tensor], sigma: float, M: int | None, ridge: float) -> LinearFit:
+def _linear(w: torch.Tensor, b: torch.Tensor, sigma: float, mode: str, m: int, x: torch.Tensor) -> LinearDenoiser:
+    shape = tuple(x.shape[1:]) if x.ndim == 4 else None
+    return LinearDenoiser(w, b, sigma, shape=shape, mode=mode, M=m, device=w.device)
+
+
+def _lstsq(teacher: Teacher, batches: Iterator[torch.Tensor], sigma: float, M: int | None,
+           ridge: float) -> LinearDenoiser:
     m = 0
     for x in batches:
         t = _targets(teacher, x, sigma).to(torch.float64)
@@ -217,11 +187,11 @@ def _lstsq(teacher: Teacher, batches: Iterator[torch.Tensor], sigma: float, M: i
                          f"with M={m}, d={d}, ridge={ridge}; use more pairs or ridge > 0")
     w = torch.cholesky_solve(c_tx.T.contiguous(), chol).T   # W C_xx = C_tx, C_xx symmetric
     b = (shift_t + mean_t) - w @ (shift_x + mean_x)
-    return LinearFit(w.contiguous(), b, sigma, "lstsq", m)
+    return _linear(w.contiguous(), b, sigma, "lstsq", m, x)
 
 
 def _adam(teacher: Teacher, batches: Iterator[torch.Tensor], sigma: float, lr: float,
-          callback: Callable[[int, LinearFit], None] | None, callback_every: int) -> LinearFit:
+          callback: Callable[[int, LinearDenoiser, float], None] | None, callback_every: int) -> LinearDenoiser:
     model = opt = None
     losses, m = [], 0
     for step, x in enumerate(batches, start=1):
@@ -241,13 +211,13 @@ def _adam(teacher: Teacher, batches: Iterator[torch.Tensor], sigma: float, lr: f
         losses.append(loss.detach())
         m += len(x)
         if callback is not None and step % callback_every == 0:
-            callback(step, _adam_fit(model, scale, sigma, m, losses))
+            callback(step, _adam_model(model, scale, sigma, m, x), torch.stack(losses).mean().item())
+            losses.clear()
     if model is None:
         raise ValueError("inputs yielded no batches")
-    return _adam_fit(model, scale, sigma, m, losses)
+    return _adam_model(model, scale, sigma, m, x)
 
 
-def _adam_fit(model: torch.nn.Linear, scale: float, sigma: float, m: int, losses: list) -> LinearFit:
+def _adam_model(model: torch.nn.Linear, scale: float, sigma: float, m: int, x: torch.Tensor) -> LinearDenoiser:
     w = model.weight.detach().to(torch.float64) * scale   # effective weight W_p / √d
-    return LinearFit(w, model.bias.detach().to(torch.float64).clone(), sigma, "adam", m,
-                     torch.stack(losses).cpu().numpy())
+    return _linear(w, model.bias.detach().to(torch.float64).clone(), sigma, "adam", m, x)

@@ -1,4 +1,4 @@
-# SPDX-License-Identifier: MIT
+# SPDX-License-Identifier: Apache-2.0
 """Reproducibility, memorisation and linearity metrics of P1 and P2 (SPEC §5, §8).
 
 Every function returns a dict. Proportions carry ``count`` (successes), ``n`` (trials) and
@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from .data import atomic_save_npz
+from .data import quantize as _quantize
+from .noise import noise_plane, slerp
 from .ops import merge_topk, nn_search_partial
 from .sscd import Features, load_features
 
@@ -208,8 +212,10 @@ def _rows(shards: list, index: np.ndarray) -> np.ndarray:
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    """float32 copy of [N, D] rows scaled to unit L2 norm (norms accumulated in float64)."""
+    x = np.asarray(x, dtype=np.float32)
+    inv = 1.0 / np.sqrt(np.einsum("nd,nd->n", x, x, dtype=np.float64))
+    return x * inv.astype(np.float32)[:, None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +283,7 @@ def mae_score(q1: ArrayLike, q2: ArrayLike, *, thresh: float = 15.0,
 
 
 def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau: float = 0.6,
-            chunk_rows: int = 65536) -> dict[str, Any]:
+            chunk_rows: int = 16384) -> dict[str, Any]:
     """P1's generalisation score: ``GL = 1 − mean_j 1[max_i M_SSCD(x_j, y_i) > tau]``.
 
     The row maxima come from ``diffrepro.nn_search_partial(metric="ip")`` on L2-normalised
@@ -300,8 +306,8 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
     if isinstance(gen_features, (str, os.PathLike)):
         gen_features = load_features(gen_features)
     gen = _as_numpy(gen_features.features if isinstance(gen_features, Features) else gen_features)
-    if gen.ndim != 2:
-        raise ValueError(f"gen_features must have shape [Q, D], got {gen.shape}")
+    if gen.ndim != 2 or len(gen) == 0:
+        raise ValueError(f"gen_features must have shape [Q, D] with Q >= 1, got {gen.shape}")
     index, shards = _stream_top1(_unit_rows(gen), train_features, "ip", chunk_rows, unit_rows=True)
     max_sim = _cosine(gen, _rows(shards, index))
     out = _proportion("memorised_fraction", max_sim > tau, tau=tau, max_sim=max_sim, nn_index=index)
@@ -310,7 +316,7 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
 
 
 def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = False,
-          chunk_rows: int = 65536) -> dict[str, Any]:
+          chunk_rows: int = 16384) -> dict[str, Any]:
     """P2's nearest-neighbour generalisation score (eq. 14, reconstructed; SPEC §5.4).
 
     ``GL_nn = mean_k ‖x_k − NN(x_k)‖₂ / ‖x_k‖₂`` with ``NN`` the training image nearest in
@@ -333,8 +339,6 @@ def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = 
         raise ValueError(f"normalize must be 'x', 'none' or 'nn', got {normalize!r}")
     x = _as_numpy(gen)
     if quantize:
-        from .data import quantize as _quantize
-
         x = _decode(_as_numpy(_quantize(x)))
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     if len(x) == 0:
@@ -428,14 +432,13 @@ def rp_manifold(gen_a: Callable[[ArrayLike], ArrayLike], gen_b: Callable[[ArrayL
         ``{"rp_manifold", "count", "n", "ci95", "tau", "alpha" [A], "rp_per_alpha" [A],
         "sim" [A, P]}``.
     """
-    from .noise import slerp
-
     alphas = np.linspace(0.0, 1.0, 100) if alphas is None else np.asarray(alphas, dtype=np.float64)
-    if eps0.shape != eps1.shape:
-        raise ValueError(f"eps0 and eps1 must have the same shape, got {tuple(eps0.shape)} and {tuple(eps1.shape)}")
+    e0, e1 = torch.as_tensor(eps0), torch.as_tensor(eps1)
+    if e0.shape != e1.shape or e0.ndim < 2:
+        raise ValueError(f"eps0 and eps1 must have the same shape [P, C, H, W], got {tuple(e0.shape)} and {tuple(e1.shape)}")
     sims = []
     for alpha in alphas:
-        eps = slerp(eps0, eps1, float(alpha))
+        eps = slerp(e0, e1, float(alpha), batched=True)
         sims.append(_cosine(_as_numpy(features_fn(gen_a(eps))), _as_numpy(features_fn(gen_b(eps)))))
     sims = np.stack(sims)
     return _proportion("rp_manifold", sims > tau, tau=tau, alpha=alphas,
@@ -465,6 +468,9 @@ def similarity_matrix(items: Sequence[Any], metric: str = "rp", *, names: Sequen
     names = [str(i) for i in range(m)] if names is None else list(names)
     if len(names) != m:
         raise ValueError(f"names must have {m} entries to match items, got {len(names)}")
+
+    if metric == "rp":  # load feature files once, not once per pair
+        items = [_as_features(x, f"items[{i}]") for i, x in enumerate(items)]
 
     def score(i: int, j: int) -> dict[str, Any]:
         if metric == "rp":
@@ -638,7 +644,7 @@ def hyperplane_map(generate_fn: Callable[[ArrayLike], ArrayLike], features_fn: C
                    path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Which anchor each point of a noise plane reproduces (P1 Fig. 4).
 
-    The plane is ``ε(α, β) = ε1 + α(ε2 − ε1) + β(ε3 − ε1)`` (``diffrepro.noise.hyperplane``),
+    The plane is ``ε(α, β) = ε1 + α(ε2 − ε1) + β(ε3 − ε1)`` (``diffrepro.noise.noise_plane``),
     α, β in ``linspace(lo, hi, n)``. Anchors ``x_k = G(ε_k)``; each plane point gets
     ``label = argmax_k M_SSCD(x_k, G(ε(α, β)))`` (ties to the lowest k) and ``sim = max_k``.
 
@@ -651,7 +657,7 @@ def hyperplane_map(generate_fn: Callable[[ArrayLike], ArrayLike], features_fn: C
         n: grid points per axis.
         lo: grid start.
         hi: grid end.
-        renormalize: rescale plane noises (see ``diffrepro.noise.hyperplane``); P1 does not.
+        renormalize: rescale plane noises to the anchors' mean norm; P1 does not.
         batch_size: plane noises generated per call.
         path: if given, save ``alpha``, ``beta``, ``label``, ``sim`` there as ``.npz``.
 
@@ -659,14 +665,12 @@ def hyperplane_map(generate_fn: Callable[[ArrayLike], ArrayLike], features_fn: C
         ``{"alpha" [n], "beta" [n], "label" [n, n] int64, "sim" [n, n] float64}``, where
         ``[i, j]`` is the point ``(alpha[i], beta[j])``.
     """
-    from .noise import hyperplane
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     anchors = torch.stack([torch.as_tensor(e) for e in (e1, e2, e3)])
     anchor_feats = _as_numpy(features_fn(generate_fn(anchors)))            # [3, D]
     grid = np.linspace(lo, hi, n)
-    plane = hyperplane(e1, e2, e3, grid, grid, renormalize=renormalize)  # [n*n, C, H, W]
+    plane = noise_plane(*anchors, grid, grid, renormalize=renormalize).reshape(n * n, *anchors.shape[1:])
     sims = []
     for start in range(0, len(plane), batch_size):
         feats = _as_numpy(features_fn(generate_fn(plane[start:start + batch_size])))
@@ -675,7 +679,5 @@ def hyperplane_map(generate_fn: Callable[[ArrayLike], ArrayLike], features_fn: C
     out = {"alpha": grid, "beta": grid, "label": sims.argmax(axis=1).reshape(n, n).astype(np.int64),
            "sim": sims.max(axis=1).reshape(n, n)}
     if path is not None:
-        from .sscd import _atomic_savez
-
-        _atomic_savez(path, **out)
+        atomic_save_npz(path, **out)
     return out

@@ -1,4 +1,4 @@
-# SPDX-License-Identifier: MIT
+# SPDX-License-Identifier: Apache-2.0
 """PNG figures for the metrics: similarity matrices, hyperplane maps, score-vs-σ curves and
 generations beside their nearest training images.
 
@@ -9,7 +9,7 @@ needs only Pillow.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
