@@ -193,7 +193,7 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
       }
       if (lane == 0) {
         SoftmaxState<double> st{st_max[qq], st_sum[qq], st_sum_sq[qq]};
-        const MergeScales<double> f = softmax_merge(st, softmax_block(m_loc, s1, s2));
+        const MergeScales<double> f = softmax_merge(st, SoftmaxState<double>{m_loc, s1, s2});
         st_max[qq] = st.max;
         st_sum[qq] = st.sum;
         st_sum_sq[qq] = st.sum_sq;
@@ -281,7 +281,7 @@ DR_KERNEL void empirical_denoiser_merge_kernel(
       for (int s = 1; s < S; ++s) {
         const index_t o = s * Q + q;
         const MergeScales<double> f = softmax_merge(
-            st, softmax_block(part.max_logit[o], part.sum_exp[o], part.sum_exp_sq[o]));
+            st, SoftmaxState<double>{part.max_logit[o], part.sum_exp[o], part.sum_exp_sq[o]});
         for (int j = 0; j < s; ++j) coef[j] *= f.a;  // A = fa A + fb A_s, unrolled
         coef[s] = f.b;
         if (topk_better(part.best_logit[o], part.best_index[o], best_l, best_i, true)) {
@@ -305,13 +305,15 @@ DR_KERNEL void empirical_denoiser_merge_kernel(
   if (tid == 0) nearest = nearest_index[q];
   dr_sync();
 
-  // Exact float64 distance to the winning row (rows decoded in float64, like the oracle).
+  // Float64 distance to the winning row, from the values the kernel used (rows decoded to T,
+  // then widened): the same rule as the CPU path, so both backends report identical distances.
   const index_t idx = nearest;
   double acc = 0.0;
   if (idx >= 0) {
     const index_t base = (idx - row_offset) * D;
     for (index_t d = tid; d < D; d += NT) {
-      const double diff = static_cast<double>(x[q * D + d]) - load_row_value<double>(R, y, base + d);
+      const double diff = static_cast<double>(x[q * D + d]) -
+                          static_cast<double>(load_row_value<T>(R, y, base + d));
       acc += diff * diff;
     }
   }

@@ -130,7 +130,8 @@ struct ThreadCtx {
   Dim2 tid, bid, bdim, gdim;
   std::barrier<>* block_bar = nullptr;  // all threads of the block (__syncthreads)
   std::barrier<>* warp_bar = nullptr;   // the 32 (or fewer, last warp) threads of this warp
-  std::uint64_t* warp_buf = nullptr;    // one 8-byte slot per lane of this warp
+  std::uint64_t* warp_buf = nullptr;    // two banks of one 8-byte slot per lane of this warp
+  unsigned shfl_bank = 0;               // bank of this thread's next shuffle (alternates)
 };
 inline thread_local ThreadCtx t_ctx;
 
@@ -155,7 +156,7 @@ inline void run_grid(Dim2 grid, Dim2 block, const std::function<void()>& body) {
     const unsigned lanes = nt - w * kWarpSize < unsigned(kWarpSize) ? nt - w * kWarpSize : kWarpSize;
     warp_bars.emplace_back(std::make_unique<std::barrier<>>(static_cast<std::ptrdiff_t>(lanes)));
   }
-  std::vector<std::uint64_t> warp_buf(std::size_t(nw) * kWarpSize, 0);
+  std::vector<std::uint64_t> warp_buf(std::size_t(nw) * 2 * kWarpSize, 0);
   std::vector<std::thread> threads;
   threads.reserve(nt);
   for (unsigned t = 0; t < nt; ++t) {
@@ -166,7 +167,8 @@ inline void run_grid(Dim2 grid, Dim2 block, const std::function<void()>& body) {
       c.gdim = grid;
       c.block_bar = &block_bar;
       c.warp_bar = warp_bars[t / kWarpSize].get();
-      c.warp_buf = &warp_buf[std::size_t(t / kWarpSize) * kWarpSize];
+      c.warp_buf = &warp_buf[std::size_t(t / kWarpSize) * 2 * kWarpSize];
+      c.shfl_bank = 0;
       for (unsigned by = 0; by < grid.y; ++by) {
         for (unsigned bx = 0; bx < grid.x; ++bx) {
           c.bid = Dim2{bx, by};
@@ -194,8 +196,10 @@ inline void dr_syncwarp() { emu::t_ctx.warp_bar->arrive_and_wait(); }
 
 namespace emu {
 // Generic shuffle: every lane publishes its value, the warp meets, each lane reads the slot of
-// `src(lane)`, and the warp meets again so the buffer can be reused by the next shuffle. A source
-// lane outside the warp returns the caller's own value, as __shfl_down_sync does.
+// `src(lane)`. Consecutive shuffles alternate between two banks, so one barrier per shuffle
+// suffices: a lane can only write bank b again (two shuffles later) after the whole warp has
+// passed the barrier of the shuffle in between, i.e. after every lane finished reading bank b.
+// A source lane outside the warp returns the caller's own value, as __shfl_down_sync does.
 template <class V, class SrcFn>
 V shuffle(V v, SrcFn src) {
   static_assert(sizeof(V) <= sizeof(std::uint64_t) && std::is_trivially_copyable_v<V>,
@@ -207,12 +211,13 @@ V shuffle(V v, SrcFn src) {
   const unsigned lanes = nt - (lin - lane) < unsigned(kWarpSize) ? nt - (lin - lane) : kWarpSize;
   std::uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(V));
-  c.warp_buf[lane] = bits;
+  std::uint64_t* bank = c.warp_buf + c.shfl_bank * kWarpSize;
+  c.shfl_bank ^= 1u;
+  bank[lane] = bits;
   c.warp_bar->arrive_and_wait();
   const int s = src(static_cast<int>(lane));
   V r = v;
-  if (s >= 0 && s < static_cast<int>(lanes)) std::memcpy(&r, &c.warp_buf[s], sizeof(V));
-  c.warp_bar->arrive_and_wait();
+  if (s >= 0 && s < static_cast<int>(lanes)) std::memcpy(&r, &bank[s], sizeof(V));
   return r;
 }
 }  // namespace emu
