@@ -41,14 +41,10 @@ def bench_nn_search_faiss_best(record, workload, k, request):
     pytest.importorskip("faiss")
     q, r = workload
     core = benchmarks.best_openblas_coretype()
-    if request.config.getoption("benchmark_disable"):
-        rounds = 1
-    else:
-        rounds = ROUNDS
+    rounds = 1 if request.config.getoption("benchmark_disable") else ROUNDS
     times = benchmarks.faiss_subprocess_times(q.shape[0], r.shape[0], r.shape[1], k, rounds=rounds, coretype=core)
-    if not request.config.getoption("benchmark_disable"):
-        record(_case(q, r, k), f"faiss (subprocess, OPENBLAS_CORETYPE={core})", times,
-               benchmarks.search_flops(q.shape[0], *r.shape))
+    record(_case(q, r, k), f"faiss (subprocess, OPENBLAS_CORETYPE={core})", times,
+           benchmarks.search_flops(q.shape[0], *r.shape))
 
 
 def _case(q, r, k):

@@ -4,10 +4,10 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 
 #include "../cpu/gemm.h"
+#include "binding_util.h"
 #include "diffrepro/api_cpu.h"
 
 namespace py = pybind11;
@@ -17,16 +17,9 @@ using diffrepro::Status;
 
 namespace {
 
-template <class T>
-T* ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using diffrepro::binding::ptr;
 
-void check(Status s, const char* op) {
-  if (s != Status::kOk)
-    throw std::runtime_error(std::string("diffrepro._cpu.") + op + ": " +
-                             diffrepro::status_message(s));
-}
+void check(Status s, const char* op) { diffrepro::binding::check(s, "_cpu", op); }
 
 void empirical_denoiser(bool f64, std::uintptr_t x, std::uintptr_t y, int y_type, index_t Q,
                         index_t N, index_t D, std::uintptr_t center, std::uintptr_t inv_sigma2,
@@ -34,6 +27,7 @@ void empirical_denoiser(bool f64, std::uintptr_t x, std::uintptr_t y, int y_type
                         std::uintptr_t max_logit, std::uintptr_t sum_exp,
                         std::uintptr_t sum_exp_sq, std::uintptr_t weighted_sum,
                         std::uintptr_t nearest_index, std::uintptr_t nearest_sqdist) {
+  if (!diffrepro::binding::valid_row_type(y_type)) check(Status::kInvalidArgument, "empirical_denoiser");
   Status s;
   {
     py::gil_scoped_release release;
@@ -56,6 +50,7 @@ void empirical_denoiser(bool f64, std::uintptr_t x, std::uintptr_t y, int y_type
 void nn_search(std::uintptr_t queries, std::uintptr_t refs, int refs_type, index_t Q, index_t N,
                index_t D, int k, bool inner_product, index_t row_offset, index_t tile_rows,
                int workers, std::uintptr_t values, std::uintptr_t indices) {
+  if (!diffrepro::binding::valid_row_type(refs_type)) check(Status::kInvalidArgument, "nn_search");
   Status s;
   {
     py::gil_scoped_release release;

@@ -6,9 +6,9 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 
+#include "binding_util.h"
 #include "diffrepro/api_cuda.h"
 
 namespace py = pybind11;
@@ -18,22 +18,13 @@ using diffrepro::Status;
 
 namespace {
 
-template <class T>
-T* ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using diffrepro::binding::ptr;
+using diffrepro::binding::valid_row_type;
 
 void check(Status s, const char* op) {
-  if (s == Status::kOk) return;
-  std::string msg = std::string("diffrepro._cuda.") + op + ": " + diffrepro::status_message(s);
-  if (s == Status::kCudaError) {
-    const char* detail = diffrepro::cuda_last_error_message();
-    if (detail && *detail) msg += std::string(" (") + detail + ")";
-  }
-  throw std::runtime_error(msg);
+  diffrepro::binding::check(s, "_cuda", op,
+                            s == Status::kCudaError ? diffrepro::cuda_last_error_message() : nullptr);
 }
-
-bool valid_row_type(int t) { return t >= 0 && t <= 3; }
 
 void empirical_denoiser(bool f64, std::uintptr_t x, std::uintptr_t y, int y_type, index_t Q,
                         index_t N, index_t D, std::uintptr_t center, std::uintptr_t inv_sigma2,

@@ -5,10 +5,9 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
 #include "../emu/api_emu.h"
+#include "binding_util.h"
 
 namespace py = pybind11;
 using diffrepro::index_t;
@@ -17,18 +16,10 @@ using diffrepro::Status;
 
 namespace {
 
-template <class T>
-T* ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using diffrepro::binding::ptr;
+using diffrepro::binding::valid_row_type;
 
-void check(Status s, const char* op) {
-  if (s != Status::kOk)
-    throw std::runtime_error(std::string("diffrepro._cuda_emu.") + op + ": " +
-                             diffrepro::status_message(s));
-}
-
-bool valid_row_type(int t) { return t >= 0 && t <= 3; }
+void check(Status s, const char* op) { diffrepro::binding::check(s, "_cuda_emu", op); }
 
 void empirical_denoiser(bool f64, std::uintptr_t x, std::uintptr_t y, int y_type, index_t Q,
                         index_t N, index_t D, std::uintptr_t center, std::uintptr_t inv_sigma2,

@@ -307,6 +307,8 @@ def _search_state(q2, r2, k, metric, row_offset, tile, workers) -> TopKState:
             _backend.cpu.nn_search(*args, int(tile or 0), _workers(workers), values.data_ptr(), indices.data_ptr())
         elif q2.device.type == "cuda":
             cuda = _backend.cuda_module()
+            if k > cuda.max_k:
+                raise ValueError(f"k must be <= {cuda.max_k} for CUDA tensors, got k = {k}")
             ws = torch.empty(int(cuda.nn_search_workspace_bytes(Q, N, D, k)), dtype=torch.uint8, device=q2.device)
             with torch.cuda.device(q2.device):
                 stream = torch.cuda.current_stream(q2.device).cuda_stream

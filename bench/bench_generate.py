@@ -1,0 +1,117 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Theoretical generation (``diffrepro.generate``) over the real CIFAR-10 subset, Heun 18 (NFE 35):
+
+* end-to-end seconds of :func:`generate.generate` (sampling, PNG and npz writes);
+* sampler + Python overhead relative to the time inside the denoiser calls (target <= 5%);
+* paper 1's pipeline on the same 64 seeds: per evaluation it re-reads the training set twice
+  through PNG decodes and runs two float64 broadcast passes; timed for one evaluation on a
+  subset of the training rows and extrapolated linearly to all rows and 35 evaluations.
+
+Sizes (``DIFFREPRO_BENCH_SIZES``): ``small`` 64 samples over 1,024 rows (paper-1 peer timed on
+128 rows); ``paper`` 1,000 samples over all 5,170 rows (peer timed on 512 rows).
+"""
+import io
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffrepro import benchmarks, generate, noise
+from diffrepro.denoisers import EmpiricalDenoiser
+from diffrepro.reference import p1_two_pass_denoiser
+
+STEPS = 18
+NFE = generate.nfe("heun", STEPS)
+P1_SEEDS = 64  # paper 1's batch: 64 queries per denoiser call
+SIZES = {"small": dict(samples=64, rows=1024, p1_rows=128, rounds=3),
+         "paper": dict(samples=1000, rows=None, p1_rows=512, rounds=1)}
+
+
+@pytest.fixture(scope="module")
+def sizes(bench_sizes):
+    name = next(k for k, v in benchmarks.SIZES.items() if v is bench_sizes)
+    return SIZES[name]
+
+
+@pytest.fixture(scope="module")
+def train(real_cifar, sizes):
+    return real_cifar[:sizes["rows"]].numpy()
+
+
+def _flops(samples: int, train: np.ndarray) -> float:
+    return NFE * benchmarks.denoiser_flops(samples, len(train), train[0].size)
+
+
+def _fresh_run(tmp_path_factory, den, seeds, runs: list):
+    """pytest-benchmark setup: a new output folder per round, so nothing is resumed."""
+    def setup():
+        return (den, seeds, tmp_path_factory.mktemp("gen")), dict(steps=STEPS, progress=False)
+
+    def run(*args, **kwargs):
+        runs.append(generate.generate(*args, **kwargs))
+
+    return setup, run
+
+
+def bench_generate_heun18(benchmark, record, tmp_path_factory, sizes, train):
+    """(a) seconds for the samples over the training rows, and (b) the sampler's overhead."""
+    k = sizes["samples"]
+    den, runs = EmpiricalDenoiser(train), []
+    setup, run = _fresh_run(tmp_path_factory, den, f"0-{k - 1}", runs)
+    benchmark.pedantic(run, setup=setup, rounds=sizes["rounds"], warmup_rounds=0)
+    case = f"generate Heun-18 K={k} N={len(train)} (end to end)"
+    record(case, "diffrepro", benchmark, _flops(k, train))
+
+    timing = min(runs, key=lambda m: m["timing"]["seconds"])["timing"]
+    overhead = timing["sampler_overhead_fraction"]
+    benchmark.extra_info.update(sampler_overhead_fraction=overhead, target="<= 0.05",
+                                seconds_target="<= 10 s for K=1000, N=5170 on 2 cores")
+    case = f"sampler overhead K={k} N={len(train)} (ratio = kernel/sampler)"
+    record(case, "diffrepro", [timing["sampling_seconds"]], _flops(k, train),
+           note=f"sampler + Python overhead {overhead:.1%} of kernel time (target <= 5%)")
+    record(case, "denoiser calls only", [timing["denoiser_seconds"]], _flops(k, train))
+
+
+def _png_rows(train: np.ndarray) -> list[bytes]:
+    """The training images as PNG files (``compress_level=0``, as EDM's dataset_tool writes)."""
+    out = []
+    for image in train:
+        buf = io.BytesIO()
+        PIL.Image.fromarray(image.transpose(1, 2, 0)).save(buf, format="png", compress_level=0)
+        out.append(buf.getvalue())
+    return out
+
+
+def _p1_evaluation(x: torch.Tensor, pngs: list[bytes], sigma: float) -> float:
+    """Seconds of one paper-1 denoiser call: each of its two passes decodes every PNG again
+    (batches of 64, as its DataLoader) and materialises float64 (64, 64, d) differences."""
+    def batches():
+        for a in range(0, len(pngs), 64):
+            yield torch.from_numpy(np.stack([
+                np.asarray(PIL.Image.open(io.BytesIO(b)).convert("RGB")).transpose(2, 0, 1)
+                for b in pngs[a:a + 64]]))
+
+    start = time.perf_counter()
+    p1_two_pass_denoiser(x, batches, sigma)
+    return time.perf_counter() - start
+
+
+def bench_generate_vs_paper1(benchmark, record, tmp_path_factory, sizes, train):
+    """(c) the same 64 seeds, Heun 18: diffrepro end to end vs paper 1 (extrapolated)."""
+    den, runs = EmpiricalDenoiser(train), []
+    setup, run = _fresh_run(tmp_path_factory, den, f"0-{P1_SEEDS - 1}", runs)
+    benchmark.pedantic(run, setup=setup, rounds=sizes["rounds"], warmup_rounds=0)
+    case = f"generate Heun-18 K={P1_SEEDS} N={len(train)}"
+    record(case, "diffrepro", benchmark, _flops(P1_SEEDS, train))
+
+    sub = sizes["p1_rows"]
+    pngs = _png_rows(train[:sub])
+    lat, _ = noise.seed_latents(range(P1_SEEDS), train.shape[1:])
+    x = lat.double() * 80.0  # the first evaluation's state; the cost does not depend on σ
+    scale = NFE * len(train) / sub
+    seconds = [_p1_evaluation(x, pngs, 80.0) * scale for _ in range(sizes["rounds"])]
+    record(case, f"paper 1 (extrapolated: 1 eval x {sub} rows)", seconds,
+           _flops(P1_SEEDS, train), note=f"measured {min(seconds) / scale:.3f} s per eval on "
+                                          f"{sub} rows, x{scale:.0f}")
