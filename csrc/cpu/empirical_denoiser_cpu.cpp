@@ -12,9 +12,14 @@
 #include "diffrepro/topk.h"
 #include "gemm.h"
 #include "parallel.h"
+#include "vector_loops.h"
 
 namespace diffrepro {
 namespace {
+
+// The second product goes sparse below one non-zero weight in kSparseRatio (a dense GEMM runs
+// several times faster per flop than row-by-row accumulation, so the switch pays off only then).
+constexpr index_t kSparseRatio = 8;
 
 // One worker's running state for a block of nq queries.
 template <class T>
@@ -38,27 +43,11 @@ struct DenoiserWorker {
   }
 };
 
-// Decodes rows [n0, n0 + nt) into the worker's tile, centred, with their squared norms
-// (accumulated in double: the norm enters every score of the row).
-template <class T>
-void load_centred_tile(DenoiserWorker<T>& w, const void* y, RowType y_type, index_t n0,
-                       index_t nt, index_t D, const T* center) {
-  for (index_t n = 0; n < nt; ++n) {
-    T* dst = w.tile.data() + n * D;
-    double norm2 = 0;
-    for (index_t d = 0; d < D; ++d) {
-      const T v = load_row_value<T>(y_type, y, (n0 + n) * D + d) - center[d];
-      dst[d] = v;
-      norm2 += static_cast<double>(v) * v;
-    }
-    w.tile_norm2[n] = static_cast<T>(norm2);
-  }
-}
-
 template <class T>
 void process_tile(DenoiserWorker<T>& w, const T* xc, const double* inv_sigma2, index_t nq,
                   index_t n0, index_t nt, index_t D, index_t row_offset) {
   T* s = w.scores.data();
+  index_t nonzero = 0;
   // Scores g = <x - c, y - c> - ||y - c||^2 / 2 = logit * sigma^2 + (row constant).
   detail::gemm(true, nq, nt, D, T(1), xc, D, w.tile.data(), D, T(0), s, nt);
   for (index_t q = 0; q < nq; ++q) {
@@ -72,12 +61,15 @@ void process_tile(DenoiserWorker<T>& w, const T* xc, const double* inv_sigma2, i
       }
     }
     const T r = softmax_push_scores(w.state[q], g, nt, static_cast<T>(inv_sigma2[q]), g);
-    if (r != T(1)) {
-      T* a = w.acc.data() + q * D;
-      for (index_t d = 0; d < D; ++d) a[d] *= r;
-    }
+    if (r != T(1)) detail::scale(w.acc.data() + q * D, r, D);
+    for (index_t j = 0; j < nt; ++j) nonzero += g[j] != T(0);
   }
-  detail::gemm(false, nq, D, nt, T(1), s, nt, w.tile.data(), D, T(1), w.acc.data(), D);
+  // Small sigma: most weights underflow to exactly 0 and the second product would mostly add
+  // zeros; below 1 non-zero in kSparseRatio the weighted rows are added one by one instead.
+  if (nonzero * kSparseRatio <= nq * nt)
+    detail::sparse_accumulate(s, nq, nt, w.tile.data(), D, w.acc.data());
+  else
+    detail::gemm(false, nq, D, nt, T(1), s, nt, w.tile.data(), D, T(1), w.acc.data(), D);
 }
 
 }  // namespace
@@ -115,7 +107,8 @@ Status empirical_denoiser_cpu(const T* x, const void* y, RowType y_type, index_t
       wk.reset(nq, TN, D);
       for (index_t t = t0; t < t1; ++t) {
         const index_t n0 = t * TN, nt = std::min(TN, N - n0);
-        load_centred_tile(wk, y, y_type, n0, nt, D, center);
+        detail::load_centred_rows(y_type, static_cast<const char*>(y) + n0 * D * row_bytes(y_type),
+                                  nt, D, center, wk.tile.data(), wk.tile_norm2.data());
         process_tile(wk, xc.data() + q0 * D, inv_sigma2 + q0, nq, n0, nt, D, row_offset);
       }
     });

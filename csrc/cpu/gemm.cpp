@@ -7,6 +7,7 @@
 #include <string>
 
 #include "diffrepro/api_cpu.h"
+#include "vector_loops.h"
 
 namespace diffrepro::detail {
 
@@ -36,17 +37,10 @@ void gemm_init_single_threaded() { scipy_openblas_set_num_threads(1); }
 
 namespace diffrepro {
 
-// The vector ISA of the products is the BLAS core's; OpenBLAS names its AVX-512 cores after
-// the Intel parts that introduced them.
-const char* cpu_gemm_core() { return detail::gemm_core_name(); }
+// The vector ISA of diffrepro's own loops (the products' ISA is the BLAS core's, reported
+// by cpu_gemm_core()).
+const char* cpu_isa() { return detail::vector_isa(); }
 
-const char* cpu_isa() {
-  const std::string core = detail::gemm_core_name();
-  for (const char* name : {"SkylakeX", "Cooperlake", "SapphireRapids"})
-    if (core == name) return "avx512";
-  for (const char* name : {"Haswell", "Zen"})
-    if (core == name) return "avx2";
-  return "generic";
-}
+const char* cpu_gemm_core() { return detail::gemm_core_name(); }
 
 }  // namespace diffrepro

@@ -12,6 +12,7 @@
 #include "diffrepro/topk.h"
 #include "gemm.h"
 #include "parallel.h"
+#include "vector_loops.h"
 
 namespace diffrepro {
 namespace {
@@ -72,8 +73,8 @@ Status nn_search_cpu(const float* queries, const void* refs, RowType refs_type, 
         const index_t n0 = t * TN, nt = std::min(TN, N - n0);
         const float* rows = static_cast<const float*>(refs) + n0 * D;
         if (decode) {
-          for (index_t e = 0; e < nt * D; ++e)
-            wk.tile[e] = load_row_value<float>(refs_type, refs, n0 * D + e);
+          detail::load_rows(refs_type, static_cast<const char*>(refs) + n0 * D * row_bytes(refs_type),
+                            nt * D, wk.tile.data());
           rows = wk.tile.data();
         }
         if (!inner_product) {

@@ -44,6 +44,17 @@ DR_HD T decode_pixel(std::uint8_t u) {
   return static_cast<T>(u) / static_cast<T>(127.5) - static_cast<T>(1);
 }
 
+// Bytes per stored element.
+DR_HD index_t row_bytes(RowType type) {
+  switch (type) {
+    case RowType::kUInt8: return 1;
+    case RowType::kFloat16: return 2;
+    case RowType::kFloat64: return 8;
+    case RowType::kFloat32:
+    default: return 4;
+  }
+}
+
 // Element e of a row buffer of the given storage type, converted to T.
 template <class T>
 DR_HD T load_row_value(RowType type, const void* base, index_t e) {
