@@ -59,7 +59,15 @@ def as_rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point() or not tensor.numel():
+        return
+    if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:
+        # numpy runs this single-threaded: a check on every call must not wake torch's OpenMP
+        # pool, whose spinning threads would then compete with the kernel's workers.
+        finite = bool(np.isfinite(tensor.detach().numpy()).all())
+    else:
+        finite = bool(torch.isfinite(tensor).all())
+    if not finite:
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{name} must be finite, got {bad} NaN/Inf values in {_describe(tensor)}")
 

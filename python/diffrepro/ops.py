@@ -51,11 +51,11 @@ def _workers(override: int | None) -> int:
         return os.cpu_count() or 1
 
 
-def _decode(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Stored rows -> compute dtype, with the kernels' uint8 convention u / 127.5 - 1."""
-    if rows.dtype == torch.uint8:
-        return rows.to(dtype) / 127.5 - 1
-    return rows.to(dtype)
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy view. Small per-call steps on the CPU path run in numpy, which is
+    single-threaded: torch would wake its OpenMP pool, whose spinning threads then compete with
+    the kernel's own workers (measured: 2x slower sampling on a loaded 2-core machine)."""
+    return t.detach().numpy()
 
 
 @dataclass
@@ -111,36 +111,50 @@ def _prepare_denoiser(x, train, sigma, s):
     inv_sigma2 = per_query("sigma", sigma, Q, device).pow(-2)
     scale = per_query("s", s, Q, device)
     # x~ = x / s: the denoiser acts on the unscaled variable (SPEC 1.1).
-    xs = (x2 / scale.to(x2.dtype)[:, None]).contiguous() if not bool((scale == 1).all()) else x2
+    if bool((scale == 1).all()):
+        xs = x2
+    elif device.type == "cpu":
+        xs = torch.from_numpy(_host(x2) / _host(scale.to(x2.dtype))[:, None])
+    else:
+        xs = (x2 / scale.to(x2.dtype)[:, None]).contiguous()
     return xt, from_numpy, x2, xs, y2, inv_sigma2, device
 
 
 def _center(y2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Mean of an evenly strided sample of rows: removes a large common offset before the
-    products (the logits are invariant to a shift of x and y by the same vector)."""
+    products (the logits are invariant to a shift of x and y by the same vector). Computed on
+    the host in float64 from rows decoded exactly as the kernels decode them (uint8:
+    u / 127.5 - 1 in the compute dtype), so uint8 and pre-decoded rows give the same centre."""
     step = max(1, y2.shape[0] // _CENTER_SAMPLE)
-    sample = _decode(y2[::step][:_CENTER_SAMPLE], dtype).double()  # same values for uint8 and decoded rows
-    return sample.mean(0).to(dtype).contiguous()
+    sample = _host(y2[::step][:_CENTER_SAMPLE].cpu())
+    ftype = np.float32 if dtype == torch.float32 else np.float64
+    if sample.dtype == np.uint8:
+        sample = sample.astype(ftype) / ftype(127.5) - ftype(1)
+    center = sample.astype(ftype).astype(np.float64).mean(0).astype(ftype)
+    return torch.from_numpy(center).to(y2.device)
 
 
-def _empty_state(Q: int, D: int, dtype, device) -> DenoiserState:
+def _empty_state(Q: int, D: int, dtype, device, fill: bool = True) -> DenoiserState:
+    """A state that has seen no rows; fill=False leaves it uninitialised for a kernel to write."""
     f64 = dict(dtype=torch.float64, device=device)
+    make = (lambda shape, value, **kw: torch.full(shape, value, **kw)) if fill else \
+        (lambda shape, value, **kw: torch.empty(shape, **kw))
     return DenoiserState(
-        max_logit=torch.full((Q,), -float("inf"), **f64),
-        sum_exp=torch.zeros(Q, **f64),
-        sum_exp_sq=torch.zeros(Q, **f64),
-        weighted_sum=torch.zeros(Q, D, dtype=dtype, device=device),
-        nearest_index=torch.full((Q,), -1, dtype=torch.int64, device=device),
-        nearest_sqdist=torch.full((Q,), float("inf"), **f64),
+        max_logit=make((Q,), -float("inf"), **f64),
+        sum_exp=make((Q,), 0.0, **f64),
+        sum_exp_sq=make((Q,), 0.0, **f64),
+        weighted_sum=make((Q, D), 0.0, dtype=dtype, device=device),
+        nearest_index=make((Q,), -1, dtype=torch.int64, device=device),
+        nearest_sqdist=make((Q,), float("inf"), **f64),
     )
 
 
 def _denoiser_state(xs, y2, inv_sigma2, row_offset, tile, workers) -> DenoiserState:
     Q, D = xs.shape
     N = y2.shape[0]
-    state = _empty_state(Q, D, xs.dtype, xs.device)
     if Q == 0 or N == 0:
-        return state
+        return _empty_state(Q, D, xs.dtype, xs.device)
+    state = _empty_state(Q, D, xs.dtype, xs.device, fill=False)  # the kernels write every field
     center = _center(y2, xs.dtype)
     args = (
         xs.dtype == torch.float64, xs.data_ptr(), y2.data_ptr(), ROW_TYPES[y2.dtype], Q, N, D,
@@ -228,7 +242,11 @@ def finalize(state: DenoiserState) -> tuple[torch.Tensor, dict]:
     """
     if bool((state.max_logit == -float("inf")).any()):
         raise ValueError("state has queries that saw no training rows; merge a non-empty chunk first")
-    out = (state.weighted_sum.double() / state.sum_exp[:, None]).to(state.weighted_sum.dtype)
+    ws, z = state.weighted_sum, state.sum_exp
+    if ws.device.type == "cpu":
+        out = torch.from_numpy((_host(ws).astype(np.float64) / _host(z)[:, None]).astype(_host(ws).dtype))
+    else:
+        out = (ws.double() / z[:, None]).to(ws.dtype)
     info = {
         "log_normalizer": state.max_logit + torch.log(state.sum_exp),
         "nearest_index": state.nearest_index,
