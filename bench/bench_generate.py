@@ -7,7 +7,7 @@
   through PNG decodes and runs two float64 broadcast passes; timed for one evaluation on a
   subset of the training rows and extrapolated linearly to all rows and 35 evaluations.
 
-Sizes (``DIFFREPRO_BENCH_SIZES``): ``small`` 64 samples over 1,024 rows (paper-1 peer timed on
+Sizes (``DIFFREPRO_BENCH_SIZES``): ``small`` 128 samples over 1,024 rows (paper-1 peer timed on
 128 rows); ``paper`` 1,000 samples over all 5,170 rows (peer timed on 512 rows).
 """
 import io
@@ -17,7 +17,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
 from diffrepro import benchmarks, generate, noise
 from diffrepro.denoisers import EmpiricalDenoiser
 from diffrepro.reference import p1_two_pass_denoiser
@@ -25,8 +24,8 @@ from diffrepro.reference import p1_two_pass_denoiser
 STEPS = 18
 NFE = generate.nfe("heun", STEPS)
 P1_SEEDS = 64  # paper 1's batch: 64 queries per denoiser call
-SIZES = {"small": dict(samples=64, rows=1024, p1_rows=128, rounds=3),
-         "paper": dict(samples=1000, rows=None, p1_rows=512, rounds=1)}
+SIZES = {"small": {"samples": 128, "rows": 1024, "p1_rows": 128, "rounds": 3},
+         "paper": {"samples": 1000, "rows": None, "p1_rows": 512, "rounds": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def _flops(samples: int, train: np.ndarray) -> float:
 def _fresh_run(tmp_path_factory, den, seeds, runs: list):
     """pytest-benchmark setup: a new output folder per round, so nothing is resumed."""
     def setup():
-        return (den, seeds, tmp_path_factory.mktemp("gen")), dict(steps=STEPS, progress=False)
+        return (den, seeds, tmp_path_factory.mktemp("gen")), {"steps": STEPS, "progress": False}
 
     def run(*args, **kwargs):
         runs.append(generate.generate(*args, **kwargs))

@@ -59,6 +59,81 @@ def test_gaussian_matches_dense_oracle_on_real_images(crops):
     assert g(x.float(), 1.0).dtype == torch.float32
 
 
+def _dense_eigh_oracle(images, rank=None):
+    """Gaussian denoiser from the dense d×d covariance and ``torch.linalg.eigh`` (any N).
+
+    N centred rows span at most N − 1 directions, so λ_k for k ≥ N − 1 is exactly 0; eigh
+    returns ±1e-16-sized noise there, which at σ = 0.002 is a gain of ~1e-10, so it is zeroed.
+    """
+    n = len(images)
+    y = torch.from_numpy(images).double().reshape(n, -1) / 127.5 - 1
+    mu = y.mean(0)
+    cov = (y - mu).T @ (y - mu) / n
+    lam, U = torch.linalg.eigh(cov)
+    lam = lam.flip(0).clamp_min(0)
+    lam[n - 1:] = 0
+    return dn.GaussianDenoiser(mu, lam, U.flip(1), rank=rank, shape=images.shape[1:]), cov
+
+
+@pytest.mark.parametrize("source", ["random", "crops"])
+def test_gram_path_equals_dense_covariance_eigh(crops, source):
+    # N < d: from_data takes the eigenpairs from the N×N Gram matrix and completes the basis.
+    rng = np.random.default_rng(3)
+    images = (rng.integers(0, 256, (50, 3, 8, 8), dtype=np.uint8) if source == "random"
+              else crops[:100])  # real spectrum: many small eigenvalues
+    n, d = len(images), 192
+    g = dn.GaussianDenoiser.from_data(images, chunk_rows=16)
+    oracle, cov = _dense_eigh_oracle(images)
+    assert g.lam.shape == (d,) and g.U.shape == (d, d) and g.n == n
+    assert bool((g.lam >= 0).all()) and bool((g.lam[:-1] >= g.lam[1:]).all())
+    assert bool((g.lam[n - 1:] == 0).all())  # rank <= N - 1 after centring
+    torch.testing.assert_close(g.U.T @ g.U, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(g.lam, oracle.lam, rtol=0, atol=1e-12)
+    torch.testing.assert_close((g.U * g.lam) @ g.U.T, cov, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g.mu, oracle.mu, rtol=0, atol=1e-14)
+    pivot = g.U.abs().argmax(0)
+    assert bool((g.U[pivot, torch.arange(d)] > 0).all())  # same sign convention as eigh path
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    for sigma in (0.002, 0.1, 1.0, 80.0):
+        assert (g(x, sigma) - oracle(x, sigma)).abs().max() <= 1e-10
+    for rank in (None, 10):
+        fast = dn.GaussianDenoiser(g.mu, g.lam, g.U, rank=rank, shape=(3, 8, 8))
+        slow = oracle if rank is None else _dense_eigh_oracle(images, rank)[0]
+        for solver in ("euler", "heun", "exact"):
+            for sigmas in (_edm_grid(18), _edm_grid(10)[:-3]):
+                samples, denoised = fast.trajectory(x, sigmas, solver=solver,
+                                                    return_denoised=True)
+                want, want_d = slow.trajectory(x, sigmas, solver=solver, return_denoised=True)
+                assert (samples - want).abs().max() <= 1e-10
+                assert (denoised - want_d).abs().max() <= 1e-10
+
+
+def test_gram_path_degenerate_sets():
+    # N = 1: Σ = 0, every direction has λ = 0 and D = μ; N = 2: rank 1.
+    rng = np.random.default_rng(0)
+    for n in (1, 2):
+        images = rng.integers(0, 256, (n, 1, 4, 4), dtype=np.uint8)
+        g = dn.GaussianDenoiser.from_data(images)
+        oracle, _ = _dense_eigh_oracle(images)
+        torch.testing.assert_close(g.U.T @ g.U, torch.eye(16, dtype=torch.float64), rtol=0,
+                                   atol=1e-13)
+        assert int((g.lam > 0).sum()) == n - 1
+        x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+        assert (g(x, 0.5) - oracle(x, 0.5)).abs().max() <= 1e-12
+
+
+def test_covariance_path_unchanged_when_n_at_least_d(crops):
+    # N >= d (N = d included): chunked covariance and eigh, bit for bit.
+    for images in (crops, crops[:192]):
+        g = dn.GaussianDenoiser.from_data(images, chunk_rows=300)
+        mu, cov, n = dn.gaussian_statistics(images, chunk_rows=300)
+        lam, U = torch.linalg.eigh(cov)
+        lam, U = lam.flip(0).clamp_min(0), U.flip(1)
+        U = U * torch.sign(U[U.abs().argmax(0), torch.arange(U.shape[1])])
+        assert g.n == n == len(images)
+        assert torch.equal(g.mu, mu) and torch.equal(g.lam, lam) and torch.equal(g.U, U)
+
+
 def test_eps_and_score_forms(crops):
     g = dn.GaussianDenoiser.from_data(crops)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)

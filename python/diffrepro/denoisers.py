@@ -400,6 +400,25 @@ class EmpiricalDenoiser(Denoiser):
 # Gaussian (Wiener) denoiser
 
 
+def _training_rows(train):
+    """Validate a training set and return its image array (a Dataset's ``images``)."""
+    if isinstance(train, Dataset):
+        train = train.images
+    if not isinstance(train, (np.ndarray, torch.Tensor)) or train.ndim < 2 or len(train) < 1:
+        raise ValueError(f"train must be a non-empty [N, C, H, W] array or tensor, got "
+                         f"{type(train).__name__} {tuple(getattr(train, 'shape', ()))}")
+    return train
+
+
+def _float64_chunks(train, device, chunk_rows: int):
+    """Yield float64 ``[rows, d]`` chunks of ``train`` on ``device`` (uint8 as ``u/127.5 − 1``)."""
+    for a in range(0, len(train), chunk_rows):
+        rows = train[a:a + chunk_rows]
+        t = torch.from_numpy(np.array(rows)) if isinstance(rows, np.ndarray) else rows
+        t = t.to(device).reshape(len(t), -1)
+        yield t.to(torch.float64) / 127.5 - 1 if t.dtype == torch.uint8 else t.to(torch.float64)
+
+
 def gaussian_statistics(train, *, device="cpu", chunk_rows: int = 4096):
     """Mean and biased covariance of a training set, in float64 (SPEC §2.1, §2.4 [DR]).
 
@@ -415,29 +434,37 @@ def gaussian_statistics(train, *, device="cpu", chunk_rows: int = 4096):
     Returns:
         ``(mu [d], cov [d, d], N)`` with float64 tensors on ``device``.
     """
-    if isinstance(train, Dataset):
-        train = train.images
-    if not isinstance(train, (np.ndarray, torch.Tensor)) or train.ndim < 2 or len(train) < 1:
-        raise ValueError(f"train must be a non-empty [N, C, H, W] array or tensor, got "
-                         f"{type(train).__name__} {tuple(getattr(train, 'shape', ()))}")
+    train = _training_rows(train)
     n = len(train)
-
-    def chunks():
-        for a in range(0, n, chunk_rows):
-            rows = train[a:a + chunk_rows]
-            t = torch.from_numpy(np.array(rows)) if isinstance(rows, np.ndarray) else rows
-            t = t.to(device).reshape(len(t), -1)
-            yield t.to(torch.float64) / 127.5 - 1 if t.dtype == torch.uint8 else t.to(torch.float64)
-
     total = None
-    for y in chunks():
+    for y in _float64_chunks(train, device, chunk_rows):
         total = y.sum(0) if total is None else total + y.sum(0)
     mu = total / n
     cov = torch.zeros(mu.numel(), mu.numel(), dtype=torch.float64, device=device)
-    for y in chunks():
+    for y in _float64_chunks(train, device, chunk_rows):
         yc = y - mu
         cov.addmm_(yc.T, yc)
     return mu, cov / n, n
+
+
+def _gram_eigenpairs(yc: torch.Tensor):
+    """Eigenpairs of the covariance ``Y_cᵀ Y_c / N`` of ``N < d`` centred float64 rows ``Y_c``.
+
+    The rank r ≤ N − 1 nonzero eigenpairs come from the N×N Gram matrix ``Y_c Y_cᵀ / N = V Λ Vᵀ``
+    (``u_k = Y_cᵀ v_k / sqrt(N λ_k)``); eigenvalues below ``d·eps·λ_max`` (rounding noise, like
+    the ± noise of a d×d ``eigh``) count as 0. A complete QR of ``[u_1..u_r]`` re-orthonormalises
+    them (``R ≈ diag(±1)``) and completes the basis with d − r directions of λ = 0.
+
+    Returns:
+        ``(lam [d], U [d, d])``: λ descending (≥ 0) and orthonormal columns (signs unfixed).
+    """
+    n, d = yc.shape
+    lam, v = torch.linalg.eigh(yc @ yc.T / n)
+    lam, v = lam.flip(0), v.flip(1)
+    keep = lam > lam[0].clamp_min(0) * d * torch.finfo(torch.float64).eps
+    r = int(keep.sum())
+    U = torch.linalg.qr(yc.T @ (v[:, keep] / torch.sqrt(n * lam[keep])), mode="complete").Q
+    return torch.cat([lam[keep], lam.new_zeros(d - r)]), U
 
 
 class GaussianDenoiser(Denoiser):
@@ -485,22 +512,35 @@ class GaussianDenoiser(Denoiser):
     @classmethod
     def from_data(cls, train, *, rank: int | None = None, device="cpu",
                   chunk_rows: int = 4096) -> "GaussianDenoiser":
-        """Fit μ and Σ (float64, biased) and eigendecompose Σ with ``torch.linalg.eigh``.
+        """Fit μ and the biased covariance Σ in float64 and eigendecompose Σ.
 
-        Negative eigenvalues (rounding) are clamped to 0; eigenvector signs are fixed so
-        that each column's largest-magnitude entry is positive (reproducible files).
+        * ``N ≥ d``: Σ from :func:`gaussian_statistics` (chunked), then ``torch.linalg.eigh``.
+        * ``N < d``: Σ has rank < N, so the eigenpairs come from the N×N Gram matrix of the
+          centred rows and the basis is completed by a QR step with λ = 0 (gain 0: those
+          directions map to μ). For the 500 embedded 3×32×32 images this takes about a second
+          instead of a 3072×3072 ``eigh``; the denoiser is the same up to rounding.
+
+        Either way λ is sorted descending with negative (rounding) values clamped to 0, U is
+        an orthonormal d×d basis, and eigenvector signs are fixed so that each column's
+        largest-magnitude entry is positive (reproducible files).
 
         Args:
             train: uint8 ``[N, C, H, W]`` or float in [-1, 1] (numpy, memmap, tensor or
                 :class:`diffrepro.data.Dataset`).
             rank: keep the top ``rank`` directions (None: all).
             device: where the statistics are computed and kept.
-            chunk_rows: rows per GEMM chunk.
+            chunk_rows: rows per GEMM chunk (``N ≥ d``) or per decoded chunk (``N < d``).
         """
-        images = train.images if isinstance(train, Dataset) else train
-        mu, cov, n = gaussian_statistics(images, device=device, chunk_rows=chunk_rows)
-        lam, U = torch.linalg.eigh(cov)
-        lam, U = lam.flip(0).clamp_min(0), U.flip(1)
+        images = _training_rows(train)
+        n, d = len(images), math.prod(images.shape[1:])
+        if n < d:
+            y = torch.cat(list(_float64_chunks(images, device, chunk_rows)))
+            mu = y.mean(0)
+            lam, U = _gram_eigenpairs(y - mu)
+        else:
+            mu, cov, n = gaussian_statistics(images, device=device, chunk_rows=chunk_rows)
+            lam, U = torch.linalg.eigh(cov)
+            lam, U = lam.flip(0).clamp_min(0), U.flip(1)
         pivot = U.abs().argmax(0)
         U = U * torch.sign(U[pivot, torch.arange(U.shape[1], device=U.device)])
         return cls(mu, lam, U, n=n, rank=rank, shape=tuple(images.shape[1:]), device=device)
