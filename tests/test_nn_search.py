@@ -114,3 +114,44 @@ def test_deterministic_and_query_blocks():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     rv, ri = nn_search_reference(q, r, 3)
     assert torch.allclose(a[0].double(), rv, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("Q,N,D", [(1, 1, 1), (7, 17, 8), (13, 31, 255), (149, 301, 257),
+                                   (50, 200, 513), (6, 16, 700)])
+def test_packed_kernel_edges(metric, k, Q, N, D):
+    # Q, N not multiples of the 6x16 register block, D around the 256-deep K chunk (partial sums
+    # across chunks), more than one 144-query and 128-reference cache block, tiles and workers.
+    gen = torch.Generator().manual_seed(Q * 1000 + D)
+    q = unit_rows(Q, D, gen)
+    r = unit_rows(N, D, gen)
+    r[N // 2] = r[0]  # an exact duplicate: the lower index must win its ties
+    k = min(k, N)
+    rv, ri = nn_search_reference(q, r, k, metric)
+    exact = (q.double() @ r.double().T) if metric == "ip" else torch.cdist(q.double(), r.double()) ** 2
+    first = None
+    for tile, workers in [(None, None), (33, 2), (16, 3), (1, 1)]:
+        v, i = dr.nn_search(q, r, k, metric=metric, _tile=tile, _workers=workers)
+        assert torch.allclose(v.double(), rv, atol=1e-5)
+        if N > 1:
+            assert_argmax_rule(v, i, exact, tol=1e-5, largest=metric == "ip")
+            assert not (i[:, 0] == N // 2).any()
+        assert torch.allclose(exact.gather(1, i), v.double(), atol=1e-5)
+        if first is None:
+            first = (v, i)
+        else:  # tiles and workers change at most the last bits (the BLAS fallback's GEMM shapes)
+            assert torch.allclose(v, first[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_packed_kernel_query_blocks(metric):
+    # More queries than one packed query block holds at this D (16 MB / (4 D) = 2097 rows).
+    gen = torch.Generator().manual_seed(5)
+    q = unit_rows(2200, 2000, gen)
+    r = unit_rows(37, 2000, gen)
+    v, i = dr.nn_search(q, r, 2, metric=metric)
+    rv, ri = nn_search_reference(q, r, 2, metric)
+    assert torch.allclose(v.double(), rv, atol=1e-5)
+    exact = (q.double() @ r.double().T) if metric == "ip" else torch.cdist(q.double(), r.double()) ** 2
+    assert_argmax_rule(v, i, exact, tol=1e-5, largest=metric == "ip")

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../cpu/gemm.h"
+#include "../cpu/microkernel.h"
 #include "binding_util.h"
 #include "diffrepro/api_cpu.h"
 
@@ -71,5 +72,10 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("nn_search", &nn_search);
   m.def("gemm_core", [] { return std::string(diffrepro::cpu_gemm_core()); });
   m.def("cpu_isa", [] { return std::string(diffrepro::cpu_isa()); });
+  // nn_search runs its own packed AVX2+FMA kernel where the CPU has it, the BLAS otherwise.
+  m.def("search_kernel", [] {
+    return std::string(diffrepro::detail::packed_search_available() ? "packed avx2+fma micro-kernel"
+                                                                   : "blas");
+  });
   m.attr("version") = DR_VERSION;
 }

@@ -116,7 +116,7 @@ def build_info() -> dict:
     info = {
         "version": cpu.version,
         "cpu_isa": cpu.cpu_isa(),
-        "gemm_engine": f"scipy-openblas32 ({cpu.gemm_core()} core)",
+        "gemm_engine": f"scipy-openblas32 ({cpu.gemm_core()} core); nn_search: {cpu.search_kernel()}",
         "openblas_path": _OPENBLAS_PATH,
         "openblas_coretype_requested": blas_coretype_choice(),
         "threads": "std::thread workers (DIFFREPRO_NUM_THREADS, default os.cpu_count())",

@@ -5,6 +5,8 @@
 // real entry, so partial states of chunks shorter than k merge correctly.
 #pragma once
 
+#include <cmath>
+
 #include "diffrepro/config.h"
 
 namespace diffrepro {
@@ -29,6 +31,13 @@ DR_HD void topk_push(T* scores, index_t* idx, int k, T s, index_t i, bool larges
   }
   scores[p] = s;
   idx[p] = i;
+}
+
+// Squared distance from the expanded form ||q||^2 - 2<q, r> + ||r||^2, clamped at 0: rounding
+// can make it slightly negative for a query that coincides with a reference (NaN also gives 0).
+DR_HD float l2_from_dot(float q_norm2, float dot, float r_norm2) {
+  const float v = q_norm2 - 2.0f * dot + r_norm2;
+  return v > 0.0f ? v : 0.0f;
 }
 
 // Fills a list with padding: worst possible score and index -1.
