@@ -52,8 +52,7 @@ T* aligned(std::vector<T>& v, std::size_t n) {
 // ||r||^2 of each row, accumulated in double (it enters every score of the row).
 inline void row_norms(const float* rows, index_t n, index_t D, float* out) {
   for (index_t i = 0; i < n; ++i) {
-    double s = 0;
-    for (index_t d = 0; d < D; ++d) s += static_cast<double>(rows[i * D + d]) * rows[i * D + d];
+    const double s = detail::squared_norm(rows + i * D, D);
     out[i] = static_cast<float>(s);
   }
 }
@@ -188,8 +187,7 @@ Status nn_search_cpu(const float* queries, const void* refs, RowType refs_type, 
 
   std::vector<float> q_norm2(inner_product ? 0 : Q);
   for (index_t q = 0; q < static_cast<index_t>(q_norm2.size()); ++q) {
-    double s = 0;
-    for (index_t d = 0; d < D; ++d) s += static_cast<double>(queries[q * D + d]) * queries[q * D + d];
+    const double s = detail::squared_norm(queries + q * D, D);
     q_norm2[q] = static_cast<float>(s);
   }
 

@@ -18,6 +18,9 @@ void load_centred_rows(RowType type, const void* src, index_t rows, index_t D,
 // dst[e] = decode(src[e]) for e < count (no centring).
 void load_rows(RowType type, const void* src, index_t count, float* dst);
 
+// ||v||^2, accumulated in double.
+double squared_norm(const float* v, index_t n);
+
 // a *= r.
 void scale(float* a, float r, index_t n);
 void scale(double* a, double r, index_t n);
