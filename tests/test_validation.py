@@ -35,6 +35,8 @@ def test_denoiser_rejects_bad_inputs():
     bad_y[4, 0] = float("inf")
     with pytest.raises(ValueError, match=r"train must be finite, got 1 NaN/Inf values"):
         dr.empirical_denoiser(x, bad_y, 1.0)
+    with pytest.raises(ValueError, match=r"squared distances overflow torch.float32"):
+        dr.empirical_denoiser(x, torch.rand(10, 8) * 1e20, 1.0)
     with pytest.raises(ValueError, match=r"train must have at least one row"):
         dr.empirical_denoiser(x, torch.rand(0, 8), 1.0)
     with pytest.raises(ValueError, match=r"x requires grad"):

@@ -137,8 +137,10 @@ def _center(y2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _empty_state(Q: int, D: int, dtype, device, fill: bool = True) -> DenoiserState:
     """A state that has seen no rows; fill=False leaves it uninitialised for a kernel to write."""
     f64 = dict(dtype=torch.float64, device=device)
-    make = (lambda shape, value, **kw: torch.full(shape, value, **kw)) if fill else \
-        (lambda shape, value, **kw: torch.empty(shape, **kw))
+
+    def make(shape, value, **kw):
+        return torch.full(shape, value, **kw) if fill else torch.empty(shape, **kw)
+
     return DenoiserState(
         max_logit=make((Q,), -float("inf"), **f64),
         sum_exp=make((Q,), 0.0, **f64),
@@ -174,7 +176,16 @@ def _denoiser_state(xs, y2, inv_sigma2, row_offset, tile, workers) -> DenoiserSt
         # A NaN/Inf training value poisons every weight; name it without a pass over train
         # on the common path.
         check_finite("train", y2)
+        raise ValueError(
+            f"x and train are finite but their squared distances overflow {xs.dtype} "
+            f"(largest |x| = {float(xs.abs().max()):.3g}, largest |train| = "
+            f"{float(_decode_abs_max(y2)):.3g}); rescale the data or use float64"
+        )
     return state
+
+
+def _decode_abs_max(y2: torch.Tensor) -> float:
+    return 1.0 if y2.dtype == torch.uint8 else float(y2.abs().max())
 
 
 def _cuda_empirical_denoiser(args, outs, device):
