@@ -72,7 +72,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("nn_search", &nn_search);
   m.def("gemm_core", [] { return std::string(diffrepro::cpu_gemm_core()); });
   m.def("cpu_isa", [] { return std::string(diffrepro::cpu_isa()); });
-  // nn_search runs its own packed AVX2+FMA kernel where the CPU has it, the BLAS otherwise.
+  // nn_search runs its own packed AVX2+FMA kernel on AVX2-only CPUs, the BLAS otherwise.
   m.def("search_kernel", [] {
     return std::string(diffrepro::detail::packed_search_available() ? "packed avx2+fma micro-kernel"
                                                                    : "blas");

@@ -45,8 +45,11 @@ void pack_panel(const float* src, index_t rows, index_t D, index_t R, float* dst
 
 #if DR_HAVE_PACKED
 
+// AVX2 CPUs only: where AVX-512 exists, the BLAS runs its AVX-512 ("SkylakeX") kernels at twice
+// this kernel's width, so the BLAS path is the faster one there.
 bool packed_search_available() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         !__builtin_cpu_supports("avx512f");
 }
 
 namespace {
