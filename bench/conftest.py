@@ -3,7 +3,6 @@
 the ratio table printed at the end of the run (and saved to .benchmarks/ratios.json)."""
 import json
 import os
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,13 @@ def record(request):
         if request.config.getoption("benchmark_disable"):  # smoke run: nothing was timed
             return
         if isinstance(timing, list):
-            seconds = statistics.median(timing)
-        else:  # pytest-benchmark fixture after pedantic()
-            seconds = timing.stats.stats.median
-            timing.extra_info.update(case=case, impl=impl, gflops=flops / seconds / 1e9,
-                                     build_info=str(diffrepro.build_info()))
-        RESULTS.append(dict(case=case, impl=impl, seconds=seconds, gflops=flops / seconds / 1e9, note=note))
+            RESULTS.append(benchmarks.timing_row(case, impl, timing, flops, note=note))
+            return
+        stats = timing.stats.stats  # pytest-benchmark fixture after pedantic()
+        timing.extra_info.update(case=case, impl=impl, gflops=flops / stats.median / 1e9,
+                                 build_info=str(diffrepro.build_info()))
+        RESULTS.append(dict(case=case, impl=impl, seconds=stats.median, min=stats.min, max=stats.max,
+                            rounds=stats.rounds, gflops=flops / stats.median / 1e9, note=note))
 
     return _record
 

@@ -113,7 +113,8 @@ def test_gl_sscd_matches_float64_oracle_faiss_and_memmap_streaming(tmp_path):
     assert res["gl"] == pytest.approx(gl, abs=1e-15)
     assert res["count"] == int(np.sum(max_sim > 0.6)) and res["n"] == 50
     assert res["memorised_fraction"] == pytest.approx(1 - gl)
-    assert res["gl_ci95"] == pytest.approx((1 - res["ci95"][1], 1 - res["ci95"][0]))
+    assert res["memorised_ci95"] == metrics.wilson_interval(res["count"], res["n"])
+    assert res["gl_ci95"] == pytest.approx((1 - res["memorised_ci95"][1], 1 - res["memorised_ci95"][0]))
 
     index = faiss.IndexFlatIP(32)
     index.add(train)

@@ -2,11 +2,10 @@
 """End-to-end tests of ``diffrepro features | score | linearity | distill`` through
 ``diffrepro.cli.main`` on real files made in tmp_path, checked against exact constructions,
 brute-force float64 numpy oracles and closed forms (SPEC §5, §6, §7, §9)."""
-import importlib
+import contextlib
+import io
 import json
 import math
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -17,13 +16,6 @@ import torch.nn.functional as F
 from diffrepro import metrics
 from diffrepro.data import save_png
 from diffrepro.sscd import load_features, preprocess_images, save_features
-
-try:  # cli imports the generate workflow; tolerate only its absence (this file does not test it)
-    importlib.import_module("diffrepro.generate")
-except ModuleNotFoundError as exc:  # pragma: no cover - only while generate.py is unwritten
-    if exc.name != "diffrepro.generate":
-        raise
-    sys.modules["diffrepro.generate"] = types.SimpleNamespace(add_commands=lambda sub: None)
 
 from diffrepro.cli import main
 
@@ -46,11 +38,17 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
-def fail(*argv):
-    """Run a command that must fail with a user error; return its message."""
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in argv])
-    return str(info.value.code)
+def fail(*argv, status=2):
+    """Run a command that must fail with a one-line user error (exit 2) or runtime error (exit 1);
+    return its message."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse's own type and choice errors
+            code = exc.code
+    assert code == status, err.getvalue()
+    return err.getvalue()
 
 
 def write_pngs(folder, images, names):
@@ -142,13 +140,17 @@ def test_rp_exact_counts_strict_threshold_pairing_by_id(tmp_path):
         run("score", "rp", f"--a={tmp_path / 'a.npz'}", f"--b={tmp_path / 'b.npz'}", f"--tau={tau}", f"--json={out}")
         res = read_json(out)
         assert res["count"] == count == int((SIMS > tau).sum())
-        assert res["n_pairs"] == 7 and res["rp"] == count / 7 and res["tau"] == tau
+        assert res["n"] == 7 and res["rp"] == count / 7 and res["tau"] == tau
         assert res["ci95"] == list(metrics.wilson_interval(count, 7))
     # default JSON location: next to the first input, or in --outdir
     run("score", "rp", f"--a={tmp_path / 'a.npz'}", f"--b={tmp_path / 'b.npz'}")
-    assert read_json(tmp_path / "a.rp.json")["count"] == 3
+    assert read_json(tmp_path / "a__b.rp.json")["count"] == 3
     run("score", "rp", f"--a={tmp_path / 'a.npz'}", f"--b={tmp_path / 'b.npz'}", f"--outdir={tmp_path / 'o'}")
-    assert (tmp_path / "o" / "a.rp.json").is_file()
+    assert (tmp_path / "o" / "a__b.rp.json").is_file()
+    # per generation, beside the JSON: ids in ascending order and each pair's similarity
+    with np.load(tmp_path / "a__b.rp.npz") as z:
+        assert z["ids"].tolist() == sorted(ids.tolist())
+        np.testing.assert_allclose(z["sim"], SIMS, rtol=0, atol=1e-12)
 
 
 def test_rp_errors_name_the_argument(tmp_path):
@@ -184,12 +186,12 @@ def test_mae_exact_counts_signed_difference_and_id_pairing(tmp_path):
     out = tmp_path / "mae.json"
     run("score", "mae", f"--a={tmp_path / 'a'}", f"--b={tmp_path / 'b'}", f"--json={out}")
     res = read_json(out)
-    assert res["count"] == 2 and res["n_pairs"] == 6 and res["thresh"] == 15.0
+    assert res["count"] == 2 and res["n"] == 6 and res["thresh"] == 15.0
     assert res["ci95"] == list(metrics.wilson_interval(2, 6))
     run("score", "mae", f"--a={tmp_path / 'a'}", f"--b={tmp_path / 'b'}", "--thresh=15.5", f"--json={out}")
     assert read_json(out)["count"] == 4
     run("score", "mae", f"--a={tmp_path / 'a'}", f"--b={tmp_path / 'b'}")
-    assert (tmp_path / "a.mae.json").is_file()
+    assert (tmp_path / "a__b.mae.json").is_file()
 
     write_pngs(tmp_path / "c", base[:5].astype(np.uint8), [f"{s:06d}.png" for s in seeds[:5]])
     msg = fail("score", "mae", f"--a={tmp_path / 'a'}", f"--b={tmp_path / 'c'}")
@@ -236,11 +238,11 @@ def test_gl_sscd_streams_memmap_and_matches_float64_oracle(gl_sscd_files, train_
             f"--tau={tau}", "--chunk-rows=700", f"--json={out}")
         res = read_json(out)
         count = _gl_oracle(gen, ref, tau)
-        assert res["n_memorised"] == count and res["n"] == 40 and res["n_train"] == 3000
+        assert res["count"] == count and res["n"] == 40 and res["n_train"] == 3000
         assert res["memorised_fraction"] == count / 40 and res["gl"] == 1 - count / 40
         lo, hi = metrics.wilson_interval(count, 40)
-        assert res["memorised_fraction_ci95"] == [lo, hi]
-        assert res["ci95"] == pytest.approx([1 - hi, 1 - lo], abs=1e-15)
+        assert res["memorised_ci95"] == [lo, hi]
+        assert res["gl_ci95"] == pytest.approx([1 - hi, 1 - lo], abs=1e-15)
     # the constructed row sits exactly at 0.6: it counts at tau=0.59 but not at 0.6
     assert _gl_oracle(gen[15:16], ref, 0.6) == 0 and _gl_oracle(gen[15:16], ref, 0.59) == 1
 
@@ -286,7 +288,7 @@ def test_gl_nn_png_folder_and_float_npz_match_float64_oracle(tmp_path):
     xf = rng.uniform(-1, 1, (6, 3, 4, 4))
     np.savez(tmp_path / "gen_float.npz", x=xf)
     run("score", "gl-nn", f"--gen={tmp_path / 'gen_float.npz'}", f"--train={tmp_path / 'train.npz'}")
-    assert read_json(tmp_path / "gen_float.gl-nn.json")["gl_nn"] == pytest.approx(oracle(xf, "x"), rel=1e-12)
+    assert read_json(tmp_path / "gen_float__train.gl-nn.json")["gl_nn"] == pytest.approx(oracle(xf, "x"), rel=1e-12)
 
     np.savez(tmp_path / "small.npz", images=train[:, :, :2, :2])
     assert "--gen and --train" in fail("score", "gl-nn", f"--gen={tmp_path / 'gen'}", f"--train={tmp_path / 'small.npz'}")
@@ -303,7 +305,7 @@ def test_matrix_rp_and_mae_with_heatmap(tmp_path):
         files.append(tmp_path / f"m{i}.npz")
         save_features(files[-1], r, ids)
     run("score", "matrix", "--features", *files, "--metric=rp", "--names", "A", "B", "C")
-    res = read_json(tmp_path / "m0.rp-matrix.json")
+    res = read_json(tmp_path / "m0__m1__m2.rp-matrix.json")
     m = np.array(res["matrix"])
     assert res["names"] == ["A", "B", "C"] and np.array_equal(m, m.T) and np.all(np.diag(m) == 1)
     for i in range(3):
@@ -451,4 +453,32 @@ def test_gl_sscd_accepts_p1_style_files_without_ids(gl_sscd_files):
     np.savez(tmp_path / "p1_gen.npz", features=gen)
     np.savez(tmp_path / "p1_train.npz", features=train)
     run("score", "gl-sscd", f"--gen={tmp_path / 'p1_gen.npz'}", f"--train={tmp_path / 'p1_train.npz'}")
-    assert read_json(tmp_path / "p1_gen.gl-sscd.json")["n_memorised"] == _gl_oracle(gen, train, 0.6)
+    assert read_json(tmp_path / "p1_gen__p1_train.gl-sscd.json")["count"] == _gl_oracle(gen, train, 0.6)
+
+
+def test_rp_pair_by_row_for_files_without_ids(tmp_path):
+    np.savez(tmp_path / "a.npz", features=A_ROWS)
+    np.savez(tmp_path / "b.npz", features=B_ROWS)
+    assert "--pair-by row" in fail("score", "rp", f"--a={tmp_path / 'a.npz'}", f"--b={tmp_path / 'b.npz'}")
+    run("score", "rp", f"--a={tmp_path / 'a.npz'}", f"--b={tmp_path / 'b.npz'}", "--pair-by=row")
+    res = read_json(tmp_path / "a__b.rp.json")
+    assert res["count"] == int((SIMS > 0.6).sum()) and res["n"] == 7 and res["pair_by"] == "row"
+    np.savez(tmp_path / "c.npz", features=B_ROWS[:5])
+    assert "needs the same number" in fail("score", "rp", f"--a={tmp_path / 'a.npz'}", f"--b={tmp_path / 'c.npz'}",
+                                           "--pair-by=row")
+
+
+def test_rp_refuses_descriptors_of_different_models(tmp_path):
+    ids = np.arange(7)
+    save_features(tmp_path / "a.npz", A_ROWS, ids, {"model_sha256": "aaa", "preprocess": "p1_pil320"})
+    save_features(tmp_path / "b.npz", B_ROWS, ids, {"model_sha256": "bbb", "preprocess": "p1_pil320"})
+    save_features(tmp_path / "c.npz", B_ROWS, ids, {"model_sha256": "aaa", "preprocess": "torch320"})
+    for other in ("b", "c"):
+        msg = fail("score", "rp", f"--a={tmp_path / 'a.npz'}", f"--b={tmp_path / f'{other}.npz'}")
+        assert "different models or preprocessing" in msg and msg.count("\n") == 1
+        assert not (tmp_path / f"a__{other}.rp.json").exists()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        run("score", "rp", f"--a={tmp_path / 'a.npz'}", f"--b={tmp_path / 'b.npz'}", "--allow-mixed-models")
+    assert "warning: comparing descriptors of different models" in err.getvalue()
+    assert read_json(tmp_path / "a__b.rp.json")["mixed_models"] is True

@@ -156,7 +156,8 @@ def faiss_subprocess_times(Q: int, N: int, D: int, k: int, metric: str = "ip", r
     return json.loads(out.strip().splitlines()[-1])
 
 
-def median_seconds(fn, rounds: int = 5, warmup: int = 1) -> float:
+def time_rounds(fn, rounds: int = 5, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of ``rounds`` calls of ``fn`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -164,7 +165,14 @@ def median_seconds(fn, rounds: int = 5, warmup: int = 1) -> float:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def timing_row(case: str, impl: str, times: list[float], flops: float, **extra) -> dict:
+    """One table row: the median, the spread (min and max) and the number of rounds."""
+    t = statistics.median(times) if times else float("nan")
+    return dict(case=case, impl=impl, seconds=t, min=min(times, default=t), max=max(times, default=t),
+                rounds=len(times), gflops=flops / t / 1e9, **extra)
 
 
 def run_table(size_name: str | None = None, rounds: int = 5, include_paper1: bool = True) -> list[dict]:
@@ -185,29 +193,30 @@ def run_table(size_name: str | None = None, rounds: int = 5, include_paper1: boo
             "torch chunked": lambda: torch_chunked_denoiser(x, train, sigma, train_norm2=norm2),
         }
         for name, fn in impls.items():
-            t = median_seconds(fn, rounds)
-            rows.append(dict(case=case, impl=name, seconds=t, gflops=flops / t / 1e9))
+            rows.append(timing_row(case, name, time_rounds(fn, rounds), flops))
         if include_paper1:
             _, t = paper1_seconds(x, train, sigma, n_subset=512)
-            rows.append(dict(case=case, impl="paper 1 (extrapolated)", seconds=t, gflops=flops / t / 1e9))
+            rows.append(timing_row(case, "paper 1 (extrapolated)", [t], flops))
     for N in sz["nn_n"]:
         q, r = search_workload(sz["nn_q"], N, sz["nn_d"])
         for k in sz["ks"]:
             case = f"nn_search Q={sz['nn_q']} N={N} D={sz['nn_d']} k={k}"
             flops = search_flops(sz["nn_q"], N, sz["nn_d"])
-            t = median_seconds(lambda: ops.nn_search(q, r, k), rounds)
-            rows.append(dict(case=case, impl="diffrepro", seconds=t, gflops=flops / t / 1e9))
+            rows.append(timing_row(case, "diffrepro", time_rounds(lambda: ops.nn_search(q, r, k), rounds), flops))
             for label, core in (("faiss (default env)", None), (f"faiss (OPENBLAS_CORETYPE={best_openblas_coretype()})", best_openblas_coretype())):
                 try:
-                    t = statistics.median(faiss_subprocess_times(sz["nn_q"], N, sz["nn_d"], k, rounds=rounds, coretype=core))
-                    rows.append(dict(case=case, impl=label, seconds=t, gflops=flops / t / 1e9))
+                    times = faiss_subprocess_times(sz["nn_q"], N, sz["nn_d"], k, rounds=rounds, coretype=core)
+                    rows.append(timing_row(case, label, times, flops))
                 except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-                    rows.append(dict(case=case, impl=label, seconds=float("nan"), gflops=float("nan"), error=str(exc)[:200]))
+                    rows.append(timing_row(case, label, [], flops, error=str(exc)[:200]))
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'case':<48} {'implementation':<36} {'median s':>10} {'GFLOP/s':>9} {'diffrepro speed-up':>18}"]
+    """Median seconds with their spread (min–max over the rounds), GFLOP/s, and each peer's time
+    over diffrepro's (the speed-up)."""
+    lines = [f"{'case':<48} {'implementation':<36} {'median s':>10} {'min-max s':>19} {'rounds':>6} "
+             f"{'GFLOP/s':>9} {'diffrepro speed-up':>18}"]
     by_case: dict[str, list[dict]] = {}
     for r in rows:
         by_case.setdefault(r["case"], []).append(r)
@@ -215,5 +224,7 @@ def format_table(rows: list[dict]) -> str:
         ours = next((r["seconds"] for r in rs if r["impl"] == "diffrepro"), float("nan"))
         for r in rs:
             ratio = r["seconds"] / ours if r["impl"] != "diffrepro" else 1.0
-            lines.append(f"{case:<48} {r['impl']:<36} {r['seconds']:>10.4f} {r['gflops']:>9.1f} {ratio:>17.2f}x")
+            spread = f"{r.get('min', r['seconds']):.4f}-{r.get('max', r['seconds']):.4f}"
+            lines.append(f"{case:<48} {r['impl']:<36} {r['seconds']:>10.4f} {spread:>19} {r.get('rounds', 1):>6} "
+                         f"{r['gflops']:>9.1f} {ratio:>17.2f}x")
     return "\n".join(lines)

@@ -1,12 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 # Dataset readers (CIFAR-10 python batches, EDM dataset zips and folders, npz, npy) returning uint8
 # NCHW arrays in the reference order, plus the uint8 quantisation, PNG/grid writers and atomic saves.
-"""Image data in and out (SPEC §0, §4.3, §4.4, §9).
+"""Image data in and out: readers, the uint8 convention, PNG/grid writers and atomic saves.
 
 Every reader returns uint8 images as an ``[N, C, H, W]`` numpy array (RGB or single channel,
 C-major) in the order the reference code uses: the CIFAR-10 batches in file order, and EDM
 zips and folders by sorted relative file name. Convert to the diffusion scale with
-``y = u / 127.5 - 1``; :func:`quantize` is the exact inverse on those values.
+:func:`decode` (``y = u / 127.5 - 1``); :func:`quantize` is EDM's exact inverse on those values.
 """
 
 from __future__ import annotations
@@ -390,8 +390,29 @@ def _load_npz(path: str, max_images: int | None) -> Dataset:
 # Writers
 
 
+def decode(u, dtype=None):
+    """uint8 pixels to the diffusion scale, ``y = u / 127.5 − 1`` (the inverse of :func:`quantize`).
+
+    Args:
+        u: uint8 numpy array or torch tensor of any shape.
+        dtype: result dtype (default float64, numpy or torch to match ``u``).
+
+    Returns:
+        Floats in [-1, 1] of the same shape and kind (torch tensors stay on their device).
+    """
+    if isinstance(u, np.ndarray):
+        if u.dtype != np.uint8:
+            raise TypeError(f"u must be uint8 pixels, got dtype {u.dtype}")
+        return (u.astype(dtype or np.float64) / 127.5 - 1.0).astype(dtype or np.float64, copy=False)
+    import torch
+
+    if not torch.is_tensor(u) or u.dtype != torch.uint8:
+        raise TypeError(f"u must be a uint8 numpy array or torch tensor, got {getattr(u, 'dtype', type(u).__name__)}")
+    return u.to(dtype or torch.float64) / 127.5 - 1.0
+
+
 def quantize(x):
-    """Convert images in [-1, 1] to uint8 as the reference does (SPEC §0, §4.4).
+    """Convert images in [-1, 1] to uint8 exactly as EDM saves its PNGs.
 
     ``q = floor(clip(x * 127.5 + 128, 0, 255))``, evaluated in float64. This is round-half-up of
     ``x * 127.5 + 127.5``, so ``u / 127.5 - 1`` maps back to ``u`` exactly (also from float32).

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from .data import decode
 from .denoisers import LinearDenoiser
 
 __all__ = ["LR_TABLE", "distill_linear", "noisy_batches"]
@@ -48,7 +49,7 @@ def noisy_batches(y: np.ndarray | torch.Tensor, sigma: float, *, batch_size: int
     for _ in range(epochs):
         for start in range(0, len(y), batch_size):
             yb = y[start:start + batch_size].to(device)
-            yb = yb.float() / 127.5 - 1.0 if yb.dtype == torch.uint8 else yb.float()
+            yb = decode(yb, torch.float32) if yb.dtype == torch.uint8 else yb.float()
             yield yb + sigma * torch.randn(yb.shape, generator=gen, device=device)
 
 

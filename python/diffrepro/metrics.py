@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import atomic_save_npz
+from .data import atomic_save_npz, decode
 from .data import quantize as _quantize
 from .noise import noise_plane, slerp
 from .ops import merge_topk, nn_search_partial
@@ -31,6 +31,7 @@ __all__ = [
     "hyperplane_map",
     "linearity_score",
     "mae_score",
+    "memorisation_summary",
     "rp",
     "rp_between",
     "rp_cond",
@@ -195,7 +196,7 @@ def _stream_top1(queries: np.ndarray, refs: Any, metric: str, chunk_rows: int, u
 def _decode(rows: np.ndarray) -> np.ndarray:
     """Rows as float64; uint8 images are decoded ``u/127.5 − 1`` (the kernels' convention)."""
     rows = np.asarray(rows)
-    return rows / 127.5 - 1.0 if rows.dtype == np.uint8 else rows.astype(np.float64)
+    return decode(rows) if rows.dtype == np.uint8 else rows.astype(np.float64)
 
 
 def _rows(shards: list, index: np.ndarray) -> np.ndarray:
@@ -299,9 +300,9 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
         chunk_rows: training rows per kernel call.
 
     Returns:
-        ``{"gl", "memorised_fraction", "count" (memorised), "n", "ci95" (of the memorised
-        fraction), "gl_ci95", "tau", "max_sim" [Q] float64, "nn_index" [Q] int64}``. P1's
-        ``mscore`` prints ``gl`` but returns ``memorised_fraction``.
+        ``{"gl", "gl_ci95", "memorised_fraction", "memorised_ci95", "count" (memorised), "n",
+        "tau", "max_sim" [Q] float64, "nn_index" [Q] int64}``; the intervals are 95% Wilson
+        intervals. Zhang et al.'s ``mscore`` prints ``gl`` but returns ``memorised_fraction``.
     """
     if isinstance(gen_features, (str, os.PathLike)):
         gen_features = load_features(gen_features)
@@ -311,7 +312,7 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
     index, shards = _stream_top1(_unit_rows(gen), train_features, "ip", chunk_rows, unit_rows=True)
     max_sim = _cosine(gen, _rows(shards, index))
     out = _proportion("memorised_fraction", max_sim > tau, tau=tau, max_sim=max_sim, nn_index=index)
-    lo, hi = out["ci95"]
+    lo, hi = out["memorised_ci95"] = out.pop("ci95")
     return {"gl": 1.0 - out["memorised_fraction"], "gl_ci95": (1.0 - hi, 1.0 - lo), **out}
 
 
@@ -333,7 +334,8 @@ def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = 
         chunk_rows: training rows per kernel call.
 
     Returns:
-        ``{"gl_nn", "n", "std", "normalize", "ratio" [K], "dist" [K], "nn_index" [K]}``.
+        ``{"gl_nn", "n", "std", "ci95" (normal approximation of the mean), "normalize", "ratio" [K],
+        "dist" [K], "nn_index" [K]}``.
     """
     if normalize not in ("x", "none", "nn"):
         raise ValueError(f"normalize must be 'x', 'none' or 'nn', got {normalize!r}")
@@ -348,8 +350,44 @@ def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = 
     dist = np.linalg.norm(x - nn, axis=1)
     denom = {"x": np.linalg.norm(x, axis=1), "nn": np.linalg.norm(nn, axis=1), "none": 1.0}[normalize]
     ratio = dist / denom
-    return {"gl_nn": float(ratio.mean()), "n": len(ratio), "std": float(ratio.std(ddof=1)) if len(ratio) > 1 else 0.0,
-            "normalize": normalize, "ratio": ratio, "dist": dist, "nn_index": index}
+    mean, std = float(ratio.mean()), float(ratio.std(ddof=1)) if len(ratio) > 1 else 0.0
+    half = _Z95 * std / math.sqrt(len(ratio))
+    return {"gl_nn": mean, "n": len(ratio), "std": std, "ci95": (mean - half, mean + half), "normalize": normalize,
+            "ratio": ratio, "dist": dist, "nn_index": index}
+
+
+def memorisation_summary(gen_a: ArrayLike, gen_b: ArrayLike, train: ArrayLike) -> dict[str, Any]:
+    """How two sets of generations of the same seeds (e.g. Heun and Euler) relate to the
+    training set: exact copies and the nearest training image.
+
+    Args:
+        gen_a: float ``[K, C, H, W]`` generations in [-1, 1].
+        gen_b: float ``[K, C, H, W]`` generations of the same seeds, in the same order.
+        train: uint8 ``[N, C, H, W]`` training images.
+
+    Returns:
+        ``"memorised_a"``, ``"memorised_b"``: proportions (``fraction``, ``count``, ``n``,
+        ``ci95``) of quantised generations byte-equal to a training image; ``"nearest_a"``,
+        ``"nearest_b"``: int64 ``[K]`` nearest training image (L2, ties to the lowest index);
+        ``"agreement"``: proportion of seeds whose two generations have the same nearest image.
+    """
+    train = np.asarray(train)
+    if train.dtype != np.uint8:
+        raise TypeError(f"train must be uint8 images [N, C, H, W], got dtype {train.dtype}")
+    flat = train.reshape(len(train), -1)
+    rows = {bytes(r) for r in flat}
+    out: dict[str, Any] = {}
+    for key, gen in (("a", gen_a), ("b", gen_b)):
+        gen = np.asarray(_as_numpy(gen), dtype=np.float64)
+        q = _as_numpy(_quantize(gen)).reshape(len(gen), -1)
+        out[f"memorised_{key}"] = _proportion("fraction", np.array([bytes(r) in rows for r in q]))
+        out[f"nearest_{key}"] = _stream_top1(gen.reshape(len(gen), -1).astype(np.float32), flat, "l2",
+                                             chunk_rows=16384)[0]
+    if len(out["nearest_a"]) != len(out["nearest_b"]):
+        raise ValueError(f"gen_a and gen_b must hold the same seeds, got {len(out['nearest_a'])} and "
+                         f"{len(out['nearest_b'])} generations")
+    out["agreement"] = _proportion("fraction", out["nearest_a"] == out["nearest_b"])
+    return out
 
 
 def rp_cond(a_by_class: Mapping[Any, FeaturesLike], b_by_class: Mapping[Any, FeaturesLike], *,

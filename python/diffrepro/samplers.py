@@ -15,12 +15,13 @@ including the order schedules of their reference library.
 from __future__ import annotations
 
 import math
-import warnings
+import numbers
 from collections.abc import Callable
 
 import torch
 
-from diffrepro.schedules import (
+from .schedules import (
+    EDM,
     VP,
     EDMAblationFamily,
     NoiseFamily,
@@ -48,7 +49,15 @@ __all__ = [
     "sample_ode",
     "sample_preset",
     "singlestep_orders",
-    "warn_if_sampler_mismatch",
+    "sampler_mismatch",
+    "sample",
+    "SAMPLERS",
+    "NETWORK_SOLVER",
+    "edm_grid",
+    "evaluation_sigmas",
+    "nfe",
+    "check_sampler",
+    "has_closed_form",
 ]
 
 _F64 = torch.float64
@@ -152,9 +161,10 @@ def _sigma_loop(call, x, t_steps, *, solver, round_sigma=lambda s: s, gamma_max=
         gamma = gamma_max if S_min <= t_cur <= S_max else 0.0
         t_hat = torch.as_tensor(round_sigma(t_cur + gamma * t_cur), dtype=_F64)
         x_hat = x
-        # EDM draws randn_like(x) even when gamma == 0 and multiplies it by 0; skipping the draw
-        # leaves the output unchanged (only the generator state differs; SPEC §10 #8).
-        if gamma > 0:
+        # Once churn is on, EDM draws randn_like(x) at every step, also outside [S_min, S_max]
+        # where gamma = 0 and the draw is multiplied by 0: drawing here too keeps the noise of
+        # every later churn step identical to EDM's. Without churn no draw can matter.
+        if gamma_max > 0:
             x_hat = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x)
         denoised = call(x_hat, t_hat)
         d_cur = (x_hat - denoised) / t_hat
@@ -167,6 +177,20 @@ def _sigma_loop(call, x, t_steps, *, solver, round_sigma=lambda s: s, gamma_max=
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
         x = x_next
     return x
+
+
+def edm_grid(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+             net=None) -> torch.Tensor:
+    """EDM's step grid ``t_0 .. t_{N-1}, 0`` exactly as its sampler builds it (Karras et al. 2022,
+    eq. 5): ``[sigma_min, sigma_max]`` clamped to ``net``'s support, each ``t_i`` through
+    ``net.round_sigma`` when it has one, then ``t_N = 0``.
+
+    Returns:
+        float64 ``[num_steps + 1]``.
+    """
+    lo, hi = clamp_sigma_range(sigma_min, sigma_max, net)
+    t = torch.as_tensor(get_round_sigma(net)(edm_sigmas(num_steps, lo, hi, rho)), dtype=_F64)
+    return torch.cat([t, torch.zeros_like(t[:1])])
 
 
 def edm_sampler(
@@ -192,8 +216,9 @@ def edm_sampler(
     has them and the grid goes through ``net.round_sigma`` when it has one; ``t_N = 0`` is
     appended, so the last step is Euler and ``x_N = D(x_{N-1}; t_{N-1})``. ``solver="euler"``
     skips every Heun correction (P1's optimal-denoiser sampler, NFE = N); ``"heun"`` gives
-    NFE = 2N - 1. Unlike EDM, no churn noise is drawn when ``gamma = 0``: the output is
-    identical, only ``randn_like``'s generator is not advanced.
+    NFE = 2N - 1. With churn, noise is drawn at every step as in EDM (also where
+    ``gamma = 0``), so a seeded ``randn_like`` gives EDM's samples bit for bit; without churn
+    nothing is drawn.
 
     Args:
         net: denoiser ``D(x, sigma[, class_labels])``.
@@ -211,14 +236,10 @@ def edm_sampler(
     """
     latents = _check_state("latents", latents)
     _check_choice("solver", solver, ("heun", "euler"))
-    sigma_min, sigma_max = clamp_sigma_range(sigma_min, sigma_max, net)
-    round_sigma = get_round_sigma(net)
-    t_steps = edm_sigmas(num_steps, sigma_min, sigma_max, rho).to(latents.device)
-    t_steps = torch.as_tensor(round_sigma(t_steps), dtype=_F64)
-    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    t_steps = edm_grid(num_steps, sigma_min, sigma_max, rho, net).to(latents.device)
     x = latents.to(_F64) * t_steps[0]
     return _sigma_loop(
-        _caller(net, class_labels), x, t_steps, solver=solver, round_sigma=round_sigma,
+        _caller(net, class_labels), x, t_steps, solver=solver, round_sigma=get_round_sigma(net),
         gamma_max=_gamma_max(S_churn, num_steps), S_min=S_min, S_max=S_max, S_noise=S_noise,
         randn_like=randn_like, callback=callback,
     )
@@ -288,13 +309,9 @@ def ode_inversion(
     """
     images = _check_state("images", images)
     _check_choice("solver", solver, ("heun", "euler"))
-    sigma_min, sigma_max = clamp_sigma_range(sigma_min, sigma_max, net)
-    round_sigma = get_round_sigma(net)
-    grid = edm_sigmas(num_steps, sigma_min, sigma_max, rho).to(images.device)
-    grid = torch.as_tensor(round_sigma(grid), dtype=_F64).flip(0)
-    x = _sigma_loop(
-        _caller(net, class_labels), images.to(_F64), grid, solver=solver, round_sigma=round_sigma, callback=callback
-    )
+    grid = edm_grid(num_steps, sigma_min, sigma_max, rho, net)[:-1].flip(0).to(images.device)
+    x = _sigma_loop(_caller(net, class_labels), images.to(_F64), grid, solver=solver,
+                    round_sigma=get_round_sigma(net), callback=callback)
     return x / grid[-1]
 
 
@@ -318,7 +335,7 @@ def _family_loop(call, latents, family, t_steps, *, solver, alpha, round_sigma=l
         gamma = gamma_max if S_min <= sig_cur <= S_max else 0.0
         t_hat = family.sigma_inv(round_sigma(sig_cur + gamma * sig_cur))
         x_hat = s(t_hat) / s(t_cur) * x
-        if gamma > 0:  # see _sigma_loop: no draw when gamma == 0
+        if gamma_max > 0:  # as in _sigma_loop: EDM draws at every step once churn is on
             x_hat = x_hat + (sigma(t_hat) ** 2 - sig_cur**2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x)
         h = t_next - t_hat
         denoised = call(x_hat / s(t_hat), sigma(t_hat))
@@ -739,17 +756,23 @@ def dpm_solver(
 
 
 # --------------------------------------------------------------------------------------------
-# Presets (SPEC §3.5)
+# Presets: the papers' sampler settings
 # --------------------------------------------------------------------------------------------
 
 PRESETS: dict[str, dict] = {
-    # P1 optimal (empirical) denoiser: EDM grid, Euler only (NFE 18).
+    # Zhang et al. 2024, optimal (empirical) denoiser: EDM grid, Euler only (NFE 18).
     "p1_optimal": {"solver": "euler", "num_steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
-    # P1 trained networks: EDM Heun, 18 steps (NFE 35).
+    # Zhang et al. 2024, trained networks: EDM Heun, 18 steps (NFE 35).
     "p1_net": {"solver": "heun", "num_steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
-    # P2 notebooks: Euler for every model, 10 steps.
+    # Li, Dai, Qu 2024, CIFAR notebook: Euler, 10 steps. Its optimal-denoiser trajectories end at
+    # sigma = 0.002 ...
     "p2_euler10": {"solver": "euler", "num_steps": 10, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
+    # ... while its Gaussian and network trajectories end at 0.02, the VE network's sigma_min.
+    "p2_euler10_net": {"solver": "euler", "num_steps": 10, "sigma_min": 0.02, "sigma_max": 80.0, "rho": 7.0},
 }
+# The solver the papers' *networks* use beside each preset: theory samples drawn with another
+# solver mix the solvers' discretisation error into theory-vs-network comparisons.
+NETWORK_SOLVER = {"p1_optimal": "heun", "p1_net": "heun", "p2_euler10": "euler", "p2_euler10_net": "euler"}
 
 
 def sample_preset(name: str, net, latents: torch.Tensor, class_labels=None, **overrides) -> torch.Tensor:
@@ -763,22 +786,107 @@ def sample_preset(name: str, net, latents: torch.Tensor, class_labels=None, **ov
     return edm_sampler(net, latents, class_labels, **{**PRESETS[name], **overrides})
 
 
-def warn_if_sampler_mismatch(theory_solver: str, net_solver: str) -> bool:
-    """Warns when the analytic ("theory") samples and the network samples use different solvers.
+def sampler_mismatch(theory_solver: str, preset: str) -> str | None:
+    """Why theory samples drawn with ``theory_solver`` are not comparable with the networks of
+    ``preset``, or None when they use the same solver.
 
-    P1 samples its optimal denoiser with Euler but its networks with Heun (SPEC §3.5, §11.4);
-    comparing the two mixes solver error into the reproducibility numbers.
+    Zhang et al. sample their optimal denoiser with Euler (preset ``p1_optimal``) but their
+    networks with Heun; comparing the two mixes the solvers' discretisation difference into the
+    reproducibility numbers. A preset used as published is not flagged for its own solver.
+    """
+    net_solver = NETWORK_SOLVER[preset]
+    if theory_solver == net_solver or theory_solver == PRESETS[preset]["solver"]:
+        return None
+    return (f"theory samples use solver {theory_solver!r} but the networks of preset {preset!r} use "
+            f"{net_solver!r}; the comparison includes the solvers' discretisation difference")
+
+
+# --------------------------------------------------------------------------------------------
+# One entry point for workflows: sample(denoiser, latents, sampler=..., steps=...)
+# --------------------------------------------------------------------------------------------
+
+SAMPLERS = ("heun", "euler", "dpm", "exact")
+
+
+def nfe(sampler: str, steps: int) -> int:
+    """Denoiser evaluations per sample: Heun ``2N − 1``, Euler ``N``, DPM-Solver ``steps + 1``
+    (with the final ``D(x; σ_min)``); ``"exact"`` counts as the ODE's ``N`` steps (closed form)."""
+    return {"heun": 2 * steps - 1, "euler": steps, "dpm": steps + 1, "exact": steps}[sampler]
+
+
+def has_closed_form(denoiser, sampler: str, class_labels=None) -> bool:
+    """True when :func:`sample` uses the denoiser's closed-form trajectory (Gaussian denoisers
+    with ``"heun"``, ``"euler"`` or ``"exact"``, unconditional)."""
+    return hasattr(denoiser, "trajectory") and sampler in ("heun", "euler", "exact") and class_labels is None
+
+
+def check_sampler(sampler: str, steps: int, denoiser) -> None:
+    """Raise ValueError unless ``sampler``/``steps`` can run with ``denoiser``."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {sampler!r}")
+    minimum = 3 if sampler == "dpm" else 2
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < minimum:
+        raise ValueError(f"steps must be an integer >= {minimum} for sampler {sampler!r}, got {steps!r}")
+    if sampler == "exact" and not hasattr(denoiser, "trajectory"):
+        raise ValueError(f"sampler 'exact' (the closed-form ODE solution) needs a GaussianDenoiser, "
+                         f"got {type(denoiser).__name__}; use 'heun', 'euler' or 'dpm'")
+
+
+def _dpm_kwargs(denoiser, steps: int, sigma_min: float, sigma_max: float) -> dict:
+    """DPM-Solver on the EDM family (s = 1, σ = t) from σ_max down to σ_min, then ``D(x; σ_min)``
+    (``denoise_to_zero``, the analogue of EDM's final Euler step into σ = 0)."""
+    lo, hi = clamp_sigma_range(sigma_min, sigma_max, denoiser)
+    return {"family": EDM(), "steps": int(steps), "t_start": hi, "t_end": lo, "denoise_to_zero": True}
+
+
+def evaluation_sigmas(denoiser, sampler: str, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                      rho: float = 7.0) -> list[float]:
+    """For ``"dpm"``: the σ of every denoiser evaluation of :func:`sample`, in order (found by
+    running the solver on a 1-pixel state with a recording zero denoiser). Otherwise EDM's step
+    grid ``t_0 .. t_{N-1}, 0`` (:func:`edm_grid`)."""
+    if sampler != "dpm":
+        return edm_grid(steps, sigma_min, sigma_max, rho, denoiser).tolist()
+    seen: list[float] = []
+
+    def record(x, sigma):
+        seen.append(float(sigma))
+        return torch.zeros_like(x)
+
+    dpm_solver(record, torch.zeros(1, 1, 1, 1, dtype=_F64), **_dpm_kwargs(denoiser, steps, sigma_min, sigma_max))
+    return seen
+
+
+def sample(denoiser, latents: torch.Tensor, class_labels=None, *, sampler: str = "heun", steps: int = 18,
+           sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, callback=None) -> torch.Tensor:
+    """Deterministic samples of one batch.
+
+    * ``"heun"``/``"euler"``: :func:`edm_sampler` (EDM Algorithm 2, no churn).
+    * ``"dpm"``: singlestep order-3 DPM-Solver with ``steps`` evaluations on the EDM family
+      between σ_max and σ_min (log-SNR spacing), then ``D(x; σ_min)``.
+    * A Gaussian denoiser with ``"heun"``, ``"euler"`` or ``"exact"`` (unconditional) uses its
+      closed-form trajectory (two ``[B, d] × [d, d]`` products whatever ``steps`` is), equal to
+      step-by-step sampling up to rounding.
+
+    Args:
+        denoiser: an EDM-style denoiser ``D(x, sigma[, class_labels])``.
+        latents: unit Gaussian noise ``[B, C, H, W]``.
+        class_labels: one-hot ``[B, label_dim]`` or None.
+        sampler: one of :data:`SAMPLERS`.
+        steps: EDM grid size N (``"dpm"``: the number of solver evaluations).
+        sigma_min: smallest σ of the grid (clamped to the denoiser's support).
+        sigma_max: largest σ of the grid (clamped to the denoiser's support).
+        rho: EDM grid exponent.
+        callback: per-step callback passed to the sampler (not called on the closed-form path).
 
     Returns:
-        True if a ``UserWarning`` was emitted.
+        float64 ``[B, C, H, W]`` samples.
     """
-    if theory_solver == net_solver:
-        return False
-    warnings.warn(
-        f"theory samples use solver {theory_solver!r} but network samples use {net_solver!r}; "
-        "the comparison includes the solvers' discretisation difference (P1 uses Euler for the "
-        "optimal denoiser and Heun for networks)",
-        UserWarning,
-        stacklevel=2,
-    )
-    return True
+    inner = getattr(denoiser, "inner", denoiser)  # a TimedDenoiser exposes what it wraps
+    check_sampler(sampler, steps, inner)
+    if has_closed_form(inner, sampler, class_labels):
+        return inner.trajectory(latents, edm_grid(steps, sigma_min, sigma_max, rho, inner), solver=sampler)
+    if sampler == "dpm":
+        return dpm_solver(denoiser, latents, class_labels, callback=callback,
+                          **_dpm_kwargs(denoiser, steps, sigma_min, sigma_max))
+    return edm_sampler(denoiser, latents, class_labels, num_steps=steps, sigma_min=sigma_min,
+                       sigma_max=sigma_max, rho=rho, solver=sampler, callback=callback)

@@ -1,14 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-# Theoretical generation: sample the empirical or Gaussian denoiser from per-seed EDM noise and
-# write EDM-style outputs (one PNG per seed, batch npz files, manifest, 8x8 grid), resumably.
-"""Theoretical generations with the analytic denoisers (SPEC §1-§4, §9, §10 #1-5, #8, #15).
+"""Theoretical generations with the analytic denoisers, written in EDM's layout, resumably.
 
-The workflow follows EDM's ``generate.py``: seeds in EDM syntax, per-seed noise
-(:func:`diffrepro.noise.seed_latents`) or a noise bank, EDM's batch split
-(:func:`diffrepro.noise.split_seeds`), a deterministic sampler (Heun 18 by default) and one PNG
-per seed quantised as EDM does (:func:`diffrepro.data.quantize`). diffrepro also writes the
-float64 outputs (one ``.npz`` per batch), a JSON manifest and an 8×8 grid, and resumes after an
-interruption: a batch whose npz exists is not recomputed, and only missing PNGs are written.
+The workflow follows EDM's ``generate.py`` (Karras et al. 2022): seeds in EDM syntax, per-seed
+noise (:func:`diffrepro.noise.seed_latents`) or a noise bank, EDM's batch split
+(:func:`diffrepro.noise.split_seeds`), a deterministic sampler (Heun 18 by default,
+:func:`diffrepro.samplers.sample`) and one PNG per seed quantised as EDM does
+(:func:`diffrepro.data.quantize`). diffrepro also writes the float64 outputs (one ``.npz`` per
+batch), a JSON manifest and an 8×8 grid, and resumes after an interruption: a batch whose npz
+exists is not recomputed, and only missing PNGs are written.
 
 Output folder::
 
@@ -16,19 +15,15 @@ Output folder::
     outdir/batches/batch-000000.npz seeds int64 [B], images float64 [B, C, H, W] (first seed in name)
     outdir/grid.png                 the first 64 seeds, row-major 8×8
     outdir/manifest.json            configuration, σ grid, data hash, build and timing
-
-Command line: ``diffrepro generate ...`` and ``diffrepro demo`` (see :func:`add_commands`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import platform
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,30 +33,13 @@ import PIL
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, build_info, data, noise, ops, plots, samplers
-from .denoisers import EmpiricalDenoiser, GaussianDenoiser
-from .schedules import EDM, clamp_sigma_range, edm_sigmas, get_round_sigma
+from . import data, metrics, noise, plots, samplers
+from ._backend import build_info
+from .denoisers import EmpiricalDenoiser, GaussianDenoiser, TimedDenoiser
+from .samplers import has_closed_form, nfe, sample
 
-__all__ = [
-    "SAMPLERS",
-    "TimedDenoiser",
-    "add_commands",
-    "demo",
-    "estimate_cost",
-    "generate",
-    "load_outputs",
-    "memorisation_summary",
-    "nfe",
-    "plan_work",
-    "sample",
-]
+__all__ = ["demo", "estimate_cost", "generate", "load_outputs", "plan_work"]
 
-SAMPLERS = ("heun", "euler", "dpm", "exact")
-# EDM's own default sampler (Heun, 18 steps, rho-grid in [0.002, 80]) is paper 1's network preset.
-_EDM_DEFAULT = samplers.PRESETS["p1_net"]
-# The solver the paper's *networks* use alongside each analytic preset (SPEC §3.5): theory
-# samples drawn with another solver mix solver error into theory-vs-network comparisons.
-_NETWORK_SOLVER = {"p1_optimal": "heun", "p1_net": "heun", "p2_euler10": "euler"}
 _GRID_SEEDS = 64
 _MANIFEST = "manifest.json"
 _BATCH_DIR = "batches"
@@ -71,150 +49,17 @@ _EIGH_FLOPS_PER_D3 = 9.0
 
 
 # ------------------------------------------------------------------------------------------------
-# Sampling
-
-
-class TimedDenoiser:
-    """Wraps a denoiser and adds up the wall time spent inside its calls.
-
-    Attribute reads (``sigma_min``, ``round_sigma``, ...) go to the wrapped denoiser, so the
-    samplers see the same network support. On CUDA the device is synchronised around each call.
-
-    Attributes:
-        inner: the wrapped denoiser.
-        seconds: total seconds inside ``__call__``.
-        calls: number of calls.
-        rows: number of query rows passed in total.
-    """
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.seconds, self.calls, self.rows = 0.0, 0, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __call__(self, x, sigma, *args):
-        cuda = x.is_cuda
-        if cuda:
-            torch.cuda.synchronize(x.device)
-        start = time.perf_counter()
-        out = self.inner(x, sigma, *args)
-        if cuda:
-            torch.cuda.synchronize(x.device)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        self.rows += x.shape[0]
-        return out
-
-
-def _unwrap(denoiser):
-    return denoiser.inner if isinstance(denoiser, TimedDenoiser) else denoiser
-
-
-def _check_sampler(sampler: str, steps: int, denoiser) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {sampler!r}")
-    minimum = 3 if sampler == "dpm" else 2
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < minimum:
-        raise ValueError(f"steps must be an integer >= {minimum} for sampler {sampler!r}, "
-                         f"got {steps!r}")
-    if sampler == "exact" and not isinstance(_unwrap(denoiser), GaussianDenoiser):
-        raise ValueError(f"sampler 'exact' (the closed-form ODE solution) needs a GaussianDenoiser, "
-                         f"got {type(_unwrap(denoiser)).__name__}; use 'heun', 'euler' or 'dpm'")
-
-
-def _closed_form(denoiser, sampler: str, class_labels) -> bool:
-    return (isinstance(_unwrap(denoiser), GaussianDenoiser) and sampler in ("heun", "euler", "exact")
-            and class_labels is None)
-
-
-def _edm_grid(denoiser, steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
-    """EDM's step grid ``t_0..t_{N-1}, 0`` as :func:`samplers.edm_sampler` builds it (clamped
-    to the denoiser's support, through its ``round_sigma``)."""
-    lo, hi = clamp_sigma_range(sigma_min, sigma_max, denoiser)
-    t = torch.as_tensor(get_round_sigma(denoiser)(edm_sigmas(steps, lo, hi, rho)), dtype=torch.float64)
-    return torch.cat([t, torch.zeros_like(t[:1])])
-
-
-def _dpm_kwargs(denoiser, steps: int, sigma_min: float, sigma_max: float) -> dict:
-    """DPM-Solver on the EDM family (s = 1, σ = t) from σ_max down to σ_min, then ``D(x; σ_min)``
-    (``denoise_to_zero``, the analogue of EDM's final Euler step into σ = 0)."""
-    lo, hi = clamp_sigma_range(sigma_min, sigma_max, denoiser)
-    return {"family": EDM(), "steps": int(steps), "t_start": hi, "t_end": lo, "denoise_to_zero": True}
-
-
-def _dpm_sigmas(denoiser, steps: int, sigma_min: float, sigma_max: float) -> list[float]:
-    """The σ of every denoiser evaluation of :func:`sample` with ``sampler="dpm"``, in order
-    (found by running the solver on a 1-pixel zero state with a recording zero denoiser)."""
-    seen: list[float] = []
-
-    def record(x, sigma):
-        seen.append(float(sigma))
-        return torch.zeros_like(x)
-
-    samplers.dpm_solver(record, torch.zeros(1, 1, 1, 1, dtype=torch.float64),
-                        **_dpm_kwargs(denoiser, steps, sigma_min, sigma_max))
-    return seen
-
-
-def nfe(sampler: str, steps: int) -> int:
-    """Denoiser evaluations per sample: Heun ``2N − 1``, Euler ``N``, DPM-Solver ``steps + 1``
-    (with the final ``D(x; σ_min)``); ``"exact"`` counts as the ODE's ``N`` steps (closed form)."""
-    return {"heun": 2 * steps - 1, "euler": steps, "dpm": steps + 1, "exact": steps}[sampler]
-
-
-def sample(denoiser, latents: torch.Tensor, class_labels=None, *, sampler: str = "heun",
-           steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-           callback=None) -> torch.Tensor:
-    """Deterministic samples of one batch.
-
-    * ``"heun"``/``"euler"``: :func:`diffrepro.samplers.edm_sampler` (EDM Algorithm 2, no churn).
-    * ``"dpm"``: singlestep order-3 DPM-Solver with ``steps`` evaluations on the EDM family
-      between σ_max and σ_min (log-SNR spacing), then ``D(x; σ_min)``.
-    * A :class:`GaussianDenoiser` with ``"heun"``, ``"euler"`` or ``"exact"`` (unconditional) uses
-      its closed-form trajectory (two ``[B, d] × [d, d]`` products whatever ``steps`` is), equal
-      to step-by-step sampling up to rounding.
-
-    Args:
-        denoiser: an EDM-style denoiser ``D(x, sigma[, class_labels])`` (may be a
-            :class:`TimedDenoiser`).
-        latents: unit Gaussian noise ``[B, C, H, W]``.
-        class_labels: one-hot ``[B, label_dim]`` or None.
-        sampler: one of :data:`SAMPLERS`.
-        steps: EDM grid size N (``"dpm"``: the number of solver evaluations).
-        sigma_min: smallest σ of the grid (clamped to the denoiser's support).
-        sigma_max: largest σ of the grid (clamped to the denoiser's support).
-        rho: EDM grid exponent.
-        callback: per-step callback passed to the sampler (not called on the closed-form path).
-
-    Returns:
-        float64 ``[B, C, H, W]`` samples.
-    """
-    _check_sampler(sampler, steps, denoiser)
-    if _closed_form(denoiser, sampler, class_labels):
-        grid = _edm_grid(denoiser, steps, sigma_min, sigma_max, rho)
-        return _unwrap(denoiser).trajectory(latents, grid, solver=sampler)
-    if sampler == "dpm":
-        return samplers.dpm_solver(denoiser, latents, class_labels, callback=callback,
-                                   **_dpm_kwargs(denoiser, steps, sigma_min, sigma_max))
-    return samplers.edm_sampler(denoiser, latents, class_labels, num_steps=steps,
-                                sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, solver=sampler,
-                                callback=callback)
-
-
-# ------------------------------------------------------------------------------------------------
 # Denoisers
 
 
 def _flops_per_sample(denoiser, sampler: str, steps: int, class_idx) -> float | None:
     """Denoiser flops per generated sample (None when unknown, e.g. class-restricted rows)."""
-    den = _unwrap(denoiser)
+    den = getattr(denoiser, "inner", denoiser)
     d = den.img_channels * den.img_resolution ** 2
     if isinstance(den, GaussianDenoiser):
         r = d if den.rank is None else den.rank
         per_eval = 4.0 * d * r  # project and back-project
-        return per_eval if _closed_form(den, sampler, None) else per_eval * nfe(sampler, steps)
+        return per_eval if has_closed_form(den, sampler) else per_eval * nfe(sampler, steps)
     if isinstance(den, EmpiricalDenoiser) and class_idx is None:
         return 4.0 * den.num_rows * d * nfe(sampler, steps)  # logits GEMM + weighted-sum GEMM
     return None
@@ -224,7 +69,7 @@ def _flops_per_sample(denoiser, sampler: str, steps: int, class_idx) -> float | 
 # Output folder: batches, resume, manifest
 
 
-def _format_seeds(seeds: list[int]) -> str:
+def format_seeds(seeds: list[int]) -> str:
     """Compact EDM seed syntax for a list (inverse of :func:`diffrepro.noise.parse_seeds`)."""
     parts, i = [], 0
     while i < len(seeds):
@@ -280,6 +125,8 @@ def plan_work(seeds, outdir, *, sampler: str = "heun", steps: int = 18, batch: i
 
 
 def _versions() -> dict:
+    from . import __version__
+
     return {"diffrepro": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "pillow": PIL.__version__, "python": platform.python_version()}
 
@@ -399,8 +246,8 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     Returns:
         The manifest (also written to ``outdir/manifest.json``).
     """
-    den = _unwrap(denoiser)
-    _check_sampler(sampler, steps, den)
+    den = getattr(denoiser, "inner", denoiser)
+    samplers.check_sampler(sampler, steps, den)
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
     label_dim = int(getattr(den, "label_dim", 0))
@@ -415,15 +262,12 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     noise_device = device if noise_device is None else torch.device(noise_device)
     get_latents, latents_desc = _latent_source(latents, seeds, shape, noise_device)
 
-    closed = _closed_form(den, sampler, None)
-    if sampler == "dpm":
-        grid = _dpm_sigmas(den, steps, sigma_min, sigma_max)
-        grid_meaning = "σ of each denoiser evaluation, in order"
-    else:
-        grid = _edm_grid(den, steps, sigma_min, sigma_max, rho).tolist()
-        grid_meaning = "EDM step grid t_0..t_{N-1}, 0"
+    closed = has_closed_form(den, sampler)
+    grid = samplers.evaluation_sigmas(den, sampler, steps, sigma_min, sigma_max, rho)
+    grid_meaning = ("σ of each denoiser evaluation, in order" if sampler == "dpm"
+                    else "EDM step grid t_0..t_{N-1}, 0")
     config = {
-        "seeds": _format_seeds(seeds), "batch": int(batch), "subdirs": bool(subdirs),
+        "seeds": format_seeds(seeds), "batch": int(batch), "subdirs": bool(subdirs),
         "denoiser": {"class": type(den).__name__, **(info or {})},
         "sampler": sampler, "steps": int(steps), "sigma_min": float(sigma_min),
         "sigma_max": float(sigma_max), "rho": float(rho), "class_idx": class_idx,
@@ -560,35 +404,7 @@ def estimate_cost(kind: str, n_train: int, shape, work: dict, *, batch: int, dty
 
 
 # ------------------------------------------------------------------------------------------------
-# Memorisation summary and demo
-
-
-def memorisation_summary(gen_a, gen_b, train) -> dict:
-    """How two sets of generations of the same seeds relate to the training set.
-
-    Args:
-        gen_a: float ``[K, C, H, W]`` generations in [-1, 1] (e.g. Heun).
-        gen_b: float ``[K, C, H, W]`` generations of the same seeds (e.g. Euler).
-        train: uint8 ``[N, C, H, W]`` training images.
-
-    Returns:
-        ``{"memorised_a", "memorised_b"}``: fraction of quantised generations byte-equal to a
-        training image; ``"nearest_a"``, ``"nearest_b"``: int64 ``[K]`` nearest training image
-        (L2, ties to the lowest index); ``"agreement"``: fraction of seeds whose two
-        generations have the same nearest training image.
-    """
-    train = np.asarray(train)
-    rows = {bytes(r) for r in train.reshape(len(train), -1)}
-    refs = torch.from_numpy(np.ascontiguousarray(train.reshape(len(train), -1)))
-    out = {}
-    for key, gen in (("a", gen_a), ("b", gen_b)):
-        gen = torch.as_tensor(np.asarray(gen))
-        q = data.quantize(gen).reshape(len(gen), -1).numpy()
-        out[f"memorised_{key}"] = float(np.mean([bytes(r) in rows for r in q]))
-        _, idx = ops.nn_search(gen.reshape(len(gen), -1).to(torch.float32), refs, 1, metric="l2")
-        out[f"nearest_{key}"] = idx[:, 0].numpy()
-    out["agreement"] = float(np.mean(out["nearest_a"] == out["nearest_b"]))
-    return out
+# Demo
 
 
 def demo(outdir="demo_out", seeds="0-255", steps: int = 18, *, batch: int = 256,
@@ -629,8 +445,8 @@ def demo(outdir="demo_out", seeds="0-255", steps: int = 18, *, batch: int = 256,
                                   info={**info, "dtype": "float64"}, **common),
     }
     heun, euler, gaussian = (load_outputs(outdir / name)[1] for name in runs)
-    mem = memorisation_summary(heun, euler, ds.images)
-    gauss_mem = memorisation_summary(gaussian, gaussian, ds.images)["memorised_a"]
+    mem = metrics.memorisation_summary(heun, euler, ds.images)
+    gauss_mem = metrics.memorisation_summary(gaussian, gaussian, ds.images)["memorised_a"]
     shown = min(len(heun), _GRID_SEEDS)
     plots.nn_grid(data.quantize(heun[:shown]), ds.images, mem["nearest_a"][:shown],
                   outdir / "empirical_vs_nearest.png")
@@ -638,6 +454,7 @@ def demo(outdir="demo_out", seeds="0-255", steps: int = 18, *, batch: int = 256,
         "seeds": len(heun), "n_train": len(ds), "steps": steps,
         "memorised_heun": mem["memorised_a"], "memorised_euler": mem["memorised_b"],
         "euler_heun_same_nearest": mem["agreement"], "memorised_gaussian": gauss_mem,
+        "memorised_meaning": "quantised generation byte-equal to a training image; ci95: Wilson interval",
         "gaussian_fit_seconds": fit_seconds,
         "timing": {name: m["timing"] for name, m in runs.items()}}
     data.atomic_write_bytes(outdir / "summary.json", json.dumps(summary, indent=1).encode())
@@ -649,183 +466,12 @@ def demo(outdir="demo_out", seeds="0-255", steps: int = 18, *, batch: int = 256,
                + (f" ({rate:7.1f} images/s" if rate else " (all reused")
                + (f", denoiser {gf:6.1f} GFLOP/s)" if gf else ")"))
     report(f"Gaussian model fit: {fit_seconds:.2f} s")
-    report(f"memorised (quantised generation byte-equal to a training image): "
-           f"Heun {mem['memorised_a']:.1%}, Euler {mem['memorised_b']:.1%}, "
-           f"Gaussian {gauss_mem:.1%}")
-    report(f"Euler vs Heun: same nearest training image for {mem['agreement']:.1%} of "
-           f"{len(heun)} seeds")
+
+    def pct(p: dict) -> str:
+        return f"{p['fraction']:.1%} ({p['count']}/{p['n']}, 95% CI {p['ci95'][0]:.1%}-{p['ci95'][1]:.1%})"
+
+    report(f"memorised (quantised generation byte-equal to a training image): Heun {pct(mem['memorised_a'])}, "
+           f"Euler {pct(mem['memorised_b'])}, Gaussian {pct(gauss_mem)}")
+    report(f"Euler vs Heun: same nearest training image for {pct(mem['agreement'])} of seeds")
     report(f"outputs: {outdir}/ (empirical_vs_nearest.png, */grid.png, summary.json)")
     return summary
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"got {text!r}, expected an integer >= {minimum}") \
-                from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= {minimum}")
-        return value
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a positive number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a positive finite number")
-    return value
-
-
-def _resolve(args) -> dict:
-    """Validate the generate arguments and load the data; raises ValueError naming the flag."""
-    preset = samplers.PRESETS[args.preset] if args.preset else _EDM_DEFAULT
-    sampler = args.sampler or preset["solver"]
-    steps = args.steps if args.steps is not None else preset["num_steps"]
-    grid = {"sigma_min": args.sigma_min if args.sigma_min is not None else preset["sigma_min"],
-                "sigma_max": args.sigma_max if args.sigma_max is not None else preset["sigma_max"],
-                "rho": args.rho if args.rho is not None else preset["rho"]}
-    if not grid["sigma_min"] < grid["sigma_max"]:
-        raise ValueError(f"--sigma-min/--sigma-max: got {grid['sigma_min']} and "
-                         f"{grid['sigma_max']}, expected sigma_min < sigma_max")
-    if sampler == "dpm" and steps < 3:
-        raise ValueError(f"--steps: got {steps}, expected >= 3 with --sampler=dpm (order 3)")
-    if sampler == "exact" and args.denoiser != "gaussian":
-        raise ValueError(f"--sampler: got 'exact' with --denoiser={args.denoiser}, expected "
-                         "--denoiser=gaussian (the closed-form ODE solution exists only there)")
-    if args.denoiser == "gaussian" and args.dtype == "float32":
-        raise ValueError("--dtype: got 'float32' with --denoiser=gaussian, expected float64 "
-                         "(the Gaussian statistics are always float64)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: got 'cuda', but no CUDA device is available; expected 'cpu'")
-    try:
-        seeds = noise.parse_seeds(args.seeds)
-    except ValueError as e:
-        raise ValueError(f"--seeds: {e}") from None
-    try:
-        ds = data.load_dataset(args.train, progress=True) if args.train else data.default_dataset()
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"--train: {e}") from None
-    if args.class_idx is not None:
-        if args.denoiser != "empirical":
-            raise ValueError(f"--class: got {args.class_idx} with --denoiser={args.denoiser}, "
-                             "expected --denoiser=empirical (class-conditional optimum)")
-        if not 0 <= args.class_idx < ds.label_dim:
-            raise ValueError(f"--class: got {args.class_idx}, expected a class in "
-                             f"[0, {ds.label_dim}) of {ds.source!r}"
-                             + ("" if ds.labels is not None else " (the data set has no labels)"))
-    if args.latents is not None and not os.path.isfile(args.latents):
-        raise ValueError(f"--latents: got {args.latents!r}, expected an existing noise-bank .npz")
-    if args.preset:
-        samplers.warn_if_sampler_mismatch(sampler, _NETWORK_SOLVER[args.preset])
-    return {"sampler": sampler, "steps": steps, "grid": grid, "seeds": seeds, "ds": ds}
-
-
-def _cmd_generate(args) -> int:
-    try:
-        r = _resolve(args)
-    except ValueError as e:
-        args.parser.error(str(e))
-    ds, sampler, steps = r["ds"], r["sampler"], r["steps"]
-    dtype = torch.float64 if args.dtype == "float64" or args.denoiser == "gaussian" else torch.float32
-    shape = tuple(int(v) for v in ds.images.shape[1:])
-    info = {"kind": args.denoiser, "train": ds.source, "train_hash": data.dataset_hash(ds.images),
-                "n_train": len(ds), "dtype": str(dtype).replace("torch.", ""), "preset": args.preset,
-                "device": args.device}
-    work = plan_work(r["seeds"], args.outdir, sampler=sampler, steps=steps, batch=args.batch,
-                     subdirs=args.subdirs)
-    labels = ds.labels if args.class_idx is not None else None
-    if args.dry_run:
-        probe = (EmpiricalDenoiser(ds.images, labels=labels, dtype=dtype, device=args.device)
-                 if args.denoiser == "empirical" else None)
-        est = estimate_cost(args.denoiser, len(ds), shape, work, batch=args.batch, dtype=dtype,
-                            device=args.device, probe=probe)
-        todo = sum(len(work["batches"][i]) for i in work["compute"])
-        closed = args.denoiser == "gaussian" and sampler != "dpm"
-        print(f"data     {ds.source} ({len(ds)} images {shape}, sha256 {info['train_hash'][:16]}...)")
-        print(f"denoiser {args.denoiser} ({info['dtype']}, {args.device}); sampler {sampler}, "
-              f"{steps} steps, sigma [{r['grid']['sigma_min']}, {r['grid']['sigma_max']}], "
-              f"rho {r['grid']['rho']}"
-              + (" (closed-form trajectory: 2 GEMMs per batch)" if closed else ""))
-        print(f"seeds    {len(work['seeds'])} ({_format_seeds(work['seeds'])[:60]}) in "
-              f"{len(work['batches'])} batches of <= {args.batch}; to compute: {todo} seeds in "
-              f"{len(work['compute'])} batches; PNGs missing: {len(work['missing_png'])}")
-        print(f"NFE      {work['nfe']} per sample; "
-              f"{0 if closed else work['evaluations']} batched denoiser calls")
-        print(f"estimate {est['flops'] / 1e9:.1f} GFLOP at {est['gflops_per_second']:.1f} GFLOP/s "
-              f"({est['probe']}): {est['seconds']:.1f} s; memory ~"
-              f"{est['memory_bytes'] / 2**30:.2f} GiB")
-        return 0
-    if args.denoiser == "empirical":
-        den = EmpiricalDenoiser(ds.images, labels=labels, dtype=dtype, device=args.device)
-    else:
-        den = GaussianDenoiser.from_data(ds.images, device=args.device)
-    manifest = generate(den, work["seeds"], args.outdir, sampler=sampler, steps=steps,
-                        batch=args.batch, latents=args.latents, class_idx=args.class_idx,
-                        subdirs=args.subdirs, info=info, **r["grid"])
-    tm = manifest["timing"]
-    print(f"{len(work['seeds'])} images in {args.outdir} ({tm['generated']} generated, "
-          f"{tm['reused']} reused) in {tm['seconds']:.2f} s")
-    return 0
-
-
-def _cmd_demo(args) -> int:
-    try:
-        seeds = noise.parse_seeds(args.seeds)
-    except ValueError as e:
-        args.parser.error(f"--seeds: {e}")
-    demo(args.outdir, seeds, args.steps, progress=sys.stderr.isatty())
-    return 0
-
-
-def add_commands(sub) -> None:
-    """Register ``generate`` and ``demo`` on an ``argparse`` sub-parser collection."""
-    g = sub.add_parser(
-        "generate", help="theoretical generations (empirical or Gaussian denoiser), EDM layout",
-        description="One PNG per seed from the empirical (optimal) or Gaussian denoiser of a "
-                    "training set, quantised as EDM; resumable; see diffrepro.generate.")
-    g.add_argument("--train", metavar="DATA", help="CIFAR-10 python archive/folder, EDM zip, "
-                   "image folder or npz (default: the embedded 500 CIFAR-10 images)")
-    g.add_argument("--denoiser", choices=["empirical", "gaussian"], default="empirical")
-    g.add_argument("--sampler", choices=list(SAMPLERS), default=None,
-                   help="default: heun (EDM), or the preset's")
-    g.add_argument("--steps", type=_int_at_least(2), default=None,
-                   help="EDM grid size N (default 18, or the preset's)")
-    g.add_argument("--preset", choices=sorted(samplers.PRESETS), default=None,
-                   help="paper sampler settings (SPEC §3.5); explicit flags override them")
-    g.add_argument("--seeds", default="0-63", help="EDM syntax, e.g. 0-49999 or 1,5,10-20")
-    g.add_argument("--batch", type=_int_at_least(1), default=256)
-    g.add_argument("--outdir", required=True)
-    g.add_argument("--subdirs", action="store_true", help="PNGs in thousand-subdirectories")
-    g.add_argument("--class", dest="class_idx", metavar="N", type=_int_at_least(0), default=None,
-                   help="class-conditional empirical denoiser for this class")
-    g.add_argument("--latents", metavar="FILE", help="noise bank .npz (latents, seeds) instead "
-                   "of per-seed noise")
-    g.add_argument("--dtype", choices=["float32", "float64"], default=None,
-                   help="empirical denoiser compute dtype (default float32)")
-    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda also draws the per-seed noise on CUDA (EDM-identical); the CPU "
-                        "stream is a different one")
-    g.add_argument("--sigma-min", type=_positive_float, default=None)
-    g.add_argument("--sigma-max", type=_positive_float, default=None)
-    g.add_argument("--rho", type=_positive_float, default=None)
-    g.add_argument("--dry-run", action="store_true",
-                   help="print the work, estimated flops/time/memory, and exit")
-    g.set_defaults(fn=_cmd_generate, parser=g)
-
-    d = sub.add_parser("demo", help="memorisation demo on the embedded 500 CIFAR-10 images",
-                       description="Empirical-denoiser generations (Heun) beside their nearest "
-                                   "training images, Gaussian-denoiser generations of the same "
-                                   "seeds, throughput and the memorisation summary.")
-    d.add_argument("--outdir", default="demo_out")
-    d.add_argument("--seeds", default="0-255")
-    d.add_argument("--steps", type=_int_at_least(2), default=18)
-    d.set_defaults(fn=_cmd_demo, parser=d)

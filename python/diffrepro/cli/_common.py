@@ -1,0 +1,207 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What every command shares: the error policy, argument types, input loaders that name the
+argument in their errors, and atomic JSON output.
+
+Error policy (one line on stderr, never a usage block before a runtime error):
+
+- a bad argument or input value (:class:`UsageError`, or a ``ValueError`` raised while the
+  command checks its inputs) exits with status 2;
+- a failure while running (a file that cannot be read or written, :class:`RunError`,
+  ``OSError``) exits with status 1 and names the file;
+- Ctrl-C exits with status 130 and says that rerunning the same command resumes;
+- anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import RunError, UsageError
+
+__all__ = ["RunError", "UsageError"]
+
+
+def command_name(args) -> str:
+    return "diffrepro " + " ".join(p for p in (args.command, getattr(args, "subcommand", None)) if p)
+
+
+def run(args) -> int:
+    """Run ``args.fn(args)`` under the error policy; returns the exit status."""
+    name = command_name(args)
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *rest, **kw: print(
+            f"{name}: warning: {message}", file=sys.stderr)
+        try:
+            return int(args.fn(args) or 0)
+        except UsageError as exc:
+            print(f"{name}: error: {exc}", file=sys.stderr)
+            return 2
+        except RunError as exc:
+            print(f"{name}: error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            where = f" {exc.filename!r}" if exc.filename else ""
+            print(f"{name}: error:{where} {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"\n{name}: interrupted; finished outputs are kept, rerun the same command to resume",
+                  file=sys.stderr)
+            return 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default; descriptions keep their line breaks."""
+
+
+def int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}, expected an integer >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a positive number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a positive finite number")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a number >= 0") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a finite number >= 0")
+    return value
+
+
+def cosine_threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a cosine threshold in [-1, 1]") from None
+    if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a cosine threshold in [-1, 1]")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+def stem(path: str | os.PathLike) -> str:
+    name = Path(os.fspath(path).rstrip("/\\")).name
+    for suffix in (".tar.gz", ".npz", ".npy", ".zip", ".json"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def out_path(args, inputs: list[str], tag: str, explicit: str | None = None, suffix: str = ".json") -> Path:
+    """``explicit``, or ``<stem of each input joined by '__'>.<tag><suffix>`` in ``--outdir`` (default:
+    beside the first input), so that changing any input never overwrites an earlier result."""
+    if explicit:
+        return Path(explicit)
+    folder = Path(args.outdir) if getattr(args, "outdir", None) else Path(os.path.abspath(inputs[0])).parent
+    return folder / f"{'__'.join(stem(p) for p in inputs)}.{tag}{suffix}"
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types; NaN and infinities become None (JSON has no NaN)."""
+    import torch
+
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return os.fspath(obj)
+    return obj
+
+
+def write_json(path: Path, obj: dict) -> None:
+    from ..data import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n").encode())
+
+
+def ci_text(ci) -> str:
+    return f"95% CI [{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def progress_enabled(args) -> bool:
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs that name their argument
+# ----------------------------------------------------------------------------------------------
+def require_path(arg: str, path: str, expected: str) -> None:
+    if not os.path.exists(path):
+        raise UsageError(f"{arg}: no such file or folder {path!r} (expected {expected})")
+
+
+def load_images(arg: str, path: str, max_images: int | None = None, progress: bool = False):
+    """A data set (uint8 [N, C, H, W]) and its ids: seeds for ``NNNNNN.png`` names, else file names,
+    else row numbers."""
+    from ..data import load_dataset
+    from ..sscd import ids_from_names
+
+    require_path(arg, path, "an image folder, EDM zip, CIFAR archive, .npz or .npy data set")
+    try:
+        ds = load_dataset(path, max_images=max_images, progress=progress)
+    except ValueError as exc:
+        raise UsageError(f"{arg}: {exc}") from exc
+    if len(ds) == 0:
+        raise UsageError(f"{arg}: {path!r} holds no images")
+    ids = np.arange(len(ds), dtype=np.int64) if ds.names is None else ids_from_names(ds.names)
+    return ds, ids
+
+
+def load_feature_file(arg: str, path: str, need_ids: bool = True):
+    """A feature file written by ``diffrepro features`` (with ids unless ``need_ids`` is False)."""
+    from ..sscd import load_features
+
+    expected = "a .npz feature file written by 'diffrepro features'"
+    require_path(arg, path, expected)
+    if os.path.isdir(path) or not path.endswith(".npz"):
+        raise UsageError(f"{arg}: expected {expected}, got {path!r}")
+    try:
+        feats = load_features(path)
+    except KeyError as exc:
+        raise UsageError(f"{arg}: {path!r} is not a feature file (no 'features' array)") from exc
+    if feats.ids is None and need_ids:
+        raise UsageError(f"{arg}: {path!r} has no 'ids' (rows in file order); pass --pair-by row to pair "
+                         "rows by position, or re-extract it with 'diffrepro features' to pair by seed")
+    if feats.features.ndim != 2 or len(feats.features) == 0:
+        raise UsageError(f"{arg}: expected features of shape [N, D] with N >= 1, got {feats.features.shape}")
+    return feats

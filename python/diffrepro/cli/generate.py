@@ -1,0 +1,176 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``diffrepro generate`` and ``diffrepro demo``: theoretical generations (diffrepro.generation)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from ..errors import UsageError, usage_errors
+from ._common import HelpFormatter, int_at_least, positive_float, progress_enabled, require_path
+
+# Kept literal so that building the parser imports no torch; tests check them against
+# diffrepro.samplers.SAMPLERS and PRESETS.
+SAMPLER_CHOICES = ("heun", "euler", "dpm", "exact")
+PRESET_CHOICES = ("p1_net", "p1_optimal", "p2_euler10", "p2_euler10_net")
+
+
+def add_commands(sub) -> None:
+    g = sub.add_parser(
+        "generate", help="theoretical generations (empirical or Gaussian denoiser), EDM layout",
+        formatter_class=HelpFormatter,
+        description="One PNG per seed from the empirical (optimal) or Gaussian denoiser of a training set, "
+                    "quantised as EDM does, plus the float outputs per batch (batches/*.npz), an 8x8 grid and "
+                    "manifest.json. Resumable: a rerun with the same settings continues where it stopped.")
+    g.add_argument("--train", metavar="DATA", help="CIFAR-10 python archive/folder, EDM zip, image folder, npz "
+                   "or npy (default: the embedded 500 CIFAR-10 images)")
+    g.add_argument("--max-train", metavar="N", type=int_at_least(1), default=None,
+                   help="use the first N training images (default: all)")
+    g.add_argument("--denoiser", choices=["empirical", "gaussian"], default="empirical",
+                   help="empirical (multi-delta) optimal denoiser or Gaussian (Wiener) denoiser of --train")
+    g.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
+                   help="ODE solver (default: heun as EDM, or the preset's)")
+    g.add_argument("--steps", type=int_at_least(2), default=None,
+                   help="EDM grid size N (default: 18, or the preset's)")
+    g.add_argument("--preset", choices=PRESET_CHOICES, default=None,
+                   help="the papers' sampler settings: p1_optimal (Zhang et al., Euler 18), p1_net (Heun 18), "
+                        "p2_euler10 (Li et al., Euler 10 to sigma 0.002), p2_euler10_net (to 0.02); "
+                        "explicit flags override them")
+    g.add_argument("--seeds", default="0-63", help="EDM syntax, e.g. 0-49999 or 1,5,10-20")
+    g.add_argument("--batch", type=int_at_least(1), default=256, help="seeds per batch")
+    g.add_argument("--outdir", required=True, help="output folder (created; reused to resume)")
+    g.add_argument("--subdirs", action="store_true", help="PNGs in thousand-subdirectories, as EDM")
+    g.add_argument("--class", dest="class_idx", metavar="N", type=int_at_least(0), default=None,
+                   help="class-conditional empirical denoiser for this class (default: unconditional)")
+    g.add_argument("--latents", metavar="FILE", help="noise bank .npz (latents, seeds) instead of per-seed noise")
+    g.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help="empirical denoiser compute dtype (default: float32; Gaussian: always float64)")
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda also draws the per-seed noise on CUDA (EDM-identical); the CPU stream differs")
+    g.add_argument("--sigma-min", type=positive_float, default=None, help="smallest sigma (default: the preset's, 0.002)")
+    g.add_argument("--sigma-max", type=positive_float, default=None, help="largest sigma (default: the preset's, 80)")
+    g.add_argument("--rho", type=positive_float, default=None, help="EDM grid exponent (default: the preset's, 7)")
+    g.add_argument("--dry-run", action="store_true", help="print the work, estimated flops/time/memory, and exit")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.set_defaults(fn=_cmd_generate)
+
+    d = sub.add_parser("demo", help="memorisation demo on the embedded 500 CIFAR-10 images",
+                       formatter_class=HelpFormatter,
+                       description="Empirical-denoiser generations (Heun and Euler) beside their nearest training "
+                                   "images, Gaussian-denoiser generations of the same seeds, throughput and the "
+                                   "memorisation summary (summary.json).")
+    d.add_argument("--outdir", default="demo_out", help="output folder")
+    d.add_argument("--seeds", default="0-255", help="EDM syntax")
+    d.add_argument("--steps", type=int_at_least(2), default=18, help="EDM grid size N")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(fn=_cmd_demo)
+
+
+def _resolve(args) -> dict:
+    """Check the generate arguments against each other and load the data."""
+    import torch
+
+    from .. import data, noise, samplers
+
+    preset = samplers.PRESETS[args.preset or "p1_net"]  # EDM's own default is the p1_net setting
+    sampler = args.sampler or preset["solver"]
+    steps = args.steps if args.steps is not None else preset["num_steps"]
+    grid = {"sigma_min": args.sigma_min if args.sigma_min is not None else preset["sigma_min"],
+            "sigma_max": args.sigma_max if args.sigma_max is not None else preset["sigma_max"],
+            "rho": args.rho if args.rho is not None else preset["rho"]}
+    if not grid["sigma_min"] < grid["sigma_max"]:
+        raise UsageError(f"--sigma-min/--sigma-max: got {grid['sigma_min']} and {grid['sigma_max']}, "
+                         "expected sigma_min < sigma_max")
+    if sampler == "dpm" and steps < 3:
+        raise UsageError(f"--steps: got {steps}, expected >= 3 with --sampler=dpm (order 3)")
+    if sampler == "exact" and args.denoiser != "gaussian":
+        raise UsageError(f"--sampler: got 'exact' with --denoiser={args.denoiser}, expected --denoiser=gaussian "
+                         "(the closed-form ODE solution exists only there)")
+    if args.denoiser == "gaussian" and args.dtype == "float32":
+        raise UsageError("--dtype: got 'float32' with --denoiser=gaussian, expected float64 "
+                         "(the Gaussian statistics are always float64)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device: got 'cuda', but no CUDA device is available; expected 'cpu'")
+    with usage_errors("--seeds"):
+        seeds = noise.parse_seeds(args.seeds)
+    if args.class_idx is not None and args.denoiser != "empirical":
+        raise UsageError(f"--class: got {args.class_idx} with --denoiser={args.denoiser}, expected "
+                         "--denoiser=empirical (class-conditional optimum)")
+    if args.latents is not None and not os.path.isfile(args.latents):
+        raise UsageError(f"--latents: got {args.latents!r}, expected an existing noise-bank .npz")
+    if args.train:
+        require_path("--train", args.train, "a CIFAR-10 archive or folder, EDM zip, image folder, .npz or .npy")
+    with usage_errors("--train"):
+        ds = (data.load_dataset(args.train, max_images=args.max_train, progress=progress_enabled(args))
+              if args.train else data.default_dataset())
+        if args.max_train is not None and not args.train:
+            ds = data.Dataset(ds.images[:args.max_train], None if ds.labels is None else ds.labels[:args.max_train],
+                              None if ds.names is None else ds.names[:args.max_train], ds.source)
+    if args.class_idx is not None:
+        if not 0 <= args.class_idx < ds.label_dim:
+            raise UsageError(f"--class: got {args.class_idx}, expected a class in [0, {ds.label_dim}) of "
+                             f"{ds.source!r}" + ("" if ds.labels is not None else " (the data set has no labels)"))
+        if not (ds.labels == args.class_idx).any():
+            raise UsageError(f"--class: class {args.class_idx} has no image among the {len(ds)} of {ds.source!r}")
+    if args.preset:
+        reason = samplers.sampler_mismatch(sampler, args.preset)
+        if reason:
+            warnings.warn(reason, stacklevel=1)
+    return {"sampler": sampler, "steps": steps, "grid": grid, "seeds": seeds, "ds": ds}
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from .. import data, generation
+    from ..denoisers import EmpiricalDenoiser, GaussianDenoiser
+
+    r = _resolve(args)
+    ds, sampler, steps = r["ds"], r["sampler"], r["steps"]
+    dtype = torch.float64 if args.dtype == "float64" or args.denoiser == "gaussian" else torch.float32
+    shape = tuple(int(v) for v in ds.images.shape[1:])
+    info = {"kind": args.denoiser, "train": ds.source, "train_hash": data.dataset_hash(ds.images),
+            "n_train": len(ds), "dtype": str(dtype).replace("torch.", ""), "preset": args.preset,
+            "device": args.device}
+    with usage_errors("--seeds"):
+        work = generation.plan_work(r["seeds"], args.outdir, sampler=sampler, steps=steps, batch=args.batch,
+                                    subdirs=args.subdirs)
+    labels = ds.labels if args.class_idx is not None else None
+    if args.dry_run:
+        probe = (EmpiricalDenoiser(ds.images, labels=labels, dtype=dtype, device=args.device)
+                 if args.denoiser == "empirical" else None)
+        est = generation.estimate_cost(args.denoiser, len(ds), shape, work, batch=args.batch, dtype=dtype,
+                                       device=args.device, probe=probe)
+        todo = sum(len(work["batches"][i]) for i in work["compute"])
+        closed = args.denoiser == "gaussian" and sampler != "dpm"
+        print(f"data     {ds.source} ({len(ds)} images {shape}, sha256 {info['train_hash'][:16]}...)")
+        print(f"denoiser {args.denoiser} ({info['dtype']}, {args.device}); sampler {sampler}, {steps} steps, "
+              f"sigma [{r['grid']['sigma_min']}, {r['grid']['sigma_max']}], rho {r['grid']['rho']}"
+              + (" (closed-form trajectory: 2 GEMMs per batch)" if closed else ""))
+        print(f"seeds    {len(work['seeds'])} ({generation.format_seeds(work['seeds'])[:60]}) in "
+              f"{len(work['batches'])} batches of <= {args.batch}; to compute: {todo} seeds in "
+              f"{len(work['compute'])} batches; PNGs missing: {len(work['missing_png'])}")
+        print(f"NFE      {work['nfe']} per sample; {0 if closed else work['evaluations']} batched denoiser calls")
+        print(f"estimate {est['flops'] / 1e9:.1f} GFLOP at {est['gflops_per_second']:.1f} GFLOP/s "
+              f"({est['probe']}): {est['seconds']:.1f} s; memory ~{est['memory_bytes'] / 2**30:.2f} GiB")
+        return 0
+    if args.denoiser == "empirical":
+        den = EmpiricalDenoiser(ds.images, labels=labels, dtype=dtype, device=args.device)
+    else:
+        den = GaussianDenoiser.from_data(ds.images, device=args.device)
+    manifest = generation.generate(den, work["seeds"], args.outdir, sampler=sampler, steps=steps,
+                                   batch=args.batch, latents=args.latents, class_idx=args.class_idx,
+                                   subdirs=args.subdirs, info=info, progress=progress_enabled(args), **r["grid"])
+    tm = manifest["timing"]
+    print(f"{len(work['seeds'])} images in {args.outdir} ({tm['generated']} generated, {tm['reused']} reused) "
+          f"in {tm['seconds']:.2f} s")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .. import generation, noise
+
+    with usage_errors("--seeds"):
+        seeds = noise.parse_seeds(args.seeds)
+    generation.demo(args.outdir, seeds, args.steps, progress=progress_enabled(args))
+    return 0

@@ -1,0 +1,42 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``diffrepro info`` and ``diffrepro bench``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ._common import HelpFormatter, int_at_least, write_json
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("info", help="what was built and which CPU/GPU paths run", formatter_class=HelpFormatter,
+                       description="build_info(): version, CUDA build and runtime, CPU kernel path, GEMM engine.")
+    s.set_defaults(fn=_cmd_info)
+
+    s = sub.add_parser("bench", help="kernel throughput against the usual tools, on this machine",
+                       formatter_class=HelpFormatter,
+                       description="Times diffrepro's kernels and their peers (torch SDPA, chunked torch, faiss, "
+                                   "the papers' code paths) side by side; prints the median, the spread "
+                                   "(min-max over the rounds) and each peer's time over diffrepro's.")
+    s.add_argument("--sizes", default="small", choices=["small", "paper"], help="workload sizes")
+    s.add_argument("--rounds", type=int_at_least(1), default=5, help="timed calls per implementation")
+    s.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
+    s.set_defaults(fn=_cmd_bench)
+
+
+def _cmd_info(args) -> int:
+    from .._backend import build_info
+
+    print(json.dumps(build_info(), indent=1))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .. import benchmarks
+
+    rows = benchmarks.run_table(args.sizes, rounds=args.rounds)
+    print(benchmarks.format_table(rows))
+    if args.json:
+        write_json(Path(args.json), {"rows": rows})
+    return 0
