@@ -14,7 +14,7 @@ def test_denoiser_rejects_bad_inputs():
         dr.empirical_denoiser([[0.0] * 8], y, 1.0)
     with pytest.raises(TypeError, match=r"x must have one of the dtypes float32/float64, got a torch.int64"):
         dr.empirical_denoiser(torch.ones(3, 8, dtype=torch.int64), y, 1.0)
-    with pytest.raises(TypeError, match=r"train must have one of the dtypes float32/uint8, got a torch.float64"):
+    with pytest.raises(TypeError, match=r"train must have one of the dtypes float32/uint8/float16, got a torch.float64"):
         dr.empirical_denoiser(x, y.double(), 1.0)
     with pytest.raises(ValueError, match=r"train rows must have D = 8 features like x .* got train of shape \[10, 9\]"):
         dr.empirical_denoiser(x, torch.rand(10, 9), 1.0)
