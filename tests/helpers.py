@@ -1,6 +1,35 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Test data factories and the tolerance rules of STYLE.md §7."""
+"""Kernel backends, test data factories and the tolerance rules (float64 oracle, naive float32
+baseline, argmax rule)."""
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run the kernels through the public ops (see the `backend` fixture)."""
+
+    name: str  # "cpu", "emu" (CUDA kernels on host threads) or "cuda"
+    device: str  # where input tensors must live
+    kw: dict  # keyword arguments of diffrepro.ops that select the backend
+    variants: tuple  # tuning keyword arguments: tile sizes, workers, tile configs, splits
+
+    def put(self, *tensors):
+        moved = tuple(t.to(self.device) for t in tensors)
+        return moved if len(moved) > 1 else moved[0]
+
+
+BACKENDS = {
+    "cpu": Backend("cpu", "cpu", {}, ({}, {"_tile": 1, "_workers": 3}, {"_tile": 7, "_workers": 2},
+                                         {"_tile": 64, "_workers": 4})),
+    # Tile configuration 2 (8x8 tiles on one warp) reaches every tile edge with few OS threads;
+    # 0 and 1 are the production configurations.
+    "emu": Backend("emu", "cpu", {"_emulate": True}, ({"_config": 2, "_splits": 1}, {"_config": 2, "_splits": 3},
+                                                      {"_config": 1, "_splits": 2}, {"_config": 0})),
+    "cuda": Backend("cuda", "cuda", {}, ({}, {"_config": 0, "_splits": 4}, {"_config": 1, "_splits": 2},
+                                         {"_config": 2, "_splits": 3})),
+}
 
 
 def naive_float32_denoiser(x, y, sigma):

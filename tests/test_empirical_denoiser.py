@@ -199,3 +199,70 @@ def test_streaming_memmap_chunks_equal_one_shot(tmp_path, cifar_subset):
     oracle = empirical_denoiser_reference(x, torch.from_numpy(cifar_subset[:500]), 0.3)
     assert (out.double() - oracle).abs().max() <= 1e-4
     assert info["nearest_index"].tolist() == [5, 400]
+
+
+def test_nearest_index_exact_duplicates_lowest_index(backend, cifar_subset):
+    # Identical rows at different positions of a GEMM tile get different float32 roundings of
+    # their scores; the reported nearest row must still be the lowest index among them, for
+    # every tile size, worker count, tile configuration, split and chunking (README promise).
+    d = 3072 if backend.name != "emu" else 256  # the emulator runs one OS thread per CUDA thread
+    y = torch.from_numpy(cifar_subset[:300]).reshape(300, -1)[:, :d].float() / 127.5 - 1
+    dup = [(3, 70), (5, 6), (64, 299), (8, 100), (130, 131), (1, 257)]
+    for lo, hi in dup:
+        y[hi] = y[lo]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.stack([y[lo] for lo, _ in dup]) + 0.02 * torch.randn(len(dup), d, generator=gen)
+    want = [lo for lo, _ in dup]
+    ref = empirical_denoiser_info_reference(x, y, 0.5)
+    assert ref["nearest_index"].tolist() == want
+    for variant in backend.variants:
+        _, info = dr.finalize(dr.empirical_denoiser_partial(*backend.put(x, y), 0.5, **backend.kw, **variant))
+        assert info["nearest_index"].cpu().tolist() == want, variant
+        assert torch.allclose(info["nearest_sqdist"].cpu(), ref["nearest_sqdist"], rtol=1e-12, atol=0)
+        parts = [dr.empirical_denoiser_partial(*backend.put(x, y[a:b]), 0.5, row_offset=a, **backend.kw, **variant)
+                 for a, b in [(200, 300), (0, 67), (67, 200)]]
+        _, info = dr.finalize(dr.merge_states(dr.merge_states(parts[0], parts[1]), parts[2]))
+        assert info["nearest_index"].cpu().tolist() == want, variant
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_query_norm_same_answer_for_any_workers_splits_and_chunks(backend, dtype):
+    # Queries of norm ~1e15: ||x - c||^2 / 2 sigma^2 ~ 1e31 would round away every digit of the
+    # scores if states were merged on logits. Far from the data the softmax is one-hot on the row
+    # maximising x.y - ||y||^2 / 2 (closed form: the limit of -||x - y||^2 / 2 sigma^2 as |x|
+    # grows), the same for 1, 2 or 4 workers, any splits, any chunking.
+    gen = torch.Generator().manual_seed(3)
+    y = (torch.rand(200, 24, generator=gen, dtype=torch.float64) * 2 - 1).to(dtype)
+    x = (torch.randn(3, 24, generator=gen, dtype=torch.float64) * 1e15 / 5).to(dtype)
+    score = x.double() @ y.double().T - 0.5 * (y.double() ** 2).sum(1)
+    top2 = score.topk(2, dim=1).values
+    assert ((top2[:, 0] - top2[:, 1]) / 1.0**2 > 1e3).all()  # one-hot even at sigma = 1
+    want = y[score.argmax(1)]
+    tol = 1e-6 if dtype == torch.float32 else 1e-14  # sum_n w_n (y_n - c) + c: one rounding each
+    variants = [{"_workers": w, "_tile": 16} for w in (1, 2, 4)] if backend.name == "cpu" else backend.variants
+    for variant in variants:
+        out = dr.empirical_denoiser(*backend.put(x, y), 1.0, **backend.kw, **variant).cpu()
+        assert torch.allclose(out, want, rtol=0, atol=tol), variant
+        parts = [dr.empirical_denoiser_partial(*backend.put(x, y[a:b]), 1.0, row_offset=a, **backend.kw, **variant)
+                 for a, b in [(150, 200), (0, 70), (70, 150)]]
+        merged, info = dr.finalize(dr.merge_states(parts[0], dr.merge_states(parts[2], parts[1])))
+        assert torch.allclose(merged.cpu(), want, rtol=0, atol=tol), variant
+        # ||x - y||^2 ~ 1e31 resolves rows only to ~1e15 in float64 (the oracle's own limit):
+        # the argmax rule, the reported row's distance equals the least within that rounding.
+        d2 = ((x.double()[:, None] - y.double()[None]) ** 2).sum(-1)
+        got = d2.gather(1, info["nearest_index"].cpu()[:, None])[:, 0]
+        assert torch.allclose(got, d2.min(1).values, rtol=1e-14, atol=0), variant
+
+
+def test_extreme_scale_partial_weights_merge_exactly():
+    # Two chunks whose best rows are at nearly the same distance from a far query: the merged
+    # weights must be their softmax, which needs the logits' low digits (max_logit_lo).
+    y = torch.zeros(2, 4, dtype=torch.float64)
+    y[0, 1], y[1, 1] = 0.5, -0.5  # equidistant from any x on the first axis
+    x = torch.tensor([[1e15, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    a = dr.empirical_denoiser_partial(x, y[:1], 1.0)
+    b = dr.empirical_denoiser_partial(x, y[1:], 1.0, row_offset=1)
+    assert float(a.max_logit[0]) < -1e29
+    out, info = dr.finalize(dr.merge_states(a, b))
+    assert torch.allclose(out, y.mean(0, keepdim=True), atol=1e-12)  # equal weights
+    assert float(info["n_eff"][0]) == pytest.approx(2.0, rel=1e-12)

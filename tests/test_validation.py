@@ -79,3 +79,51 @@ def test_state_merge_rejects_mismatch():
     b = dr.empirical_denoiser_partial(torch.rand(3, 4), torch.rand(5, 4), 1.0)
     with pytest.raises(ValueError, match=r"states must cover the same queries"):
         dr.merge_states(a, b)
+
+
+def test_state_merge_refuses_incompatible_states():
+    x, y = torch.rand(3, 6), torch.rand(40, 6)
+    first = dr.empirical_denoiser_partial(x, y[:20], 0.5)
+    rest = dr.empirical_denoiser_partial(x, y[20:], 0.5, row_offset=20)
+    assert dr.merge_states(first, rest).rows == ((0, 40),)
+    with pytest.raises(ValueError, match=r"^cannot merge denoiser states computed at different sigma: "
+                                         r"0\.5 vs 0\.7 \(query 0\)$"):
+        dr.merge_states(first, dr.empirical_denoiser_partial(x, y[20:], 0.7, row_offset=20))
+    sigmas = torch.tensor([0.5, 0.5, 0.6], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"different sigma: 0\.5 vs 0\.6 \(query 2\)"):
+        dr.merge_states(first, dr.empirical_denoiser_partial(x, y[20:], sigmas, row_offset=20))
+    with pytest.raises(ValueError, match=r"^cannot merge denoiser states computed at different s: 1 vs 0\.9 "):
+        dr.merge_states(first, dr.empirical_denoiser_partial(x, y[20:], 0.5, s=0.9, row_offset=20))
+    other = x.clone()
+    other[1, 3] += 1e-3
+    with pytest.raises(ValueError, match=r"^cannot merge denoiser states of different queries: the query "
+                                         r"fingerprints differ at query 1 "):
+        dr.merge_states(first, dr.empirical_denoiser_partial(other, y[20:], 0.5, row_offset=20))
+    with pytest.raises(ValueError, match=r"^cannot merge denoiser states that both cover rows \[0, 20\) "
+                                         r"\(ranges \[\(0, 20\)\] and \[\(0, 20\)\]\): the same chunk twice"):
+        dr.merge_states(first, first)
+    # A forgotten row_offset: the second chunk claims rows [0, 20) again.
+    with pytest.raises(ValueError, match=r"both cover rows \[0, 20\) .* a chunk whose row_offset was forgotten"):
+        dr.merge_states(first, dr.empirical_denoiser_partial(x, y[20:], 0.5))
+    # Partly overlapping chunks, found after other merges.
+    tail = dr.empirical_denoiser_partial(x, y[30:], 0.5, row_offset=30)
+    with pytest.raises(ValueError, match=r"both cover rows \[30, 40\)"):
+        dr.merge_states(dr.merge_states(first, rest), tail)
+
+
+def test_topk_merge_refuses_incompatible_states():
+    q, r = torch.rand(3, 6), torch.rand(40, 6)
+    first = dr.nn_search_partial(q, r[:20], 2)
+    rest = dr.nn_search_partial(q, r[20:], 2, row_offset=20)
+    assert dr.merge_topk(first, rest).rows == ((0, 40),)
+    with pytest.raises(ValueError, match=r"^cannot merge top-k states of different queries: the query "
+                                         r"fingerprints differ at query 0 "):
+        dr.merge_topk(first, dr.nn_search_partial(q.flip(0), r[20:], 2, row_offset=20))
+    with pytest.raises(ValueError, match=r"^cannot merge top-k states of different queries, got Q = 3 and 2$"):
+        dr.merge_topk(first, dr.nn_search_partial(q[:2], r[20:], 2, row_offset=20))
+    with pytest.raises(ValueError, match=r"^cannot merge top-k states of different k, got k = 2 and 3$"):
+        dr.merge_topk(first, dr.nn_search_partial(q, r[20:], 3, row_offset=20))
+    with pytest.raises(ValueError, match=r"^cannot merge top-k states of different metrics, got 'ip' and 'l2'$"):
+        dr.merge_topk(first, dr.nn_search_partial(q, r[20:], 2, metric="l2", row_offset=20))
+    with pytest.raises(ValueError, match=r"^cannot merge top-k states that both cover rows \[0, 20\)"):
+        dr.merge_topk(first, dr.nn_search_partial(q, r[20:], 2))  # forgotten row_offset
