@@ -42,7 +42,8 @@ def naive_float32_denoiser(x, y, sigma):
 
 
 def assert_f32_accuracy(out, oracle, naive):
-    """err(kernel) <= 2 err(naive float32 torch) + 1e-6, and never above 1e-4 (STYLE §7)."""
+    """Tolerance rule (flash-attention's tests): err(kernel) <= 2 err(naive float32 torch) + 1e-6
+    against the float64 oracle, and never above 1e-4."""
     err = (out.double().reshape(oracle.shape) - oracle).abs().max().item()
     err_naive = (naive.double().reshape(oracle.shape) - oracle).abs().max().item()
     bound = min(2 * err_naive + 1e-6, 1e-4)
@@ -55,7 +56,7 @@ def assert_f64_accuracy(out, oracle):
 
 
 def assert_argmax_rule(values, indices, ref_scores, tol, largest=True):
-    """STYLE §7 argmax rule: where the top-2 gap exceeds tol, indices match; otherwise the score
+    """Argmax rule (faiss's compareIndices): where the top-2 gap exceeds tol, indices match; otherwise the score
     at the returned index equals the best within tol. ref_scores: [Q, N] float64 exact scores."""
     best = ref_scores.max(1).values if largest else ref_scores.min(1).values
     got = ref_scores.gather(1, indices[:, :1].long()).squeeze(1)

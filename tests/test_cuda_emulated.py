@@ -94,7 +94,7 @@ def check_denoiser(x, y, inv_sigma2, out, *, row_offset=0, f64=False):
             assert err <= 1e-10, (name, err)
         else:
             err_naive = float((naive[name].double() - ref[name]).abs().max())
-            # STYLE.md §7: err(kernel) <= 2 err(naive float32) + 1e-6, and never above 1e-4.
+            # Tolerance rule: err(kernel) <= 2 err(naive float32) + 1e-6, and never above 1e-4.
             assert err <= min(2 * err_naive + 1e-6, 1e-4) or err <= 1e-6, (name, err, err_naive)
     # Argmax rule: the returned row is a nearest one (within tolerance); exact when separated.
     idx = out["nearest_index"] - row_offset

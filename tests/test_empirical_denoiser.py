@@ -266,3 +266,45 @@ def test_extreme_scale_partial_weights_merge_exactly():
     out, info = dr.finalize(dr.merge_states(a, b))
     assert torch.allclose(out, y.mean(0, keepdim=True), atol=1e-12)  # equal weights
     assert float(info["n_eff"][0]) == pytest.approx(2.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [1e-6, 1e-3, 1.0, 1e3, 1e6])
+def test_hostile_sigma_every_backend(backend, cifar_subset, sigma):
+    # logits from ~1e12 apart (sigma = 1e-6: one row takes all the weight, every other exp
+    # underflows to 0) to ~1e-12 apart (sigma = 1e6: the mean): finite and within the rule.
+    n, d = (400, 3072) if backend.name != "emu" else (60, 256)
+    y = torch.from_numpy(cifar_subset[:n]).reshape(n, -1)[:, :d].float() / 127.5 - 1
+    x = noisy_queries(y, min(sigma, 1.0), 5, torch.Generator().manual_seed(2))
+    oracle = empirical_denoiser_reference(x, y, sigma)
+    naive = naive_float32_denoiser(x, y, sigma)
+    for variant in backend.variants[:2]:
+        out = dr.empirical_denoiser(*backend.put(x, y), sigma, **backend.kw, **variant).cpu()
+        assert torch.isfinite(out).all(), variant
+        assert_f32_accuracy(out, oracle, naive)
+
+
+def test_four_threads_at_once_bitwise_equal_to_sequential():
+    # The kernels release the GIL and keep no global state: four Python threads calling them at
+    # once get exactly the sequential answers.
+    from concurrent.futures import ThreadPoolExecutor
+
+    y = torch.rand(700, 40) * 2 - 1
+    xs = [noisy_queries(y, s, 9) for s in (0.01, 0.1, 1.0, 10.0)]
+    sequential = [dr.empirical_denoiser(x, y, 0.3, _workers=2) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(lambda x: dr.empirical_denoiser(x, y, 0.3, _workers=2), xs))
+    for a, b in zip(sequential, concurrent):
+        assert torch.equal(a, b)
+
+
+def test_empty_chunks_and_states():
+    x, y = torch.rand(3, 5), torch.rand(10, 5)
+    empty = dr.empirical_denoiser_partial(x, y[:0], 0.4, row_offset=4)
+    assert empty.rows == () and (empty.nearest_index == -1).all()
+    with pytest.raises(ValueError, match="state has queries that saw no training rows"):
+        dr.finalize(empty)
+    full = dr.empirical_denoiser_partial(x, y, 0.4)
+    out, info = dr.finalize(dr.merge_states(empty, full))  # an empty chunk changes nothing
+    ref, ref_info = dr.finalize(full)
+    assert torch.equal(out, ref) and torch.equal(info["nearest_index"], ref_info["nearest_index"])
+    assert dr.empirical_denoiser(torch.empty(0, 5), y, 0.4).shape == (0, 5)
