@@ -127,3 +127,20 @@ def test_topk_merge_refuses_incompatible_states():
         dr.merge_topk(first, dr.nn_search_partial(q, r[20:], 2, metric="l2", row_offset=20))
     with pytest.raises(ValueError, match=r"^cannot merge top-k states that both cover rows \[0, 20\)"):
         dr.merge_topk(first, dr.nn_search_partial(q, r[20:], 2))  # forgotten row_offset
+
+
+def test_kernel_argument_struct_is_checked_by_the_bindings():
+    # The bindings fill DenoiserArgs / SearchArgs from one dict: a forgotten or extra field is a
+    # ValueError naming it, never a null pointer inside a kernel.
+    from diffrepro import _backend
+
+    with pytest.raises(ValueError, match=r"^denoiser args is missing the field 'x'$"):
+        _backend.cpu.empirical_denoiser({"f64": False})
+    with pytest.raises(ValueError, match=r"^search args is missing the field 'queries'$"):
+        _backend.cpu.nn_search({})
+    fields = dict(queries=0, refs=0, refs_type=0, Q=1, N=1, D=1, k=1, inner_product=True, center=0,
+                  row_offset=0, values=0, indices=0)
+    with pytest.raises(ValueError, match=r"^search args has 13 fields, expected 12$"):
+        _backend.cpu.nn_search({**fields, "typo": 1})
+    with pytest.raises(ValueError, match=r"^refs_type must be a RowType code 0\.\.3, got 7$"):
+        _backend.cpu.nn_search({**fields, "refs_type": 7})
