@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
 
 import diffrepro as dr
 from diffrepro.reference import empirical_denoiser_info_reference, empirical_denoiser_reference
-from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
 
 SIGMAS = [1e-4, 0.002, 0.02, 2.0, 80.0, 1e4]
 
@@ -183,7 +183,8 @@ def test_numpy_in_numpy_out_and_memmap(tmp_path, cifar_subset):
     x = (cifar_subset[:3].astype(np.float32) / np.float32(127.5) - 1) + 0.01
     out = dr.empirical_denoiser(x, mm, 0.2)
     assert isinstance(out, np.ndarray) and out.shape == x.shape and out.dtype == np.float32
-    assert np.array_equal(out, dr.empirical_denoiser(torch.from_numpy(x), torch.from_numpy(cifar_subset[:200]), 0.2).numpy())
+    same = dr.empirical_denoiser(torch.from_numpy(x), torch.from_numpy(cifar_subset[:200]), 0.2)
+    assert np.array_equal(out, same.numpy())
 
 
 def test_streaming_memmap_chunks_equal_one_shot(tmp_path, cifar_subset):

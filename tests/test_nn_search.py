@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from helpers import assert_argmax_rule
 
 import diffrepro as dr
 from diffrepro.reference import nn_search_reference
-from helpers import assert_argmax_rule
 
 
 def unit_rows(n, d, gen=None):

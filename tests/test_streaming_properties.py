@@ -3,6 +3,7 @@
 reference rows, arriving in any order and merged by any merge tree, gives the one-shot result,
 and both meet the float64 oracle within the tolerance rule."""
 import torch
+from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +13,6 @@ from diffrepro.reference import (
     empirical_denoiser_reference,
     nn_search_reference,
 )
-from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
 
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

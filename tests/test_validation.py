@@ -14,11 +14,13 @@ def test_denoiser_rejects_bad_inputs():
         dr.empirical_denoiser([[0.0] * 8], y, 1.0)
     with pytest.raises(TypeError, match=r"x must have one of the dtypes float32/float64, got a torch.int64"):
         dr.empirical_denoiser(torch.ones(3, 8, dtype=torch.int64), y, 1.0)
-    with pytest.raises(TypeError, match=r"train must have one of the dtypes float32/uint8/float16, got a torch.float64"):
+    with pytest.raises(TypeError, match=r"train must have one of the dtypes float32/uint8/float16, "
+                                        r"got a torch.float64"):
         dr.empirical_denoiser(x, y.double(), 1.0)
     with pytest.raises(ValueError, match=r"train rows must have D = 8 features like x .* got train of shape \[10, 9\]"):
         dr.empirical_denoiser(x, torch.rand(10, 9), 1.0)
-    with pytest.raises(ValueError, match=r"x must have shape \[R, D\] or \[R, C, H, W\], got a torch.float32 tensor of shape \[8\]"):
+    with pytest.raises(ValueError, match=r"x must have shape \[R, D\] or \[R, C, H, W\], "
+                                         r"got a torch.float32 tensor of shape \[8\]"):
         dr.empirical_denoiser(torch.rand(8), y, 1.0)
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"sigma must be a positive finite number, got"):

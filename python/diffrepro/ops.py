@@ -507,7 +507,9 @@ def merge_topk(a: TopKState, b: TopKState) -> TopKState:
     if a.metric != b.metric:
         raise ValueError(f"cannot merge top-k states of different metrics, got {a.metric!r} and {b.metric!r}")
     if a.values.shape[1] != b.values.shape[1]:
-        raise ValueError(f"cannot merge top-k states of different k, got k = {a.values.shape[1]} and {b.values.shape[1]}")
+        raise ValueError(
+            f"cannot merge top-k states of different k, got k = {a.values.shape[1]} and {b.values.shape[1]}"
+        )
     if a.values.shape[0] != b.values.shape[0]:
         raise ValueError(
             f"cannot merge top-k states of different queries, got Q = {a.values.shape[0]} and {b.values.shape[0]}"
