@@ -87,7 +87,7 @@ void process_tile(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, in
   const index_t D = c.a.D;
   T* s = w.scores.data();
   index_t nonzero = 0;
-  // Scores g = <x - c, y - c> - ||y - c||^2 / 2 = logit * sigma^2 + (row constant).
+  // Scores g = <x - c, y - c> - ||y - c||^2 / 2 = logit * sigma^2 + ||x - c||^2 / 2 (per query).
   detail::gemm(true, nq, nt, D, T(1), c.xc + q0 * D, D, w.tile.data(), D, T(0), s, nt);
   for (index_t j = 0; j < nt; ++j) w.tile_norm[j] = std::sqrt(static_cast<double>(w.tile_norm2[j]));
   for (index_t q = 0; q < nq; ++q) {
