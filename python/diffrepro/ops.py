@@ -196,7 +196,7 @@ def _prepare_denoiser(x, train, sigma, s):
     Q = x2.shape[0]
     sig = per_query("sigma", sigma, Q, device)
     scale = per_query("s", s, Q, device)
-    # x~ = x / s: the denoiser acts on the unscaled variable x~ (EDM, Karras et al. 2022, eq. 1).
+    # x~ = x / s: the denoiser acts on the unscaled variable (x = s x~ in Karras et al. 2022, EDM).
     if bool((scale == 1).all()):
         xs = x2
     elif device.type == "cpu":
@@ -245,7 +245,7 @@ def _workspace(module, op: str, sizes: tuple, knobs: _Knobs, device) -> torch.Te
 
 
 def _launch(op: str, args: dict, sizes: tuple, device, knobs: _Knobs) -> None:
-    """Runs `op` on the backend of `device` (or on the CUDA emulator), once argument dict for all."""
+    """Runs `op` on the backend of `device` (or on the CUDA emulator), with one argument dict for all."""
     if knobs.emulate:
         if device.type != "cpu":
             raise ValueError(f"_emulate=True runs the CUDA kernels on host tensors, got tensors on {device}")
