@@ -26,6 +26,7 @@ from .ops import merge_topk, nn_search_partial
 from .sscd import Features, load_features
 
 __all__ = [
+    "bad_descriptor_rows",
     "gl_nn",
     "gl_sscd",
     "hyperplane_map",
@@ -89,6 +90,34 @@ def _as_numpy(x: ArrayLike) -> np.ndarray:
     return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
+def bad_descriptor_rows(x: np.ndarray) -> tuple[np.ndarray, str]:
+    """Rows of ``[N, D]`` descriptors on which a cosine is undefined, and why.
+
+    A row with a NaN or an infinity, or of norm 0 (all zero), has no direction: counting it as
+    "not reproduced" or "not memorised" would be a silent wrong result.
+
+    Returns:
+        ``(rows int64 [k] ascending, reason of the first)``; ``k = 0`` and ``""`` when all are fine.
+    """
+    x = np.asarray(x)
+    sq = np.einsum("nd,nd->n", x, x, dtype=np.float64)  # float64: no copy, no underflow of float32 rows
+    bad = np.flatnonzero(~np.isfinite(sq) | (sq == 0))
+    if not len(bad):
+        return bad, ""
+    row = x[bad[0]]
+    why = ("NaN or infinite" if not np.isfinite(row).all() else
+           "all zero (norm 0)" if sq[bad[0]] == 0 else "of a norm that overflows float64")
+    return bad, why
+
+
+def _check_descriptors(x: np.ndarray, name: str, ids: np.ndarray | None = None, offset: int = 0) -> None:
+    """Raise ValueError naming the first row of ``x`` (global row ``offset + i``) with no direction."""
+    bad, why = bad_descriptor_rows(x)
+    if len(bad):
+        which = f"row {offset + bad[0]}" + (f" (id {ids[bad[0]]})" if ids is not None else "")
+        raise ValueError(f"{name}: {which} is {why} ({len(bad)} such rows); expected finite, non-zero descriptors")
+
+
 def _as_features(x: FeaturesLike, name: str) -> Features:
     """Accept a :class:`Features`, a ``(features, ids)`` pair or a feature-file path."""
     if isinstance(x, (str, os.PathLike)):
@@ -109,6 +138,7 @@ def _as_features(x: FeaturesLike, name: str) -> Features:
         raise ValueError(f"{name}.ids must have shape [{len(feats)}], got {ids.shape}")
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"{name}.ids must be unique, got repeated ids")
+    _check_descriptors(feats, name, ids)
     return Features(feats, ids, x.meta)
 
 
@@ -149,20 +179,28 @@ def _paired_cosine(a: Features, b: Features, name_a: str, name_b: str) -> tuple[
     return _cosine(a.features[ia], b.features[ib]), ids
 
 
-def _shards(refs: Any) -> list:
-    """Reference rows as a list of 2-D-able arrays: one array, a ``.npy``/``.npz`` path, or a list."""
+def _shards(refs: Any) -> list[tuple[str, Any]]:
+    """Reference rows as ``(name, 2-D-able array)`` pairs: one array, a ``.npy``/``.npz`` path, or a
+    list; the name (the file, or ``refs[k]``) is what errors about the rows quote."""
     items = list(refs) if isinstance(refs, (list, tuple)) else [refs]
     out = []
-    for item in items:
+    for k, item in enumerate(items):
+        name = f"reference shard {k}" if len(items) > 1 else "reference set"
         if isinstance(item, (str, os.PathLike)):
             path = Path(item)
+            name = repr(os.fspath(path))
             item = load_features(path).features if path.suffix == ".npz" else np.load(path, mmap_mode="r")
-        out.append(item)
+        elif getattr(item, "filename", None):  # an np.memmap
+            name = repr(os.fspath(item.filename))
+        out.append((name, item))
     return out
 
 
 def _stream_top1(queries: np.ndarray, refs: Any, metric: str, chunk_rows: int, unit_rows: bool = False):
     """Best reference row per query, streaming the references ``chunk_rows`` rows at a time.
+
+    Each chunk is checked as it streams (cheap next to the search): NaN or infinite rows, and
+    with ``unit_rows`` all-zero rows, raise ValueError naming the shard and the global row.
 
     Args:
         queries: float32 [Q, D].
@@ -172,25 +210,29 @@ def _stream_top1(queries: np.ndarray, refs: Any, metric: str, chunk_rows: int, u
         unit_rows: L2-normalise each reference chunk (a float32 copy) before the search.
 
     Returns:
-        ``(index [Q] int64 global row, shards)``.
+        ``(index [Q] int64 global row, shards)``, ``shards`` the arrays in order.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    shards = _shards(refs)
+    named = _shards(refs)
     best, offset = None, 0
-    for shard in shards:
+    for name, shard in named:
         for start in range(0, len(shard), chunk_rows):
             chunk = shard[start:start + chunk_rows].reshape(min(chunk_rows, len(shard) - start), -1)
             if chunk.shape[1] != queries.shape[1]:
                 raise ValueError(f"reference rows have D={chunk.shape[1]}, queries have D={queries.shape[1]}")
             if unit_rows:
+                _check_descriptors(chunk, name, offset=start)
                 chunk = _unit_rows(chunk)
+            elif chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
+                bad = int(np.flatnonzero(~np.isfinite(chunk).all(axis=1))[0])
+                raise ValueError(f"{name}: row {start + bad} is NaN or infinite; expected finite values")
             state = nn_search_partial(queries, chunk, 1, metric=metric, row_offset=offset + start)
             best = state if best is None else merge_topk(best, state)
         offset += len(shard)
     if best is None:
         raise ValueError("the reference set must hold at least one row, got N=0")
-    return np.asarray(best.indices)[:, 0].astype(np.int64), shards
+    return np.asarray(best.indices)[:, 0].astype(np.int64), [shard for _, shard in named]
 
 
 def _decode(rows: np.ndarray) -> np.ndarray:
@@ -309,6 +351,7 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
     gen = _as_numpy(gen_features.features if isinstance(gen_features, Features) else gen_features)
     if gen.ndim != 2 or len(gen) == 0:
         raise ValueError(f"gen_features must have shape [Q, D] with Q >= 1, got {gen.shape}")
+    _check_descriptors(gen, "gen_features")
     index, shards = _stream_top1(_unit_rows(gen), train_features, "ip", chunk_rows, unit_rows=True)
     max_sim = _cosine(gen, _rows(shards, index))
     out = _proportion("memorised_fraction", max_sim > tau, tau=tau, max_sim=max_sim, nn_index=index)
@@ -345,6 +388,9 @@ def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = 
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     if len(x) == 0:
         raise ValueError("gen must hold at least one image, got K=0")
+    if not np.isfinite(x).all():
+        raise ValueError(f"gen: row {int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])} is NaN or infinite; "
+                         "expected finite images in [-1, 1]")
     index, shards = _stream_top1(x.astype(np.float32), train, "l2", chunk_rows)
     nn = _rows(shards, index)
     dist = np.linalg.norm(x - nn, axis=1)

@@ -62,6 +62,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Every flag's help ends with its default; descriptions keep their line breaks."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the error policy: a bad or missing argument is one line and exit status 2,
+    with a pointer to ``--help`` instead of the usage block. Sub-parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -171,24 +179,41 @@ def require_path(arg: str, path: str, expected: str) -> None:
 
 
 def load_images(arg: str, path: str, max_images: int | None = None, progress: bool = False):
-    """A data set (uint8 [N, C, H, W]) and its ids: seeds for ``NNNNNN.png`` names, else file names,
-    else row numbers."""
+    """A data set (uint8 [N, C, H, W]) and its ids: seeds for ``NNNNNN.png`` names (a generate output
+    folder gives exactly its per-seed PNGs), else file names, else row numbers."""
     from ..data import load_dataset
-    from ..sscd import ids_from_names
 
     require_path(arg, path, "an image folder, EDM zip, CIFAR archive, .npz or .npy data set")
     try:
         ds = load_dataset(path, max_images=max_images, progress=progress)
     except ValueError as exc:
         raise UsageError(f"{arg}: {exc}") from exc
+    except RunError as exc:
+        raise RunError(f"{arg}: {exc}") from exc
     if len(ds) == 0:
         raise UsageError(f"{arg}: {path!r} holds no images")
-    ids = np.arange(len(ds), dtype=np.int64) if ds.names is None else ids_from_names(ds.names)
-    return ds, ids
+    if ds.names is None:
+        return ds, np.arange(len(ds), dtype=np.int64)
+    from ..sscd import ids_from_names
+
+    return ds, ids_from_names(ds.names)
+
+
+def check_descriptor_rows(arg: str, path: str, features: np.ndarray, ids=None) -> None:
+    """Refuse NaN, infinite or all-zero descriptor rows (a cosine is undefined there), naming the row."""
+    from ..metrics import bad_descriptor_rows
+
+    bad, why = bad_descriptor_rows(features)
+    if len(bad):
+        which = f"row {bad[0]}" + (f" (id {ids[bad[0]]})" if ids is not None else "")
+        raise UsageError(f"{arg}: {path!r}: {which} is {why} ({len(bad)} such rows in all); expected finite, "
+                         "non-zero descriptors (re-extract them with 'diffrepro features')")
 
 
 def load_feature_file(arg: str, path: str, need_ids: bool = True):
-    """A feature file written by ``diffrepro features`` (with ids unless ``need_ids`` is False)."""
+    """A feature file written by ``diffrepro features`` (with ids unless ``need_ids`` is False), with
+    finite, non-zero rows."""
+    from ..data import reading_file
     from ..sscd import load_features
 
     expected = "a .npz feature file written by 'diffrepro features'"
@@ -196,7 +221,9 @@ def load_feature_file(arg: str, path: str, need_ids: bool = True):
     if os.path.isdir(path) or not path.endswith(".npz"):
         raise UsageError(f"{arg}: expected {expected}, got {path!r}")
     try:
-        feats = load_features(path)
+        # numpy raises ValueError for a file that is not an .npz at all
+        with reading_file(f"{arg}: {path!r}", expected, ValueError):
+            feats = load_features(path)
     except KeyError as exc:
         raise UsageError(f"{arg}: {path!r} is not a feature file (no 'features' array)") from exc
     if feats.ids is None and need_ids:
@@ -204,4 +231,5 @@ def load_feature_file(arg: str, path: str, need_ids: bool = True):
                          "rows by position, or re-extract it with 'diffrepro features' to pair by seed")
     if feats.features.ndim != 2 or len(feats.features) == 0:
         raise UsageError(f"{arg}: expected features of shape [N, D] with N >= 1, got {feats.features.shape}")
+    check_descriptor_rows(arg, path, feats.features, feats.ids)
     return feats
