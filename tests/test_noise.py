@@ -3,10 +3,15 @@
 import math
 import os
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from diffrepro import noise as N
+from diffrepro.generation import format_seeds
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 
 def test_seed_latents_follow_per_seed_generators():
@@ -54,6 +59,44 @@ def test_parse_seeds():
         N.parse_seeds("1,,2")
     with pytest.raises(ValueError, match="got item '-1'"):
         N.parse_seeds("-1")
+
+
+# --- seed lists: properties (hypothesis) ---------------------------------------------------------
+# The oracle reads EDM's grammar character by character (no regex, no int() on non-ASCII digits):
+# items separated by ',', surrounding whitespace ignored, each 'a' or 'a-b' with ASCII digits, a <= b.
+_ASCII_DIGITS = set("0123456789")
+
+
+def _oracle_item(item: str):
+    """(lo, hi) of a valid item, or the error kind: 'item' (not the grammar) or 'range' (b < a)."""
+    lo, sep, hi = item.partition("-")
+    hi = hi if sep else lo
+    if not lo or not hi or not set(lo) <= _ASCII_DIGITS or not set(hi) <= _ASCII_DIGITS:
+        return "item"
+    return (int(lo), int(hi)) if int(lo) <= int(hi) else "range"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 10**9), min_size=1, max_size=40))
+def test_format_seeds_then_parse_seeds_is_the_identity(seeds):
+    text = format_seeds(seeds)
+    assert N.parse_seeds(text) == seeds
+    assert re.fullmatch(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", text, flags=re.ASCII)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="0123456789-, \t\n+x³٣", max_size=16))
+def test_parse_seeds_accepts_exactly_edm_syntax_and_quotes_the_bad_item(text):
+    items = [part.strip() for part in text.split(",")]
+    parsed = [_oracle_item(item) for item in items]
+    bad = next((k for k, p in enumerate(parsed) if isinstance(p, str)), None)
+    if bad is None:
+        assume(sum(hi - lo + 1 for lo, hi in parsed) <= 100_000)
+        assert N.parse_seeds(text) == [s for lo, hi in parsed for s in range(lo, hi + 1)]
+        return
+    expected = "got item" if parsed[bad] == "item" else "start <= end, got"
+    with pytest.raises(ValueError, match=f"{expected} {re.escape(repr(items[bad]))} in "):
+        N.parse_seeds(text)
 
 
 def test_noise_bank_round_trip(tmp_path):
