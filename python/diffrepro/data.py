@@ -33,7 +33,7 @@ import numpy as np
 import PIL.Image
 from tqdm.auto import tqdm
 
-from .errors import RunError
+from .errors import RunError, UsageError
 
 __all__ = [
     "Dataset",
@@ -233,7 +233,7 @@ def reading_file(where: str, expected: str, *also: type[BaseException]):
     that names the file (``where``, quoted by the caller), the failure and what was expected."""
     try:
         yield
-    except RunError:
+    except (RunError, UsageError):
         raise
     except (*_DAMAGED, *also) as exc:
         raise RunError(f"{where}: cannot read it as {expected} ({_detail(exc)}); "

@@ -59,7 +59,10 @@ def run(args) -> int:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every flag's help ends with its default; descriptions keep their line breaks."""
+    """Every optional flag's help ends with its default; descriptions keep their line breaks."""
+
+    def _get_help_string(self, action):
+        return action.help if action.required else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -172,10 +172,10 @@ def _cmd_rp(args) -> int:
 
 
 def _cmd_mae(args) -> int:
-    from .. import metrics
-
     da, ids_a = load_images("--a", args.a)
     db, ids_b = load_images("--b", args.b)
+    from .. import metrics  # after the inputs: a bad input fails before torch is imported
+
     if da.images.shape[1:] != db.images.shape[1:]:
         raise UsageError(f"--a and --b: images must have the same shape, got {list(da.images.shape[1:])} "
                          f"and {list(db.images.shape[1:])}")
@@ -242,27 +242,34 @@ def _cmd_gl_sscd(args) -> int:
 
 def _load_generations(path: str, max_gen: int | None) -> tuple[np.ndarray, np.ndarray]:
     """``--gen`` of gl-nn: float [K, C, H, W] in [-1, 1] and ids (uint8 images are decoded)."""
-    from ..data import decode
+    from ..data import decode, reading_file
 
     if path.endswith(".npz") and os.path.isfile(path):
-        with np.load(path) as z:
-            for key in ("x", "samples", "images", "x0"):
-                if key in z.files and np.issubdtype(z[key].dtype, np.floating):
-                    x = np.asarray(z[key][:max_gen])
-                    if x.ndim != 4:
-                        raise UsageError(f"--gen: float array {key!r} in {path!r} must be [K, C, H, W], got {x.shape}")
-                    ids = np.asarray(z["seeds"][:max_gen]) if "seeds" in z.files else np.arange(len(x))
-                    return x, ids
+        # numpy raises ValueError for a file that is not an .npz at all
+        with reading_file(f"--gen: {path!r}", "a .npz of generations", ValueError), np.load(path) as z:
+            key = next((k for k in ("x", "samples", "images", "x0")
+                        if k in z.files and np.issubdtype(z[k].dtype, np.floating)), None)
+            if key is not None:
+                x = np.asarray(z[key][:max_gen])
+                ids = np.asarray(z["seeds"][:max_gen]) if "seeds" in z.files else np.arange(len(x))
+        if key is not None:
+            if x.ndim != 4:
+                raise UsageError(f"--gen: float array {key!r} in {path!r} must be [K, C, H, W], got {x.shape}")
+            finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+            if not finite.all():
+                raise UsageError(f"--gen: {path!r}: generation {ids[np.flatnonzero(~finite)[0]]} (row "
+                                 f"{np.flatnonzero(~finite)[0]}) is NaN or infinite; expected images in [-1, 1]")
+            return x, ids
     ds, ids = load_images("--gen", path, max_gen)
     return decode(ds.images), ids
 
 
 def _cmd_gl_nn(args) -> int:
-    from .. import metrics
-
     require_path("--gen", args.gen, "an image folder/zip or a .npz of generations")
     gen, ids = _load_generations(args.gen, args.max_gen)
     train, _ = load_images("--train", args.train)
+    from .. import metrics  # after the inputs: a bad input fails before torch is imported
+
     if tuple(gen.shape[1:]) != tuple(train.images.shape[1:]):
         raise UsageError(f"--gen and --train: images must have the same [C, H, W], got {list(gen.shape[1:])} "
                          f"and {list(train.images.shape[1:])}")
