@@ -214,7 +214,8 @@ def nn_grid(gen: np.ndarray, train: np.ndarray, nn_index: np.ndarray, path: str 
     draw = ImageDraw.Draw(canvas)
     for r in range(rows):
         for half, label in enumerate(_ROW_LABELS):
-            draw.text((pad, (2 * r + half) * th + pad + (h * scale - text_h) // 2), label, fill="black", font=font)
+            draw.text((pad, (2 * r + half) * th + pad + max(0, h * scale - text_h) // 2), label, fill="black",
+                      font=font)
     for j in range(k):
         r, col = divmod(j, per_row)
         captions = (None if gen_ids is None else f"seed {gen_ids[j]}",
