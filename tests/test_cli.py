@@ -148,6 +148,40 @@ def test_usage_errors_are_one_line_without_a_usage_block(tmp_path):
     assert (tmp_path / "train.npz").read_bytes() == before
 
 
+def test_outputs_never_replace_a_file_diffrepro_did_not_write(tmp_path):
+    gen = png_folder(tmp_path / "gen", rand_images(3))
+    np.savez(tmp_path / "train.npz", images=rand_images(5))
+    before = (tmp_path / "train.npz").read_bytes()
+    # --json train.json would put the per-generation file at train.npz: the training set
+    one_line(cli("score", "gl-nn", "--gen", gen, "--train", tmp_path / "train.npz", "--json", tmp_path / "train.json"),
+             2, "--json (its .npz beside it)", "train.npz", "not written by diffrepro", "refusing to overwrite")
+    assert (tmp_path / "train.npz").read_bytes() == before and not (tmp_path / "train.json").exists()
+    (tmp_path / "notes.json").write_text('{"my": "notes"}')
+    one_line(cli("score", "mae", "--a", gen, "--b", gen, "--json", tmp_path / "notes.json"), 2, "--json", "notes.json")
+    assert json.loads((tmp_path / "notes.json").read_text()) == {"my": "notes"}
+    for _ in range(2):  # a result diffrepro wrote is replaced by the rerun
+        proc = cli("score", "mae", "--a", gen, "--b", gen, "--json", tmp_path / "mae.json")
+        assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "mae.json").read_text())["mae_score"] == 1.0
+
+
+def test_what_counts_as_written_by_diffrepro(tmp_path):
+    from diffrepro import plots
+
+    _common.write_json(tmp_path / "ours.json", {"metric": "rp", "rp": 0.5})
+    (tmp_path / "theirs.json").write_text('{"rp": 0.5}')
+    (tmp_path / "broken.json").write_text('{"metric": ')
+    np.savez(tmp_path / "ours.npz", ids=np.arange(2), nn_index=np.arange(2), max_sim=np.ones(2))
+    np.savez(tmp_path / "theirs.npz", ids=np.arange(2), nn_index=np.arange(2), max_sim=np.ones(2), extra=np.ones(1))
+    (tmp_path / "broken.npz").write_bytes((tmp_path / "ours.npz").read_bytes()[:-40])
+    data.save_png(tmp_path / "theirs.png", rand_images(1)[0])
+    ours = {"ours.json", "ours.npz"}
+    if plots.available():
+        plots.plot_similarity_matrix(np.eye(2), tmp_path / "ours.png")
+        ours.add("ours.png")
+    assert {p.name for p in tmp_path.iterdir() if _common.written_by_diffrepro(p)} == ours
+
+
 # ----------------------------------------------------------------------------------------------
 # Ctrl-C: exit 130, says how to resume
 # ----------------------------------------------------------------------------------------------

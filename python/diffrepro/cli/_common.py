@@ -128,13 +128,13 @@ def stem(path: str | os.PathLike) -> str:
     return name
 
 
-def out_path(args, inputs: list[str], tag: str, explicit: str | None = None, suffix: str = ".json") -> Path:
-    """``explicit``, or ``<stem of each input joined by '__'>.<tag><suffix>`` in ``--outdir`` (default:
+def out_path(args, inputs: list[str], tag: str, explicit: str | None = None) -> Path:
+    """``explicit``, or ``<stem of each input joined by '__'>.<tag>.json`` in ``--outdir`` (default:
     beside the first input), so that changing any input never overwrites an earlier result."""
     if explicit:
         return Path(explicit)
     folder = Path(args.outdir) if getattr(args, "outdir", None) else Path(os.path.abspath(inputs[0])).parent
-    return folder / f"{'__'.join(stem(p) for p in inputs)}.{tag}{suffix}"
+    return folder / f"{'__'.join(stem(p) for p in inputs)}.{tag}.json"
 
 
 def jsonable(obj: Any) -> Any:
@@ -156,6 +156,55 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return os.fspath(obj)
     return obj
+
+
+# Keys of the .npz files the commands write: per generation (score rp, gl-sscd, gl-nn) and the linear models
+# of distill (diffrepro.denoisers.linear).
+_OWN_NPZ_KEYS = ({"ids", "sim"}, {"ids", "nn_index", "max_sim"}, {"ids", "nn_index", "dist", "ratio"},
+                 {"W_eff", "b", "sigma", "mode", "M", "shape"})
+
+
+def result_path(args, inputs: list[str], tag: str, *beside: str) -> Path:
+    """:func:`out_path` for ``--json``, checked with :func:`refuse_overwrite` before any work, together
+    with the files of suffixes ``beside`` written next to it (``".npz"``, ``".png"``)."""
+    path = out_path(args, inputs, tag, getattr(args, "json", None))
+    arg = "--json" if getattr(args, "json", None) else "default output"
+    refuse_overwrite((arg, path), *((f"{arg} (its {suffix} beside it)", path.with_suffix(suffix)) for suffix in beside))
+    return path
+
+
+def written_by_diffrepro(path: Path) -> bool:
+    """True when ``path`` holds an output the commands write, so that replacing it loses nothing of the
+    user's: a result JSON (an object with "metric" or "rows"), one of their .npz files (exactly its keys)
+    or a matplotlib figure. Anything unreadable is not ours."""
+    from ..data import reading_file
+
+    try:
+        with reading_file(repr(str(path)), "an output of diffrepro", OSError, ValueError, SyntaxError):
+            if path.suffix == ".json":
+                obj = json.loads(path.read_bytes())
+                return isinstance(obj, dict) and ("metric" in obj or "rows" in obj)
+            if path.suffix == ".npz":
+                with np.load(path) as z:
+                    return set(z.files) in _OWN_NPZ_KEYS
+            if path.suffix == ".png":
+                import PIL.Image
+
+                with PIL.Image.open(path) as img:
+                    return str(img.info.get("Software", "")).startswith("Matplotlib")
+    except RunError:
+        return False
+    return False
+
+
+def refuse_overwrite(*outputs: tuple[str, Path]) -> None:
+    """Before any work: each ``(argument, path)`` output must be new or a file diffrepro wrote."""
+    for arg, path in outputs:
+        if path.is_dir():
+            raise UsageError(f"{arg}: expected a file path, got the folder {str(path)!r}")
+        if path.exists() and not written_by_diffrepro(path):
+            raise UsageError(f"{arg}: {str(path)!r} exists and was not written by diffrepro; refusing to overwrite "
+                             "it (choose another --json/--outdir, or remove the file)")
 
 
 def write_json(path: Path, obj: dict) -> None:
