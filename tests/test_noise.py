@@ -111,7 +111,8 @@ def test_noise_bank_round_trip(tmp_path):
     torch.testing.assert_close(back.latents, bank.latents, rtol=0, atol=0)
     torch.testing.assert_close(back.get([3, 12]), N.seed_latents([3, 12], (2, 3, 3))[0], rtol=0, atol=0)
     assert len(back) == 6
-    with pytest.raises(KeyError, match=r"seeds not in the noise bank: \[99, 98\] \(2 missing; the bank holds 6 seeds\)"):
+    with pytest.raises(KeyError,
+                       match=r"seeds not in the noise bank: \[99, 98\] \(2 missing; the bank holds 6 seeds\)"):
         back.get([3, 99, 98])
     bank.save(path)  # overwriting works
     assert sorted(os.listdir(tmp_path)) == ["bank.npz"]
@@ -145,7 +146,7 @@ def test_slerp_endpoints_and_norm():
     torch.testing.assert_close(out.norm(dim=1), torch.full((11,), 2.0, dtype=torch.float64), rtol=1e-12, atol=0)
     mid = N.slerp(a, b, 0.5)
     torch.testing.assert_close(mid, torch.tensor([math.sqrt(2), math.sqrt(2), 0, 0], dtype=torch.float64))
-    # the formula with sin(theta) in the denominator (SPEC §11.1)
+    # the formula with sin(theta) in the denominator (the slerp of Shoemake 1985)
     theta = torch.arccos((e0 * e1).sum().double() / (e0.double().norm() * e1.double().norm()))
     want = (torch.sin(0.3 * theta) * e0.double() + torch.sin(0.7 * theta) * e1.double()) / torch.sin(theta)
     torch.testing.assert_close(N.slerp(e0, e1, 0.7).double(), want, rtol=1e-6, atol=1e-6)

@@ -95,7 +95,8 @@ def test_scores_on_generate_outputs_match_independent_numpy(pipeline):
     tau, tau_gl, thresh = split_threshold(pair_sim), split_threshold(max_sim), split_threshold(mae)
 
     out = d / "scores"
-    run_all(["score", "rp", "--a", d / "f_euler.npz", "--b", d / "f_gauss.npz", "--tau", tau, "--json", out / "rp.json"],
+    run_all(["score", "rp", "--a", d / "f_euler.npz", "--b", d / "f_gauss.npz", "--tau", tau,
+             "--json", out / "rp.json"],
             ["score", "gl-sscd", "--gen", d / "f_gauss.npz", "--train", d / "f_train.npz", "--tau", tau_gl,
              "--json", out / "gl-sscd.json"],
             *(["score", "gl-nn", "--gen", d / name, "--train", d / "train.npz", "--json", out / f"gl-nn-{name}.json"]

@@ -273,7 +273,8 @@ def test_gl_nn_png_folder_and_float_npz_match_float64_oracle(tmp_path):
     assert read_json(tmp_path / "gen_float__train.gl-nn.json")["gl_nn"] == pytest.approx(oracle(xf, "x"), rel=1e-12)
 
     np.savez(tmp_path / "small.npz", images=train[:, :, :2, :2])
-    assert "--gen and --train" in fail("score", "gl-nn", f"--gen={tmp_path / 'gen'}", f"--train={tmp_path / 'small.npz'}")
+    assert "--gen and --train" in fail("score", "gl-nn", f"--gen={tmp_path / 'gen'}",
+                                       f"--train={tmp_path / 'small.npz'}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,7 +424,8 @@ def test_distilling_the_empirical_denoiser_on_noisy_training_inputs_approaches_w
 def test_distill_adam_mode_writes_its_models_and_needs_lr_off_the_p2_grid(tmp_path):
     _tiny_sets(tmp_path)
     args = ["distill", "--denoiser=gaussian", f"--train={tmp_path / 'train.npz'}", f"--images={tmp_path / 'held.npz'}"]
-    run(*args, "--mode=adam", "--sigmas=80", "--epochs=3", f"--out={tmp_path / 'adam.npz'}", f"--json={tmp_path / 'a.json'}")
+    run(*args, "--mode=adam", "--sigmas=80", "--epochs=3", f"--out={tmp_path / 'adam.npz'}",
+        f"--json={tmp_path / 'a.json'}")
     with np.load(tmp_path / "adam.npz") as z:
         assert list(z["mode"]) == ["adam"] and list(z["M"]) == [60] and z["W_eff"].shape == (1, 48, 48)
     assert read_json(tmp_path / "a.json")["M"] == 60

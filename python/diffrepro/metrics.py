@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Reproducibility, memorisation and linearity metrics of P1 and P2 (SPEC §5, §8).
+"""Reproducibility, memorisation and linearity metrics of P1 (Zhang et al., ICML 2024) and P2 (Li, Dai,
+Qu, NeurIPS 2024).
 
 Every function returns a dict. Proportions carry ``count`` (successes), ``n`` (trials) and
 ``ci95``, the 95% Wilson score interval (Wilson 1927). Thresholds are strict: a similarity
 counts when ``> tau``, an MAE when ``< thresh``. Similarities are cosines computed in float64
-as ``<a, b> / (|a| |b|)`` (defensive renormalisation, SPEC §5.1); nearest-neighbour searches
-run in the diffrepro kernels and the winner's score is then recomputed exactly in float64.
+as ``<a, b> / (|a| |b|)`` (defensive renormalisation: SSCD rows are unit-norm only to ~1e-7);
+nearest-neighbour searches run in the diffrepro kernels and the winner's score is then recomputed
+exactly in float64. Descriptor rows without a direction (NaN, infinite or all zero) are refused.
 """
 
 from __future__ import annotations
@@ -262,7 +264,7 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# P1 image-level scores (SPEC §5.2, §5.3, §5.5)
+# P1 image-level scores: RP, MAE score, GL (Zhang et al. 2024)
 # ----------------------------------------------------------------------------------------------
 def rp(a: FeaturesLike, b: FeaturesLike, *, tau: float = 0.6) -> dict[str, Any]:
     """Reproducibility score: fraction of same-seed pairs with SSCD similarity ``> tau``.
@@ -361,7 +363,7 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
 
 def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = False,
           chunk_rows: int = 16384) -> dict[str, Any]:
-    """P2's nearest-neighbour generalisation score (eq. 14, reconstructed; SPEC §5.4).
+    """P2's nearest-neighbour generalisation score (eq. 14, reconstructed from its description).
 
     ``GL_nn = mean_k ‖x_k − NN(x_k)‖₂ / ‖x_k‖₂`` with ``NN`` the training image nearest in
     per-pixel Euclidean distance on [-1, 1] images. The search is
@@ -373,7 +375,8 @@ def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = 
         train: training images, [N, C, H, W] or [N, d], float32/float16 in [-1, 1] or uint8
             (decoded ``u/127.5 − 1``); an array, memmap, ``.npy`` path or a list of them.
         normalize: ``"x"`` (divide by ‖x_k‖, default), ``"nn"`` (by ‖NN(x_k)‖) or ``"none"``.
-        quantize: quantise the generations first (SPEC §0 uint8 rule), as saved PNGs would be.
+        quantize: quantise the generations first (EDM's uint8 rule, :func:`diffrepro.data.quantize`), as
+            saved PNGs would be.
         chunk_rows: training rows per kernel call.
 
     Returns:
@@ -438,7 +441,7 @@ def memorisation_summary(gen_a: ArrayLike, gen_b: ArrayLike, train: ArrayLike) -
 
 def rp_cond(a_by_class: Mapping[Any, FeaturesLike], b_by_class: Mapping[Any, FeaturesLike], *,
             tau: float = 0.6) -> dict[str, Any]:
-    """Conditional RP: same noise j and same class c for two conditional models (SPEC §5.5).
+    """Conditional RP: same noise j and same class c for two conditional models (P1).
 
     Args:
         a_by_class: class label -> model A's descriptors of that class's generations.
@@ -497,7 +500,7 @@ def rp_between(uncond: FeaturesLike, cond_by_class: Mapping[Any, FeaturesLike], 
 def rp_manifold(gen_a: Callable[[ArrayLike], ArrayLike], gen_b: Callable[[ArrayLike], ArrayLike],
                 eps0: ArrayLike, eps1: ArrayLike, *, features_fn: Callable[[ArrayLike], ArrayLike],
                 alphas: Sequence[float] | None = None, tau: float = 0.6) -> dict[str, Any]:
-    """RP along slerp paths between noise pairs (P1 App. A.3 with the §11.1 reading).
+    """RP along slerp paths between noise pairs (P1 App. A.3; :func:`diffrepro.noise.slerp`).
 
     For each alpha, ``eps = slerp(eps0, eps1; alpha)`` (``diffrepro.noise.slerp``; lerp where
     sin θ < 1e-6) and the score counts ``M_SSCD(f(gen_a(eps)), f(gen_b(eps))) > tau``.
@@ -519,7 +522,8 @@ def rp_manifold(gen_a: Callable[[ArrayLike], ArrayLike], gen_b: Callable[[ArrayL
     alphas = np.linspace(0.0, 1.0, 100) if alphas is None else np.asarray(alphas, dtype=np.float64)
     e0, e1 = torch.as_tensor(eps0), torch.as_tensor(eps1)
     if e0.shape != e1.shape or e0.ndim < 2:
-        raise ValueError(f"eps0 and eps1 must have the same shape [P, C, H, W], got {tuple(e0.shape)} and {tuple(e1.shape)}")
+        raise ValueError(f"eps0 and eps1 must have the same shape [P, C, H, W], got {tuple(e0.shape)} and "
+                         f"{tuple(e1.shape)}")
     sims = []
     for alpha in alphas:
         eps = slerp(e0, e1, float(alpha), batched=True)
@@ -578,7 +582,7 @@ def similarity_matrix(items: Sequence[Any], metric: str = "rp", *, names: Sequen
 
 
 # ----------------------------------------------------------------------------------------------
-# P2 linearity, score error and weight comparison (SPEC §5.6–5.8)
+# P2 linearity, score error and weight comparison (Li, Dai, Qu eqs. 8–12)
 # ----------------------------------------------------------------------------------------------
 def _flat64(x: ArrayLike) -> torch.Tensor:
     """[B, ...] -> float64 [B, d] tensor on the input's device."""
@@ -589,7 +593,7 @@ def _flat64(x: ArrayLike) -> torch.Tensor:
 def linearity_score(f: Callable[[ArrayLike], ArrayLike], x1: ArrayLike, x2: ArrayLike, *,
                     a_values: Sequence[float] = (0.99, 0.8675, 0.745, 0.6225, 0.5),
                     abs_cos: bool = False, nmse_squared: bool = False) -> dict[str, Any]:
-    """P2's linearity scores of ``f = D(·; σ)`` (eqs. 11–12, SPEC §5.6).
+    """P2's linearity scores of ``f = D(·; σ)`` (eqs. 11–12).
 
     With ``α = sqrt(a)``, ``β = sqrt(1 − a)`` (so α² + β² = 1) and ``t = α f(x1) + β f(x2)``:
     cosine ``<f(αx1 + βx2), t> / (‖f(αx1+βx2)‖ ‖t‖)`` and NMSE ``‖f(αx1+βx2) − t‖ / ‖t‖``,
@@ -630,7 +634,7 @@ def linearity_score(f: Callable[[ArrayLike], ArrayLike], x1: ArrayLike, x2: Arra
 
 def score_error(D1: Callable, D2: Callable, x: ArrayLike, sigma: float, *,
                 batch_size: int | None = None) -> dict[str, Any]:
-    """Score-field approximation error between two denoisers (P2 eq. 10, SPEC §5.7).
+    """Score-field approximation error between two denoisers (P2 eq. 10).
 
     ``rmse = mean_x sqrt((1/d) ‖D1(x;σ) − D2(x;σ)‖²)`` in [-1, 1] units (0.05 ≈ 6.4/255), and
     the App. G variant ``nmse = mean_x ‖D1 − D2‖² / ‖D2‖²``.
@@ -670,12 +674,12 @@ def _matrix64(w: ArrayLike, name: str) -> torch.Tensor:
 
 
 def weight_nmse(W_L: ArrayLike, W_G: ArrayLike, squared: bool = True) -> dict[str, Any]:
-    """Relative distance of two weight matrices, ``‖W_L − W_G‖_F² / ‖W_G‖_F²`` (SPEC §5.8).
+    """Relative distance of two weight matrices, ``‖W_L − W_G‖_F² / ‖W_G‖_F²`` (P2: distilled vs Gaussian).
 
     Args:
         W_L: [d, d] effective distilled weight (the parameter divided by √d; see distill).
         W_G: [d, d] Gaussian (Wiener) weight.
-        squared: squared Frobenius ratio (default, [RECON]) or the plain ratio of norms.
+        squared: squared Frobenius ratio (default; P2 does not say which) or the plain ratio of norms.
 
     Returns:
         ``{"nmse", "squared"}``.
@@ -688,7 +692,7 @@ def weight_nmse(W_L: ArrayLike, W_G: ArrayLike, squared: bool = True) -> dict[st
 
 
 def sv_alignment(W_L: ArrayLike, U: ArrayLike, K: int = 100, *, lam: ArrayLike | None = None) -> dict[str, Any]:
-    """Alignment of W_L's left singular vectors with the data covariance eigenvectors (SPEC §5.8).
+    """Alignment of W_L's left singular vectors with the data covariance eigenvectors (P2).
 
     Args:
         W_L: [d, d] effective distilled weight.
@@ -720,7 +724,7 @@ def sv_alignment(W_L: ArrayLike, U: ArrayLike, K: int = 100, *, lam: ArrayLike |
 
 
 # ----------------------------------------------------------------------------------------------
-# Noise-hyperplane map (P1 Fig. 4, SPEC §8)
+# Noise-hyperplane map (P1 Fig. 4)
 # ----------------------------------------------------------------------------------------------
 def hyperplane_map(generate_fn: Callable[[ArrayLike], ArrayLike], features_fn: Callable[[ArrayLike], ArrayLike],
                    e1: ArrayLike, e2: ArrayLike, e3: ArrayLike, n: int = 100, *, lo: float = -0.1,

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["available", "hyperplane_rgb", "nn_grid", "plot_hyperplane_map", "plot_score_vs_sigma", "plot_similarity_matrix"]
+__all__ = ["available", "hyperplane_rgb", "nn_grid", "plot_hyperplane_map", "plot_score_vs_sigma",
+           "plot_similarity_matrix"]
 
 # Pure colours of the three hyperplane classes (anchor 1, 2, 3).
 _CLASS_RGB = np.array([[0.85, 0.15, 0.15], [0.15, 0.65, 0.2], [0.2, 0.3, 0.9]])

@@ -22,7 +22,7 @@ def _version() -> str:
     return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _common.ArgumentParser:
     from . import analysis, features, generate, score, tools
 
     p = _common.ArgumentParser(

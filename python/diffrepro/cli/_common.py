@@ -62,7 +62,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Every optional flag's help ends with its default; descriptions keep their line breaks."""
 
     def _get_help_string(self, action):
-        return action.help if action.required else super()._get_help_string(action)
+        if action.required or "default" in (action.help or ""):  # nothing to add, or the help says it
+            return action.help
+        return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -70,7 +70,8 @@ def add_commands(sub) -> None:
                                    "(W_eff, b, sigma, mode, M, stacked over sigma) and report the weight NMSE against "
                                    "the Gaussian (Wiener) weights of --train.")
     _denoiser_args(p)
-    p.add_argument("--M", type=int_at_least(1), default=None, help="inputs per sigma (default: 20 d; lstsq needs M > d + 1)")
+    p.add_argument("--M", type=int_at_least(1), default=None,
+                   help="inputs per sigma (default: 20 d; lstsq needs M > d + 1)")
     p.add_argument("--mode", default="lstsq", choices=("lstsq", "adam"), help="closed form or the paper's Adam")
     p.add_argument("--ridge", type=nonneg_float, default=0.0, help="lstsq ridge penalty")
     p.add_argument("--epochs", type=int_at_least(1), default=100, help="adam: passes over --images")
@@ -175,7 +176,8 @@ def _cmd_linearity(args) -> int:
         warnings.warn("matplotlib is not installed: the plot was skipped (pip install matplotlib)", stacklevel=1)
     write_json(path, out)
     cos, nmse = res["cos_main"], res["nmse_main"]
-    print(f"linearity ({args.denoiser}, a={res['main_a']:g}, {args.pairs} pairs): cos {cos.min():.4f}...{cos.max():.4f}, "
+    print(f"linearity ({args.denoiser}, a={res['main_a']:g}, {args.pairs} pairs): "
+          f"cos {cos.min():.4f}...{cos.max():.4f}, "
           f"nmse {nmse.min():.4f}...{nmse.max():.4f} over {len(sigmas)} sigmas -> {path}"
           + (f", {out['png']}" if "png" in out else ""))
     return 0
