@@ -1,14 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """What every command shares: the error policy, argument types, input loaders that name the
-argument in their errors, and atomic JSON output.
+argument in their errors, and atomic JSON output that never replaces a file diffrepro did not write.
 
-Error policy (one line on stderr, never a usage block before a runtime error):
+Error policy (one line on stderr, never a usage block):
 
-- a bad argument or input value (:class:`UsageError`, or a ``ValueError`` raised while the
-  command checks its inputs) exits with status 2;
-- a failure while running (a file that cannot be read or written, :class:`RunError`,
-  ``OSError``) exits with status 1 and names the file;
+- a bad argument or input value (:class:`UsageError`, a ``ValueError`` raised while the command
+  checks its inputs, or an argparse error) exits with status 2;
+- a failure while running (a damaged or unreadable file, :class:`RunError`, ``OSError``) exits
+  with status 1 and names the file;
 - Ctrl-C exits with status 130 and says that rerunning the same command resumes;
+- a warning is one line ``diffrepro <cmd>: warning: ...``;
 - anything else is a bug and keeps its traceback.
 """
 
