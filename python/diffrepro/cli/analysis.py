@@ -152,9 +152,9 @@ def _cmd_linearity(args) -> int:
     y = _held_out(args, den, 2 * args.pairs)
     if len(y) < 2 * args.pairs:
         raise UsageError(f"--images: --pairs {args.pairs} needs {2 * args.pairs} images, got {len(y)}")
-    path = result_path(args, [args.images, args.train], f"linearity-{args.denoiser}", *([] if args.plot else [".png"]))
+    path = result_path(args, [args.images, args.train], f"linearity-{args.denoiser}")
     png = Path(args.plot) if args.plot else path.with_suffix(".png")
-    refuse_overwrite(("--plot", png))
+    refuse_overwrite(("--plot" if args.plot else "default plot", png))
     if args.dry_run:
         evaluations = len(sigmas) * args.pairs * (2 + len(a_values))
         print(_cost_line("linearity", None if train is None else len(train), int(np.prod(y.shape[1:])),
@@ -197,9 +197,9 @@ def _cmd_distill(args) -> int:
         raise UsageError(f"--M: least squares needs M > d + 1 = {d + 1} inputs, got {M}")
     model_bytes = len(sigmas) * (d * d + d) * 8
     evaluations = len(sigmas) * (M if args.mode == "lstsq" else args.epochs * len(y))
-    path = result_path(args, [args.images, args.train], f"distill-{args.denoiser}", *([] if args.out else [".npz"]))
+    path = result_path(args, [args.images, args.train], f"distill-{args.denoiser}")
     model_path = Path(args.out) if args.out else path.with_suffix(".npz")
-    refuse_overwrite(("--out", model_path))
+    refuse_overwrite(("--out" if args.out else "default models file", model_path))
     if args.dry_run:
         print(_cost_line("distill", None if train is None else len(train), d, evaluations, args.denoiser)
               + f"; the models would take {model_bytes / 2**20:.0f} MiB")

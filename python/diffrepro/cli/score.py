@@ -242,26 +242,35 @@ def _cmd_gl_sscd(args) -> int:
     return 0
 
 
+def _float_generations(path: str, max_gen: int | None):
+    """The float array (key x, samples, images or x0) and ids (``seeds``, else rows) of a .npz of
+    generations, or None when it holds no float array (uint8 images are read as a data set)."""
+    from ..data import reading_file
+
+    # numpy raises ValueError for a file that is not an .npz at all
+    with reading_file(f"--gen: {path!r}", "a .npz of generations", ValueError), np.load(path) as z:
+        key = next((k for k in ("x", "samples", "images", "x0")
+                    if k in z.files and np.issubdtype(z[k].dtype, np.floating)), None)
+        if key is None:
+            return None
+        x = np.asarray(z[key][:max_gen])
+        ids = np.asarray(z["seeds"][:max_gen]) if "seeds" in z.files else np.arange(len(x))
+    if x.ndim != 4:
+        raise UsageError(f"--gen: float array {key!r} in {path!r} must be [K, C, H, W], got {x.shape}")
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    if len(bad):
+        raise UsageError(f"--gen: {path!r}: generation {ids[bad[0]]} (row {bad[0]}) is NaN or infinite; "
+                         "expected images in [-1, 1]")
+    return x, ids
+
+
 def _load_generations(path: str, max_gen: int | None) -> tuple[np.ndarray, np.ndarray]:
     """``--gen`` of gl-nn: float [K, C, H, W] in [-1, 1] and ids (uint8 images are decoded)."""
-    from ..data import decode, reading_file
+    from ..data import decode
 
-    if path.endswith(".npz") and os.path.isfile(path):
-        # numpy raises ValueError for a file that is not an .npz at all
-        with reading_file(f"--gen: {path!r}", "a .npz of generations", ValueError), np.load(path) as z:
-            key = next((k for k in ("x", "samples", "images", "x0")
-                        if k in z.files and np.issubdtype(z[k].dtype, np.floating)), None)
-            if key is not None:
-                x = np.asarray(z[key][:max_gen])
-                ids = np.asarray(z["seeds"][:max_gen]) if "seeds" in z.files else np.arange(len(x))
-        if key is not None:
-            if x.ndim != 4:
-                raise UsageError(f"--gen: float array {key!r} in {path!r} must be [K, C, H, W], got {x.shape}")
-            finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-            if not finite.all():
-                raise UsageError(f"--gen: {path!r}: generation {ids[np.flatnonzero(~finite)[0]]} (row "
-                                 f"{np.flatnonzero(~finite)[0]}) is NaN or infinite; expected images in [-1, 1]")
-            return x, ids
+    floats = _float_generations(path, max_gen) if path.endswith(".npz") and os.path.isfile(path) else None
+    if floats is not None:
+        return floats
     ds, ids = load_images("--gen", path, max_gen)
     return decode(ds.images), ids
 
@@ -309,9 +318,9 @@ def _cmd_matrix(args) -> int:
         for i, p in enumerate(args.inputs):
             ds, ids = load_images(f"--features[{i}]", p)
             items.append((ds.images, ids))
-    path = result_path(args, args.inputs, f"{args.metric}-matrix", *([] if args.png else [".png"]))
+    path = result_path(args, args.inputs, f"{args.metric}-matrix")
     png = Path(args.png) if args.png else path.with_suffix(".png")
-    refuse_overwrite(("--png", png))
+    refuse_overwrite(("--png" if args.png else "default heatmap", png))
     with usage_errors("--features"):
         res = metrics.similarity_matrix(items, args.metric, names=names, tau=args.tau, thresh=args.thresh)
     out = {"metric": args.metric, "names": names, "matrix": res["matrix"], "count": res["count"],
