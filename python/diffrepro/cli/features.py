@@ -28,8 +28,8 @@ def add_commands(sub) -> None:
                     "(float32 [N, D]), ids (int64 seeds for folders of NNNNNN.png, file names otherwise) and "
                     "meta (JSON: model sha256, preprocessing, images sha256). An up-to-date --out is reused "
                     "unless --force; a file that is not a diffrepro feature file is never overwritten.")
-    p.add_argument("--images", required=True, metavar="DIR|ZIP", help="image folder (e.g. a generate output), "
-                   "EDM zip or data set file")
+    p.add_argument("--images", required=True, metavar="DIR|ZIP", help="image folder, EDM zip or data set file; "
+                   "a generate output folder gives exactly its per-seed PNGs, ids = seeds")
     p.add_argument("--model", required=True, metavar="FILE", help="SSCD model file (TorchScript)")
     p.add_argument("--out", required=True, metavar="F.npz", help="feature file to write")
     p.add_argument("--preprocess", default="p1_pil320", choices=_PRESETS,
@@ -37,7 +37,8 @@ def add_commands(sub) -> None:
                         "short288: SSCD's short-edge 288")
     p.add_argument("--device", default="cpu", help="device to run the model on")
     p.add_argument("--batch-size", type=int_at_least(1), default=256, help="images per forward pass")
-    p.add_argument("--max-images", type=int_at_least(1), default=None, help="first N images in sorted order")
+    p.add_argument("--max-images", type=int_at_least(1), default=None,
+                   help="first N images in sorted name order (a generate folder: its first N seeds)")
     p.add_argument("--grey-to-rgb", action="store_true", help="replicate 1-channel images to RGB")
     p.add_argument("--allow-tf32", action="store_true", help="allow TF32 on CUDA (Zhang et al. ran with it)")
     p.add_argument("--cache-dir", default=None, help="also cache descriptors by image content here")
