@@ -151,10 +151,12 @@ def test_usage_errors_are_one_line_without_a_usage_block(tmp_path):
 
 def test_outputs_never_replace_a_file_diffrepro_did_not_write(tmp_path):
     gen = png_folder(tmp_path / "gen", rand_images(3))
+    np.savez(tmp_path / "gen.npz", x=rand_images(3) / 127.5 - 1)
     np.savez(tmp_path / "train.npz", images=rand_images(5))
     before = (tmp_path / "train.npz").read_bytes()
     # --json train.json would put the per-generation file at train.npz: the training set
-    one_line(cli("score", "gl-nn", "--gen", gen, "--train", tmp_path / "train.npz", "--json", tmp_path / "train.json"),
+    one_line(cli("score", "gl-nn", "--gen", tmp_path / "gen.npz", "--train", tmp_path / "train.npz",
+                 "--json", tmp_path / "train.json"),
              2, "--json (its .npz beside it)", "train.npz", "not written by diffrepro", "refusing to overwrite")
     assert (tmp_path / "train.npz").read_bytes() == before and not (tmp_path / "train.json").exists()
     (tmp_path / "notes.json").write_text('{"my": "notes"}')
