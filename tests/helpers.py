@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Kernel backends, test data factories and the tolerance rules (float64 oracle, naive float32
-baseline, argmax rule)."""
+"""Kernel backends, test data factories, a stand-in SSCD model and the tolerance rules (float64
+oracle, naive float32 baseline, argmax rule)."""
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,27 @@ def assert_argmax_rule(values, indices, ref_scores, tol, largest=True):
     exact = torch.argmax(ref_scores, 1) if largest else torch.argmin(ref_scores, 1)
     clear = gap > tol
     assert torch.equal(indices[clear, 0].long(), exact[clear])
+
+
+class StubSSCD(torch.nn.Module):
+    """conv -> ReLU -> GeM(p=3) -> linear -> L2 normalise: SSCD's head on a toy trunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, kernel_size=8, stride=8)
+        self.fc = torch.nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).clamp(min=1e-6).pow(3.0).mean(dim=(2, 3)).pow(1.0 / 3.0)
+        return F.normalize(self.fc(h), dim=1)
+
+
+def save_stub_sscd(path, seed=1):
+    """A small real TorchScript descriptor model (``torch.jit.script`` of :class:`StubSSCD`) saved at
+    ``path``; returns the scripted module."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated; SSCD ships it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = torch.jit.script(StubSSCD().eval())
+    model.save(str(path))
+    return model
