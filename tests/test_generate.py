@@ -85,9 +85,10 @@ def test_cli_edm_zip_pngs_npz_manifest_grid(edm_zip, real, tmp_path):
     cfg = m["config"]
     assert m["status"] == "complete"
     assert cfg["seeds"] == "0-9" and cfg["sampler"] == "heun" and cfg["steps"] == 6
-    assert cfg["denoiser"]["train_hash"] == data.dataset_hash(real.images[:40])
+    assert cfg["denoiser"]["train_sha256"] == data.dataset_hash(real.images[:40])
     assert cfg["denoiser"]["n_train"] == 40 and cfg["denoiser"]["dtype"] == "float32"
-    assert "CPU" in cfg["latents"]
+    assert cfg["latents"] == {"source": "seed_latents", "device": "cpu"} and "CPU" in m["latents_detail"]
+    assert m["notes"]["train"] == str(edm_zip)
     detail = m["sampler_detail"]
     assert detail["nfe"] == 11 and detail["sigmas"][0] == pytest.approx(80.0)
     assert len(detail["sigmas"]) == 7 and detail["sigmas"][-1] == 0.0
@@ -111,7 +112,7 @@ def test_cli_cifar_archive_subdirs(cifar_archive, real, tmp_path):
         assert (out / noise.seed_filename(s, subdirs=True)).is_file()
     assert (out / "000000" / "000998.png").is_file() and (out / "001000" / "001001.png").is_file()
     m = json.loads((out / "manifest.json").read_text())
-    assert m["config"]["denoiser"]["train_hash"] == data.dataset_hash(real.images[:50])
+    assert m["config"]["denoiser"]["train_sha256"] == data.dataset_hash(real.images[:50])
 
 
 def test_class_conditional_memorises_its_class(edm_zip, real, tmp_path):
@@ -226,7 +227,7 @@ def test_latents_bank_matches_per_seed_noise(real, tmp_path):
     generation.generate(den, "3-7", tmp_path / "a", steps=4, progress=False)
     m = generation.generate(den, "3-7", tmp_path / "b", steps=4, progress=False,
                           latents=tmp_path / "bank.npz")
-    assert "noise bank (20 seeds" in m["config"]["latents"]
+    assert "noise bank (20 seeds" in m["latents_detail"] and m["config"]["latents"]["source"] == "bank"
     assert np.array_equal(generation.load_outputs(tmp_path / "a")[1],
                           generation.load_outputs(tmp_path / "b")[1])
     with pytest.raises(ValueError, match=r"lacks 2 of the requested seeds \(first: \[20, 21\]\)"):
