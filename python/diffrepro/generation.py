@@ -271,7 +271,9 @@ def _listing(outdir: Path, plan: BatchPlan, subdirs: bool):
     records = {}
     for n in rec_names:
         m = _RECORD_RE.match(n)
-        pos = plan.seeds.index(int(m.group(1))) if m else None
+        if not m:
+            continue
+        pos = plan.seeds.index(int(m.group(1)))
         i = None if pos is None else plan.batch_of(pos)
         records[n] = i if i is not None and plan.bounds(i)[0] == pos else None
     return records, pngs, temps
@@ -736,11 +738,16 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     def run_batch(i):
         """One batch on this rank: seed-parallel, or every rank of a sharded denoiser."""
         claim, images = prepare(i) if writer else (None, None)
-        todo = claim is not None and images is None
-        if sharded:  # every rank must take part in the same denoiser calls
-            todo = ctx.broadcast_object(todo, what=f"batch {plan.name(i)}")
-        if todo:
-            images = compute(i)
+        try:
+            todo = claim is not None and images is None
+            if sharded:  # every rank must take part in the same denoiser calls
+                todo = ctx.broadcast_object(todo, what=f"batch {plan.name(i)}")
+            if todo:
+                images = compute(i)
+        except BaseException:
+            if claim is not None:
+                claim.release()
+            raise
         if claim is not None:
             finish(i, claim, images, todo)
 
