@@ -18,6 +18,7 @@ time, broken only when the owner is provably dead (same host, process gone).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import hashlib
@@ -83,11 +84,16 @@ class Context:
             self._beat()
             self._beat_thread = threading.Thread(target=self._beat_loop, name="diffrepro-heartbeat", daemon=True)
             self._beat_thread.start()
+            atexit.register(self._stop_beat)  # a daemon thread inside a store call aborts the exit
 
     def __repr__(self) -> str:
         return f"Context(rank={self.rank}, world_size={self.world_size}, timeout={self.timeout})"
 
     # heartbeats ---------------------------------------------------------------------------------
+    def _stop_beat(self) -> None:
+        self._stop.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join()
     def _store_add(self, key: str, value: int) -> int:
         with self._lock:
             return int(self._store.add(key, value))
@@ -120,8 +126,8 @@ class Context:
     def fail(self, exc: BaseException) -> None:
         """Tell the other ranks that this one stops with ``exc`` (they raise at their next
         barrier or failed collective instead of waiting for the timeout)."""
-        if self.world_size == 1:
-            return
+        if self.world_size == 1 or getattr(exc, "lost_ranks", None):
+            return  # a lost rank is found by every peer itself, within the same timeout
         try:
             with self._lock:
                 self._store.set(f"failed/{self.rank}", f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
@@ -137,8 +143,7 @@ class Context:
             with self._lock:
                 if r != self.rank and self._store.check([f"failed/{r}"]):
                     msg = self._store.get(f"failed/{r}").decode(errors="replace")
-                    return RunError(f"rank {self.rank} of {self.world_size}: rank {r} stopped ({msg}); finished "
-                                    "outputs are kept, rerun to resume")
+                    return RunError(f"rank {self.rank} of {self.world_size}: rank {r} stopped with {msg}")
         return None
 
     def _error(self, what: str, exc: BaseException | None = None, lost: list[int] | None = None) -> RunError:
@@ -152,8 +157,10 @@ class Context:
         who = (f"lost rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} (killed or hung: no "
                f"heartbeat for {self.timeout:g} s)" if lost else "a peer failed")
         detail = f" [{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]" if exc else ""
-        return RunError(f"rank {self.rank} of {self.world_size}: {who} during {what}{detail}; finished outputs "
-                        "are kept, rerun with any number of processes to resume")
+        err = RunError(f"rank {self.rank} of {self.world_size}: {who} during {what}{detail}; finished outputs "
+                       "are kept, rerun with any number of processes to resume")
+        err.lost_ranks = lost
+        return err
 
     # collectives --------------------------------------------------------------------------------
     def barrier(self, what: str = "barrier") -> None:
@@ -223,7 +230,7 @@ class Context:
     def close(self) -> None:
         """Stop the heartbeat and leave the process group (call on every rank after success)."""
         global _CURRENT
-        self._stop.set()
+        self._stop_beat()
         if self.world_size > 1:
             import torch.distributed as dist
 
