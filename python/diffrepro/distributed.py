@@ -42,8 +42,8 @@ from .ops import empirical_denoiser_partial, finalize, merge_topk
 __all__ = ["Claim", "Context", "ShardedEmpiricalDenoiser", "all_gather_topk", "claim", "current", "init",
            "shard_bounds", "single"]
 
-# Heartbeats per timeout: a rank is declared lost after `timeout` seconds without one.
-_BEATS_PER_TIMEOUT = 10
+# A heartbeat every min(1 s, timeout / 10); a rank is declared lost after `timeout` seconds without one.
+_BEAT_SECONDS = 1.0
 _POLL_SECONDS = 0.01
 
 
@@ -101,9 +101,12 @@ class Context:
     def _beat(self) -> None:
         self._store_add(f"hb/{self.rank}", 1)
 
+    @property
+    def _interval(self) -> float:
+        return min(_BEAT_SECONDS, self.timeout / 10)
+
     def _beat_loop(self) -> None:
-        interval = max(0.05, self.timeout / _BEATS_PER_TIMEOUT)
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self._interval):
             try:
                 self._beat()
             except Exception:  # the store is gone: the waiting side reports it
@@ -114,7 +117,7 @@ class Context:
 
     def _lost(self, wait: float | None = None) -> list[int]:
         """Ranks whose heartbeat does not advance within ``wait`` seconds (default: 3 beats)."""
-        wait = 3 * max(0.05, self.timeout / _BEATS_PER_TIMEOUT) if wait is None else wait
+        wait = 3 * self._interval if wait is None else wait
         try:
             before = self._beats()
             time.sleep(wait)

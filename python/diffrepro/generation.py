@@ -760,7 +760,8 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
             k = j * width + (0 if sharded else ctx.rank)
             if k < len(job):
                 run_batch(job[k])
-            ctx.barrier(f"batch round {j}")
+            if not sharded:  # a sharded run is in step already: every call is a collective
+                ctx.barrier(f"batch round {j}")
             bar.update(plan.seeds_in(job[j * width:(j + 1) * width]))
     except BaseException as exc:
         ctx.fail(exc)
@@ -778,7 +779,7 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     kernel = sample_seconds if closed else timed.seconds
     manifest["status"] = "complete" if complete else "running"
     manifest["timing"] = {
-        "seconds": elapsed, "generated": generated, "reused": plan.seeds_in(job) - generated,
+        "seconds": elapsed, "generated": generated, "reused": sum(s["reused"] for s in gathered),
         "images_per_second": generated / elapsed if generated and elapsed > 0 else None,
         # this process (rank 0 in the manifest): time and calls of its own batches
         "sampling_seconds": sample_seconds, "denoiser_seconds": timed.seconds,
@@ -802,7 +803,8 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
             _save_grid(outdir, plan, run_id, identity, shape)
         if part is None:
             _write_manifest(outdir, manifest)
-    ctx.barrier("end")
+    # No barrier after the end-of-run gather: rank 0 may host the job's store, and the other ranks
+    # must not need it once rank 0 leaves.
     return manifest
 # ------------------------------------------------------------------------------------------------
 # Dry run
