@@ -7,8 +7,8 @@
   One process over all rows with as many kernel threads as the two processes together is the
   reference row.
 * ``generate`` end to end, 2 processes (``torchrun``'s environment, 1 kernel thread each) vs 1
-  process (2 kernel threads): the job's seconds from the manifest (start-up excluded; the wall
-  time with start-up is in the note).
+  process (2 kernel threads), torch's own thread pool at 1 in both: the job's seconds from the
+  manifest (start-up excluded; the wall time with start-up is in the note).
 
 Sizes (``DIFFREPRO_BENCH_SIZES``): ``small`` Q=64 queries over 4,096 synthetic rows, and 64 seeds
 over 1,024 real CIFAR rows; ``paper`` Q=256 over 50,000 rows, and 256 seeds over all 5,170.
@@ -99,9 +99,9 @@ def _generate(world: int, outdir, train, sizes) -> tuple[float, float]:
         port = s.getsockname()[1]
     args = [sys.executable, "-m", "diffrepro", "generate", "--train", str(train), "--seeds",
             f"0-{sizes['seeds'] - 1}", "--batch", str(sizes["batch"]), "--outdir", str(outdir), "--no-progress"]
-    threads = str(max(1, 2 // world))
+    threads = str(max(1, 2 // world))  # kernel threads; torch's own pool stays at 1 (torchrun's default)
     t = time.perf_counter()
-    procs = [subprocess.Popen(args, env={**os.environ, "DIFFREPRO_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
+    procs = [subprocess.Popen(args, env={**os.environ, "DIFFREPRO_NUM_THREADS": threads, "OMP_NUM_THREADS": "1",
                                          "RANK": str(r),
                                          "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
                                          "MASTER_PORT": str(port)}, stdout=subprocess.DEVNULL,
@@ -123,5 +123,5 @@ def bench_generate_processes(record, bench_sizes, real_cifar, tmp_path, world):
     flops = 35 * benchmarks.denoiser_flops(sizes["seeds"], rows, 3072)
     case = f"generate Heun-18 K={sizes['seeds']} N={rows}, 2 cores (job seconds)"
     walls = [w for _, w in runs]
-    record(case, f"{world} process{'es' if world > 1 else ''} ({2 // world} kernel thread{'s' * (world == 1)} each)",
+    record(case, f"{world} process{'es' if world > 1 else ''}, {2 // world} kernel thread{'s' * (world == 1)} each",
            [s for s, _ in runs], flops, note=f"wall with start-up median {statistics.median(walls):.2f} s")

@@ -870,7 +870,8 @@ def demo(outdir="demo_out", seeds="0-255", steps: int = 18, *, batch: int = 256,
     """Theoretical generations over the embedded 500 CIFAR-10 images (the README's main job).
 
     Runs :func:`generate` with the empirical denoiser (Heun ``steps``, and Euler, i.e. paper 1's
-    ``p1_optimal`` sampler at 18 steps, for the agreement check) and with the Gaussian denoiser (Heun, closed form) on CPU per-seed noise,
+    ``p1_optimal`` sampler at 18 steps, for the agreement check) and with the Gaussian denoiser
+    (Heun, closed form) on CPU per-seed noise,
     writes ``empirical_vs_nearest.png`` (each Heun generation above its nearest training
     image) and ``summary.json``, and reports throughput and the memorisation summary.
 

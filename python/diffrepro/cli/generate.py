@@ -49,7 +49,8 @@ def add_commands(sub) -> None:
                    help="empirical denoiser compute dtype (default: float32; Gaussian: always float64)")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda also draws the per-seed noise on CUDA (EDM-identical); the CPU stream differs")
-    g.add_argument("--sigma-min", type=positive_float, default=None, help="smallest sigma (default: the preset's, 0.002)")
+    g.add_argument("--sigma-min", type=positive_float, default=None,
+                   help="smallest sigma (default: the preset's, 0.002)")
     g.add_argument("--sigma-max", type=positive_float, default=None, help="largest sigma (default: the preset's, 80)")
     g.add_argument("--rho", type=positive_float, default=None, help="EDM grid exponent (default: the preset's, 7)")
     g.add_argument("--part", metavar="I/K", default=None,
