@@ -39,8 +39,8 @@ from .denoisers.empirical import sha256_rows
 from .errors import RunError
 from .ops import empirical_denoiser_partial, finalize, merge_topk
 
-__all__ = ["Claim", "Context", "ShardedEmpiricalDenoiser", "all_gather_topk", "claim", "current", "init",
-           "shard_bounds", "single"]
+__all__ = ["Claim", "Context", "ShardedEmpiricalDenoiser", "all_gather_topk", "all_reduce", "claim", "current",
+           "init", "parse_part", "shard_bounds", "single"]
 
 # A heartbeat every min(1 s, timeout / 10); a rank is declared lost after `timeout` seconds without one.
 _BEAT_SECONDS = 1.0
@@ -94,6 +94,7 @@ class Context:
         self._stop.set()
         if self._beat_thread is not None:
             self._beat_thread.join()
+
     def _store_add(self, key: str, value: int) -> int:
         with self._lock:
             return int(self._store.add(key, value))
@@ -522,7 +523,9 @@ class ShardedEmpiricalDenoiser(Denoiser):
         if self._fingerprint is None:
             local = {"rows": len(self._rows), "row_offset": self.row_offset, "sha256": sha256_rows(self._rows),
                      "labels_sha256": self._labels_sha256}
-            self._fingerprint = {"shards": self._gather(local, "fingerprint"), "n_train": self.num_rows,
+            shards = self._gather(local, "fingerprint")
+            # The merge's float rounding depends on the shard layout: a run resumes with the same one.
+            self._fingerprint = {"shard_count": len(shards), "shards": shards, "n_train": self.num_rows,
                                  "rows_dtype": str(self._rows.dtype).replace("torch.", ""),
                                  "label_dim": self.label_dim, "dtype": str(self.dtype).replace("torch.", ""),
                                  "device": self.device.type}
