@@ -337,6 +337,14 @@ def _png_matches(path: Path, expected: np.ndarray) -> bool:
     return chw.shape == expected.shape and chw.dtype == expected.dtype and np.array_equal(chw, expected)
 
 
+def _age(path: Path) -> float:
+    """Seconds since ``path`` was last modified (0 if it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 def _remove(paths) -> None:
     for p in paths:
         try:
@@ -678,9 +686,7 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     ctx.barrier("start")
     _, _, temps = _listing(outdir, plan, subdirs)
     if ctx.rank == 0:
-        now = time.time()
-        _remove(p for t in (_MANIFEST, "grid.png") for p in temps.get(t, [])
-                if now - p.stat().st_mtime > _STALE_SECONDS)
+        _remove(p for t in (_MANIFEST, "grid.png") for p in temps.get(t, []) if _age(p) > _STALE_SECONDS)
 
     timed = TimedDenoiser(den)
     sharded = bool(getattr(den, "sharded", False))
