@@ -77,7 +77,7 @@ def _oracle_item(item: str):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, 10**9), min_size=1, max_size=40))
+@given(st.lists(st.integers(0, 10**9), min_size=1, max_size=40, unique=True))
 def test_format_seeds_then_parse_seeds_is_the_identity(seeds):
     text = format_seeds(seeds)
     assert N.parse_seeds(text) == seeds
@@ -116,6 +116,19 @@ def test_noise_bank_round_trip(tmp_path):
         back.get([3, 99, 98])
     bank.save(path)  # overwriting works
     assert sorted(os.listdir(tmp_path)) == ["bank.npz"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_noise_bank_file_honours_the_umask(tmp_path, umask):
+    """A saved bank gets 0o666 less the umask, like a plain ``open(path, "w")`` (not mkstemp's 0600)."""
+    plain = tmp_path / "plain"
+    saved = os.umask(umask)
+    try:
+        N.NoiseBank.generate("0-1", (1, 2, 2)).save(tmp_path / "bank.npz")
+        plain.write_bytes(b"")
+    finally:
+        os.umask(saved)
+    assert (tmp_path / "bank.npz").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_noise_bank_validation(tmp_path):

@@ -12,6 +12,7 @@ exactly in float64. Descriptor rows without a direction (NaN, infinite or all ze
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,7 @@ import torch
 
 from .data import atomic_save_npz, decode
 from .data import quantize as _quantize
+from .distributed import Context, shard_bounds
 from .noise import noise_plane, slerp
 from .ops import merge_topk, nn_search_partial
 from .sscd import Features, load_features
@@ -35,6 +37,7 @@ __all__ = [
     "linearity_score",
     "mae_score",
     "memorisation_summary",
+    "nearest_reference",
     "rp",
     "rp_between",
     "rp_cond",
@@ -47,6 +50,7 @@ __all__ = [
 ]
 
 _Z95 = 1.959963984540054  # two-sided 95% standard-normal quantile
+_CANDIDATES = 8  # float32 nearest-row candidates per query, ranked exactly in float64
 FeaturesLike = Features | tuple | str | os.PathLike
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -198,43 +202,197 @@ def _shards(refs: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _stream_top1(queries: np.ndarray, refs: Any, metric: str, chunk_rows: int, unit_rows: bool = False):
-    """Best reference row per query, streaming the references ``chunk_rows`` rows at a time.
+def _local_chunks(named: list, lo: int, hi: int, chunk_rows: int):
+    """``(name, rows, row within the shard, row within the concatenation)`` of the rows ``[lo, hi)`` of the
+    concatenated shards, at most ``chunk_rows`` at a time."""
+    start = 0
+    for name, shard in named:
+        a, b = max(lo, start), min(hi, start + len(shard))
+        for g in range(a, b, chunk_rows):
+            yield name, shard[g - start:min(b, g + chunk_rows) - start], g - start, g
+        start += len(shard)
 
-    Each chunk is checked as it streams (cheap next to the search): NaN or infinite rows, and
-    with ``unit_rows`` all-zero rows, raise ValueError naming the shard and the global row.
 
-    Args:
-        queries: float32 [Q, D].
-        refs: see :func:`_shards`; each shard is [N_s, D] or [N_s, C, H, W].
-        metric: ``"ip"`` or ``"l2"``.
-        chunk_rows: rows per kernel call (bounds host memory for memmaps).
-        unit_rows: L2-normalise each reference chunk (a float32 copy) before the search.
+def _search_candidates(queries: np.ndarray, named: list, lo: int, hi: int, base: int, metric: str,
+                       chunk_rows: int) -> np.ndarray:
+    """Global indices int64 [Q, k] of the ``_CANDIDATES`` best rows per query among the rows ``[lo, hi)``
+    of the concatenated shards (global row ``base + i`` for row ``i``), -1 for padding.
+
+    The kernel searches each chunk (``nn_search_partial``, float32; ``"ip"`` on L2-normalised
+    copies of the rows) and the chunks are merged with ``merge_topk``. Each chunk is checked as it
+    streams (cheap next to the search): NaN or infinite rows, and for ``"ip"`` all-zero rows, raise
+    ValueError naming the shard and its row.
+    """
+    best = None
+    for name, chunk, row, g in _local_chunks(named, lo, hi, chunk_rows):
+        chunk = chunk.reshape(len(chunk), -1)
+        if chunk.shape[1] != queries.shape[1]:
+            raise ValueError(f"reference rows have D={chunk.shape[1]}, queries have D={queries.shape[1]}")
+        if metric == "ip":
+            _check_descriptors(chunk, name, offset=row)
+            chunk = _unit_rows(chunk)
+        elif chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
+            bad = int(np.flatnonzero(~np.isfinite(chunk).all(axis=1))[0])
+            raise ValueError(f"{name}: row {row + bad} is NaN or infinite; expected finite values")
+        state = nn_search_partial(queries, chunk, _CANDIDATES, metric=metric, row_offset=base + g)
+        best = state if best is None else merge_topk(best, state)
+    if best is None:
+        return np.full((len(queries), _CANDIDATES), -1, dtype=np.int64)
+    return np.asarray(best.indices, dtype=np.int64)
+
+
+def _pick(score: np.ndarray, index: np.ndarray, metric: str) -> np.ndarray:
+    """Column of the best of each row of ``[Q, m]`` candidates: the largest score (``"ip"``) or the
+    smallest (``"l2"``), ties to the lowest index; index -1 is padding."""
+    key = np.where(index < 0, -np.inf, score if metric == "ip" else -score)
+    top = key.max(axis=1, keepdims=True)
+    return np.where((key == top) & (index >= 0), index, np.iinfo(np.int64).max).argmin(axis=1)
+
+
+def _exact_best(q64: np.ndarray, cand: np.ndarray, arrays: list, base: int, metric: str):
+    """The best of each query's candidates by the exact float64 score, ties to the lowest index.
+
+    Scores: the cosine ``<q, r> / (|q| |r|)`` (``"ip"``) or the Euclidean distance ``|q - r|``
+    (``"l2"``) of the float64 query and the candidate row (uint8 rows decoded ``u/127.5 − 1``).
+    Each score depends on its query and row only, whatever the batch, chunk or process.
 
     Returns:
-        ``(index [Q] int64 global row, shards)``, ``shards`` the arrays in order.
+        ``(score float64 [Q], index int64 [Q], |row| float64 [Q])``; index -1 where there was no row.
     """
+    q, k = cand.shape
+    d = q64.shape[1]
+    score, index, norm = np.full(q, np.nan), np.full(q, -1, np.int64), np.full(q, np.nan)
+    block = max(1, (1 << 23) // (k * d))  # queries per pass: the [block, k, D] float64 temporaries stay ~64 MB
+    for a in range(0, q, block):
+        c = cand[a:a + block]
+        valid = c >= 0
+        if not valid.any():
+            continue
+        uniq, inv = np.unique(c[valid], return_inverse=True)
+        rows = _rows(arrays, uniq - base)
+        r = np.broadcast_to(rows[0], c.shape + (d,)).copy()  # padding: any real row (masked by index -1)
+        r[valid] = rows[inv]
+        x = q64[a:a + block, None, :]
+        s = _cosine(x, r) if metric == "ip" else np.sqrt(((x - r) ** 2).sum(-1))
+        col = _pick(s, c, metric)
+        take = np.arange(len(c))
+        score[a:a + block], index[a:a + block] = s[take, col], c[take, col]
+        norm[a:a + block] = np.sqrt((r[take, col] ** 2).sum(-1))
+    return score, index, norm
+
+
+def _job(context):
+    """``(rank, world size, all_gather(obj) -> list)`` of a :class:`~diffrepro.distributed.Context`, an
+    initialised ``torch.distributed`` process group, or None (one process)."""
+    if context is None:
+        return 0, 1, lambda obj: [obj]
+    if isinstance(context, Context):
+        return context.rank, context.world_size, lambda obj: context.all_gather_object(obj, "nearest-row merge")
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"context must be None, a diffrepro.distributed.Context or a process group of an "
+                         f"initialised torch.distributed, got {type(context).__name__} without torch.distributed")
+    world = dist.get_world_size(context)
+
+    def gather(obj):
+        out = [None] * world
+        dist.all_gather_object(out, obj, group=context)
+        return out
+
+    return dist.get_rank(context), world, gather
+
+
+def nearest_reference(queries: ArrayLike, refs: Any, *, metric: str = "ip", context=None,
+                      row_offset: int | None = None, chunk_rows: int = 16384) -> dict[str, Any]:
+    """Nearest reference row of each query, exact in float64, in one process or sharded over the
+    ranks of a ``torch.distributed`` job.
+
+    The kernels keep the best ``_CANDIDATES`` (8) rows of each query in float32
+    (``nn_search_partial`` streamed ``chunk_rows`` rows at a time, merged with ``merge_topk``);
+    the candidates are then ranked by their exact float64 score, the cosine ``<q, r> / (|q| |r|)``
+    (``"ip"``: P1's SSCD similarity) or the Euclidean distance ``|q − r|`` (``"l2"``: P2's
+    nearest neighbour), ties to the lowest global index. The result therefore does not depend on
+    the chunking or the number of processes: indices and scores are bitwise the same for every
+    world size (barring 8 rows within float32 rounding of the winner).
+
+    Sharded: with a ``context`` of K ranks each rank searches only its slice of the references and
+    the ranks' winners are merged by one all-gather (same rule: best float64 score, then lowest
+    global index); every rank returns the same result. It is a collective: call it on every rank
+    with the same queries (checked).
+
+    Args:
+        queries: float ``[Q, D]`` (or ``[Q, C, H, W]``): descriptors (``"ip"``, compared by cosine:
+            any norm) or images in [-1, 1] (``"l2"``).
+        refs: ``[N, D]`` or ``[N, C, H, W]`` rows: an array or ``np.memmap``, a ``.npy`` path
+            (memory-mapped), a ``.npz`` feature file, or a list of these (concatenated in order);
+            float32/float16, or uint8 pixels decoded ``u/127.5 − 1`` (``"l2"``).
+        metric: ``"ip"`` (largest cosine) or ``"l2"`` (smallest distance).
+        context: None (one process), a :class:`diffrepro.distributed.Context` or a process group.
+        row_offset: None: ``refs`` is the whole reference set on every rank, and rank ``r`` of ``K``
+            searches its rows ``diffrepro.distributed.shard_bounds(N, K, r)`` (a memory-mapped
+            file is read only there). An integer: ``refs`` holds only this rank's rows, global rows
+            ``[row_offset, row_offset + len(refs))``; the ranks' slices must tile ``[0, N)``.
+        chunk_rows: reference rows per kernel call (bounds host memory for memmaps).
+
+    Returns:
+        ``{"index" int64 [Q] (global row), "score" float64 [Q] (cosine or distance), "ref_norm"
+        float64 [Q] (|nearest row|), "n_refs"}``.
+
+    Raises:
+        ValueError: a bad row (named), slices that do not tile ``[0, N)``, or different queries
+            on different ranks, on every rank alike.
+        RunError: a rank was lost (named, within the context's timeout).
+    """
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if row_offset is not None and (isinstance(row_offset, bool) or int(row_offset) != row_offset or row_offset < 0):
+        raise ValueError(f"row_offset must be None or a non-negative integer, got {row_offset!r}")
+    q64 = np.asarray(_as_numpy(queries), dtype=np.float64)
+    q64 = q64.reshape(len(q64), -1)
+    if metric == "ip":
+        _check_descriptors(q64, "queries")
+    elif not np.isfinite(q64).all():
+        raise ValueError(f"queries: row {int(np.flatnonzero(~np.isfinite(q64).all(axis=1))[0])} is NaN or infinite")
+    rank, world, gather = _job(context)
     named = _shards(refs)
-    best, offset = None, 0
-    for name, shard in named:
-        for start in range(0, len(shard), chunk_rows):
-            chunk = shard[start:start + chunk_rows].reshape(min(chunk_rows, len(shard) - start), -1)
-            if chunk.shape[1] != queries.shape[1]:
-                raise ValueError(f"reference rows have D={chunk.shape[1]}, queries have D={queries.shape[1]}")
-            if unit_rows:
-                _check_descriptors(chunk, name, offset=start)
-                chunk = _unit_rows(chunk)
-            elif chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
-                bad = int(np.flatnonzero(~np.isfinite(chunk).all(axis=1))[0])
-                raise ValueError(f"{name}: row {start + bad} is NaN or infinite; expected finite values")
-            state = nn_search_partial(queries, chunk, 1, metric=metric, row_offset=offset + start)
-            best = state if best is None else merge_topk(best, state)
-        offset += len(shard)
-    if best is None:
+    n_local = sum(len(a) for _, a in named)
+    base, (lo, hi) = (0, shard_bounds(n_local, world, rank)) if row_offset is None else (int(row_offset), (0, n_local))
+    try:  # a bad row on one rank is raised on every rank (none waits for it)
+        search = _unit_rows(q64) if metric == "ip" else q64.astype(np.float32)
+        cand = _search_candidates(search, named, lo, hi, base, metric, chunk_rows)
+        local = _exact_best(q64, cand, [a for _, a in named], base, metric)
+    except ValueError as exc:
+        local = str(exc)
+    digest = hashlib.sha256(np.ascontiguousarray(q64).tobytes()).hexdigest()
+    parts = gather({"rows": (base + lo, base + hi), "n": n_local, "queries": digest, "best": local})
+    errors = [p["best"] for p in parts if isinstance(p["best"], str)]
+    if errors:
+        raise ValueError(errors[0])
+    if len({p["queries"] for p in parts}) > 1:
+        raise ValueError("queries differ across ranks: every rank must pass the same queries")
+    n_refs = _check_tiling([p["rows"] for p in parts]) if row_offset is not None else n_local
+    if row_offset is None and len({p["n"] for p in parts}) > 1:
+        raise ValueError(f"refs differ across ranks (N = {sorted({p['n'] for p in parts})}): with row_offset=None "
+                         "every rank passes the whole reference set")
+    if n_refs == 0:
         raise ValueError("the reference set must hold at least one row, got N=0")
-    return np.asarray(best.indices)[:, 0].astype(np.int64), [shard for _, shard in named]
+    score, index, norm = (np.stack([p["best"][i] for p in parts], axis=1) for i in range(3))
+    col, take = _pick(score, index, metric), np.arange(len(q64))
+    return {"index": index[take, col], "score": score[take, col], "ref_norm": norm[take, col], "n_refs": n_refs}
+
+
+def _check_tiling(ranges: list[tuple[int, int]]) -> int:
+    """The number of rows N when the ranks' ``[lo, hi)`` slices tile ``[0, N)``; else ValueError."""
+    end = 0
+    for lo, hi in sorted(r for r in ranges if r[1] > r[0]):
+        if lo != end:
+            what = f"rows [{end}, {lo}) are in no rank's slice" if lo > end else f"rows [{lo}, {end}) are in two slices"
+            raise ValueError(f"row_offset: the ranks' slices {sorted(ranges)} must tile [0, N): {what}")
+        end = hi
+    return end
 
 
 def _decode(rows: np.ndarray) -> np.ndarray:
@@ -328,12 +486,12 @@ def mae_score(q1: ArrayLike, q2: ArrayLike, *, thresh: float = 15.0,
 
 
 def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau: float = 0.6,
-            chunk_rows: int = 16384) -> dict[str, Any]:
+            chunk_rows: int = 16384, context=None, row_offset: int | None = None) -> dict[str, Any]:
     """P1's generalisation score: ``GL = 1 − mean_j 1[max_i M_SSCD(x_j, y_i) > tau]``.
 
-    The row maxima come from ``diffrepro.nn_search_partial(metric="ip")`` on L2-normalised
-    float32 descriptors, streamed over the training descriptors ``chunk_rows`` rows at a time
-    and merged with ``merge_topk``; the winner's cosine is then recomputed in float64.
+    The nearest training descriptor of each generation is found by :func:`nearest_reference`
+    (``metric="ip"``): float32 candidates from the kernels, ranked by their exact float64 cosine,
+    ties to the lowest index; identical for every chunking and number of processes.
 
     Args:
         gen_features: [Q, D] descriptors of the generations (array, Features or feature file).
@@ -342,6 +500,12 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
             concatenated in order).
         tau: threshold (strict ``>``).
         chunk_rows: training rows per kernel call.
+        context: None (one process), or the :class:`diffrepro.distributed.Context` (or process
+            group) of a job whose ranks each search a slice of the training descriptors and merge
+            their winners (a collective; see :func:`nearest_reference`). Every rank returns the result.
+        row_offset: None: every rank passes the whole ``train_features`` and searches its rows
+            ``shard_bounds(N, K, rank)``; an integer: ``train_features`` holds only this rank's rows,
+            global rows ``[row_offset, row_offset + n)``.
 
     Returns:
         ``{"gl", "gl_ci95", "memorised_fraction", "memorised_ci95", "count" (memorised), "n",
@@ -354,21 +518,22 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
     if gen.ndim != 2 or len(gen) == 0:
         raise ValueError(f"gen_features must have shape [Q, D] with Q >= 1, got {gen.shape}")
     _check_descriptors(gen, "gen_features")
-    index, shards = _stream_top1(_unit_rows(gen), train_features, "ip", chunk_rows, unit_rows=True)
-    max_sim = _cosine(gen, _rows(shards, index))
+    nearest = nearest_reference(gen, train_features, metric="ip", context=context, row_offset=row_offset,
+                                chunk_rows=chunk_rows)
+    max_sim, index = nearest["score"], nearest["index"]
     out = _proportion("memorised_fraction", max_sim > tau, tau=tau, max_sim=max_sim, nn_index=index)
     lo, hi = out["memorised_ci95"] = out.pop("ci95")
     return {"gl": 1.0 - out["memorised_fraction"], "gl_ci95": (1.0 - hi, 1.0 - lo), **out}
 
 
 def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = False,
-          chunk_rows: int = 16384) -> dict[str, Any]:
+          chunk_rows: int = 16384, context=None, row_offset: int | None = None) -> dict[str, Any]:
     """P2's nearest-neighbour generalisation score (eq. 14, reconstructed from its description).
 
     ``GL_nn = mean_k ‖x_k − NN(x_k)‖₂ / ‖x_k‖₂`` with ``NN`` the training image nearest in
-    per-pixel Euclidean distance on [-1, 1] images. The search is
-    ``nn_search_partial(metric="l2")`` streamed over the training set (ties to the lowest
-    index); the winner's distance is recomputed exactly in float64.
+    per-pixel Euclidean distance on [-1, 1] images, found by :func:`nearest_reference`
+    (``metric="l2"``: float32 candidates from the kernels ranked by their exact float64 distance,
+    ties to the lowest index; identical for every chunking and number of processes).
 
     Args:
         gen: float [K, C, H, W] or [K, d] generations in [-1, 1].
@@ -378,6 +543,9 @@ def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = 
         quantize: quantise the generations first (EDM's uint8 rule, :func:`diffrepro.data.quantize`), as
             saved PNGs would be.
         chunk_rows: training rows per kernel call.
+        context: None, or a job's :class:`diffrepro.distributed.Context` (or process group): the
+            ranks search slices of ``train`` (see :func:`gl_sscd`); every rank returns the result.
+        row_offset: as in :func:`gl_sscd`.
 
     Returns:
         ``{"gl_nn", "n", "std", "ci95" (normal approximation of the mean), "normalize", "ratio" [K],
@@ -394,10 +562,9 @@ def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = 
     if not np.isfinite(x).all():
         raise ValueError(f"gen: row {int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])} is NaN or infinite; "
                          "expected finite images in [-1, 1]")
-    index, shards = _stream_top1(x.astype(np.float32), train, "l2", chunk_rows)
-    nn = _rows(shards, index)
-    dist = np.linalg.norm(x - nn, axis=1)
-    denom = {"x": np.linalg.norm(x, axis=1), "nn": np.linalg.norm(nn, axis=1), "none": 1.0}[normalize]
+    nearest = nearest_reference(x, train, metric="l2", context=context, row_offset=row_offset, chunk_rows=chunk_rows)
+    dist, index = nearest["score"], nearest["index"]
+    denom = {"x": np.linalg.norm(x, axis=1), "nn": nearest["ref_norm"], "none": 1.0}[normalize]
     ratio = dist / denom
     mean, std = float(ratio.mean()), float(ratio.std(ddof=1)) if len(ratio) > 1 else 0.0
     half = _Z95 * std / math.sqrt(len(ratio))
@@ -430,8 +597,7 @@ def memorisation_summary(gen_a: ArrayLike, gen_b: ArrayLike, train: ArrayLike) -
         gen = np.asarray(_as_numpy(gen), dtype=np.float64)
         q = _as_numpy(_quantize(gen)).reshape(len(gen), -1)
         out[f"memorised_{key}"] = _proportion("fraction", np.array([bytes(r) in rows for r in q]))
-        out[f"nearest_{key}"] = _stream_top1(gen.reshape(len(gen), -1).astype(np.float32), flat, "l2",
-                                             chunk_rows=16384)[0]
+        out[f"nearest_{key}"] = nearest_reference(gen, flat, metric="l2")["index"]
     if len(out["nearest_a"]) != len(out["nearest_b"]):
         raise ValueError(f"gen_a and gen_b must hold the same seeds, got {len(out['nearest_a'])} and "
                          f"{len(out['nearest_b'])} generations")

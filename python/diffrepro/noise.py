@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -196,19 +195,11 @@ class NoiseBank:
         return self.latents[[self._index[s] for s in seeds]]
 
     def save(self, path) -> None:
-        """Writes the bank atomically (temporary file in the same folder, then ``os.replace``)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".noisebank-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, latents=self.latents.cpu().numpy(), seeds=self.seeds.numpy())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        """Writes the bank atomically (:func:`diffrepro.data.atomic_save_npz`: readers never see a partial
+        file, and the file gets the mode the umask allows, like any other output)."""
+        from .data import atomic_save_npz
+
+        atomic_save_npz(path, latents=self.latents.cpu().numpy(), seeds=self.seeds.numpy())
 
     @classmethod
     def load(cls, path) -> NoiseBank:
