@@ -9,13 +9,14 @@ Error policy (one line on stderr, never a usage block):
 - a failure while running (a damaged or unreadable file, :class:`RunError`, ``OSError``) exits
   with status 1 and names the file;
 - Ctrl-C exits with status 130 and says that rerunning the same command resumes;
-- a warning is one line ``diffrepro <cmd>: warning: ...``;
+- a warning is one line ``diffrepro <cmd>: warning: ...`` (under torchrun, from rank 0 only);
 - anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,8 +39,9 @@ def command_name(args) -> str:
 def run(args) -> int:
     """Run ``args.fn(args)`` under the error policy; returns the exit status."""
     name = command_name(args)
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun every rank warns alike: rank 0 says it
     with warnings.catch_warnings():
-        warnings.showwarning = lambda message, category, *rest, **kw: print(
+        warnings.showwarning = lambda message, category, *rest, **kw: quiet or print(
             f"{name}: warning: {message}", file=sys.stderr)
         try:
             return int(args.fn(args) or 0)
@@ -118,6 +120,27 @@ def cosine_threshold(text: str) -> float:
     if not (math.isfinite(value) and -1.0 <= value <= 1.0):
         raise argparse.ArgumentTypeError(f"got {text!r}, expected a cosine threshold in [-1, 1]")
     return value
+
+
+def dist_timeout_arg(p) -> None:
+    p.add_argument("--dist-timeout", type=positive_float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: a process silent this long is reported lost and the others stop")
+
+
+@contextlib.contextmanager
+def job(args, device: str = "cpu"):
+    """The ``torch.distributed`` job of a command (:func:`diffrepro.distributed.init`: one process
+    unless started by torchrun). A rank that fails tells the others (they stop at once, naming it
+    and its error); on success every rank leaves the process group."""
+    from .. import distributed
+
+    ctx = distributed.init(timeout=args.dist_timeout, device=device)
+    try:
+        yield ctx
+    except BaseException as exc:
+        ctx.fail(exc)
+        raise
+    ctx.close()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,17 +1,35 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``diffrepro features``: SSCD descriptors of an image set (diffrepro.sscd)."""
+"""``diffrepro features``: SSCD descriptors of an image set (diffrepro.sscd), in one process, under
+``torchrun`` or as SLURM-array parts.
+
+The images are cut into batches of ``--batch-size`` in file order, the same for every run, so that
+every descriptor comes from the same forward pass whatever the split. Work goes out in whole
+batches: under torchrun each process computes a contiguous share of the batches still missing,
+and ``--part I/K`` computes part I of K (``diffrepro.distributed.shard_bounds`` over the batches).
+Each share is written as a part file ``<out stem>.rows-<a>-<b>.npz`` beside ``--out`` (rows
+``[a, b)``; its metadata carries the run's identity: images and ids sha256, model sha256,
+preprocessing, batch size, part); the final file is assembled from part files that provably belong
+to the run and cover every image exactly once, and they are then removed. A rerun computes only
+the rows no valid part file holds.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import RunError, UsageError, usage_errors
 from ._common import (
     HelpFormatter,
+    dist_timeout_arg,
     int_at_least,
+    job,
     load_images,
     progress_enabled,
     require_path,
@@ -42,7 +60,13 @@ def add_commands(sub) -> None:
     p.add_argument("--grey-to-rgb", action="store_true", help="replicate 1-channel images to RGB")
     p.add_argument("--allow-tf32", action="store_true", help="allow TF32 on CUDA (Zhang et al. ran with it)")
     p.add_argument("--cache-dir", default=None, help="also cache descriptors by image content here")
-    p.add_argument("--force", action="store_true", help="recompute even if --out is up to date")
+    p.add_argument("--force", action="store_true", help="recompute even if --out or part files are up to date")
+    p.add_argument("--part", metavar="I/K", default=None,
+                   help="compute only part I of K (0 <= I < K) of the batches into a part file beside --out, "
+                        "without a rendezvous (a SLURM array task: --part $SLURM_ARRAY_TASK_ID/"
+                        "$SLURM_ARRAY_TASK_COUNT); a final run without --part assembles --out, computing only "
+                        "what no part file holds")
+    dist_timeout_arg(p)
     p.add_argument("--dry-run", action="store_true", help="time one batch, print the estimated cost and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=_cmd_features)
@@ -79,9 +103,110 @@ def _load_model(args):
                            "SSCD TorchScript file such as sscd_disc_mixup.torchscript.pt") from exc
 
 
+_IDENTITY = ("model_sha256", "preprocess", "grey_to_rgb", "allow_tf32", "images_sha256", "ids_sha256", "n",
+             "batch_size")
+
+
+def _ids_sha256(ids: np.ndarray) -> str:
+    data = ids.astype(np.int64).tobytes() if ids.dtype.kind in "iu" else "\0".join(map(str, ids)).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _part_path(out: Path, lo: int, hi: int) -> Path:
+    base = out.name[:-4] if out.name.endswith(".npz") else out.name
+    return out.with_name(f"{base}.rows-{lo}-{hi}.npz")
+
+
+def _part_files(out: Path) -> dict[tuple[int, int], Path]:
+    """The part files beside ``out``, by their rows ``(a, b)``."""
+    base = re.escape(out.name[:-4] if out.name.endswith(".npz") else out.name)
+    pattern = re.compile(rf"{base}\.rows-(\d+)-(\d+)\.npz")
+    try:
+        names = os.listdir(out.parent)
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m and int(m.group(1)) < int(m.group(2)):
+            found[int(m.group(1)), int(m.group(2))] = out.parent / name
+    return found
+
+
+def _valid_part(path: Path, lo: int, hi: int, identity: dict, ids: np.ndarray) -> str | None:
+    """None when the part file holds exactly rows ``[lo, hi)`` of this run, else why not."""
+    from ..data import reading_file
+    from ..metrics import bad_descriptor_rows
+    from ..sscd import load_features
+
+    try:
+        with reading_file(repr(str(path)), "a part file of 'diffrepro features'", OSError, ValueError):
+            part = load_features(path)
+    except (RunError, KeyError) as exc:
+        return f"unreadable ({exc})"
+    differ = [k for k in _IDENTITY if part.meta.get(k) != identity[k]]
+    if differ:
+        return f"belongs to another run (its {', '.join(differ)} differ)"
+    if part.meta.get("rows") != [lo, hi] or part.ids is None or not np.array_equal(part.ids, ids[lo:hi]) \
+            or part.features.ndim != 2 or len(bad_descriptor_rows(part.features)[0]):
+        return "does not hold the descriptors of its rows (ids, shape or values)"
+    return None
+
+
+def _plan(out: Path, target: tuple[int, int], identity: dict, ids: np.ndarray, force: bool, world: int,
+          is_part: bool):
+    """Which part files to reuse and which batches each rank computes (run by rank 0).
+
+    Returns:
+        ``{"reuse": {(a, b): path}, "todo": [[(a, b), ...] per rank], "notes": [warning, ...]}``.
+    """
+    from .. import distributed
+
+    n, size = identity["n"], identity["batch_size"]
+    lo, hi = target
+    reuse, notes, foreign, covered = {}, [], set(), lo
+    for (a, b), path in sorted(_part_files(out).items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        if not (lo <= a and b <= hi):
+            continue  # rows outside this run's target: not its business
+        if not _is_feature_file(str(path)):
+            foreign.add((a, b))
+            continue
+        if force:
+            continue
+        why = _valid_part(path, a, b, identity, ids)
+        if why is None and a < covered:
+            why = "overlaps a part file already used"
+        if why is None:
+            reuse[a, b], covered = path, b
+        else:
+            notes.append(f"part file {str(path)!r} {why}: left as is, its rows are taken from elsewhere")
+    missing, start = [], lo
+    for a, b in sorted(reuse) + [(hi, hi)]:
+        missing += list(range(start // size, -(-a // size))) if a > start else []
+        start = b
+    todo = []
+    for rank in range(world):
+        i, j = distributed.shard_bounds(len(missing), world, rank)
+        runs: list[tuple[int, int]] = []
+        for k in missing[i:j]:
+            a, b = k * size, min(n, (k + 1) * size)
+            if runs and runs[-1][1] == a:
+                runs[-1] = (runs[-1][0], b)
+            else:
+                runs.append((a, b))
+        todo.append(runs)
+    written = [r for runs in todo for r in runs] if world > 1 else []
+    clash = [str(_part_path(out, a, b)) for a, b in written + ([target] if is_part else []) if (a, b) in foreign]
+    if clash:
+        raise UsageError(f"--out: {clash[0]!r} exists and is not a feature file written by diffrepro; refusing to "
+                         "overwrite it with a part file (remove it, or choose another --out)")
+    return {"reuse": reuse, "todo": todo, "notes": notes}
+
+
 def _cmd_features(args) -> int:
+    from .. import distributed
     from ..data import dataset_hash
-    from ..sscd import load_features, save_features
+    from ..sscd import save_features
 
     require_path("--model", args.model, "an SSCD model file")
     if os.path.isdir(args.model):
@@ -91,6 +216,8 @@ def _cmd_features(args) -> int:
     if os.path.exists(args.out) and not _is_feature_file(args.out):
         raise UsageError(f"--out: {args.out!r} exists and is not a feature file written by diffrepro; "
                          "refusing to overwrite it (choose another --out or remove the file)")
+    with usage_errors("--part"):
+        part = None if args.part is None else distributed.parse_part(args.part)
     extractor = _load_model(args)  # before decoding any image: a bad --model fails at once
     ds, ids = load_images("--images", args.images, args.max_images, progress=progress_enabled(args))
     if len(np.unique(ids)) != len(ids):
@@ -106,15 +233,90 @@ def _cmd_features(args) -> int:
         return 0
     meta = {**extractor.meta, "images": os.path.abspath(args.images), "images_sha256": dataset_hash(ds.images),
             "n": len(ds), "image_shape": list(ds.images.shape[1:])}
-    if os.path.isfile(args.out) and not args.force:
-        old = load_features(args.out)
-        keys = ("model_sha256", "preprocess", "grey_to_rgb", "allow_tf32", "images_sha256")
-        if all(old.meta.get(k) == meta[k] for k in keys) and np.array_equal(old.ids, ids):
-            print(f"features: {args.out} is up to date ({len(ids)} x {old.features.shape[1]}, "
-                  f"{args.preprocess}); use --force to recompute")
+    identity = {**{k: meta[k] for k in _IDENTITY if k in meta}, "ids_sha256": _ids_sha256(ids),
+                "batch_size": args.batch_size}
+    out = Path(args.out)
+    batches = -(-len(ds) // args.batch_size)
+    target = (0, len(ds)) if part is None else tuple(
+        min(len(ds), k * args.batch_size) for k in distributed.shard_bounds(batches, part[1], part[0]))
+    with job(args, args.device) as ctx:
+        if out.is_file() and not args.force and _up_to_date(out, meta, ids):
+            if ctx.rank == 0:
+                print(f"features: {args.out} is up to date ({len(ids)} images, {args.preprocess}); use --force to "
+                      "recompute")
             return 0
-    feats = extractor(ds.images)
-    save_features(args.out, feats, ids, meta)
+        extractor.progress = extractor.progress and ctx.rank == 0
+        plan = None
+        if ctx.rank == 0:
+            try:
+                plan = _plan(out, target, identity, ids, args.force, ctx.world_size, part is not None)
+            except UsageError as exc:
+                plan = exc
+        plan = ctx.broadcast_object(plan, what="part-file check")
+        if isinstance(plan, BaseException):
+            raise plan
+        for note in plan["notes"] if ctx.rank == 0 else ():
+            warnings.warn(note, stacklevel=1)
+        computed = {}
+        for a, b in plan["todo"][ctx.rank]:
+            computed[a, b] = extractor(ds.images[a:b])
+            if ctx.world_size > 1:  # the other ranks' shares reach rank 0 as part files
+                out.parent.mkdir(parents=True, exist_ok=True)
+                save_features(_part_path(out, a, b), computed.pop((a, b)), ids[a:b],
+                              {**meta, **identity, "rows": [a, b], "part": f"rank {ctx.rank} of {ctx.world_size}"})
+        ctx.barrier("part files written")
+        if ctx.rank:
+            return 0
+    shares = {**{r: None for runs in plan["todo"] for r in runs}, **plan["reuse"], **computed}
+    return _assemble(args, out, target, part, shares, ids, meta, identity, ctx.world_size)
+
+
+def _up_to_date(out: Path, meta: dict, ids: np.ndarray) -> bool:
+    from ..sscd import load_features
+
+    old = load_features(out)
+    keys = ("model_sha256", "preprocess", "grey_to_rgb", "allow_tf32", "images_sha256")
+    return all(old.meta.get(k) == meta[k] for k in keys) and np.array_equal(old.ids, ids)
+
+
+def _assemble(args, out: Path, target: tuple[int, int], part, shares: dict, ids, meta: dict, identity: dict,
+              world: int) -> int:
+    """Rank 0: write the target (``--out``, or the part file of ``--part``) from the shares, in memory
+    or in part files, that tile it, then remove the part files it used."""
+    from ..sscd import load_features, save_features
+
+    lo, hi = target
+    pieces, files, end = [], [], lo
+    for (a, b), held in sorted(shares.items()):
+        if a != end:
+            raise RunError(f"--out: the part files leave rows [{end}, {a}) uncovered")
+        path = _part_path(out, a, b) if held is None else held
+        if isinstance(path, Path):
+            part_file = load_features(path)
+            if part_file.meta.get("rows") != [a, b] or not np.array_equal(part_file.ids, ids[a:b]):
+                raise RunError(f"part file {str(path)!r} changed during the run (another job on the same --out?); "
+                               "rerun to compute it again")
+            files.append(path)
+            held = part_file.features
+        pieces.append(held)
+        end = b
+    if end != hi:
+        raise RunError(f"--out: the part files leave rows [{end}, {hi}) uncovered")
+    feats = np.concatenate(pieces)
+    dest = out if part is None else _part_path(out, lo, hi)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if files != [dest]:
+        save_features(dest, feats, ids[lo:hi], meta if part is None else
+                      {**meta, **identity, "rows": [lo, hi], "part": f"{part[0]}/{part[1]}"})
+    for path in files:
+        if path != dest:
+            path.unlink(missing_ok=True)
     kind = "int64 seeds" if ids.dtype.kind == "i" else "file names"
-    print(f"features: {len(ids)} x {feats.shape[1]} descriptors ({args.preprocess}, ids: {kind}) -> {args.out}")
+    reused = sum(b - a for (a, b), held in shares.items() if isinstance(held, Path))
+    how = f"{hi - lo - reused} computed, {reused} from part files" + (f", {world} processes" if world > 1 else "")
+    if part is None:
+        print(f"features: {len(ids)} x {feats.shape[1]} descriptors ({args.preprocess}, ids: {kind}; {how}) -> {out}")
+    else:
+        print(f"features: part {part[0]}/{part[1]}: rows [{lo}, {hi}) of {len(ids)} ({args.preprocess}; {how}) -> "
+              f"{dest}; a final run without --part assembles {out}")
     return 0

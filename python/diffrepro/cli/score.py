@@ -5,6 +5,10 @@ Each writes its result as JSON (``--json``, or ``<input stems>.<score>.json`` be
 input or in ``--outdir``) with the same keys as the Python result, and, where the score is per
 generation, an ``.npz`` beside it (nearest training index and similarity or distance per
 generation). Proportions carry their count, n and 95% Wilson interval.
+
+``gl-sscd`` and ``gl-nn`` also run under ``torchrun``: each process searches its slice of the
+training set and the slices' winners are merged (the result is bitwise that of one process);
+rank 0 alone writes and prints.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from ._common import (
     HelpFormatter,
     ci_text,
     cosine_threshold,
+    dist_timeout_arg,
     int_at_least,
+    job,
     load_feature_file,
     load_images,
     nonneg_float,
@@ -79,6 +85,7 @@ def add_commands(sub) -> None:
                    help="training descriptors: a feature file, or a float32/float16 [N, D] .npy (memory-mapped)")
     s.add_argument("--tau", type=cosine_threshold, default=0.6, help="similarity threshold, strict >")
     s.add_argument("--chunk-rows", type=int_at_least(1), default=16384, help="training rows per kernel call")
+    dist_timeout_arg(s)
     _mixed_models_arg(s)
     _output_args(s)
     s.set_defaults(fn=_cmd_gl_sscd)
@@ -94,6 +101,7 @@ def add_commands(sub) -> None:
     s.add_argument("--quantize", action="store_true", help="quantise float generations first (as saved PNGs)")
     s.add_argument("--max-gen", type=int_at_least(1), default=None, help="use the first K generations")
     s.add_argument("--chunk-rows", type=int_at_least(1), default=16384, help="training rows per kernel call")
+    dist_timeout_arg(s)
     _output_args(s)
     s.set_defaults(fn=_cmd_gl_nn)
 
@@ -139,6 +147,10 @@ def _save_per_generation(json_path: Path, **arrays) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_npz(path, **arrays)
     return path
+
+
+def _processes(ctx) -> str:
+    return f", searched by {ctx.world_size} processes" if ctx.world_size > 1 else ""
 
 
 def _cmd_rp(args) -> int:
@@ -224,8 +236,10 @@ def _cmd_gl_sscd(args) -> int:
     train, train_meta = _open_train_descriptors(args.train, gen.features.shape[1])
     model = _check_same_model([("--gen", gen.meta), ("--train", train_meta)], args.allow_mixed_models)
     path = result_path(args, [args.gen, args.train], "gl-sscd", ".npz")
-    with usage_errors("--train"):
-        res = metrics.gl_sscd(gen.features, train, tau=args.tau, chunk_rows=args.chunk_rows)
+    with job(args) as ctx, usage_errors("--train"):
+        res = metrics.gl_sscd(gen.features, train, tau=args.tau, chunk_rows=args.chunk_rows, context=ctx)
+    if ctx.rank:
+        return 0
     ids = gen.ids if gen.ids is not None else np.arange(len(gen.features), dtype=np.int64)
     per = _save_per_generation(path, ids=ids, nn_index=res["nn_index"], max_sim=res["max_sim"])
     out = {"metric": "gl_sscd",
@@ -238,7 +252,7 @@ def _cmd_gl_sscd(args) -> int:
     write_json(path, out)
     print(f"gl = {res['gl']:.4f} ({ci_text(res['gl_ci95'])}); memorised_fraction = {res['memorised_fraction']:.4f} "
           f"({res['count']}/{res['n']} generations with max sim > {args.tau} over {train.shape[0]} training "
-          f"descriptors) -> {path}")
+          f"descriptors{_processes(ctx)}) -> {path}")
     return 0
 
 
@@ -285,9 +299,11 @@ def _cmd_gl_nn(args) -> int:
     path = result_path(args, [args.gen, args.train], "gl-nn", ".npz")
     from .. import metrics  # after the inputs and outputs are checked: those errors come before torch is imported
 
-    with usage_errors("--gen"):
+    with job(args) as ctx, usage_errors("--gen"):
         res = metrics.gl_nn(gen, train.images, normalize=args.normalize, quantize=args.quantize,
-                            chunk_rows=args.chunk_rows)
+                            chunk_rows=args.chunk_rows, context=ctx)
+    if ctx.rank:
+        return 0
     per = _save_per_generation(path, ids=ids, nn_index=res["nn_index"], dist=res["dist"], ratio=res["ratio"])
     out = {"metric": "gl_nn", **{k: res[k] for k in ("gl_nn", "n", "std", "ci95", "normalize")},
            "ci95_method": "normal approximation of the mean", "quantize": args.quantize, "n_train": len(train),
@@ -295,7 +311,7 @@ def _cmd_gl_nn(args) -> int:
            "gen": os.path.abspath(args.gen), "train": os.path.abspath(args.train),
            "per_generation": os.path.abspath(per)}
     write_json(path, out)
-    print(f"gl_nn = {res['gl_nn']:.4f} (normalize={args.normalize}, K={res['n']}, N={len(train)}; "
+    print(f"gl_nn = {res['gl_nn']:.4f} (normalize={args.normalize}, K={res['n']}, N={len(train)}{_processes(ctx)}; "
           f"{ci_text(res['ci95'])}) -> {path}")
     return 0
 
