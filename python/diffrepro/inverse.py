@@ -5,19 +5,19 @@ the solutions of inverse problems across models).
 A measurement ``y = A x0 + s_y n`` of an image ``x0`` through a linear operator ``A``
 (:class:`Inpainting` with box or random masks, :class:`AveragePool` super-resolution,
 :class:`GaussianBlur` deblurring) is inverted by sampling the EDM probability-flow ODE with the
-posterior denoiser ``E[x0 | x̃, y] = D + σ² ∇_x̃ log p(y | x̃)`` (Tweedie's formula for the
-posterior). Diffusion posterior sampling (DPS; Chung et al. 2023, Algorithm 1) approximates
-``p(y | x̃)`` by ``p(y | x0 = D(x̃; σ))`` and replaces the measurement-noise weight ``1/s_y²``
-by the step size ``ζ / ‖y − A D‖``, which gives
+posterior denoiser ``E[x0 | x̃, y] = D + σ² ∇_x̃ log p(y | x̃)`` (Tweedie's formula applied to the
+posterior), :class:`PosteriorDenoiser`. Its likelihood is either diffusion posterior sampling's
+(DPS; Chung et al. 2023, Algorithm 1: ``p(y | x̃) ≈ p(y | x0 = D)`` with the step size
+``ζ/‖y − A D‖``) or the Tweedie moment projection (Boys et al. 2023), which uses the exact
+posterior covariance ``Cov[x0 | x̃] = σ² ∂D/∂x̃`` and is exact for Gaussian priors. Both need
+only :meth:`~diffrepro.denoisers.Denoiser.jvp`/:meth:`~diffrepro.denoisers.Denoiser.vjp`, exact
+for the empirical and Gaussian denoisers and autograd for networks.
 
-    D_y(x̃; σ) = D + ζ σ² Jᵀ Aᵀ (y − A D) / ‖y − A D‖,    J = ∂D/∂x̃
-
-(:class:`DPSDenoiser`). Plugged into EDM's deterministic sampler this is DPS adapted to the
-deterministic EDM sampler: the same seeds and noise give the same solutions, so two models'
-solutions can be compared seed by seed (``diffrepro inverse`` writes the ``generate`` layout).
-``Jᵀ v`` is :meth:`diffrepro.denoisers.Denoiser.vjp`: exact for the empirical and Gaussian
-denoisers, autograd for networks. For the Gaussian model the exact posterior mean of the
-linear-Gaussian problem is :func:`gaussian_posterior_mean` (the theoretical solution).
+Plugged into EDM's deterministic sampler this is DPS adapted to the deterministic EDM sampler:
+the same seeds and noise give the same solutions, so two models' solutions can be compared seed by
+seed (paper 1's experiment; ``diffrepro inverse`` writes the ``generate`` layout). For the
+Gaussian model the exact posterior mean of the linear-Gaussian problem is
+:func:`gaussian_posterior_mean` (the theoretical solution).
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ from .denoisers.gaussian import GaussianDenoiser
 __all__ = [
     "TASKS",
     "AveragePool",
-    "DPSDenoiser",
     "GaussianBlur",
     "Inpainting",
+    "LIKELIHOODS",
     "LinearOperator",
+    "PosteriorDenoiser",
+    "conjugate_gradient",
     "gaussian_posterior_mean",
     "make_operator",
 ]
@@ -176,42 +178,121 @@ def make_operator(task: str, resolution: int, *, seed: int = 0, missing: float =
     raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
 
 
-class DPSDenoiser(Denoiser):
-    """Posterior denoiser of diffusion posterior sampling (Chung et al. 2023) in EDM form.
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner products of two ``[B, ...]`` tensors."""
+    return (a * b).reshape(a.shape[0], -1).sum(1)
 
-    ``D_y(x̃; σ) = D + ζ σ² Jᵀ Aᵀ r / ‖r‖`` with ``r = y − A D(x̃; σ)`` per sample, i.e.
-    ``D + σ² ∇_x̃ log p̂(y | x̃)`` for DPS's likelihood ``log p̂ = −ζ ‖y − A D(x̃; σ)‖`` (its
-    gradient step ``ζ ∇‖r‖² / (2‖r‖)``). Any EDM sampler run with it is a deterministic DPS solver;
-    ``ζ = 0`` gives the unconditional denoiser.
+
+def conjugate_gradient(matvec, b: torch.Tensor, *, iters: int = 50, tol: float = 1e-8) -> torch.Tensor:
+    """Solves ``K z = b`` for a symmetric positive semi-definite ``K``, one system per sample.
+
+    Plain conjugate gradients (Hestenes & Stiefel 1952) batched over the leading dimension; a sample
+    stops moving once its residual is below ``tol · ‖b‖`` (a consistent singular system converges
+    to its minimum-norm solution from z = 0).
 
     Args:
-        denoiser: the prior's denoiser (its :meth:`~diffrepro.denoisers.Denoiser.vjp` is used).
-        operator: the measurement operator.
-        measurement: ``y`` (``operator.forward`` of an image, ``[1, ...]`` or ``[B, ...]``).
-        zeta: DPS step size ``ζ`` (≥ 0).
+        matvec: ``z -> K z`` on ``[B, ...]`` tensors.
+        b: right-hand sides ``[B, ...]``.
+        iters: maximum iterations.
+        tol: relative residual tolerance.
+    """
+    z = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rs = _dot(r, r)
+    stop = tol**2 * rs
+    for _ in range(iters):
+        active = rs > stop
+        if not bool(active.any()):
+            break
+        kp = matvec(p)
+        curvature = _dot(p, kp)
+        alpha = torch.where(active & (curvature > 0), rs / curvature.clamp_min(torch.finfo(b.dtype).tiny), 0.0)
+        z = z + _bcast(alpha, z) * p
+        r = r - _bcast(alpha, r) * kp
+        rs_new = _dot(r, r)
+        p = r + _bcast(torch.where(active, rs_new / rs.clamp_min(torch.finfo(b.dtype).tiny), 0.0), p) * p
+        rs = torch.where(active, rs_new, rs)
+    return z
+
+
+LIKELIHOODS = ("moment", "dps")
+
+
+class PosteriorDenoiser(Denoiser):
+    """The posterior denoiser ``E[x0 | x̃, y] = D + σ² ∇_x̃ log p(y | x̃)`` of a linear inverse problem.
+
+    ``p(y | x̃)`` is not available in closed form; two approximations, both built on
+    ``J = ∂D/∂x̃`` (symmetric for the analytic denoisers, ``Cov[x0 | x̃] = σ² J``):
+
+    * ``"dps"`` (diffusion posterior sampling; Chung et al. 2023): ``p(y | x̃) ≈ p(y | x0 = D)`` with
+      DPS's step size ``ζ/‖r‖`` in place of ``1/s_y²``, ``r = y − A D``:
+      ``D_y = D + ζ σ² Jᵀ Aᵀ r / ‖r‖``. In an Euler step ``σ → σ'`` this moves the state by DPS's
+      gradient step ``ζ'_i ∇‖r‖²`` with ``ζ'_i = ζ σ (σ − σ')/2``.
+    * ``"moment"`` (Tweedie moment projection; Boys et al. 2023): ``p(y | x̃) ≈
+      N(A D, A C Aᵀ + s_y² I)`` with ``C = σ² J``, so ``D_y = D + C Aᵀ (A C Aᵀ + s_y² I)⁻¹ r``,
+      solved by conjugate gradients (one ``jvp`` and one ``vjp`` per iteration). For a Gaussian
+      prior this is exactly ``E[x0 | x̃, y]``; with the empirical denoiser it conditions the
+      softmax weights, so a noiseless measurement of a training image is solved by that image.
+
+    Any EDM sampler run with it is a deterministic posterior sampler: the same seeds and noise give
+    the same solutions, so two models' solutions can be compared seed by seed. ``zeta = 0``
+    (``"dps"``) returns the prior denoiser's output.
+
+    Args:
+        denoiser: the prior's denoiser (its ``jvp``/``vjp`` are used).
+        operator: the measurement operator ``A``.
+        measurement: ``y`` (``[1, ...]`` or ``[B, ...]``, as ``operator.forward`` returns).
+        likelihood: ``"moment"`` or ``"dps"``.
+        zeta: DPS step size ``ζ`` (≥ 0; ``"dps"`` only).
+        noise_std: measurement noise ``s_y`` of the likelihood (> 0 recommended; ``"moment"`` only).
+        cg_iters: conjugate-gradient iterations per evaluation (``"moment"``).
+        cg_tol: relative residual tolerance of the conjugate gradients.
     """
 
-    def __init__(self, denoiser: Denoiser, operator: LinearOperator, measurement: torch.Tensor, zeta: float = 1.0):
+    def __init__(self, denoiser: Denoiser, operator: LinearOperator, measurement: torch.Tensor, *,
+                 likelihood: str = "moment", zeta: float = 1.0, noise_std: float = 0.01, cg_iters: int = 50,
+                 cg_tol: float = 1e-6):
         if not isinstance(denoiser, Denoiser):
             raise TypeError(f"denoiser must be a Denoiser, got {type(denoiser).__name__}")
-        if not (math.isfinite(zeta) and zeta >= 0):
-            raise ValueError(f"zeta must be a finite float >= 0, got {zeta!r}")
-        self.base, self.operator, self.zeta = denoiser, operator, float(zeta)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
+        for name, value in (("zeta", zeta), ("noise_std", noise_std), ("cg_tol", cg_tol)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+        if isinstance(cg_iters, bool) or int(cg_iters) != cg_iters or cg_iters < 1:
+            raise ValueError(f"cg_iters must be a positive integer, got {cg_iters!r}")
+        self.base, self.operator, self.likelihood = denoiser, operator, likelihood
+        self.zeta, self.noise_std, self.cg_iters, self.cg_tol = float(zeta), float(noise_std), int(cg_iters), cg_tol
         self.measurement = torch.as_tensor(measurement, dtype=torch.float64)
         for name in ("img_channels", "img_resolution", "label_dim", "sigma_min", "sigma_max"):
             setattr(self, name, getattr(denoiser, name))
         self.round_sigma = denoiser.round_sigma
+        self.device = torch.device(getattr(denoiser, "device", "cpu"))
+
+    def describe(self) -> dict:
+        """JSON-able settings (recorded in manifests)."""
+        out = {"likelihood": self.likelihood, "operator": self.operator.describe()}
+        if self.likelihood == "dps":
+            return {**out, "zeta": self.zeta}
+        return {**out, "noise_std": self.noise_std, "cg_iters": self.cg_iters, "cg_tol": self.cg_tol}
 
     def _x0(self, x, sigma, s, class_labels):
         den = self.base._x0(x, sigma, s, class_labels)
-        if self.zeta == 0:
+        if self.likelihood == "dps" and self.zeta == 0:
             return den
         xt = x if s is None else x / _bcast(s, x)
-        y = self.measurement.to(device=x.device, dtype=x.dtype)
-        r = y - self.operator.forward(den)
-        norm = r.reshape(r.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
-        g = self.base.vjp(xt, sigma, self.operator.adjoint(r), class_labels)
-        return den + _bcast(self.zeta * sigma ** 2 / norm, x) * g
+        r = self.measurement.to(device=x.device, dtype=x.dtype) - self.operator.forward(den)
+        r = r.expand(x.shape[0], *r.shape[1:])
+        op, var = self.operator, _bcast(sigma**2, x)
+        if self.likelihood == "dps":
+            norm = r.reshape(r.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+            return den + var * _bcast(self.zeta / norm, x) * self.base.vjp(xt, sigma, op.adjoint(r), class_labels)
+
+        def kernel(z):  # (A C Aᵀ + s_y² I) z with C = σ² J
+            return op.forward(var * self.base.jvp(xt, sigma, op.adjoint(z), class_labels)) + self.noise_std**2 * z
+
+        z = conjugate_gradient(kernel, r, iters=self.cg_iters, tol=self.cg_tol)
+        return den + var * self.base.vjp(xt, sigma, op.adjoint(z), class_labels)
 
 
 def gaussian_posterior_mean(gaussian: GaussianDenoiser, operator: LinearOperator, measurement: torch.Tensor,
