@@ -61,6 +61,10 @@ class LinearOperator:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
+    def preview(self, y: torch.Tensor) -> torch.Tensor:
+        """A measurement shown as an image (missing pixels 0, low resolution upsampled)."""
+        return self.adjoint(y)
+
     def describe(self) -> dict:
         """JSON-able parameters (recorded in manifests)."""
         return {"name": self.name}
@@ -125,7 +129,10 @@ class AveragePool(LinearOperator):
         return F.avg_pool2d(x, self.factor)
 
     def adjoint(self, y):
-        return y.repeat_interleave(self.factor, -2).repeat_interleave(self.factor, -1) / self.factor ** 2
+        return self.preview(y) / self.factor ** 2
+
+    def preview(self, y):
+        return y.repeat_interleave(self.factor, -2).repeat_interleave(self.factor, -1)
 
     def describe(self) -> dict:
         return {"name": self.name, "factor": self.factor}
@@ -299,13 +306,14 @@ def gaussian_posterior_mean(gaussian: GaussianDenoiser, operator: LinearOperator
                             noise_std: float = 0.0) -> torch.Tensor:
     """Exact posterior mean of ``x0 ~ N(μ, Σ)`` given ``y = A x0 + s_y n`` (the theoretical solution).
 
-    ``E[x0 | y] = μ + Σ Aᵀ (A Σ Aᵀ + s_y² I)⁺ (y − A μ)`` with ``Σ = U Λ Uᵀ`` the model's
-    covariance (the rank-truncated one when the model has a rank). The ``m × m`` matrix is formed
-    from ``A U √Λ`` (d operator applications) and pseudo-inverted through its eigendecomposition
-    (eigenvalues below ``m · eps · λ_max`` count as 0), so noiseless problems work too.
+    ``E[x0 | y] = μ + Σ Aᵀ (A Σ Aᵀ + s_y² I)⁺ (y − A μ)``. With ``Σ = R Rᵀ``, ``R = U_r √Λ_r``
+    over the r directions of nonzero variance and ``B = A R`` (r operator applications), the
+    push-through identity ``Bᵀ (B Bᵀ + s² I)⁺ = (Bᵀ B + s² I)⁺ Bᵀ`` (also at s = 0, where both are
+    ``B⁺``) leaves an ``r × r`` problem, pseudo-inverted through its eigendecomposition
+    (eigenvalues below ``r · eps · λ_max`` count as 0), so noiseless problems work too.
 
     Args:
-        gaussian: the prior.
+        gaussian: the prior (its rank-truncated covariance when it has a rank).
         operator: the measurement operator.
         measurement: ``y`` ``[B, ...]`` (as ``operator.forward`` returns).
         noise_std: measurement noise ``s_y`` (≥ 0).
@@ -316,13 +324,13 @@ def gaussian_posterior_mean(gaussian: GaussianDenoiser, operator: LinearOperator
     if not (math.isfinite(noise_std) and noise_std >= 0):
         raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
     shape = (gaussian.img_channels, gaussian.img_resolution, gaussian.img_resolution)
-    root = gaussian.U * gaussian.lam_eff.sqrt()  # Σ = root rootᵀ
-    a_root = operator.forward(root.T.reshape(-1, *shape)).reshape(root.shape[1], -1).T  # [m, d] = A root
+    keep = gaussian.lam_eff > 0
+    root = gaussian.U[:, keep] * gaussian.lam_eff[keep].sqrt()  # Σ = root rootᵀ, [d, r]
+    b = operator.forward(root.T.reshape(-1, *shape)).reshape(root.shape[1], -1)  # Bᵀ, [r, m]
     y = torch.as_tensor(measurement, dtype=torch.float64, device=gaussian.device)
-    y = y.reshape(y.shape[0], -1)
-    resid = y - operator.forward(gaussian.mu.reshape(1, *shape)).reshape(1, -1)
-    lam, vec = torch.linalg.eigh(a_root @ a_root.T + noise_std ** 2 * torch.eye(len(a_root), dtype=torch.float64,
-                                                                                   device=gaussian.device))
-    keep = lam > lam[-1].clamp_min(0) * len(lam) * torch.finfo(torch.float64).eps
-    z = ((resid @ vec[:, keep]) / lam[keep]) @ vec[:, keep].T
-    return (gaussian.mu + (z @ a_root) @ root.T).reshape(-1, *shape)
+    resid = y.reshape(y.shape[0], -1) - operator.forward(gaussian.mu.reshape(1, *shape)).reshape(1, -1)
+    lam, vec = torch.linalg.eigh(b @ b.T + noise_std**2 * torch.eye(len(b), dtype=torch.float64,
+                                                                    device=gaussian.device))
+    ok = lam > lam[-1].clamp_min(0) * len(lam) * torch.finfo(torch.float64).eps
+    z = (((resid @ b.T) @ vec[:, ok]) / lam[ok]) @ vec[:, ok].T  # (BᵀB + s² I)⁺ Bᵀ r, [B, r]
+    return (gaussian.mu + z @ root.T).reshape(-1, *shape)
