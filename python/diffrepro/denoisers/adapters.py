@@ -20,9 +20,9 @@ class CallableDenoiser(Denoiser):
     """Wrap any callable or torch module ``fn(x, sigma[, class_labels]) -> x0`` as a Denoiser.
 
     ``fn`` is called without autograd (except inside :meth:`jvp`/:meth:`vjp`) with ``x`` on the
-    module's device (the device of its first parameter, else x's) and, when ``dtype`` is given, ``x`` and ``sigma`` cast to it
-    (EDM networks cast internally, so leave it None for them). ``class_labels`` is passed only
-    when not None. The output is returned in x's dtype and device.
+    module's device (the device of its first parameter, else x's) and, when ``dtype`` is given,
+    ``x`` and ``sigma`` cast to it (EDM networks cast internally, so leave it None for them).
+    ``class_labels`` is passed only when not None. The output is returned in x's dtype and device.
 
     Args:
         fn: the network or function; it receives the unscaled ``x`` and σ as a float64 ``[B]``.

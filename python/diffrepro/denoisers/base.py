@@ -261,11 +261,18 @@ class TimedDenoiser:
         return getattr(self.inner, name)
 
     def __call__(self, x, sigma, *args):
+        return self._timed(self.inner, x, sigma, *args)
+
+    def velocity(self, x, t, *args):
+        """The wrapped denoiser's flow velocity (:meth:`Denoiser.velocity`), timed like a call."""
+        return self._timed(self.inner.velocity, x, t, *args)
+
+    def _timed(self, fn, x, *args):
         cuda = x.is_cuda
         if cuda:
             torch.cuda.synchronize(x.device)
         start = time.perf_counter()
-        out = self.inner(x, sigma, *args)
+        out = fn(x, *args)
         if cuda:
             torch.cuda.synchronize(x.device)
         self.seconds += time.perf_counter() - start
