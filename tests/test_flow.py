@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diffrepro import data, samplers, schedules
-from diffrepro.denoisers import EmpiricalDenoiser, GaussianDenoiser
+from diffrepro.denoisers import EmpiricalDenoiser, GaussianDenoiser, TimedDenoiser
 from diffrepro.flow import VelocityDenoiser
 from diffrepro.reference import empirical_denoiser_reference
 
@@ -193,3 +193,11 @@ def test_sample_flow_validation_and_nfe(gaussian):
         samplers.sample_flow(gaussian, eps, times=[1.2, 0.5, 0.0])
     with pytest.raises(ValueError, match="times must be"):
         samplers.sample_flow(gaussian, eps, times=[0.5, 0.7, 0.0])
+
+
+def test_timed_denoiser_times_velocity_calls(gaussian):
+    eps, times = _noise(2, 10), schedules.flow_times(5)
+    timed = TimedDenoiser(gaussian)
+    assert torch.equal(samplers.sample_flow(timed, eps, solver="midpoint", times=times),
+                       samplers.sample_flow(gaussian, eps, solver="midpoint", times=times))
+    assert timed.calls == 10 and timed.rows == 20 and timed.seconds > 0
