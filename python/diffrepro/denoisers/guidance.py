@@ -156,7 +156,7 @@ class GuidedDenoiser(Denoiser):
         """The same pair of denoisers at another weight (no refit)."""
         return GuidedDenoiser(self.cond, self.uncond, guidance)
 
-    def _combine(self, x, class_labels, uncond, cond):
+    def _combine(self, class_labels, uncond, cond):
         """``u + w (c − u)`` of the two callables' outputs; one of them only at w = 0 or 1."""
         if class_labels is None:
             raise ValueError("class_labels are required: guidance moves towards a class")
@@ -169,15 +169,15 @@ class GuidedDenoiser(Denoiser):
         return u + self.guidance * (c - u)
 
     def _x0(self, x, sigma, s, class_labels):
-        return self._combine(x, class_labels, lambda: self.uncond._x0(x, sigma, s, None),
+        return self._combine(class_labels, lambda: self.uncond._x0(x, sigma, s, None),
                              lambda: self.cond._x0(x, sigma, s, class_labels))
 
     def _jvp(self, x, sigma, v, class_labels):
-        return self._combine(x, class_labels, lambda: self.uncond._jvp(x, sigma, v, None),
+        return self._combine(class_labels, lambda: self.uncond._jvp(x, sigma, v, None),
                              lambda: self.cond._jvp(x, sigma, v, class_labels))
 
     def _vjp(self, x, sigma, v, class_labels):
-        return self._combine(x, class_labels, lambda: self.uncond._vjp(x, sigma, v, None),
+        return self._combine(class_labels, lambda: self.uncond._vjp(x, sigma, v, None),
                              lambda: self.cond._vjp(x, sigma, v, class_labels))
 
 

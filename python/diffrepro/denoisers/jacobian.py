@@ -29,22 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 
-from ..data import decode
+from .gaussian import _float64_chunks
 
 __all__ = ["empirical_jvp"]
 
 # Logit block size: queries × rows per GEMM block (float64, 8 bytes each: 32 MiB per block array).
 _BLOCK_ELEMENTS = 1 << 22
-
-
-def _float64_rows(rows, device) -> torch.Tensor:
-    """A chunk of training rows (uint8 pixels or floats, numpy or torch) as float64 ``[n, d]``."""
-    t = torch.from_numpy(np.asarray(rows)) if isinstance(rows, np.ndarray) else rows
-    t = t.to(device).reshape(len(t), -1)
-    return decode(t) if t.dtype == torch.uint8 else t.to(torch.float64)
 
 
 def empirical_jvp(chunks: Iterable, x: torch.Tensor, sigma: torch.Tensor,
@@ -76,8 +68,7 @@ def empirical_jvp(chunks: Iterable, x: torch.Tensor, sigma: torch.Tensor,
     xv = (x * v).sum(1, keepdim=True)
     step = max(1, _BLOCK_ELEMENTS // max(q, 1))
     for chunk in chunks:
-        for lo in range(0, len(chunk), step):
-            y = _float64_rows(chunk[lo:lo + step], x.device)
+        for y in _float64_chunks(chunk, x.device, step):
             # l_i + ‖x̃‖²/(2σ²): the dropped term is the same for every row of a query.
             logits = (x @ y.T - 0.5 * (y * y).sum(1)) * inv_var
             m_new = torch.maximum(m, logits.max(1, keepdim=True).values)
