@@ -1,5 +1,6 @@
 """Deterministic ODE samplers: EDM Euler/Heun, the EDM ablation sampler, general families,
-DPM-Solver (singlestep 1-3, multistep 2M/3M), k-diffusion-style loops and ODE inversion.
+DPM-Solver (singlestep 1-3, multistep 2M/3M), k-diffusion-style loops, ODE inversion and the
+flow-matching ODE in t (Euler/Heun/midpoint, :func:`sample_flow`).
 
 SPEC §3. The sampler state is float64. A denoiser is called as ``D(x, sigma)`` or, when
 class labels are given, ``D(x, sigma, class_labels)``, with ``x`` the *unscaled* state
