@@ -60,6 +60,7 @@ class ClassConditionalDenoiser(Denoiser):
             raise ValueError("per_class denoisers must share one image shape")
         self.img_channels, self.img_resolution = first.img_channels, first.img_resolution
         self.label_dim = len(self.per_class)
+        self.device = torch.device(getattr(first, "device", "cpu"))
         self.sigma_min = max(m.sigma_min for m in models)
         self.sigma_max = min(m.sigma_max for m in models)
 
@@ -134,6 +135,7 @@ class GuidedDenoiser(Denoiser):
         self.cond, self.uncond, self.guidance = cond, uncond, float(guidance)
         self.img_channels, self.img_resolution = cond.img_channels, cond.img_resolution
         self.label_dim = cond.label_dim
+        self.device = torch.device(getattr(cond, "device", "cpu"))  # where generate() draws the noise
         self.sigma_min = max(cond.sigma_min, uncond.sigma_min)
         self.sigma_max = min(cond.sigma_max, uncond.sigma_max)
 
