@@ -1,7 +1,9 @@
-# diffrepro developer entry points. Each target sets up its own virtual environment.
-#   make demo   theoretical generations on the embedded CIFAR-10 sample (CPU)
-#   make test   build (CUDA too when nvcc is found), run the tests and a benchmark smoke run
-#   make bench  the benchmark table (DIFFREPRO_BENCH_SIZES=paper for the issue's sizes)
+# SPDX-License-Identifier: Apache-2.0
+# diffrepro developer entry points. Each target sets up its own virtual environment in .venv.
+#   make demo   theoretical generations on the embedded CIFAR-10 sample (CPU; no test extras)
+#   make test   build (CUDA too when nvcc is found), lint, run the tests and a benchmark smoke run
+#   make bench  the benchmark table (DIFFREPRO_BENCH_SIZES=paper for the issues' sizes)
+# A second run rebuilds nothing unless a source file changed.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,27 +14,51 @@ TORCH_SPEC ?= torch==2.13.0
 # CI narrows the CUDA build to one architecture to save time; the default build covers sm_75..sm_120.
 CUDA_ARCHS ?=
 PIP_BUILD_FLAGS := $(if $(CUDA_ARCHS),-C cmake.define.CMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHS))
+# `make demo` compiles the CUDA module only on a machine with a GPU (CUDA takes minutes to
+# compile and is useless without one); `make test` builds it whenever nvcc is found.
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+DEMO_CUDA ?= $(if $(HAVE_GPU),AUTO,OFF)
+SOURCES := CMakeLists.txt pyproject.toml $(shell find csrc python cmake -type f -not -name '*.pyc' -not -name '*.so' 2>/dev/null)
 
-.PHONY: venv demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(PY):
+	@echo "== creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-venv: $(PY)
+$(VENV)/.torch: | $(PY)
+	@echo "== installing $(TORCH_SPEC)"
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q $(PIP_BUILD_FLAGS) ".[test]"
+	touch $@
 
-demo: venv
+# The package as a user installs it: the C++ core (CUDA only where a GPU exists), no test extras.
+$(VENV)/.built-core: $(VENV)/.torch $(SOURCES)
+	@echo "== building diffrepro's C++ core$(if $(filter OFF,$(DEMO_CUDA)), (CPU only: no GPU here),) about 1 minute on 2 cores"
+	DIFFREPRO_CUDA=$(DEMO_CUDA) $(PY) -m pip install -q $(PIP_BUILD_FLAGS) .
+	rm -f $(VENV)/.built-test
+	touch $@
+
+# The test build: CUDA whenever nvcc is found (DIFFREPRO_CUDA=AUTO, or as set), and the test extras.
+$(VENV)/.built-test: $(VENV)/.torch $(SOURCES)
+	@echo "== building diffrepro with the test extras (CUDA too when nvcc is found: a few minutes)"
+	$(PY) -m pip install -q $(PIP_BUILD_FLAGS) ".[test]"
+	touch $@ $(VENV)/.built-core
+
+demo: $(VENV)/.built-core
+	@echo "== running: diffrepro demo --outdir demo_out"
 	$(VENV)/bin/diffrepro demo --outdir demo_out
 
-test: venv
+lint: $(VENV)/.built-test
+	$(VENV)/bin/ruff check python tests bench
+
+test: $(VENV)/.built-test lint
 	$(PY) -c "import diffrepro, json; print(json.dumps(diffrepro.build_info(), indent=1))"
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q bench --benchmark-disable
 
-bench: venv
-	$(PY) -m pytest bench --benchmark-columns=median,min,rounds
+bench: $(VENV)/.built-test
+	$(PY) -m pytest bench --benchmark-columns=median,min,max,rounds
 
 clean:
 	rm -rf build $(VENV) demo_out .benchmarks

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Shared fixtures: devices, the real CIFAR-10 sample, seeding."""
+"""Shared fixtures: devices, kernel backends, the real CIFAR-10 sample, seeding."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -25,6 +26,30 @@ def _devices():
 @pytest.fixture(params=_devices())
 def device(request):
     return request.param
+
+
+def _kernel_backends():
+    """The kernel backends this build can run: the CPU kernels, the CUDA kernels under the host
+    emulator (no GPU needed), and the CUDA kernels on a GPU (marked `cuda`, skipped without one).
+    DIFFREPRO_TEST_DEVICE=cpu keeps the host ones only, =cuda the GPU one only."""
+    forced = os.environ.get("DIFFREPRO_TEST_DEVICE")
+    names = []
+    if forced in (None, "", "cpu"):
+        names.append("cpu")
+        if importlib.util.find_spec("diffrepro._cuda_emu") is not None:
+            names.append("emu")
+    if forced in (None, "", "cuda"):
+        names.append(pytest.param("cuda", marks=pytest.mark.cuda))
+    return names
+
+
+@pytest.fixture(params=_kernel_backends())
+def backend(request):
+    """A helpers.Backend: where tensors go, the ops keyword arguments that select it, and the
+    tile/thread/split configurations that exercise its merges."""
+    from helpers import BACKENDS
+
+    return BACKENDS[request.param]
 
 
 def pytest_collection_modifyitems(config, items):

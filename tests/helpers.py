@@ -1,6 +1,37 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Test data factories and the tolerance rules of STYLE.md §7."""
+"""Kernel backends, test data factories, a stand-in SSCD model and the tolerance rules (float64
+oracle, naive float32 baseline, argmax rule)."""
+import warnings
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run the kernels through the public ops (see the `backend` fixture)."""
+
+    name: str  # "cpu", "emu" (CUDA kernels on host threads) or "cuda"
+    device: str  # where input tensors must live
+    kw: dict  # keyword arguments of diffrepro.ops that select the backend
+    variants: tuple  # tuning keyword arguments: tile sizes, workers, tile configs, splits
+
+    def put(self, *tensors):
+        moved = tuple(t.to(self.device) for t in tensors)
+        return moved if len(moved) > 1 else moved[0]
+
+
+BACKENDS = {
+    "cpu": Backend("cpu", "cpu", {}, ({}, {"_tile": 1, "_workers": 3}, {"_tile": 7, "_workers": 2},
+                                         {"_tile": 64, "_workers": 4})),
+    # Tile configuration 2 (8x8 tiles on one warp) reaches every tile edge with few OS threads;
+    # 0 and 1 are the production configurations.
+    "emu": Backend("emu", "cpu", {"_emulate": True}, ({"_config": 2, "_splits": 1}, {"_config": 2, "_splits": 3},
+                                                      {"_config": 1, "_splits": 2}, {"_config": 0})),
+    "cuda": Backend("cuda", "cuda", {}, ({}, {"_config": 0, "_splits": 4}, {"_config": 1, "_splits": 2},
+                                         {"_config": 2, "_splits": 3})),
+}
 
 
 def naive_float32_denoiser(x, y, sigma):
@@ -13,7 +44,8 @@ def naive_float32_denoiser(x, y, sigma):
 
 
 def assert_f32_accuracy(out, oracle, naive):
-    """err(kernel) <= 2 err(naive float32 torch) + 1e-6, and never above 1e-4 (STYLE §7)."""
+    """Tolerance rule (flash-attention's tests): err(kernel) <= 2 err(naive float32 torch) + 1e-6
+    against the float64 oracle, and never above 1e-4."""
     err = (out.double().reshape(oracle.shape) - oracle).abs().max().item()
     err_naive = (naive.double().reshape(oracle.shape) - oracle).abs().max().item()
     bound = min(2 * err_naive + 1e-6, 1e-4)
@@ -26,7 +58,7 @@ def assert_f64_accuracy(out, oracle):
 
 
 def assert_argmax_rule(values, indices, ref_scores, tol, largest=True):
-    """STYLE §7 argmax rule: where the top-2 gap exceeds tol, indices match; otherwise the score
+    """Argmax rule (faiss's compareIndices): where the top-2 gap exceeds tol, indices match; otherwise the score
     at the returned index equals the best within tol. ref_scores: [Q, N] float64 exact scores."""
     best = ref_scores.max(1).values if largest else ref_scores.min(1).values
     got = ref_scores.gather(1, indices[:, :1].long()).squeeze(1)
@@ -36,3 +68,27 @@ def assert_argmax_rule(values, indices, ref_scores, tol, largest=True):
     exact = torch.argmax(ref_scores, 1) if largest else torch.argmin(ref_scores, 1)
     clear = gap > tol
     assert torch.equal(indices[clear, 0].long(), exact[clear])
+
+
+class StubSSCD(torch.nn.Module):
+    """conv -> ReLU -> GeM(p=3) -> linear -> L2 normalise: SSCD's head on a toy trunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, kernel_size=8, stride=8)
+        self.fc = torch.nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).clamp(min=1e-6).pow(3.0).mean(dim=(2, 3)).pow(1.0 / 3.0)
+        return F.normalize(self.fc(h), dim=1)
+
+
+def save_stub_sscd(path, seed=1):
+    """A small real TorchScript descriptor model (``torch.jit.script`` of :class:`StubSSCD`) saved at
+    ``path``; returns the scripted module."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated; SSCD ships it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = torch.jit.script(StubSSCD().eval())
+    model.save(str(path))
+    return model

@@ -30,7 +30,8 @@ def test_blas_core_is_chosen_by_diffrepro_not_by_the_environment():
             "print(i['gemm_engine']); print(os.environ.get('OPENBLAS_CORETYPE'))")
     env = dict(os.environ, OPENBLAS_CORETYPE="Prescott")
     env.pop("DIFFREPRO_OPENBLAS_CORETYPE", None)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split("\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
     assert "Prescott" not in out[0]
     assert out[1] == "Prescott"
     # The documented override is honoured: OpenBLAS serves the old Prescott request with its

@@ -1,4 +1,6 @@
-"""The CUDA kernels, run by the CPU emulator (diffrepro._cuda_emu), against float64 oracles.
+# SPDX-License-Identifier: Apache-2.0
+"""The CUDA kernels against float64 oracles: under the CPU emulator (diffrepro._cuda_emu) on every
+machine, and on the GPU where there is one (the same tests, marked `cuda`).
 
 `_cuda_emu` compiles the very kernel sources nvcc compiles (csrc/cuda/*_kernel.cuh) as host
 C++ and runs each CUDA thread of a block as an OS thread, so this file is what proves the CUDA
@@ -8,71 +10,47 @@ per CUDA thread), hence the small shapes; most cases use the one-warp tile confi
 production configurations 0 (32x32, 256 threads) and 1 (16x64, 256 threads).
 """
 
-import importlib
+import importlib.util
 import os
 
 import numpy as np
 import pytest
 import torch
+from helpers import BACKENDS
 
-try:
-    emu = importlib.import_module("diffrepro._cuda_emu")
-except ImportError as exc:  # pragma: no cover - depends on the build
-    if os.environ.get("DIFFREPRO_EXPECT_CUDA_EMU") == "1":
-        raise AssertionError(
-            f"DIFFREPRO_EXPECT_CUDA_EMU=1 but diffrepro._cuda_emu failed to import: {exc}"
-        ) from exc
-    pytest.skip(
-        "diffrepro._cuda_emu not built (configure with DIFFREPRO_CUDA_EMULATOR=ON)",
-        allow_module_level=True,
-    )
+from diffrepro import _backend, ops
 
-ROW_TYPES = {torch.float32: 0, torch.float64: 1, torch.uint8: 2, torch.float16: 3}
 TINY, LARGE, NARROW = 2, 0, 1  # tile configurations of the kernels (see *_kernel.cuh)
 TQ_TINY = TN_TINY = 8
 MAX_K = 128
 
 
+@pytest.fixture(params=["emu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def backend(request):
+    """The CUDA kernels: emulated on host threads, or on the GPU (overrides conftest's fixture,
+    which also offers the CPU kernels)."""
+    if request.param == "emu" and importlib.util.find_spec("diffrepro._cuda_emu") is None:
+        if os.environ.get("DIFFREPRO_EXPECT_CUDA_EMU") == "1":
+            pytest.fail("DIFFREPRO_EXPECT_CUDA_EMU=1 but diffrepro._cuda_emu was not built")
+        pytest.skip("diffrepro._cuda_emu not built (configure with DIFFREPRO_CUDA_EMULATOR=ON)")
+    return BACKENDS[request.param]
+
+
 # ------------------------------------------------------------------------------------------------
-# Calling the emulated kernels
+# Calling the kernels: the public ops with the backend's keyword arguments (_emulate=True for the
+# emulator; same validation, centring and argument struct as every backend), results on the host
 # ------------------------------------------------------------------------------------------------
-def _workspace(nbytes):
-    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8)
+def run_denoiser(backend, x, y, inv_sigma2, *, config=-1, splits=0, row_offset=0):
+    st = ops.empirical_denoiser_partial(*backend.put(x, y), backend.put(inv_sigma2.rsqrt()), row_offset=row_offset,
+                                        _config=config, _splits=splits, **backend.kw)
+    return {name: getattr(st, name).cpu() for name in
+            ("max_logit", "sum_exp", "sum_exp_sq", "weighted_sum", "nearest_index", "nearest_sqdist")}
 
 
-def run_denoiser(x, y, inv_sigma2, center, *, config=-1, splits=0, row_offset=0):
-    Q, D = x.shape
-    N = y.shape[0]
-    ws = _workspace(emu.empirical_denoiser_workspace_bytes(Q, N, D, config=config, splits=splits))
-    f64 = dict(dtype=torch.float64)
-    out = dict(
-        max_logit=torch.full((Q,), np.nan, **f64),
-        sum_exp=torch.full((Q,), np.nan, **f64),
-        sum_exp_sq=torch.full((Q,), np.nan, **f64),
-        weighted_sum=torch.full((Q, D), np.nan, dtype=x.dtype),
-        nearest_index=torch.full((Q,), -7, dtype=torch.int64),
-        nearest_sqdist=torch.full((Q,), np.nan, **f64),
-    )
-    emu.empirical_denoiser(
-        x.dtype == torch.float64, x.data_ptr(), y.data_ptr(), ROW_TYPES[y.dtype], Q, N, D,
-        center.data_ptr(), inv_sigma2.data_ptr(), row_offset, ws.data_ptr(),
-        *(t.data_ptr() for t in out.values()), config=config, splits=splits,
-    )
-    return out
-
-
-def run_nn(queries, refs, k, inner_product, *, config=-1, splits=0, row_offset=0):
-    Q, D = queries.shape
-    N = refs.shape[0]
-    ws = _workspace(emu.nn_search_workspace_bytes(Q, N, D, k, config=config, splits=splits))
-    values = torch.full((Q, k), np.nan, dtype=torch.float32)
-    indices = torch.full((Q, k), -7, dtype=torch.int64)
-    emu.nn_search(
-        queries.data_ptr(), refs.data_ptr(), ROW_TYPES[refs.dtype], Q, N, D, k, inner_product,
-        row_offset, values.data_ptr(), indices.data_ptr(), ws.data_ptr(),
-        config=config, splits=splits,
-    )
-    return values, indices
+def run_nn(backend, queries, refs, k, inner_product, *, config=-1, splits=0, row_offset=0):
+    st = ops.nn_search_partial(*backend.put(queries, refs), k, metric="ip" if inner_product else "l2",
+                               row_offset=row_offset, _config=config, _splits=splits, **backend.kw)
+    return st.values.cpu(), st.indices.cpu()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +95,7 @@ def check_denoiser(x, y, inv_sigma2, out, *, row_offset=0, f64=False):
             assert err <= 1e-10, (name, err)
         else:
             err_naive = float((naive[name].double() - ref[name]).abs().max())
-            # STYLE.md §7: err(kernel) <= 2 err(naive float32) + 1e-6, and never above 1e-4.
+            # Tolerance rule: err(kernel) <= 2 err(naive float32) + 1e-6, and never above 1e-4.
             assert err <= min(2 * err_naive + 1e-6, 1e-4) or err <= 1e-6, (name, err, err_naive)
     # Argmax rule: the returned row is a nearest one (within tolerance); exact when separated.
     idx = out["nearest_index"] - row_offset
@@ -201,16 +179,16 @@ DENOISER_GRID = [
 
 
 @pytest.mark.parametrize("Q,N,D,config,splits", DENOISER_GRID)
-def test_denoiser_grid(Q, N, D, config, splits):
+def test_denoiser_grid(backend, Q, N, D, config, splits):
     gen = torch.Generator().manual_seed(Q * 1000 + N * 10 + D)
     x, y = rand(gen, Q, D), rand(gen, N, D)
     inv = 1.0 / rand(gen, Q, dtype=torch.float64, lo=0.3, hi=1.5) ** 2
-    out = run_denoiser(x, y, inv, y.mean(0), config=config, splits=max(splits, 0))
+    out = run_denoiser(backend, x, y, inv, config=config, splits=max(splits, 0))
     check_denoiser(x, y, inv, out)
 
 
-@pytest.mark.parametrize("y_dtype", [torch.uint8, torch.float16, torch.float64])
-def test_denoiser_row_types(y_dtype):
+@pytest.mark.parametrize("y_dtype", [torch.uint8, torch.float16])
+def test_denoiser_row_types(backend, y_dtype):
     gen = torch.Generator().manual_seed(7)
     Q, N, D = 6, 21, 10
     x = rand(gen, Q, D)
@@ -219,30 +197,30 @@ def test_denoiser_row_types(y_dtype):
     else:
         y = rand(gen, N, D, dtype=y_dtype)
     inv = torch.full((Q,), 3.0, dtype=torch.float64)
-    out = run_denoiser(x, y, inv, decode(y, torch.float32).mean(0), config=TINY, splits=2)
+    out = run_denoiser(backend, x, y, inv, config=TINY, splits=2)
     check_denoiser(x, y, inv, out)
 
 
 @pytest.mark.parametrize("y_dtype", [torch.float64, torch.uint8])
-def test_denoiser_float64_path(y_dtype):
+def test_denoiser_float64_path(backend, y_dtype):
     gen = torch.Generator().manual_seed(8)
     Q, N, D = 9, 19, 6
     x = rand(gen, Q, D, dtype=torch.float64)
     y = (torch.randint(0, 256, (N, D), generator=gen, dtype=torch.uint8) if y_dtype == torch.uint8
          else rand(gen, N, D, dtype=torch.float64))
     inv = torch.full((Q,), 2.0, dtype=torch.float64)
-    out = run_denoiser(x, y, inv, decode(y).mean(0), config=TINY, splits=3)
+    out = run_denoiser(backend, x, y, inv, config=TINY, splits=3)
     check_denoiser(x, y, inv, out, f64=True)
 
 
-def test_denoiser_large_common_offset():
+def test_denoiser_large_common_offset(backend):
     # +100 on every coordinate: ||y||^2 ~ 1e4 D dwarfs the logit differences in float32 unless
     # the kernel centres before the products. It must still meet 1e-4 on data-scale outputs.
     gen = torch.Generator().manual_seed(9)
     Q, N, D = 5, 26, 12
     x, y = rand(gen, Q, D) + 100, rand(gen, N, D) + 100
     inv = torch.full((Q,), 4.0, dtype=torch.float64)
-    out = run_denoiser(x, y, inv, y.mean(0), config=TINY, splits=2)
+    out = run_denoiser(backend, x, y, inv, config=TINY, splits=2)
     ref, _ = denoiser_naive(x.double(), y, inv, torch.float64)
     got = denoiser_summary(out["max_logit"], out["sum_exp"], out["sum_exp_sq"],
                            out["weighted_sum"], inv)
@@ -251,20 +229,20 @@ def test_denoiser_large_common_offset():
     check_denoiser(x, y, inv, out)
 
 
-def test_denoiser_wide_logit_spread():
+def test_denoiser_wide_logit_spread(backend):
     # sigma = 0.02: logits span far more than 100, so most weights underflow to exactly 0 and
     # whole tiles (and whole splits) can be all-but-empty; no NaN may appear.
     gen = torch.Generator().manual_seed(10)
     Q, N, D = 4, 37, 8
     x, y = rand(gen, Q, D), rand(gen, N, D)
     inv = torch.full((Q,), 1 / 0.02**2, dtype=torch.float64)
-    out = run_denoiser(x, y, inv, y.mean(0), config=TINY, splits=4)
+    out = run_denoiser(backend, x, y, inv, config=TINY, splits=4)
     lg = -0.5 * ((x.double()[:, None] - y.double()[None]) ** 2).sum(-1) * inv[:, None]
     assert float((lg.max(1).values - lg.min(1).values).min()) > 100
     check_denoiser(x, y, inv, out)
 
 
-def test_denoiser_ties_lowest_index_and_row_offset():
+def test_denoiser_ties_lowest_index_and_row_offset(backend):
     gen = torch.Generator().manual_seed(11)
     N, D = 30, 5
     y = rand(gen, N, D)
@@ -276,55 +254,49 @@ def test_denoiser_ties_lowest_index_and_row_offset():
     inv = torch.full((5,), 10.0, dtype=torch.float64)
     offset = 1000
     for splits in (1, 2, 4):
-        out = run_denoiser(x, y, inv, y.mean(0), config=TINY, splits=splits, row_offset=offset)
+        out = run_denoiser(backend, x, y, inv, config=TINY, splits=splits, row_offset=offset)
         assert out["nearest_index"].tolist() == [offset + 2] * 3 + [offset + 9] * 2
         assert torch.equal(out["nearest_sqdist"], torch.zeros(5, dtype=torch.float64))
         check_denoiser(x, y, inv, out, row_offset=offset)
 
 
-def test_denoiser_chunks_merge_like_one_pass():
-    # Partial states of two row chunks, merged with the online-softmax rule, equal the state of
-    # the whole set (the contract that lets Python stream datasets larger than memory).
+def test_denoiser_chunks_merge_like_one_pass(backend):
+    # Partial states of two row chunks (each with its own centre), merged with the online-softmax
+    # rule, meet the oracle like the state of the whole set (the contract that lets Python
+    # stream datasets larger than memory).
     gen = torch.Generator().manual_seed(12)
     Q, N, D = 7, 23, 6
     x, y = rand(gen, Q, D), rand(gen, N, D)
-    inv = torch.full((Q,), 5.0, dtype=torch.float64)
-    c = y.mean(0)
-    whole = run_denoiser(x, y, inv, c, config=TINY)
-    a = run_denoiser(x, y[:10].contiguous(), inv, c, config=TINY)
-    b = run_denoiser(x, y[10:].contiguous(), inv, c, config=TINY, row_offset=10)
-    m = torch.maximum(a["max_logit"], b["max_logit"])
-    fa, fb = torch.exp(a["max_logit"] - m), torch.exp(b["max_logit"] - m)
-    z = a["sum_exp"] * fa + b["sum_exp"] * fb
-    ws = a["weighted_sum"].double() * fa[:, None] + b["weighted_sum"].double() * fb[:, None]
-    assert torch.allclose(m, whole["max_logit"], rtol=0, atol=1e-9)
-    assert torch.allclose(z, whole["sum_exp"], rtol=1e-6)
-    assert torch.allclose(ws / z[:, None], whole["weighted_sum"].double() / whole["sum_exp"][:, None],
-                          atol=1e-6)
-    nearest = torch.where(b["max_logit"] > a["max_logit"], b["nearest_index"], a["nearest_index"])
-    assert torch.equal(nearest, whole["nearest_index"])
+    sigma = torch.full((Q,), 5.0 ** -0.5, dtype=torch.float64)
+    parts = [ops.empirical_denoiser_partial(*backend.put(x, y[a:b], sigma), row_offset=a, _config=TINY, **backend.kw)
+             for a, b in [(0, 10), (10, N)]]
+    merged = ops.merge_states(parts[1], parts[0])
+    out = {name: getattr(merged, name).cpu() for name in
+           ("max_logit", "sum_exp", "sum_exp_sq", "weighted_sum", "nearest_index", "nearest_sqdist")}
+    check_denoiser(x, y, sigma.pow(-2), out)
+    whole = run_denoiser(backend, x, y, sigma.pow(-2), config=TINY)
+    assert torch.equal(merged.nearest_index.cpu(), whole["nearest_index"])
 
 
 @pytest.mark.parametrize("config,splits", [(TINY, 3), (LARGE, 2)])
-def test_denoiser_deterministic(config, splits):
+def test_denoiser_deterministic(backend, config, splits):
     gen = torch.Generator().manual_seed(13)
     Q, N, D = 10, 75, 9
     x, y = rand(gen, Q, D), rand(gen, N, D)
     inv = torch.full((Q,), 2.0, dtype=torch.float64)
-    r1 = run_denoiser(x, y, inv, y.mean(0), config=config, splits=splits)
-    r2 = run_denoiser(x, y, inv, y.mean(0), config=config, splits=splits)
+    r1 = run_denoiser(backend, x, y, inv, config=config, splits=splits)
+    r2 = run_denoiser(backend, x, y, inv, config=config, splits=splits)
     for name in r1:
         assert torch.equal(r1[name], r2[name]), name
 
 
-def test_denoiser_rejects_bad_arguments():
-    x = torch.zeros(2, 3)
-    y = torch.zeros(0, 3)
+def test_denoiser_rejects_bad_arguments(backend):
+    x, y = torch.zeros(2, 3), torch.zeros(4, 3)
     inv = torch.ones(2, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="invalid argument"):
-        run_denoiser(x, y, inv, torch.zeros(3))  # N = 0
+        run_denoiser(backend, x, y, inv, config=3)  # no such tile configuration
     with pytest.raises(RuntimeError, match="invalid argument"):
-        run_denoiser(x, torch.zeros(4, 3), inv, torch.zeros(3), config=3)
+        run_denoiser(backend, x, y, inv, splits=65)  # more than kMaxSplits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,27 +320,27 @@ NN_GRID = [
 
 @pytest.mark.parametrize("inner_product", [True, False], ids=["ip", "l2"])
 @pytest.mark.parametrize("Q,N,D,k,config,splits", NN_GRID)
-def test_nn_grid(Q, N, D, k, config, splits, inner_product):
+def test_nn_grid(backend, Q, N, D, k, config, splits, inner_product):
     gen = torch.Generator().manual_seed(Q * 1000 + N * 10 + D + k)
     q, r = rand(gen, Q, D), rand(gen, N, D)
-    v, i = run_nn(q, r, k, inner_product, config=config, splits=splits)
+    v, i = run_nn(backend, q, r, k, inner_product, config=config, splits=splits)
     check_nn(q, r, k, inner_product, v, i)
 
 
 @pytest.mark.parametrize("inner_product", [True, False], ids=["ip", "l2"])
 @pytest.mark.parametrize("r_dtype", [torch.float16, torch.uint8])
-def test_nn_row_types(r_dtype, inner_product):
+def test_nn_row_types(backend, r_dtype, inner_product):
     gen = torch.Generator().manual_seed(21)
     Q, N, D, k = 5, 19, 9, 4
     q = rand(gen, Q, D)
     r = (torch.randint(0, 256, (N, D), generator=gen, dtype=torch.uint8) if r_dtype == torch.uint8
          else rand(gen, N, D, dtype=torch.float16))
-    v, i = run_nn(q, r, k, inner_product, config=TINY, splits=2, row_offset=50)
+    v, i = run_nn(backend, q, r, k, inner_product, config=TINY, splits=2, row_offset=50)
     check_nn(q, r, k, inner_product, v, i, row_offset=50)
 
 
 @pytest.mark.parametrize("inner_product", [True, False], ids=["ip", "l2"])
-def test_nn_ties_lowest_index_first(inner_product):
+def test_nn_ties_lowest_index_first(backend, inner_product):
     gen = torch.Generator().manual_seed(22)
     N, D = 30, 4
     r = rand(gen, N, D, lo=-0.9, hi=0.9)
@@ -377,40 +349,38 @@ def test_nn_ties_lowest_index_first(inner_product):
     r[27] = r[3]
     q = r[3:4].clone()
     for splits in (1, 2, 4):
-        v, i = run_nn(q, r, 3, inner_product, config=TINY, splits=splits)
+        v, i = run_nn(backend, q, r, 3, inner_product, config=TINY, splits=splits)
         assert i[0].tolist() == [3, 11, 27]  # equal scores: ascending index
         assert v[0, 0] == v[0, 1] == v[0, 2]
-    v, i = run_nn(q, r, 3, inner_product, config=LARGE)
+    v, i = run_nn(backend, q, r, 3, inner_product, config=LARGE)
     assert i[0].tolist() == [3, 11, 27]
 
 
-def test_nn_large_offset_l2():
+def test_nn_large_offset_l2(backend):
     # Distances are summed as (q - r)^2, so a common offset of 100 costs no accuracy.
     gen = torch.Generator().manual_seed(23)
     q, r = rand(gen, 4, 10) + 100, rand(gen, 25, 10) + 100
-    v, i = run_nn(q, r, 5, False, config=TINY, splits=2)
+    v, i = run_nn(backend, q, r, 5, False, config=TINY, splits=2)
     ref = nn_oracle(q, r, False).topk(5, dim=1, largest=False).values
     assert float((v.double() - ref).abs().max()) <= 1e-4
     check_nn(q, r, 5, False, v, i)
 
 
-def test_nn_deterministic():
+def test_nn_deterministic(backend):
     gen = torch.Generator().manual_seed(24)
     q, r = rand(gen, 11, 7), rand(gen, 60, 7)
-    a = run_nn(q, r, 6, True, config=TINY, splits=4)
-    b = run_nn(q, r, 6, True, config=TINY, splits=4)
+    a = run_nn(backend, q, r, 6, True, config=TINY, splits=4)
+    b = run_nn(backend, q, r, 6, True, config=TINY, splits=4)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_nn_rejects_bad_k():
+def test_nn_rejects_bad_k(backend):
     q, r = torch.zeros(2, 3), torch.zeros(4, 3)
-    assert emu.max_k == MAX_K
+    assert (_backend.emu_module() if backend.name == "emu" else _backend.cuda_module()).max_k == MAX_K
+    with pytest.raises(ValueError, match=f"k must be <= {MAX_K} for the CUDA kernels, got k = {MAX_K + 1}"):
+        run_nn(backend, q, r, MAX_K + 1, True)
     with pytest.raises(RuntimeError, match="invalid argument"):
-        run_nn(q, r, MAX_K + 1, True)
-    with pytest.raises(RuntimeError, match="invalid argument"):
-        run_nn(q, r, 0, True)
-    with pytest.raises(RuntimeError, match="invalid argument"):
-        run_nn(q, r, 17, True, config=LARGE)  # configuration 0 keeps lists of at most 16
+        run_nn(backend, q, r, 17, True, config=LARGE)  # configuration 0 keeps lists of at most 16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,9 +388,7 @@ def test_nn_rejects_bad_k():
 # indices, float64 nearest distance from the decoded rows, lowest-index ties)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("y_dtype", [torch.float32, torch.uint8])
-def test_parity_with_cpu_backend(y_dtype):
-    from diffrepro import ops
-
+def test_parity_with_cpu_backend(backend, y_dtype):
     gen = torch.Generator().manual_seed(31)
     Q, N, D = 6, 45, 11
     x = rand(gen, Q, D)
@@ -428,15 +396,14 @@ def test_parity_with_cpu_backend(y_dtype):
          else rand(gen, N, D))
     sigma = 0.7
     inv = torch.full((Q,), 1 / sigma**2, dtype=torch.float64)
-    cpu = ops.empirical_denoiser_partial(x, y, sigma, row_offset=3)
-    got = run_denoiser(x, y, inv, decode(y, torch.float32).mean(0), config=TINY, splits=3,
-                       row_offset=3)
+    cpu = ops.empirical_denoiser_partial(x, y, sigma, row_offset=3)  # the CPU kernels
+    got = run_denoiser(backend, x, y, inv, config=TINY, splits=3, row_offset=3)
     assert torch.equal(cpu.nearest_index, got["nearest_index"])
     assert torch.allclose(cpu.nearest_sqdist, got["nearest_sqdist"], rtol=1e-12, atol=1e-12)
     for name in ("max_logit", "sum_exp", "sum_exp_sq", "weighted_sum"):
         assert torch.allclose(getattr(cpu, name).double(), got[name].double(), rtol=0, atol=1e-5), name
     for metric in ("ip", "l2"):
         ref = ops.nn_search_partial(x, y, 5, metric=metric, row_offset=3)
-        v, i = run_nn(x, y, 5, metric == "ip", config=TINY, splits=2, row_offset=3)
+        v, i = run_nn(backend, x, y, 5, metric == "ip", config=TINY, splits=2, row_offset=3)
         assert torch.allclose(ref.values, v, rtol=0, atol=1e-5), metric
         assert torch.equal(ref.indices, i), metric

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import stat
 import tarfile
 import zipfile
 
@@ -14,7 +15,8 @@ import PIL.Image
 import pytest
 import torch
 
-from diffrepro import data
+from diffrepro import data, noise
+from diffrepro.errors import RunError
 
 
 def _random_images(n, c=3, r=32, seed=0):
@@ -96,7 +98,7 @@ def test_cifar_reader_refuses_code_in_pickles(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     (folder / "data_batch_1").write_bytes(pickle.dumps({"data": Payload(), "labels": []}))
-    with pytest.raises(pickle.UnpicklingError, match="os|posix"):
+    with pytest.raises(RunError, match="data_batch_1.*references (os|posix).getcwd; expected only numpy arrays"):
         data.load_dataset(folder)
 
 
@@ -271,6 +273,112 @@ def test_atomic_writes_leave_no_partial_files(tmp_path):
         data.atomic_write_bytes(tmp_path / "stats.bin", 12345)
     assert sorted(os.listdir(tmp_path)) == ["stats.bin"]
     assert (tmp_path / "stats.bin").read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_honour_the_umask(tmp_path, umask):
+    from diffrepro import plots
+
+    images = _random_images(2, r=4)
+    saved = os.umask(umask)
+    try:
+        data.atomic_write_bytes(tmp_path / "a.json", b"{}")
+        data.atomic_save_npz(tmp_path / "b.npz", x=np.zeros(2))
+        data.save_png(tmp_path / "c.png", images[0])
+        data.write_edm_zip(tmp_path / "d.zip", images)
+        plots.nn_grid(images, images, np.array([1, 0]), tmp_path / "e.png")
+        with open(tmp_path / "plain", "w"):  # what open() gives: the reference
+            pass
+    finally:
+        os.umask(saved)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["a.json", "b.npz", "c.png", "d.zip", "e.png", "plain"], 0o666 & ~umask)
+
+
+@pytest.fixture
+def damaged_files(tmp_path):
+    images = _random_images(4, r=8)
+    data.write_edm_zip(tmp_path / "set.zip", images)
+    raw = (tmp_path / "set.zip").read_bytes()
+    (tmp_path / "trunc.zip").write_bytes(raw[:len(raw) // 2])
+    member = raw.index(b"IDAT") + 12  # inside the first PNG's data: its CRC-32 no longer matches
+    (tmp_path / "crc.zip").write_bytes(raw[:member] + bytes([raw[member] ^ 0xFF]) + raw[member + 1:])
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    data.save_png(folder / "a.png", images[0])
+    (folder / "b.png").write_bytes((folder / "a.png").read_bytes()[:-30])
+    np.savez(tmp_path / "set.npz", images=images)
+    (tmp_path / "trunc.npz").write_bytes((tmp_path / "set.npz").read_bytes()[:-50])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.save(tmp_path / "set.npy", images)
+    (tmp_path / "trunc.npy").write_bytes((tmp_path / "set.npy").read_bytes()[:150])
+    (tmp_path / "text.npy").write_bytes(b"not an array at all")
+    cifar = tmp_path / "cifar" / "cifar-10-batches-py"
+    data.write_cifar_batches(cifar, _random_images(10), np.arange(10))
+    with tarfile.open(tmp_path / "c.tar.gz", "w:gz") as tar:
+        tar.add(cifar, arcname="cifar-10-batches-py")
+    (tmp_path / "trunc.tar.gz").write_bytes((tmp_path / "c.tar.gz").read_bytes()[:1500])
+    (cifar / "data_batch_2").write_bytes((cifar / "data_batch_2").read_bytes()[:100])
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    data.save_png(labelled / "a.png", images[0])
+    (labelled / "dataset.json").write_text('{"labels": [["a.png", 1]')
+    return tmp_path
+
+
+@pytest.mark.parametrize("name,named,expected", [
+    ("trunc.zip", "trunc.zip'", "EDM dataset zip"),
+    ("crc.zip", "crc.zip:00000/img00000000.png'", "Bad CRC-32"),
+    ("pngs", "pngs/b.png'", "image file is truncated"),
+    ("trunc.npz", "trunc.npz'", "numpy .npz archive"),
+    ("empty.npz", "empty.npz'", "numpy .npz archive"),
+    ("trunc.npy", "trunc.npy'", ".npy array"),
+    ("text.npy", "text.npy'", ".npy array"),
+    ("trunc.tar.gz", "trunc.tar.gz'", "gzip-compressed tar archive"),
+    ("cifar/cifar-10-batches-py", "data_batch_2'", "CIFAR-10 python batch"),
+    ("labelled", "labelled/dataset.json", "JSON"),
+])
+def test_damaged_files_raise_run_error_naming_them(damaged_files, name, named, expected):
+    with pytest.raises(RunError) as info:
+        data.load_dataset(damaged_files / name)
+    message = str(info.value)
+    assert named in message and expected in message and "\n" not in message
+
+
+def _fake_generate_run(folder, seeds_text, seeds, subdirs=False, status="complete"):
+    """A folder laid out as diffrepro generate writes it: per-seed PNGs, grid.png, batches/, manifest."""
+    images = {s: _random_images(1, r=4, seed=s)[0] for s in seeds}
+    for s, img in images.items():
+        (folder / noise.seed_filename(s, subdirs)).parent.mkdir(parents=True, exist_ok=True)
+        data.save_png(folder / noise.seed_filename(s, subdirs), img)
+    data.save_png(folder / "grid.png", _random_images(1, r=8)[0])
+    (folder / "batches").mkdir()
+    np.savez(folder / "batches" / "batch-000000.npz", samples=_random_images(2, r=4).transpose(0, 2, 3, 1))
+    (folder / "manifest.json").write_text(json.dumps({"config": {"seeds": seeds_text, "subdirs": subdirs},
+                                                      "status": status}))
+    return images
+
+
+@pytest.mark.parametrize("subdirs", [False, True])
+def test_a_generate_output_folder_reads_exactly_its_seeds(tmp_path, subdirs):
+    run = tmp_path / "run"
+    images = _fake_generate_run(run, "1002,7-8", [1002, 7, 8], subdirs)
+    ds = data.load_dataset(run)
+    assert ds.names == [noise.seed_filename(s, subdirs) for s in (1002, 7, 8)]  # the manifest's order
+    np.testing.assert_array_equal(ds.images, np.stack([images[s] for s in (1002, 7, 8)]))
+    assert len(data.load_dataset(run, max_images=2)) == 2
+    (run / noise.seed_filename(7, subdirs)).unlink()
+    with pytest.raises(RunError, match=f"1 of the 3 PNGs its manifest lists are missing .first: "
+                                       f"'{noise.seed_filename(7, subdirs)}'"):
+        data.load_dataset(run)
+    with pytest.raises(ValueError, match="holds diffrepro generate runs in its sub-folders \\(run\\)"):
+        data.load_dataset(tmp_path)
+
+
+def test_an_unfinished_generate_run_is_refused(tmp_path):
+    _fake_generate_run(tmp_path, "0-1", [0, 1], status="running")
+    with pytest.raises(RunError, match="unfinished diffrepro generate run .manifest status 'running'"):
+        data.load_dataset(tmp_path)
 
 
 def test_default_dataset_matches_real_subset(cifar_subset):

@@ -296,7 +296,7 @@ def test_memmap_streaming_equals_in_memory(cifar_subset, tmp_path, monkeypatch):
     mm = np.load(tmp_path / "train.npy", mmap_mode="r")
     x, sigma = _queries(cifar_subset[3000:], 4, seed=4)
     resident = dn.EmpiricalDenoiser(train, labels=labels, dtype=torch.float64)
-    monkeypatch.setattr(dn, "_RESIDENT_LIMIT_BYTES", 1000)  # force streaming of the memmap
+    monkeypatch.setattr(dn.empirical, "_RESIDENT_LIMIT_BYTES", 1000)  # force streaming of the memmap
     streamed = dn.EmpiricalDenoiser(mm, labels=labels, dtype=torch.float64, chunk_rows=37)
     assert streamed._memmap and streamed.chunk_rows == 37
     auto = dn.EmpiricalDenoiser(mm, dtype=torch.float64)

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
 
 import diffrepro as dr
 from diffrepro.reference import empirical_denoiser_info_reference, empirical_denoiser_reference
-from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
 
 SIGMAS = [1e-4, 0.002, 0.02, 2.0, 80.0, 1e4]
 
@@ -183,7 +183,8 @@ def test_numpy_in_numpy_out_and_memmap(tmp_path, cifar_subset):
     x = (cifar_subset[:3].astype(np.float32) / np.float32(127.5) - 1) + 0.01
     out = dr.empirical_denoiser(x, mm, 0.2)
     assert isinstance(out, np.ndarray) and out.shape == x.shape and out.dtype == np.float32
-    assert np.array_equal(out, dr.empirical_denoiser(torch.from_numpy(x), torch.from_numpy(cifar_subset[:200]), 0.2).numpy())
+    same = dr.empirical_denoiser(torch.from_numpy(x), torch.from_numpy(cifar_subset[:200]), 0.2)
+    assert np.array_equal(out, same.numpy())
 
 
 def test_streaming_memmap_chunks_equal_one_shot(tmp_path, cifar_subset):
@@ -199,3 +200,112 @@ def test_streaming_memmap_chunks_equal_one_shot(tmp_path, cifar_subset):
     oracle = empirical_denoiser_reference(x, torch.from_numpy(cifar_subset[:500]), 0.3)
     assert (out.double() - oracle).abs().max() <= 1e-4
     assert info["nearest_index"].tolist() == [5, 400]
+
+
+def test_nearest_index_exact_duplicates_lowest_index(backend, cifar_subset):
+    # Identical rows at different positions of a GEMM tile get different float32 roundings of
+    # their scores; the reported nearest row must still be the lowest index among them, for
+    # every tile size, worker count, tile configuration, split and chunking (README promise).
+    d = 3072 if backend.name != "emu" else 256  # the emulator runs one OS thread per CUDA thread
+    y = torch.from_numpy(cifar_subset[:300]).reshape(300, -1)[:, :d].float() / 127.5 - 1
+    dup = [(3, 70), (5, 6), (64, 299), (8, 100), (130, 131), (1, 257)]
+    for lo, hi in dup:
+        y[hi] = y[lo]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.stack([y[lo] for lo, _ in dup]) + 0.02 * torch.randn(len(dup), d, generator=gen)
+    want = [lo for lo, _ in dup]
+    ref = empirical_denoiser_info_reference(x, y, 0.5)
+    assert ref["nearest_index"].tolist() == want
+    for variant in backend.variants:
+        _, info = dr.finalize(dr.empirical_denoiser_partial(*backend.put(x, y), 0.5, **backend.kw, **variant))
+        assert info["nearest_index"].cpu().tolist() == want, variant
+        assert torch.allclose(info["nearest_sqdist"].cpu(), ref["nearest_sqdist"], rtol=1e-12, atol=0)
+        parts = [dr.empirical_denoiser_partial(*backend.put(x, y[a:b]), 0.5, row_offset=a, **backend.kw, **variant)
+                 for a, b in [(200, 300), (0, 67), (67, 200)]]
+        _, info = dr.finalize(dr.merge_states(dr.merge_states(parts[0], parts[1]), parts[2]))
+        assert info["nearest_index"].cpu().tolist() == want, variant
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_query_norm_same_answer_for_any_workers_splits_and_chunks(backend, dtype):
+    # Queries of norm ~1e15: ||x - c||^2 / 2 sigma^2 ~ 1e31 would round away every digit of the
+    # scores if states were merged on logits. Far from the data the softmax is one-hot on the row
+    # maximising x.y - ||y||^2 / 2 (closed form: the limit of -||x - y||^2 / 2 sigma^2 as |x|
+    # grows), the same for 1, 2 or 4 workers, any splits, any chunking.
+    gen = torch.Generator().manual_seed(3)
+    y = (torch.rand(200, 24, generator=gen, dtype=torch.float64) * 2 - 1).to(dtype)
+    x = (torch.randn(3, 24, generator=gen, dtype=torch.float64) * 1e15 / 5).to(dtype)
+    score = x.double() @ y.double().T - 0.5 * (y.double() ** 2).sum(1)
+    top2 = score.topk(2, dim=1).values
+    assert ((top2[:, 0] - top2[:, 1]) / 1.0**2 > 1e3).all()  # one-hot even at sigma = 1
+    want = y[score.argmax(1)]
+    tol = 1e-6 if dtype == torch.float32 else 1e-14  # sum_n w_n (y_n - c) + c: one rounding each
+    variants = [{"_workers": w, "_tile": 16} for w in (1, 2, 4)] if backend.name == "cpu" else backend.variants
+    for variant in variants:
+        out = dr.empirical_denoiser(*backend.put(x, y), 1.0, **backend.kw, **variant).cpu()
+        assert torch.allclose(out, want, rtol=0, atol=tol), variant
+        parts = [dr.empirical_denoiser_partial(*backend.put(x, y[a:b]), 1.0, row_offset=a, **backend.kw, **variant)
+                 for a, b in [(150, 200), (0, 70), (70, 150)]]
+        merged, info = dr.finalize(dr.merge_states(parts[0], dr.merge_states(parts[2], parts[1])))
+        assert torch.allclose(merged.cpu(), want, rtol=0, atol=tol), variant
+        # ||x - y||^2 ~ 1e31 resolves rows only to ~1e15 in float64 (the oracle's own limit):
+        # the argmax rule, the reported row's distance equals the least within that rounding.
+        d2 = ((x.double()[:, None] - y.double()[None]) ** 2).sum(-1)
+        got = d2.gather(1, info["nearest_index"].cpu()[:, None])[:, 0]
+        assert torch.allclose(got, d2.min(1).values, rtol=1e-14, atol=0), variant
+
+
+def test_extreme_scale_partial_weights_merge_exactly():
+    # Two chunks whose best rows are at nearly the same distance from a far query: the merged
+    # weights must be their softmax, which needs the logits' low digits (max_logit_lo).
+    y = torch.zeros(2, 4, dtype=torch.float64)
+    y[0, 1], y[1, 1] = 0.5, -0.5  # equidistant from any x on the first axis
+    x = torch.tensor([[1e15, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    a = dr.empirical_denoiser_partial(x, y[:1], 1.0)
+    b = dr.empirical_denoiser_partial(x, y[1:], 1.0, row_offset=1)
+    assert float(a.max_logit[0]) < -1e29
+    out, info = dr.finalize(dr.merge_states(a, b))
+    assert torch.allclose(out, y.mean(0, keepdim=True), atol=1e-12)  # equal weights
+    assert float(info["n_eff"][0]) == pytest.approx(2.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [1e-6, 1e-3, 1.0, 1e3, 1e6])
+def test_hostile_sigma_every_backend(backend, cifar_subset, sigma):
+    # logits from ~1e12 apart (sigma = 1e-6: one row takes all the weight, every other exp
+    # underflows to 0) to ~1e-12 apart (sigma = 1e6: the mean): finite and within the rule.
+    n, d = (400, 3072) if backend.name != "emu" else (60, 256)
+    y = torch.from_numpy(cifar_subset[:n]).reshape(n, -1)[:, :d].float() / 127.5 - 1
+    x = noisy_queries(y, min(sigma, 1.0), 5, torch.Generator().manual_seed(2))
+    oracle = empirical_denoiser_reference(x, y, sigma)
+    naive = naive_float32_denoiser(x, y, sigma)
+    for variant in backend.variants[:2]:
+        out = dr.empirical_denoiser(*backend.put(x, y), sigma, **backend.kw, **variant).cpu()
+        assert torch.isfinite(out).all(), variant
+        assert_f32_accuracy(out, oracle, naive)
+
+
+def test_four_threads_at_once_bitwise_equal_to_sequential():
+    # The kernels release the GIL and keep no global state: four Python threads calling them at
+    # once get exactly the sequential answers.
+    from concurrent.futures import ThreadPoolExecutor
+
+    y = torch.rand(700, 40) * 2 - 1
+    xs = [noisy_queries(y, s, 9) for s in (0.01, 0.1, 1.0, 10.0)]
+    sequential = [dr.empirical_denoiser(x, y, 0.3, _workers=2) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(lambda x: dr.empirical_denoiser(x, y, 0.3, _workers=2), xs))
+    for a, b in zip(sequential, concurrent):
+        assert torch.equal(a, b)
+
+
+def test_empty_chunks_and_states():
+    x, y = torch.rand(3, 5), torch.rand(10, 5)
+    empty = dr.empirical_denoiser_partial(x, y[:0], 0.4, row_offset=4)
+    assert empty.rows == () and (empty.nearest_index == -1).all()
+    with pytest.raises(ValueError, match="state has queries that saw no training rows"):
+        dr.finalize(empty)
+    full = dr.empirical_denoiser_partial(x, y, 0.4)
+    out, info = dr.finalize(dr.merge_states(empty, full))  # an empty chunk changes nothing
+    ref, ref_info = dr.finalize(full)
+    assert torch.equal(out, ref) and torch.equal(info["nearest_index"], ref_info["nearest_index"])
+    assert dr.empirical_denoiser(torch.empty(0, 5), y, 0.4).shape == (0, 5)

@@ -274,8 +274,13 @@ def test_linearity_score_linear_map_and_nonlinear_oracle():
 
 def test_score_error_rmse_and_nmse():
     x = torch.randn(10, 3, 4, 4, dtype=torch.float64)
-    d1 = lambda x, s: x + 0.05
-    d2 = lambda x, s: x
+
+    def d1(x, s):
+        return x + 0.05
+
+    def d2(x, s):
+        return x
+
     res = metrics.score_error(d1, d2, x, 1.0)
     assert res["rmse"] == pytest.approx(0.05, abs=1e-15)
     expect = (0.05 ** 2 * 48 / (x.reshape(10, -1) ** 2).sum(1)).mean().item()
@@ -320,7 +325,10 @@ def test_weight_nmse_and_sv_alignment():
 def test_hyperplane_map_labels_anchors_and_saves(tmp_path):
     g = torch.Generator().manual_seed(0)
     e1, e2, e3 = (torch.randn(3, 4, 4, generator=g) for _ in range(3))
-    flat = lambda x: torch.as_tensor(x).reshape(len(x), -1)
+
+    def flat(x):
+        return torch.as_tensor(x).reshape(len(x), -1)
+
     res = metrics.hyperplane_map(lambda e: e, flat, e1, e2, e3, n=5, lo=0.0, hi=1.0, batch_size=7,
                                  path=tmp_path / "map.npz")
     assert res["label"].shape == (5, 5) and res["sim"].shape == (5, 5)
@@ -334,16 +342,85 @@ def test_hyperplane_map_labels_anchors_and_saves(tmp_path):
     assert (tmp_path / "map.png").stat().st_size > 0
 
 
-def test_plots_write_pngs(tmp_path):
+def test_descriptors_without_a_direction_are_refused_naming_the_row(tmp_path):
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((5, 8)).astype(np.float32)
+    ids = np.arange(100, 105)
+    b = a.copy()
+    b[3] = 0
+    with pytest.raises(ValueError, match=r"b: row 3 \(id 103\) is all zero"):
+        metrics.rp((a, ids), (b, ids))
+    b[3], b[1, 0] = a[3], np.nan
+    with pytest.raises(ValueError, match=r"b: row 1 \(id 101\) is NaN or infinite \(1 such rows\)"):
+        metrics.rp((a, ids), (b, ids))
+    gen = a.copy()
+    gen[2, 5] = np.inf
+    with pytest.raises(ValueError, match="gen_features: row 2 is NaN or infinite"):
+        metrics.gl_sscd(gen, a)
+    # streamed training descriptors: each chunk is checked, naming the file and the row in it
+    train = rng.standard_normal((40, 8)).astype(np.float32)
+    train[33] = np.nan
+    np.save(tmp_path / "t.npy", train)
+    for refs in (str(tmp_path / "t.npy"), np.load(tmp_path / "t.npy", mmap_mode="r")):
+        with pytest.raises(ValueError, match=r"t.npy': row 33 is NaN or infinite"):
+            metrics.gl_sscd(a, refs, chunk_rows=8)
+    with pytest.raises(ValueError, match=r"reference shard 1: row 33 is NaN"):
+        metrics.gl_sscd(a, [a, train], chunk_rows=8)
+    images = rng.uniform(-1, 1, (6, 1, 2, 2))
+    bad = images.copy()
+    bad[4, 0, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="gen: row 4 is NaN or infinite"):
+        metrics.gl_nn(bad, images.astype(np.float32))
+    with pytest.raises(ValueError, match="reference set: row 4 is NaN or infinite"):
+        metrics.gl_nn(images, bad.astype(np.float32))
+
+
+def _positions(canvas, tile):
+    """Top-left corners where ``tile`` [h, w, 3] occurs exactly in ``canvas``."""
+    windows = np.lib.stride_tricks.sliding_window_view(canvas, tile.shape)[:, :, 0]
+    return [tuple(p) for p in np.argwhere((windows == tile).all(axis=(-3, -2, -1)))]
+
+
+def test_nn_grid_labels_which_row_is_the_generation_and_which_the_nearest_training_image(tmp_path):
     from PIL import Image
 
-    imgs = np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
-    plots.nn_grid(imgs[:5], imgs, np.array([5, 4, 3, 2, 1]), tmp_path / "grid.png", per_row=3, scale=2, pad=2)
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (6, 3, 8, 8), dtype=np.uint8)
+    gen = rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)
+    nn = np.array([5, 4, 3, 2, 4])
+    plots.nn_grid(gen, train, nn, tmp_path / "grid.png", per_row=3, scale=1, gen_ids=[10, 11, 12, 13, 14],
+                  dist=[0.1, 0.2, 0.3, 0.4, 0.5])
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # written atomically
     with Image.open(tmp_path / "grid.png") as im:
-        assert im.size == (3 * 66 + 2, 4 * 66 + 2)
-        grid = np.asarray(im)
-    np.testing.assert_array_equal(grid[2:66, 2:66], imgs[0].transpose(1, 2, 0).repeat(2, 0).repeat(2, 1))
-    np.testing.assert_array_equal(grid[68:132, 2:66], imgs[5].transpose(1, 2, 0).repeat(2, 0).repeat(2, 1))
+        canvas = np.asarray(im.convert("RGB"))
+    tiles = []
+    for j in range(5):  # each generation once, its nearest training image right below it
+        (gy, gx), = _positions(canvas, gen[j].transpose(1, 2, 0))
+        below = [y for y, x in _positions(canvas, train[nn[j]].transpose(1, 2, 0)) if x == gx and y > gy]
+        tiles.append((gy, min(below), gx))
+    left = min(x for _, _, x in tiles)
+    gen_rows = sorted({gy for gy, _, _ in tiles})
+    train_rows = sorted({ty for _, ty, _ in tiles})
+    band = train_rows[0] - gen_rows[0]
+    assert len(gen_rows) == len(train_rows) == 2 and left > 20
+    assert all(ty - gy == band for gy, ty, _ in tiles) and gen_rows[1] == train_rows[0] + band
+
+    def label(top):
+        crop = canvas[top:top + band, :left].min(axis=2)
+        assert (crop < 128).sum() > 20, "no label beside the row"
+        return crop
+
+    assert np.array_equal(label(gen_rows[0]), label(gen_rows[1]))
+    assert np.array_equal(label(train_rows[0]), label(train_rows[1]))
+    assert not np.array_equal(label(gen_rows[0]), label(train_rows[0]))  # two different words
+    for gy, ty, gx in tiles:  # captions (seed, training index and distance) under every tile
+        for y in (gy, ty):
+            assert (canvas[y + 8:y + band, gx:gx + 8] < 128).any()
+    with pytest.raises(ValueError, match="gen_ids must have 5 entries"):
+        plots.nn_grid(gen, train, nn, tmp_path / "bad.png", gen_ids=[1])
+
+
+def test_plots_write_pngs(tmp_path):
     pytest.importorskip("matplotlib")
     plots.plot_similarity_matrix(np.eye(3), tmp_path / "sim.png", names=list("abc"), title="RP")
     plots.plot_score_vs_sigma([0.1, 1.0, 10.0], {"cos": [1.0, 0.9, 0.95]}, tmp_path / "lin.png", hline=0.6)
@@ -351,3 +428,4 @@ def test_plots_write_pngs(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     with pytest.raises(ValueError, match=r"curves\['cos'\] must have shape"):
         plots.plot_score_vs_sigma([0.1, 1.0], {"cos": [1.0]}, tmp_path / "bad.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lin.png", "sim.png"]  # no temporary file left

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from helpers import assert_argmax_rule
 
 import diffrepro as dr
 from diffrepro.reference import nn_search_reference
-from helpers import assert_argmax_rule
 
 
 def unit_rows(n, d, gen=None):
@@ -155,3 +155,43 @@ def test_packed_kernel_query_blocks(metric):
     assert torch.allclose(v.double(), rv, atol=1e-5)
     exact = (q.double() @ r.double().T) if metric == "ip" else torch.cdist(q.double(), r.double()) ** 2
     assert_argmax_rule(v, i, exact, tol=1e-5, largest=metric == "ip")
+
+
+def real_rows(images, start, n, d):
+    """n real CIFAR-10 rows decoded to [-1, 1], the first d features of each (one colour plane
+    is 1024), so the emulator can run real data at a size it manages."""
+    return torch.from_numpy(images[start:start + n]).reshape(n, -1)[:, :d].float() / 127.5 - 1
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0, 1e4])
+def test_l2_centred_on_real_images_with_large_offsets(backend, cifar_subset, offset):
+    # A common offset leaves every distance unchanged. Uncentred float32 scoring got 88% of the
+    # nearest neighbours right at +100 and none at +1e4 (every distance 0); the search must find
+    # them all and report each distance as the float64 value rounded once to float32.
+    n_refs, n_q, d = (2000, 50, 3072) if backend.name != "emu" else (150, 4, 1024)
+    refs = real_rows(cifar_subset, 0, n_refs, d) + offset
+    queries = real_rows(cifar_subset, 4000, n_q, d) + offset
+    # Oracle on the stored float32 values: x + offset - offset is exact in float64, so the
+    # expanded form runs on small norms (relative error ~1e-13).
+    qc, rc = queries.double() - offset, refs.double() - offset
+    exact = (qc * qc).sum(1)[:, None] - 2 * qc @ rc.T + (rc * rc).sum(1)[None]
+    ref_v, ref_i = exact.topk(3, dim=1, largest=False)
+    for variant in backend.variants:
+        v, i = dr.nn_search(*backend.put(queries, refs), 3, metric="l2", **backend.kw, **variant)
+        assert torch.equal(i.cpu(), ref_i), variant
+        assert torch.allclose(v.cpu().double(), ref_v, rtol=2**-23, atol=0), variant
+
+
+def test_l2_exact_duplicates_lowest_index(backend, cifar_subset):
+    d = 3072 if backend.name != "emu" else 1024
+    refs = real_rows(cifar_subset, 0, 120, d)
+    dup = [(3, 70), (5, 6), (64, 119), (8, 100)]  # across tiles, splits, workers and chunks
+    for lo, hi in dup:
+        refs[hi] = refs[lo]
+    queries = torch.stack([refs[lo] + 0.01 * torch.randn(d) for lo, _ in dup])
+    for variant in backend.variants:
+        _, i = dr.nn_search(*backend.put(queries, refs), 2, metric="l2", **backend.kw, **variant)
+        assert i.cpu().tolist() == [[lo, hi] for lo, hi in dup], variant
+        parts = [dr.nn_search_partial(*backend.put(queries, refs[a:b]), 2, metric="l2", row_offset=a,
+                                      **backend.kw, **variant) for a, b in [(60, 120), (0, 60)]]
+        assert dr.merge_topk(*parts).indices.cpu().tolist() == [[lo, hi] for lo, hi in dup], variant

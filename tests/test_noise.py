@@ -3,10 +3,15 @@
 import math
 import os
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from diffrepro import noise as N
+from diffrepro.generation import format_seeds
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 
 def test_seed_latents_follow_per_seed_generators():
@@ -56,6 +61,44 @@ def test_parse_seeds():
         N.parse_seeds("-1")
 
 
+# --- seed lists: properties (hypothesis) ---------------------------------------------------------
+# The oracle reads EDM's grammar character by character (no regex, no int() on non-ASCII digits):
+# items separated by ',', surrounding whitespace ignored, each 'a' or 'a-b' with ASCII digits, a <= b.
+_ASCII_DIGITS = set("0123456789")
+
+
+def _oracle_item(item: str):
+    """(lo, hi) of a valid item, or the error kind: 'item' (not the grammar) or 'range' (b < a)."""
+    lo, sep, hi = item.partition("-")
+    hi = hi if sep else lo
+    if not lo or not hi or not set(lo) <= _ASCII_DIGITS or not set(hi) <= _ASCII_DIGITS:
+        return "item"
+    return (int(lo), int(hi)) if int(lo) <= int(hi) else "range"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 10**9), min_size=1, max_size=40))
+def test_format_seeds_then_parse_seeds_is_the_identity(seeds):
+    text = format_seeds(seeds)
+    assert N.parse_seeds(text) == seeds
+    assert re.fullmatch(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", text, flags=re.ASCII)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="0123456789-, \t\n+x³٣", max_size=16))
+def test_parse_seeds_accepts_exactly_edm_syntax_and_quotes_the_bad_item(text):
+    items = [part.strip() for part in text.split(",")]
+    parsed = [_oracle_item(item) for item in items]
+    bad = next((k for k, p in enumerate(parsed) if isinstance(p, str)), None)
+    if bad is None:
+        assume(sum(hi - lo + 1 for lo, hi in parsed) <= 100_000)
+        assert N.parse_seeds(text) == [s for lo, hi in parsed for s in range(lo, hi + 1)]
+        return
+    expected = "got item" if parsed[bad] == "item" else "start <= end, got"
+    with pytest.raises(ValueError, match=f"{expected} {re.escape(repr(items[bad]))} in "):
+        N.parse_seeds(text)
+
+
 def test_noise_bank_round_trip(tmp_path):
     bank = N.NoiseBank.generate("10-14,3", (2, 3, 3))
     path = tmp_path / "bank.npz"
@@ -68,7 +111,8 @@ def test_noise_bank_round_trip(tmp_path):
     torch.testing.assert_close(back.latents, bank.latents, rtol=0, atol=0)
     torch.testing.assert_close(back.get([3, 12]), N.seed_latents([3, 12], (2, 3, 3))[0], rtol=0, atol=0)
     assert len(back) == 6
-    with pytest.raises(KeyError, match=r"seeds not in the noise bank: \[99, 98\] \(2 missing; the bank holds 6 seeds\)"):
+    with pytest.raises(KeyError,
+                       match=r"seeds not in the noise bank: \[99, 98\] \(2 missing; the bank holds 6 seeds\)"):
         back.get([3, 99, 98])
     bank.save(path)  # overwriting works
     assert sorted(os.listdir(tmp_path)) == ["bank.npz"]
@@ -102,7 +146,7 @@ def test_slerp_endpoints_and_norm():
     torch.testing.assert_close(out.norm(dim=1), torch.full((11,), 2.0, dtype=torch.float64), rtol=1e-12, atol=0)
     mid = N.slerp(a, b, 0.5)
     torch.testing.assert_close(mid, torch.tensor([math.sqrt(2), math.sqrt(2), 0, 0], dtype=torch.float64))
-    # the formula with sin(theta) in the denominator (SPEC §11.1)
+    # the formula with sin(theta) in the denominator (the slerp of Shoemake 1985)
     theta = torch.arccos((e0 * e1).sum().double() / (e0.double().norm() * e1.double().norm()))
     want = (torch.sin(0.3 * theta) * e0.double() + torch.sin(0.7 * theta) * e1.double()) / torch.sin(theta)
     torch.testing.assert_close(N.slerp(e0, e1, 0.7).double(), want, rtol=1e-6, atol=1e-6)

@@ -2,10 +2,10 @@
 """CPU vs CUDA on identical inputs (GPU machines only; skipped automatically elsewhere)."""
 import pytest
 import torch
+from helpers import assert_f32_accuracy, naive_float32_denoiser
 
 import diffrepro as dr
 from diffrepro.reference import empirical_denoiser_reference, nn_search_reference
-from helpers import assert_f32_accuracy, naive_float32_denoiser
 
 pytestmark = pytest.mark.cuda
 

@@ -6,7 +6,6 @@ EDMEulerScheduler / DPMSolverSinglestepScheduler / DPMSolverMultistepScheduler.
 """
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -89,12 +88,11 @@ def test_edm_sampler_with_churn_matches_algorithm2(latents):
     got = SM.edm_sampler(wiener, latents, num_steps=12, randn_like=seeded_noise(), S_churn=40.0, S_noise=1.003)
     want = edm_algorithm2(wiener, latents, 12, noise=seeded_noise(), S_churn=40.0, S_noise=1.003)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # churn window: EDM also draws (and multiplies by 0) outside it; a fixed noise tensor keeps
-    # the two comparable
-    fixed = torch.randn(SHAPE, dtype=F64, generator=torch.Generator().manual_seed(3))
+    # churn restricted to a sigma window: EDM draws randn_like at every step, also outside the
+    # window where gamma = 0, so a seeded stream gives the same noise to every later churn step
     kw = {"S_churn": 40.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}
-    got = SM.edm_sampler(wiener, latents, num_steps=12, randn_like=lambda x: fixed, **kw)
-    want = edm_algorithm2(wiener, latents, 12, noise=lambda x: fixed, **kw)
+    got = SM.edm_sampler(wiener, latents, num_steps=12, randn_like=seeded_noise(), **kw)
+    want = edm_algorithm2(wiener, latents, 12, noise=seeded_noise(), **kw)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -480,18 +478,33 @@ def test_presets(latents):
     assert SM.PRESETS["p1_optimal"]["solver"] == "euler" and SM.PRESETS["p1_optimal"]["num_steps"] == 18
     assert SM.PRESETS["p1_net"]["solver"] == "heun" and SM.PRESETS["p1_net"]["num_steps"] == 18
     assert SM.PRESETS["p2_euler10"]["solver"] == "euler" and SM.PRESETS["p2_euler10"]["num_steps"] == 10
+    # Li, Dai, Qu end the optimal-denoiser trajectory at 0.002, the Gaussian and network ones at 0.02
+    assert SM.PRESETS["p2_euler10"]["sigma_min"] == 0.002 and SM.PRESETS["p2_euler10_net"]["sigma_min"] == 0.02
     got = SM.sample_preset("p2_euler10", wiener, latents)
     torch.testing.assert_close(got, SM.edm_sampler(wiener, latents, num_steps=10, solver="euler"), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="name must be one of 'p1_optimal', 'p1_net', 'p2_euler10', got 'p3'"):
+    got = SM.sample_preset("p2_euler10_net", wiener, latents)
+    want = edm_algorithm2(wiener, latents, 10, sigma_min=0.02, heun=False, noise=torch.zeros_like)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="name must be one of 'p1_optimal', 'p1_net', 'p2_euler10', "
+                                         "'p2_euler10_net', got 'p3'"):
         SM.sample_preset("p3", wiener, latents)
 
 
-def test_warn_if_sampler_mismatch():
-    with pytest.warns(UserWarning, match="'euler' but network samples use 'heun'"):
-        assert SM.warn_if_sampler_mismatch("euler", "heun")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert not SM.warn_if_sampler_mismatch("heun", "heun")
+def test_sampler_mismatch_only_off_protocol():
+    assert SM.sampler_mismatch("euler", "p1_optimal") is None  # the preset as published
+    assert SM.sampler_mismatch("heun", "p1_net") is None
+    assert "'euler' but the networks of preset 'p1_net' use 'heun'" in SM.sampler_mismatch("euler", "p1_net")
+    assert "'heun' but the networks of preset 'p2_euler10' use 'euler'" in SM.sampler_mismatch("heun", "p2_euler10")
+
+
+def test_cli_choices_match_the_library():
+    from diffrepro import sscd, sweeps
+    from diffrepro.cli import analysis, features, generate
+
+    assert set(generate.SAMPLER_CHOICES) == set(SM.SAMPLERS)
+    assert set(generate.PRESET_CHOICES) == set(SM.PRESETS) == set(SM.NETWORK_SOLVER)
+    assert tuple(float(a) for a in analysis._P2_A.split(",")) == sweeps.P2_A_VALUES
+    assert set(features._PRESETS) == set(sscd.PRESETS)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """End-to-end tests of ``diffrepro features | score | linearity | distill`` through
 ``diffrepro.cli.main`` on real files made in tmp_path, checked against exact constructions,
-brute-force float64 numpy oracles and closed forms (SPEC §5, §6, §7, §9)."""
+brute-force float64 numpy oracles and closed forms (Zhang et al. 2024; Li, Dai, Qu 2024)."""
 import contextlib
 import io
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from diffrepro.data import save_png
 from diffrepro.sscd import load_features, preprocess_images, save_features
 
 from diffrepro.cli import main
+from helpers import save_stub_sscd
 
 
 @pytest.fixture(autouse=True)
@@ -62,28 +62,10 @@ def write_pngs(folder, images, names):
 # ----------------------------------------------------------------------------------------------
 # features
 # ----------------------------------------------------------------------------------------------
-class _StubSSCD(torch.nn.Module):
-    """conv -> ReLU -> GeM(p=3) -> linear -> L2 normalise: SSCD's head on a toy trunk."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, kernel_size=8, stride=8)
-        self.fc = torch.nn.Linear(8, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv(x)).clamp(min=1e-6).pow(3.0).mean(dim=(2, 3)).pow(1.0 / 3.0)
-        return F.normalize(self.fc(h), dim=1)
-
-
 @pytest.fixture
 def stub_model(tmp_path):
-    torch.manual_seed(1)
     path = tmp_path / "stub.torchscript.pt"
-    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated; SSCD ships it
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = torch.jit.script(_StubSSCD().eval())
-    model.save(str(path))
-    return path, model
+    return path, save_stub_sscd(path)
 
 
 def test_features_pairs_seed_ids_matches_direct_forward_and_is_cached(tmp_path, stub_model, capsys):
@@ -291,7 +273,8 @@ def test_gl_nn_png_folder_and_float_npz_match_float64_oracle(tmp_path):
     assert read_json(tmp_path / "gen_float__train.gl-nn.json")["gl_nn"] == pytest.approx(oracle(xf, "x"), rel=1e-12)
 
     np.savez(tmp_path / "small.npz", images=train[:, :, :2, :2])
-    assert "--gen and --train" in fail("score", "gl-nn", f"--gen={tmp_path / 'gen'}", f"--train={tmp_path / 'small.npz'}")
+    assert "--gen and --train" in fail("score", "gl-nn", f"--gen={tmp_path / 'gen'}",
+                                       f"--train={tmp_path / 'small.npz'}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +424,8 @@ def test_distilling_the_empirical_denoiser_on_noisy_training_inputs_approaches_w
 def test_distill_adam_mode_writes_its_models_and_needs_lr_off_the_p2_grid(tmp_path):
     _tiny_sets(tmp_path)
     args = ["distill", "--denoiser=gaussian", f"--train={tmp_path / 'train.npz'}", f"--images={tmp_path / 'held.npz'}"]
-    run(*args, "--mode=adam", "--sigmas=80", "--epochs=3", f"--out={tmp_path / 'adam.npz'}", f"--json={tmp_path / 'a.json'}")
+    run(*args, "--mode=adam", "--sigmas=80", "--epochs=3", f"--out={tmp_path / 'adam.npz'}",
+        f"--json={tmp_path / 'a.json'}")
     with np.load(tmp_path / "adam.npz") as z:
         assert list(z["mode"]) == ["adam"] and list(z["M"]) == [60] and z["W_eff"].shape == (1, 48, 48)
     assert read_json(tmp_path / "a.json")["M"] == 60

@@ -1,20 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0
-// Helpers shared by the three pybind11 modules: integer addresses to typed pointers, Status to
-// RuntimeError, row-type validation.
+// Helpers shared by the three pybind11 modules: the argument structs of args.h filled from one
+// Python dict of integer addresses and sizes (built once in diffrepro/ops.py for every backend),
+// Status to RuntimeError. Only public headers (csrc/include) are included here.
 #pragma once
 
+#include <pybind11/pybind11.h>
+
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
+#include "diffrepro/args.h"
 #include "diffrepro/status.h"
 
 namespace diffrepro::binding {
 
-template <class T>
-T* ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+namespace py = pybind11;
 
 // Throws "diffrepro.<module>.<op>: <status message> (<detail>)" unless s is kOk.
 inline void check(Status s, const char* module, const char* op, const char* detail = nullptr) {
@@ -24,6 +26,78 @@ inline void check(Status s, const char* module, const char* op, const char* deta
   throw std::runtime_error(msg);
 }
 
-inline bool valid_row_type(int t) { return t >= 0 && t <= static_cast<int>(RowType::kFloat16); }
+// The dict must hold exactly these keys: a misspelt or forgotten field is a ValueError naming
+// it, never a null pointer inside a kernel.
+inline void expect_keys(const py::dict& d, const char* what, std::initializer_list<const char*> keys) {
+  for (const char* k : keys)
+    if (!d.contains(k)) throw py::value_error(std::string(what) + " is missing the field '" + k + "'");
+  if (py::len(d) != keys.size())
+    throw py::value_error(std::string(what) + " has " + std::to_string(py::len(d)) +
+                          " fields, expected " + std::to_string(keys.size()));
+}
+
+template <class T>
+T get(const py::dict& d, const char* key) {
+  return d[key].cast<T>();
+}
+
+template <class T>
+T* ptr(const py::dict& d, const char* key) {
+  return reinterpret_cast<T*>(d[key].cast<std::uintptr_t>());
+}
+
+inline RowType row_type(const py::dict& d, const char* key) {
+  const int t = get<int>(d, key);
+  if (t < 0 || t > static_cast<int>(RowType::kFloat16))
+    throw py::value_error(std::string(key) + " must be a RowType code 0..3, got " + std::to_string(t));
+  return static_cast<RowType>(t);
+}
+
+template <class T>
+DenoiserArgs<T> denoiser_args(const py::dict& d) {
+  expect_keys(d, "denoiser args",
+              {"f64", "x", "y", "y_type", "Q", "N", "D", "center", "inv_sigma2", "row_offset",
+               "max_logit", "max_logit_lo", "sum_exp", "sum_exp_sq", "weighted_sum",
+               "nearest_index", "nearest_sqdist"});
+  return DenoiserArgs<T>{ptr<const T>(d, "x"), ptr<const void>(d, "y"), row_type(d, "y_type"),
+                         get<index_t>(d, "Q"), get<index_t>(d, "N"), get<index_t>(d, "D"),
+                         ptr<const T>(d, "center"), ptr<const double>(d, "inv_sigma2"),
+                         get<index_t>(d, "row_offset"), ptr<double>(d, "max_logit"),
+                         ptr<double>(d, "max_logit_lo"), ptr<double>(d, "sum_exp"),
+                         ptr<double>(d, "sum_exp_sq"), ptr<T>(d, "weighted_sum"),
+                         ptr<index_t>(d, "nearest_index"), ptr<double>(d, "nearest_sqdist")};
+}
+
+inline SearchArgs search_args(const py::dict& d) {
+  expect_keys(d, "search args",
+              {"queries", "refs", "refs_type", "Q", "N", "D", "k", "inner_product", "center",
+               "row_offset", "values", "indices"});
+  return SearchArgs{ptr<const float>(d, "queries"), ptr<const void>(d, "refs"),
+                    row_type(d, "refs_type"), get<index_t>(d, "Q"), get<index_t>(d, "N"),
+                    get<index_t>(d, "D"), get<int>(d, "k"), get<bool>(d, "inner_product"),
+                    ptr<const float>(d, "center"), get<index_t>(d, "row_offset"),
+                    ptr<float>(d, "values"), ptr<index_t>(d, "indices")};
+}
+
+// Parses the denoiser dict for its precision and calls run(DenoiserArgs<float or double>)
+// without the GIL.
+template <class Run>
+Status run_denoiser(const py::dict& d, Run&& run) {
+  if (get<bool>(d, "f64")) {
+    const DenoiserArgs<double> a = denoiser_args<double>(d);
+    py::gil_scoped_release release;
+    return run(a);
+  }
+  const DenoiserArgs<float> a = denoiser_args<float>(d);
+  py::gil_scoped_release release;
+  return run(a);
+}
+
+template <class Run>
+Status run_search(const py::dict& d, Run&& run) {
+  const SearchArgs a = search_args(d);
+  py::gil_scoped_release release;
+  return run(a);
+}
 
 }  // namespace diffrepro::binding

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "diffrepro/api_cpu.h"
+#include "diffrepro/logits.h"
 #include "diffrepro/online_softmax.h"
 #include "diffrepro/rows.h"
 #include "diffrepro/tiling.h"
@@ -26,41 +27,74 @@ template <class T>
 struct DenoiserWorker {
   std::vector<T> tile;        // [TN, D] centred training rows y - c
   std::vector<T> tile_norm2;  // [TN]    ||y - c||^2
+  std::vector<double> tile_norm;  // [TN] ||y - c|| (for the score error bound)
   std::vector<T> scores;      // [TQ, TN] scores, then weights (in place)
   std::vector<T> acc;         // [TQ, D]  sum_n w_n (y_n - c)
   std::vector<SoftmaxState<double>> state;  // [TQ] max kept in score units g
-  std::vector<T> best_score;                // [TQ]
-  std::vector<index_t> best_index;          // [TQ]
+  std::vector<double> lower;        // [TQ] max_n (g_n - error bound): a lower bound of the best
+  std::vector<double> best_sqdist;  // [TQ] float64 distance of the nearest candidate
+  std::vector<index_t> best_index;  // [TQ] its global index (-1: none yet)
 
   void reset(index_t nq, index_t TN, index_t D) {
     tile.resize(TN * D);
     tile_norm2.resize(TN);
+    tile_norm.resize(TN);
     scores.resize(nq * TN);
     acc.assign(nq * D, T(0));
     state.assign(nq, softmax_init<double>());
-    best_score.assign(nq, -static_cast<T>(INFINITY));
+    lower.assign(nq, -INFINITY);
+    best_sqdist.assign(nq, INFINITY);
     best_index.assign(nq, -1);
   }
 };
 
+// Per-call constants shared by the workers.
 template <class T>
-void process_tile(DenoiserWorker<T>& w, const T* xc, const double* inv_sigma2, index_t nq,
-                  index_t n0, index_t nt, index_t D, index_t row_offset) {
+struct DenoiserCall {
+  const DenoiserArgs<T>& a;
+  const T* xc;          // [Q, D] centred queries x - c
+  const double* x_norm;  // [Q] ||x - c||
+  double gamma;         // score_error_gamma<T>(D)
+};
+
+// Nearest row: the float scores of two rows closer than their rounding error cannot be told
+// apart (exact duplicates at different positions of a GEMM tile get different roundings), so
+// every row whose score may still be the best is a candidate, and candidates are ranked by their
+// float64 distance and then by index (nearest_better). Few rows pass the bound in practice: a row
+// must be within the float rounding of the best score seen so far.
+template <class T>
+void nearest_candidates(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, index_t q,
+                        const T* g, index_t n0, index_t nt) {
+  const DenoiserArgs<T>& a = c.a;
+  const index_t gq = q0 + q;
+  for (index_t j = 0; j < nt; ++j) {
+    const double err = c.gamma * (c.x_norm[gq] * w.tile_norm[j] + 0.5 * w.tile_norm2[j]);
+    const double gj = static_cast<double>(g[j]);
+    if (gj + err < w.lower[q]) continue;  // provably farther than a row already seen
+    if (gj - err > w.lower[q]) w.lower[q] = gj - err;
+    const double d2 = row_sqdist_f64<T>(a.x + gq * a.D, a.y_type, a.y, n0 + j, a.D);
+    const index_t gi = a.row_offset + n0 + j;
+    if (nearest_better(d2, gi, w.best_sqdist[q], w.best_index[q])) {
+      w.best_sqdist[q] = d2;
+      w.best_index[q] = gi;
+    }
+  }
+}
+
+template <class T>
+void process_tile(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, index_t nq,
+                  index_t n0, index_t nt) {
+  const index_t D = c.a.D;
   T* s = w.scores.data();
   index_t nonzero = 0;
-  // Scores g = <x - c, y - c> - ||y - c||^2 / 2 = logit * sigma^2 + (row constant).
-  detail::gemm(true, nq, nt, D, T(1), xc, D, w.tile.data(), D, T(0), s, nt);
+  // Scores g = <x - c, y - c> - ||y - c||^2 / 2 = logit * sigma^2 + ||x - c||^2 / 2 (per query).
+  detail::gemm(true, nq, nt, D, T(1), c.xc + q0 * D, D, w.tile.data(), D, T(0), s, nt);
+  for (index_t j = 0; j < nt; ++j) w.tile_norm[j] = std::sqrt(static_cast<double>(w.tile_norm2[j]));
   for (index_t q = 0; q < nq; ++q) {
     T* g = s + q * nt;
-    for (index_t j = 0; j < nt; ++j) {
-      g[j] -= T(0.5) * w.tile_norm2[j];
-      // Strict '>' over increasing rows: among equal scores the lowest index stays.
-      if (g[j] > w.best_score[q]) {
-        w.best_score[q] = g[j];
-        w.best_index[q] = row_offset + n0 + j;
-      }
-    }
-    const T r = softmax_push_scores(w.state[q], g, nt, static_cast<T>(inv_sigma2[q]), g);
+    for (index_t j = 0; j < nt; ++j) g[j] -= T(0.5) * w.tile_norm2[j];
+    nearest_candidates(w, c, q0, q, g, n0, nt);
+    const T r = softmax_push_scores(w.state[q], g, nt, static_cast<T>(c.a.inv_sigma2[q0 + q]), g);
     if (r != T(1)) detail::scale(w.acc.data() + q * D, r, D);
     for (index_t j = 0; j < nt; ++j) nonzero += g[j] != T(0);
   }
@@ -75,25 +109,22 @@ void process_tile(DenoiserWorker<T>& w, const T* xc, const double* inv_sigma2, i
 }  // namespace
 
 template <class T>
-Status empirical_denoiser_cpu(const T* x, const void* y, RowType y_type, index_t Q, index_t N,
-                              index_t D, const T* center, const double* inv_sigma2,
-                              index_t row_offset, index_t tile_rows, int workers,
-                              double* max_logit, double* sum_exp, double* sum_exp_sq,
-                              T* weighted_sum, index_t* nearest_index, double* nearest_sqdist) {
+Status empirical_denoiser_cpu(const DenoiserArgs<T>& a, const Tuning& t) {
+  const index_t Q = a.Q, N = a.N, D = a.D;
   if (Q < 1 || N < 1 || D < 1) return Status::kInvalidArgument;
-  const index_t TN = plan_tile_rows(tile_rows, kDenoiserTileRows, N, D * index_t(sizeof(T)));
+  const index_t TN = plan_tile_rows(t.tile_rows, kDenoiserTileRows, N, D * index_t(sizeof(T)));
   const index_t n_tiles = (N + TN - 1) / TN;
-  const int P = static_cast<int>(std::max<index_t>(1, std::min<index_t>(workers, n_tiles)));
+  const int P = static_cast<int>(std::max<index_t>(1, std::min<index_t>(t.workers, n_tiles)));
 
-  // Centred queries; ||x - c||^2 in double is the per-query constant added back at the end.
+  // Centred queries, and h = ||x - c||^2 / 2 in double-double for the logits (logits.h).
   std::vector<T> xc(Q * D);
-  std::vector<double> x_norm2(Q, 0.0);
-  for (index_t q = 0; q < Q; ++q)
-    for (index_t d = 0; d < D; ++d) {
-      const T v = x[q * D + d] - center[d];
-      xc[q * D + d] = v;
-      x_norm2[q] += static_cast<double>(v) * v;
-    }
+  std::vector<double> x_norm(Q), h_hi(Q), h_lo(Q);
+  for (index_t q = 0; q < Q; ++q) {
+    for (index_t d = 0; d < D; ++d) xc[q * D + d] = a.x[q * D + d] - a.center[d];
+    half_sqnorm_dd(a.x + q * D, a.center, D, h_hi[q], h_lo[q]);
+    x_norm[q] = std::sqrt(2.0 * h_hi[q]);
+  }
+  const DenoiserCall<T> call{a, xc.data(), x_norm.data(), score_error_gamma<T>(D)};
 
   std::vector<DenoiserWorker<T>> pool(P);
   std::vector<double> merged(D);
@@ -105,59 +136,47 @@ Status empirical_denoiser_cpu(const T* x, const void* y, RowType y_type, index_t
       detail::worker_range(n_tiles, w, P, t0, t1);
       DenoiserWorker<T>& wk = pool[w];
       wk.reset(nq, TN, D);
-      for (index_t t = t0; t < t1; ++t) {
-        const index_t n0 = t * TN, nt = std::min(TN, N - n0);
-        detail::load_centred_rows(y_type, static_cast<const char*>(y) + n0 * D * row_bytes(y_type),
-                                  nt, D, center, wk.tile.data(), wk.tile_norm2.data());
-        process_tile(wk, xc.data() + q0 * D, inv_sigma2 + q0, nq, n0, nt, D, row_offset);
+      for (index_t tile = t0; tile < t1; ++tile) {
+        const index_t n0 = tile * TN, nt = std::min(TN, N - n0);
+        detail::load_centred_rows(a.y_type,
+                                  static_cast<const char*>(a.y) + n0 * D * row_bytes(a.y_type), nt,
+                                  D, a.center, wk.tile.data(), wk.tile_norm2.data());
+        process_tile(wk, call, q0, nq, n0, nt);
       }
     });
     for (index_t q = 0; q < nq; ++q) {
       const index_t gq = q0 + q;
+      // Workers merge in score units: the same scores give the same answer for any number of
+      // workers, however large ||x - c||^2 is.
       SoftmaxState<double> total = softmax_init<double>();
       std::fill(merged.begin(), merged.end(), 0.0);
-      T best = -static_cast<T>(INFINITY);
+      double best_sqdist = INFINITY;
       index_t best_index = -1;
       for (int w = 0; w < P; ++w) {
         const DenoiserWorker<T>& wk = pool[w];
-        // Back to true logits: l = (g - ||x - c||^2 / 2) / sigma^2, in double.
-        SoftmaxState<double> part = wk.state[q];
-        part.max = (part.max - 0.5 * x_norm2[gq]) * inv_sigma2[gq];
-        const MergeScales<double> f = softmax_merge(total, part);
-        const T* a = wk.acc.data() + q * D;
-        for (index_t d = 0; d < D; ++d) merged[d] = merged[d] * f.a + f.b * a[d];
-        if (wk.best_score[q] > best) {  // earlier shards hold lower rows: strict '>'
-          best = wk.best_score[q];
+        const MergeScales<double> f = softmax_merge(total, wk.state[q], a.inv_sigma2[gq]);
+        const T* acc = wk.acc.data() + q * D;
+        for (index_t d = 0; d < D; ++d) merged[d] = merged[d] * f.a + f.b * acc[d];
+        if (nearest_better(wk.best_sqdist[q], wk.best_index[q], best_sqdist, best_index)) {
+          best_sqdist = wk.best_sqdist[q];
           best_index = wk.best_index[q];
         }
       }
-      max_logit[gq] = total.max;
-      sum_exp[gq] = total.sum;
-      sum_exp_sq[gq] = total.sum_sq;
+      logit_from_score(total.max, h_hi[gq], h_lo[gq], a.inv_sigma2[gq], a.max_logit[gq],
+                       a.max_logit_lo[gq]);
+      a.sum_exp[gq] = total.sum;
+      a.sum_exp_sq[gq] = total.sum_sq;
       // The products ran on y - c; sum_n w_n y_n = sum_n w_n (y_n - c) + c * sum_n w_n.
       for (index_t d = 0; d < D; ++d)
-        weighted_sum[gq * D + d] = static_cast<T>(merged[d] + total.sum * center[d]);
-      nearest_index[gq] = best_index;
-      double dist = 0;
-      const index_t local = best_index - row_offset;
-      for (index_t d = 0; d < D; ++d) {
-        const double diff = static_cast<double>(x[gq * D + d]) -
-                            static_cast<double>(load_row_value<T>(y_type, y, local * D + d));
-        dist += diff * diff;
-      }
-      nearest_sqdist[gq] = dist;
+        a.weighted_sum[gq * D + d] = static_cast<T>(merged[d] + total.sum * a.center[d]);
+      a.nearest_index[gq] = best_index;
+      a.nearest_sqdist[gq] = best_sqdist;
     }
   }
   return Status::kOk;
 }
 
-template Status empirical_denoiser_cpu<float>(const float*, const void*, RowType, index_t, index_t,
-                                              index_t, const float*, const double*, index_t,
-                                              index_t, int, double*, double*, double*, float*,
-                                              index_t*, double*);
-template Status empirical_denoiser_cpu<double>(const double*, const void*, RowType, index_t,
-                                               index_t, index_t, const double*, const double*,
-                                               index_t, index_t, int, double*, double*, double*,
-                                               double*, index_t*, double*);
+template Status empirical_denoiser_cpu<float>(const DenoiserArgs<float>&, const Tuning&);
+template Status empirical_denoiser_cpu<double>(const DenoiserArgs<double>&, const Tuning&);
 
 }  // namespace diffrepro

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "diffrepro/api_cpu.h"
+#include "microkernel.h"
 #include "vector_loops.h"
 
 namespace diffrepro::detail {
@@ -42,5 +43,11 @@ namespace diffrepro {
 const char* cpu_isa() { return detail::vector_isa(); }
 
 const char* cpu_gemm_core() { return detail::gemm_core_name(); }
+
+const char* cpu_search_kernel() {
+  return detail::packed_search_available() ? "packed avx2+fma micro-kernel" : "blas";
+}
+
+void cpu_init() { detail::gemm_init_single_threaded(); }
 
 }  // namespace diffrepro

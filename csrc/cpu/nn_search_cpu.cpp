@@ -94,11 +94,15 @@ constexpr index_t kPackedTileBytes = index_t(2) << 20;
 
 // The packed-kernel path: the query block is packed once (shared, read-only), each worker packs
 // its reference tiles and runs the blocked micro-kernel with the fused top-k epilogue.
-void search_packed(const float* queries, const void* refs, RowType refs_type, index_t Q, index_t N,
-                   index_t D, int k, bool inner_product, index_t row_offset, index_t TN, int P,
-                   const std::vector<float>& q_norm2, float* values, index_t* indices) {
+void search_packed(const SearchArgs& args, const float* queries, const float* center, index_t TN,
+                   int P, const std::vector<float>& q_norm2) {
   using namespace detail;
-  const bool largest = inner_product, decode = refs_type != RowType::kFloat32;
+  const RowType refs_type = args.refs_type;
+  const void* refs = args.refs;
+  const index_t Q = args.Q, N = args.N, D = args.D;
+  const int k = args.k;
+  const bool inner_product = args.inner_product, largest = inner_product;
+  const bool decode = refs_type != RowType::kFloat32 || center != nullptr;
   // Query block: as many queries as kPackedQueryBytes holds, split evenly.
   const index_t max_rows = std::max(kMR * kMCS, kPackedQueryBytes / (D * index_t(sizeof(float))));
   const index_t n_blocks = (Q + max_rows - 1) / max_rows;
@@ -139,15 +143,18 @@ void search_packed(const float* queries, const void* refs, RowType refs_type, in
       for (index_t n0 = r0; n0 < r1; n0 += TN) {
         const index_t nt = std::min(TN, r1 - n0);
         const float* rows = static_cast<const float*>(refs) + n0 * D;
-        if (decode) {
-          load_rows(refs_type, static_cast<const char*>(refs) + n0 * D * row_bytes(refs_type),
-                    nt * D, wk.tile.data());
+        const char* src = static_cast<const char*>(refs) + n0 * D * row_bytes(refs_type);
+        if (center != nullptr) {
+          load_centred_rows(refs_type, src, nt, D, center, wk.tile.data(), r_norm2.data() + n0);
+          rows = wk.tile.data();
+        } else if (decode) {
+          load_rows(refs_type, src, nt * D, wk.tile.data());
           rows = wk.tile.data();
         }
         if (!inner_product) {
           // ||r||^2 once per call (the first query block); a worker owns the same tiles in
           // every block.
-          if (q0 == 0) row_norms(rows, nt, D, r_norm2.data() + n0);
+          if (q0 == 0 && center == nullptr) row_norms(rows, nt, D, r_norm2.data() + n0);
           std::copy(r_norm2.begin() + n0, r_norm2.begin() + n0 + nt, rn);
           std::fill(rn + nt, rn + tn_pad, 0.0f);
         }
@@ -165,25 +172,52 @@ void search_packed(const float* queries, const void* refs, RowType refs_type, in
               topk_push(wk.best.data() + q, wk.best_index.data() + q, 1, ls[q * 8 + j],
                         index_t(li[q * 8 + j]), largest);
     });
-    merge_workers(pool, q0, nq, k, largest, row_offset, values, indices);
+    merge_workers(pool, q0, nq, k, largest, args.row_offset, args.values, args.indices);
   }
+}
+
+// L2 values of the winners, recomputed in float64 from the stored rows (row_sqdist_f64) and
+// rounded once to float32; the lists are then re-sorted, since the float scores only had to
+// be good enough to find the candidates.
+void refine_l2(const SearchArgs& a, int workers) {
+  detail::parallel_for_workers(workers, [&](int w) {
+    long long q0, q1;
+    detail::worker_range(a.Q, w, workers, q0, q1);
+    for (index_t q = q0; q < q1; ++q) {
+      float* v = a.values + q * a.k;
+      index_t* idx = a.indices + q * a.k;
+      for (int j = 0; j < a.k; ++j)
+        if (idx[j] >= 0)
+          v[j] = static_cast<float>(row_sqdist_f64<float>(a.queries + q * a.D, a.refs_type, a.refs,
+                                                          idx[j] - a.row_offset, a.D));
+      topk_sort(v, idx, a.k, /*largest=*/false);
+    }
+  });
 }
 
 }  // namespace
 
-Status nn_search_cpu(const float* queries, const void* refs, RowType refs_type, index_t Q,
-                     index_t N, index_t D, int k, bool inner_product, index_t row_offset,
-                     index_t tile_rows, int workers, float* values, index_t* indices) {
+Status nn_search_cpu(const SearchArgs& a, const Tuning& t) {
+  const index_t Q = a.Q, N = a.N, D = a.D;
+  const int k = a.k;
+  const bool inner_product = a.inner_product, largest = inner_product;
   if (Q < 1 || D < 1 || N < 0 || k < 1) return Status::kInvalidArgument;
-  const bool largest = inner_product;
   if (N == 0) {
-    for (index_t q = 0; q < Q; ++q) topk_init(values + q * k, indices + q * k, k, largest);
+    for (index_t q = 0; q < Q; ++q) topk_init(a.values + q * k, a.indices + q * k, k, largest);
     return Status::kOk;
   }
-  const index_t TN = plan_tile_rows(tile_rows, kSearchTileRows, N, D * index_t(sizeof(float)));
+  const index_t TN = plan_tile_rows(t.tile_rows, kSearchTileRows, N, D * index_t(sizeof(float)));
   const index_t n_tiles = (N + TN - 1) / TN;
-  const int P = static_cast<int>(std::max<index_t>(1, std::min<index_t>(workers, n_tiles)));
-  const bool decode = refs_type != RowType::kFloat32;
+  const int P = static_cast<int>(std::max<index_t>(1, std::min<index_t>(t.workers, n_tiles)));
+  // L2 scores on centred data: ||q||^2 - 2 <q, r> + ||r||^2 in float32 loses every digit of the
+  // distance when q and r share a large offset (at +1e4 all of them); it is shift invariant, so
+  // q - c and r - c give the same distances with small norms.
+  const float* center = inner_product ? nullptr : a.center;
+  const bool decode = a.refs_type != RowType::kFloat32 || center != nullptr;
+  std::vector<float> centred(center ? Q * D : 0);
+  for (index_t q = 0; q < static_cast<index_t>(centred.size()) / D; ++q)
+    for (index_t d = 0; d < D; ++d) centred[q * D + d] = a.queries[q * D + d] - center[d];
+  const float* queries = center ? centred.data() : a.queries;
 
   std::vector<float> q_norm2(inner_product ? 0 : Q);
   for (index_t q = 0; q < static_cast<index_t>(q_norm2.size()); ++q) {
@@ -195,15 +229,15 @@ Status nn_search_cpu(const float* queries, const void* refs, RowType refs_type, 
   // the BLAS path otherwise.
   if (detail::packed_search_available() && N < std::numeric_limits<std::int32_t>::max() - 64) {
     index_t TNp = TN;
-    if (tile_rows <= 0) {
+    if (t.tile_rows <= 0) {
       const index_t block = detail::kNR * detail::kNCS;
       const index_t fit = kPackedTileBytes / (D * index_t(sizeof(float))) / block * block;
       TNp = std::min(TN, std::max(block, fit));
     }
     const index_t slivers = (N + detail::kNR - 1) / detail::kNR;
-    const int Pp = static_cast<int>(std::max<index_t>(1, std::min<index_t>(workers, slivers)));
-    search_packed(queries, refs, refs_type, Q, N, D, k, inner_product, row_offset, TNp, Pp,
-                  q_norm2, values, indices);
+    const int Pp = static_cast<int>(std::max<index_t>(1, std::min<index_t>(t.workers, slivers)));
+    search_packed(a, queries, center, TNp, Pp, q_norm2);
+    if (!inner_product) refine_l2(a, Pp);
     return Status::kOk;
   }
 
@@ -223,20 +257,24 @@ Status nn_search_cpu(const float* queries, const void* refs, RowType refs_type, 
         topk_init(wk.best.data() + q * k, wk.best_index.data() + q * k, k, largest);
       for (index_t t = t0; t < t1; ++t) {
         const index_t n0 = t * TN, nt = std::min(TN, N - n0);
-        const float* rows = static_cast<const float*>(refs) + n0 * D;
-        if (decode) {
-          detail::load_rows(refs_type, static_cast<const char*>(refs) + n0 * D * row_bytes(refs_type),
-                            nt * D, wk.tile.data());
+        const float* rows = static_cast<const float*>(a.refs) + n0 * D;
+        const char* src = static_cast<const char*>(a.refs) + n0 * D * row_bytes(a.refs_type);
+        if (center != nullptr) {
+          detail::load_centred_rows(a.refs_type, src, nt, D, center, wk.tile.data(),
+                                    wk.tile_norm2.data());
+          rows = wk.tile.data();
+        } else if (decode) {
+          detail::load_rows(a.refs_type, src, nt * D, wk.tile.data());
           rows = wk.tile.data();
         }
-        if (!inner_product) row_norms(rows, nt, D, wk.tile_norm2.data());
+        if (!inner_product && center == nullptr) row_norms(rows, nt, D, wk.tile_norm2.data());
         float* sc = wk.scores.data();
         detail::gemm(true, nq, nt, D, 1.0f, queries + q0 * D, D, rows, D, 0.0f, sc, nt);
         for (index_t q = 0; q < nq; ++q) {
           const float* row = sc + q * nt;
           float* bs = wk.best.data() + q * k;
           index_t* bi = wk.best_index.data() + q * k;
-          const index_t base = row_offset + n0;
+          const index_t base = a.row_offset + n0;
           for (index_t j = 0; j < nt; ++j) {
             const float s = inner_product ? row[j] : l2_from_dot(q_norm2[q0 + q], row[j], wk.tile_norm2[j]);
             // Cheap reject against the current worst before the ordered insert.
@@ -247,8 +285,9 @@ Status nn_search_cpu(const float* queries, const void* refs, RowType refs_type, 
       }
     });
     // Merge the shards' lists in shard order.
-    merge_workers(pool, q0, nq, k, largest, 0, values, indices);
+    merge_workers(pool, q0, nq, k, largest, 0, a.values, a.indices);
   }
+  if (!inner_product) refine_l2(a, P);
   return Status::kOk;
 }
 

@@ -1,49 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0
-// CUDA entry points of the empirical denoiser: a file-static launcher over the plan and kernels
-// of empirical_denoiser_kernel.cuh (the same source the emulator tests run).
+// CUDA entry points of the empirical denoiser: the plan and kernels of
+// empirical_denoiser_kernel.cuh (the same source the emulator tests run). launch_kernel checks
+// cudaGetLastError() after each of the (at most two) launches.
 #include "diffrepro/api_cuda.h"
 #include "empirical_denoiser_kernel.cuh"
 
 namespace diffrepro {
-namespace {
 
-// Checks cudaGetLastError() after each of its (at most two) launches, inside launch_kernel.
-template <class T>
-Status launch_empirical_denoiser(const T* x, const void* y, RowType y_type, index_t Q, index_t N,
-                                 index_t D, const T* center, const double* inv_sigma2,
-                                 index_t row_offset, void* workspace, double* max_logit,
-                                 double* sum_exp, double* sum_exp_sq, T* weighted_sum,
-                                 index_t* nearest_index, double* nearest_sqdist, void* stream,
-                                 int config, int splits) {
-  return detail::denoiser_run<T>(x, y, y_type, Q, N, D, center, inv_sigma2, row_offset,
-                                 workspace, max_logit, sum_exp, sum_exp_sq, weighted_sum,
-                                 nearest_index, nearest_sqdist, stream, config, splits);
+Status empirical_denoiser_cuda(const DenoiserArgs<float>& a, const Tuning& t, void* stream) {
+  return detail::denoiser_run<float>(a, t, stream);
 }
 
-}  // namespace
-
-Status empirical_denoiser_cuda(const float* x, const void* y, RowType y_type, index_t Q,
-                               index_t N, index_t D, const float* center,
-                               const double* inv_sigma2, index_t row_offset, void* workspace,
-                               double* max_logit, double* sum_exp, double* sum_exp_sq,
-                               float* weighted_sum, index_t* nearest_index,
-                               double* nearest_sqdist, void* stream, int config, int splits) {
-  return launch_empirical_denoiser<float>(x, y, y_type, Q, N, D, center, inv_sigma2, row_offset,
-                                          workspace, max_logit, sum_exp, sum_exp_sq,
-                                          weighted_sum, nearest_index, nearest_sqdist, stream,
-                                          config, splits);
-}
-
-Status empirical_denoiser_cuda(const double* x, const void* y, RowType y_type, index_t Q,
-                               index_t N, index_t D, const double* center,
-                               const double* inv_sigma2, index_t row_offset, void* workspace,
-                               double* max_logit, double* sum_exp, double* sum_exp_sq,
-                               double* weighted_sum, index_t* nearest_index,
-                               double* nearest_sqdist, void* stream, int config, int splits) {
-  return launch_empirical_denoiser<double>(x, y, y_type, Q, N, D, center, inv_sigma2, row_offset,
-                                           workspace, max_logit, sum_exp, sum_exp_sq,
-                                           weighted_sum, nearest_index, nearest_sqdist, stream,
-                                           config, splits);
+Status empirical_denoiser_cuda(const DenoiserArgs<double>& a, const Tuning& t, void* stream) {
+  return detail::denoiser_run<double>(a, t, stream);
 }
 
 std::size_t empirical_denoiser_cuda_workspace_bytes(index_t Q, index_t N, index_t D, int config,

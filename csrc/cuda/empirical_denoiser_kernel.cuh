@@ -7,7 +7,9 @@
 #include <cmath>
 #include <cstddef>
 
+#include "diffrepro/args.h"
 #include "diffrepro/config.h"
+#include "diffrepro/logits.h"
 #include "diffrepro/online_softmax.h"
 #include "diffrepro/rows.h"
 #include "diffrepro/status.h"
@@ -38,15 +40,16 @@ inline void denoiser_tile_shape(int config, int& TQ, int& TN) {
   }
 }
 
-// Partial state of one split (a contiguous range of training rows) for every query. The layout
-// equals the final outputs', so a single-split launch writes straight into the outputs
-// (best_logit then lives in nearest_sqdist until the finishing kernel overwrites it).
+// Partial state of one split (a contiguous range of training rows) for every query, with maxima
+// in score units g (logits.h). The layout equals the final outputs', so a single-split launch
+// writes straight into them (max_score then lives in max_logit and best_score in nearest_sqdist
+// until the merge kernel converts or overwrites them).
 template <class T>
 struct DenoiserPartial {
-  double* max_logit;    // [S, Q] running max m of the true logits
+  double* max_score;    // [S, Q] running max m of the scores g
   double* sum_exp;      // [S, Q] Z relative to m
   double* sum_exp_sq;   // [S, Q] Z2 relative to m
-  double* best_logit;   // [S, Q] logit of the current argmax
+  double* best_score;   // [S, Q] score of the current argmax
   index_t* best_index;  // [S, Q] global row index of the argmax (-1: none yet)
   T* weighted_sum;      // [S, Q, D] A relative to m, uncentred rows
 };
@@ -57,10 +60,12 @@ struct DenoiserPartial {
 //   (a) walks D in TK-slices: stages x' = x~ - c and y' = y - c, accumulates g = x'.y' in
 //       registers and 1/2||y'||^2 on one thread per row (centring first keeps the products small
 //       when the data share a large offset, e.g. +100: then ||y||^2 ~ 3e7 D would swamp g);
-//   (b) forms true logits l = (g - 1/2||y'||^2 - 1/2||x'||^2) / sigma^2 in float64, one warp per
-//       query: warp max, argmax, p = exp(l - tile max) and sums by xor-butterflies (a fixed
-//       reduction tree, so the result does not depend on scheduling), then merges the tile
-//       state into the running state with softmax_merge, which returns the two scale factors;
+//   (b) works in score units g = x'.y' - 1/2||y'||^2 (logits l = (g - 1/2||x'||^2) / sigma^2;
+//       the ||x'||^2 term cancels in every softmax difference and enters only at the output,
+//       logits.h), one warp per query: warp max, argmax, p = exp((g - tile max) / sigma^2) in
+//       float64 and sums by xor-butterflies (a fixed reduction tree, so the result does not
+//       depend on scheduling), then merges the tile state into the running state with
+//       softmax_merge, which returns the two scale factors;
 //   (c) walks D again staging uncentred y and updates A[q, d] = fa A + fb sum_n p_qn y_nd.
 //       A lives in global memory because TQ x D does not fit on chip for D = 3072; each (q, d)
 //       belongs to one thread, so there are no atomics, and the traffic is O(TQ D) per tile
@@ -68,12 +73,8 @@ struct DenoiserPartial {
 // ------------------------------------------------------------------------------------------------
 template <class T, RowType R, class Cfg>
 DR_KERNEL void empirical_denoiser_partial_kernel(
-    const T* x,                 // [Q, D] queries x~ = x / s
-    const void* y,              // [N, D] training rows of storage type R
-    index_t Q, index_t N, index_t D,
-    const T* center,            // [D] centring vector c
-    const double* inv_sigma2,   // [Q] 1 / sigma^2
-    index_t row_offset, index_t rows_per_split,
+    DenoiserArgs<T> a,          // inputs (outputs unused: the partial states go to `out`)
+    index_t rows_per_split,
     DenoiserPartial<T> out) {   // per-split partial states ([S, Q] / [S, Q, D])
   constexpr int TQ = Cfg::TQ, TN = Cfg::TN, TK = Cfg::TK, NT = Cfg::NT;
   constexpr int RQ = Cfg::RQ, RN = Cfg::RN;
@@ -82,11 +83,12 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
   DR_SHARED T ys[TN][TK + 1];     // y' slice (phase a), then uncentred y slice (phase c)
   DR_SHARED T ws[TQ][TN + 1];     // g tile, then p = exp(l - tile max)
   DR_SHARED T y_half_sq[TN];      // 1/2 ||y'_n||^2
-  DR_SHARED double x_half_sq[TQ]; // 1/2 ||x'_q||^2
   DR_SHARED double st_max[TQ], st_sum[TQ], st_sum_sq[TQ], st_best[TQ];
   DR_SHARED index_t st_best_idx[TQ];
   DR_SHARED T scale_old[TQ], scale_new[TQ];  // softmax_merge factors of the current tile
 
+  const index_t Q = a.Q, N = a.N, D = a.D;
+  const T* center = a.center;
   const int tid = static_cast<int>(dr_tid());
   const int lane = static_cast<int>(dr_lane());
   const int warp = static_cast<int>(dr_warp());
@@ -109,8 +111,7 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
   }
   // (The first dr_sync below orders these writes before any read.)
 
-  const T* xq = x + q0 * D;
-  double x_acc = 0.0;  // thread q < TQ: ||x'_q||^2, accumulated during the first tile only
+  const T* xq = a.x + q0 * D;
   bool first = true;
   for (index_t n0 = n_begin; n0 < n_end; n0 += TN) {  // uniform across the block
     const int n_valid = n_end - n0 < TN ? static_cast<int>(n_end - n0) : TN;
@@ -124,17 +125,14 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
       stage_slice<TQ, TK, NT>(xs, q_valid, d0, D,
                               [&](int r, index_t d) { return xq[r * D + d] - center[d]; });
       stage_slice<TN, TK, NT>(ys, n_valid, d0, D, [&](int r, index_t d) {
-        return load_row_value<T>(R, y, (n0 + r) * D + d) - center[d];
+        return load_row_value<T>(R, a.y, (n0 + r) * D + d) - center[d];
       });
       dr_sync();
-      if (first && tid < TQ)
-        for (int kk = 0; kk < TK; ++kk) x_acc += static_cast<double>(xs[tid][kk]) * xs[tid][kk];
       if (tid < TN)
         for (int kk = 0; kk < TK; ++kk) y_acc += ys[tid][kk] * ys[tid][kk];
       micro_tile_update<Cfg>(xs, ys, acc, tq, tn, [](T c, T a, T b) { return c + a * b; });
       dr_sync();
     }
-    if (first && tid < TQ) x_half_sq[tid] = 0.5 * x_acc;
     if (tid < TN) y_half_sq[tid] = T(0.5) * y_acc;
     dr_sync();
     for (int i = 0; i < RQ; ++i)
@@ -148,41 +146,38 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
     // depend only on the warp index, so all 32 lanes reach every shuffle together.
     for (int qq = warp; qq < TQ; qq += Cfg::kWarps) {
       const bool q_ok = qq < q_valid;
-      const double isg = q_ok ? inv_sigma2[q0 + qq] : 0.0;
+      const double isg = q_ok ? a.inv_sigma2[q0 + qq] : 0.0;
       double m_loc = neg_inf;
-      double best_l = neg_inf;
+      double best_g = neg_inf;
       index_t best_i = -1;
       for (int n = lane; n < TN; n += kWarpSize) {
-        // Padding columns (rows past the split) and padding queries get l = -inf; they then
+        // Padding columns (rows past the split) and padding queries get g = -inf; they then
         // weigh exactly 0 below, because softmax_rescale maps -inf to 0 without forming
         // -inf - (-inf).
-        const double l = (q_ok && n < n_valid)
-                             ? (static_cast<double>(ws[qq][n]) - x_half_sq[qq]) * isg
-                             : neg_inf;
-        m_loc = l > m_loc ? l : m_loc;
-        const index_t gi = n < n_valid ? row_offset + n0 + n : -1;
-        if (topk_better(l, gi, best_l, best_i, true)) {
-          best_l = l;
+        const double g = (q_ok && n < n_valid) ? static_cast<double>(ws[qq][n]) : neg_inf;
+        m_loc = g > m_loc ? g : m_loc;
+        const index_t gi = n < n_valid ? a.row_offset + n0 + n : -1;
+        if (topk_better(g, gi, best_g, best_i, true)) {
+          best_g = g;
           best_i = gi;
         }
       }
       for (int off = kWarpSize / 2; off > 0; off /= 2) {
         const double m_o = dr_shfl_xor(m_loc, off);
         m_loc = m_o > m_loc ? m_o : m_loc;
-        const double l_o = dr_shfl_xor(best_l, off);
+        const double g_o = dr_shfl_xor(best_g, off);
         const index_t i_o = dr_shfl_xor(best_i, off);
-        // Lowest global index wins an exact tie, whichever lane held it.
-        if (topk_better(l_o, i_o, best_l, best_i, true)) {
-          best_l = l_o;
+        // Lowest global index wins an exact tie, whichever lane held it. Identical rows get
+        // bit-identical scores here (every column runs the same summation order).
+        if (topk_better(g_o, i_o, best_g, best_i, true)) {
+          best_g = g_o;
           best_i = i_o;
         }
       }
       double s1 = 0.0, s2 = 0.0;
       for (int n = lane; n < TN; n += kWarpSize) {
-        const double l = (q_ok && n < n_valid)
-                             ? (static_cast<double>(ws[qq][n]) - x_half_sq[qq]) * isg
-                             : neg_inf;
-        const double p = softmax_rescale(l, m_loc);  // in [0, 1]: m_loc is the tile max
+        const double g = (q_ok && n < n_valid) ? static_cast<double>(ws[qq][n]) : neg_inf;
+        const double p = softmax_rescale(g, m_loc, isg);  // in [0, 1]: m_loc is the tile max
         ws[qq][n] = static_cast<T>(p);
         s1 += p;
         s2 += p * p;
@@ -193,7 +188,7 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
       }
       if (lane == 0) {
         SoftmaxState<double> st{st_max[qq], st_sum[qq], st_sum_sq[qq]};
-        const MergeScales<double> f = softmax_merge(st, SoftmaxState<double>{m_loc, s1, s2});
+        const MergeScales<double> f = softmax_merge(st, SoftmaxState<double>{m_loc, s1, s2}, isg);
         st_max[qq] = st.max;
         st_sum[qq] = st.sum;
         st_sum_sq[qq] = st.sum_sq;
@@ -201,8 +196,8 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
         scale_new[qq] = static_cast<T>(f.b);
         // Tiles arrive in increasing row order, so a tie with an earlier tile keeps the
         // earlier (lower) index; topk_better makes that explicit.
-        if (topk_better(best_l, best_i, st_best[qq], st_best_idx[qq], true)) {
-          st_best[qq] = best_l;
+        if (topk_better(best_g, best_i, st_best[qq], st_best_idx[qq], true)) {
+          st_best[qq] = best_g;
           st_best_idx[qq] = best_i;
         }
       }
@@ -214,7 +209,7 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
     // uninitialised and 0 * NaN would poison it.
     for (index_t d0 = 0; d0 < D; d0 += TK) {
       stage_slice<TN, TK, NT>(ys, n_valid, d0, D, [&](int r, index_t d) {
-        return load_row_value<T>(R, y, (n0 + r) * D + d);
+        return load_row_value<T>(R, a.y, (n0 + r) * D + d);
       });
       dr_sync();
       for (int e = tid; e < TQ * TK; e += NT) {
@@ -224,8 +219,8 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
         if (qq < q_valid && d < D) {
           T s = T(0);
           for (int n = 0; n < TN; ++n) s += ws[qq][n] * ys[n][kk];  // padding: p = 0, y = 0
-          T* a = out.weighted_sum + (split * Q + q0 + qq) * D + d;
-          *a = first ? scale_new[qq] * s : scale_old[qq] * *a + scale_new[qq] * s;
+          T* acc_out = out.weighted_sum + (split * Q + q0 + qq) * D + d;
+          *acc_out = first ? scale_new[qq] * s : scale_old[qq] * *acc_out + scale_new[qq] * s;
         }
       }
       dr_sync();
@@ -235,89 +230,77 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
 
   for (int q = tid; q < q_valid; q += NT) {
     const index_t o = split * Q + q0 + q;
-    out.max_logit[o] = st_max[q];
+    out.max_score[o] = st_max[q];
     out.sum_exp[o] = st_sum[q];
     out.sum_exp_sq[o] = st_sum_sq[q];
-    out.best_logit[o] = st_best[q];
+    out.best_score[o] = st_best[q];
     out.best_index[o] = st_best_idx[q];
   }
 }
 
 // ------------------------------------------------------------------------------------------------
 // Kernel 2: one block per query. Merges the S split states in split order (thread 0, with
-// softmax_merge; S <= kMaxSplits), folds the per-split accumulators with the resulting
-// coefficients in a fixed order (float64 sum), then recomputes ||x~ - y_nearest||^2 in float64
-// with a block tree + warp-shuffle reduction. With S = 1 the partial kernel already wrote the
-// outputs and only the distance is computed.
+// softmax_merge in score units; S <= kMaxSplits), folds the per-split accumulators with the
+// resulting coefficients in a fixed order (float64 sum), converts the max score to the true
+// logit (logit_from_score, the same code as the CPU path), then recomputes ||x~ - y_nearest||^2
+// in float64 (row_sqdist_f64) with a block tree + warp-shuffle reduction. With S = 1 the partial
+// kernel already wrote the sums into the outputs.
 // ------------------------------------------------------------------------------------------------
 inline constexpr int kDenoiserMergeThreads = 128;
 
 template <class T, RowType R>
 DR_KERNEL void empirical_denoiser_merge_kernel(
-    const T* x,                  // [Q, D] queries x~
-    const void* y,               // [N, D] training rows
-    index_t Q, index_t N, index_t D, index_t row_offset, int S,
-    DenoiserPartial<T> part,     // [S, Q] / [S, Q, D] (unused when S = 1)
-    double* max_logit,           // [Q]
-    double* sum_exp,             // [Q]
-    double* sum_exp_sq,          // [Q]
-    T* weighted_sum,             // [Q, D]
-    index_t* nearest_index,      // [Q]
-    double* nearest_sqdist) {    // [Q]
+    DenoiserArgs<T> a,           // inputs and final outputs
+    int S,
+    DenoiserPartial<T> part) {   // [S, Q] / [S, Q, D] (aliases the outputs when S = 1)
   constexpr int NT = kDenoiserMergeThreads;
   DR_SHARED double coef[kMaxSplits];
   DR_SHARED double red[NT];
   DR_SHARED index_t nearest;
   const int tid = static_cast<int>(dr_tid());
   const index_t q = dr_bid_x();
-  (void)N;
+  const index_t Q = a.Q, D = a.D;
 
-  if (S > 1) {  // uniform: S is a kernel argument
-    if (tid == 0) {
-      SoftmaxState<double> st{part.max_logit[q], part.sum_exp[q], part.sum_exp_sq[q]};
-      double best_l = part.best_logit[q];
-      index_t best_i = part.best_index[q];
-      coef[0] = 1.0;
-      for (int s = 1; s < S; ++s) {
-        const index_t o = s * Q + q;
-        const MergeScales<double> f = softmax_merge(
-            st, SoftmaxState<double>{part.max_logit[o], part.sum_exp[o], part.sum_exp_sq[o]});
-        for (int j = 0; j < s; ++j) coef[j] *= f.a;  // A = fa A + fb A_s, unrolled
-        coef[s] = f.b;
-        if (topk_better(part.best_logit[o], part.best_index[o], best_l, best_i, true)) {
-          best_l = part.best_logit[o];
-          best_i = part.best_index[o];
-        }
+  if (tid == 0) {
+    SoftmaxState<double> st{part.max_score[q], part.sum_exp[q], part.sum_exp_sq[q]};
+    double best_g = part.best_score[q];
+    index_t best_i = part.best_index[q];
+    coef[0] = 1.0;
+    for (int s = 1; s < S; ++s) {
+      const index_t o = s * Q + q;
+      const MergeScales<double> f = softmax_merge(
+          st, SoftmaxState<double>{part.max_score[o], part.sum_exp[o], part.sum_exp_sq[o]},
+          a.inv_sigma2[q]);
+      for (int j = 0; j < s; ++j) coef[j] *= f.a;  // A = fa A + fb A_s, unrolled
+      coef[s] = f.b;
+      if (topk_better(part.best_score[o], part.best_index[o], best_g, best_i, true)) {
+        best_g = part.best_score[o];
+        best_i = part.best_index[o];
       }
-      max_logit[q] = st.max;
-      sum_exp[q] = st.sum;
-      sum_exp_sq[q] = st.sum_sq;
-      nearest_index[q] = best_i;
     }
-    dr_sync();
+    double h_hi, h_lo;
+    half_sqnorm_dd(a.x + q * D, a.center, D, h_hi, h_lo);
+    logit_from_score(st.max, h_hi, h_lo, a.inv_sigma2[q], a.max_logit[q], a.max_logit_lo[q]);
+    a.sum_exp[q] = st.sum;
+    a.sum_exp_sq[q] = st.sum_sq;
+    a.nearest_index[q] = best_i;
+    nearest = best_i;
+  }
+  dr_sync();
+  if (S > 1) {  // uniform: S is a kernel argument
     for (index_t d = tid; d < D; d += NT) {
-      double a = 0.0;
+      double acc = 0.0;
       for (int s = 0; s < S; ++s)
-        a += coef[s] * static_cast<double>(part.weighted_sum[(s * Q + q) * D + d]);
-      weighted_sum[q * D + d] = static_cast<T>(a);
+        acc += coef[s] * static_cast<double>(part.weighted_sum[(s * Q + q) * D + d]);
+      a.weighted_sum[q * D + d] = static_cast<T>(acc);
     }
   }
-  if (tid == 0) nearest = nearest_index[q];
-  dr_sync();
 
   // Float64 distance to the winning row, from the values the kernel used (rows decoded to T,
-  // then widened): the same rule as the CPU path, so both backends report identical distances.
+  // then widened): the same function as the CPU path, so both backends report identical
+  // distances up to the order of the float64 sum.
   const index_t idx = nearest;
-  double acc = 0.0;
-  if (idx >= 0) {
-    const index_t base = (idx - row_offset) * D;
-    for (index_t d = tid; d < D; d += NT) {
-      const double diff = static_cast<double>(x[q * D + d]) -
-                          static_cast<double>(load_row_value<T>(R, y, base + d));
-      acc += diff * diff;
-    }
-  }
-  red[tid] = acc;
+  red[tid] = idx >= 0 ? row_sqdist_f64<T>(a.x + q * D, R, a.y, idx - a.row_offset, D, tid, NT) : 0.0;
   dr_sync();
   for (int s = NT / 2; s >= kWarpSize; s /= 2) {
     if (tid < s) red[tid] += red[tid + s];
@@ -326,7 +309,7 @@ DR_KERNEL void empirical_denoiser_merge_kernel(
   if (tid < kWarpSize) {  // warp-uniform branch: the whole first warp shuffles together
     double v = red[tid];
     for (int off = kWarpSize / 2; off > 0; off /= 2) v += dr_shfl_xor(v, off);
-    if (tid == 0) nearest_sqdist[q] = idx >= 0 ? v : static_cast<double>(INFINITY);
+    if (tid == 0) a.nearest_sqdist[q] = idx >= 0 ? v : static_cast<double>(INFINITY);
   }
 }
 
@@ -349,88 +332,63 @@ inline std::size_t denoiser_workspace_bytes(index_t Q, index_t N, index_t D, int
 }
 
 template <class T, RowType R, class Cfg>
-Status denoiser_launch_cfg(const T* x, const void* y, index_t Q, index_t N, index_t D,
-                           const T* center, const double* inv_sigma2, index_t row_offset,
-                           int forced_splits, void* workspace, double* max_logit,
-                           double* sum_exp, double* sum_exp_sq, T* weighted_sum,
-                           index_t* nearest_index, double* nearest_sqdist, void* stream) {
-  const SplitPlan p = plan_splits(Q, N, Cfg::TQ, Cfg::TN, forced_splits);
-  DenoiserPartial<T> part{max_logit, sum_exp, sum_exp_sq, nearest_sqdist, nearest_index,
-                          weighted_sum};
+Status denoiser_launch_cfg(const DenoiserArgs<T>& a, const Tuning& t, void* stream) {
+  const SplitPlan p = plan_splits(a.Q, a.N, Cfg::TQ, Cfg::TN, t.splits);
+  DenoiserPartial<T> part{a.max_logit, a.sum_exp, a.sum_exp_sq, a.nearest_sqdist, a.nearest_index,
+                          a.weighted_sum};
   if (p.splits > 1) {
-    if (workspace == nullptr) return Status::kInvalidArgument;
-    const std::size_t sq = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(Q);
-    char* w = static_cast<char*>(workspace);
+    if (t.workspace == nullptr) return Status::kInvalidArgument;
+    const std::size_t sq = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(a.Q);
+    char* w = static_cast<char*>(t.workspace);
     part.weighted_sum = reinterpret_cast<T*>(w);
-    w += align_up(sq * static_cast<std::size_t>(D) * sizeof(T));
-    part.max_logit = reinterpret_cast<double*>(w);
+    w += align_up(sq * static_cast<std::size_t>(a.D) * sizeof(T));
+    part.max_score = reinterpret_cast<double*>(w);
     w += align_up(sq * sizeof(double));
     part.sum_exp = reinterpret_cast<double*>(w);
     w += align_up(sq * sizeof(double));
     part.sum_exp_sq = reinterpret_cast<double*>(w);
     w += align_up(sq * sizeof(double));
-    part.best_logit = reinterpret_cast<double*>(w);
+    part.best_score = reinterpret_cast<double*>(w);
     w += align_up(sq * sizeof(double));
     part.best_index = reinterpret_cast<index_t*>(w);
   }
   Status st = launch_kernel(&empirical_denoiser_partial_kernel<T, R, Cfg>,
                             Dim2{static_cast<unsigned>(p.q_tiles), static_cast<unsigned>(p.splits)},
-                            Dim2{Cfg::NT, 1}, stream, x, y, Q, N, D, center, inv_sigma2,
-                            row_offset, p.rows_per_split, part);
+                            Dim2{Cfg::NT, 1}, stream, a, p.rows_per_split, part);
   if (st != Status::kOk) return st;
   return launch_kernel(&empirical_denoiser_merge_kernel<T, R>,
-                       Dim2{static_cast<unsigned>(Q), 1}, Dim2{kDenoiserMergeThreads, 1}, stream,
-                       x, y, Q, N, D, row_offset, p.splits, part, max_logit, sum_exp, sum_exp_sq,
-                       weighted_sum, nearest_index, nearest_sqdist);
+                       Dim2{static_cast<unsigned>(a.Q), 1}, Dim2{kDenoiserMergeThreads, 1}, stream,
+                       a, p.splits, part);
 }
 
 template <class T, RowType R>
-Status denoiser_launch_rows(int config, const T* x, const void* y, index_t Q, index_t N,
-                            index_t D, const T* center, const double* inv_sigma2,
-                            index_t row_offset, int forced_splits, void* workspace,
-                            double* max_logit, double* sum_exp, double* sum_exp_sq,
-                            T* weighted_sum, index_t* nearest_index, double* nearest_sqdist,
-                            void* stream) {
-#define DR_DENOISER_CFG(CFG)                                                                    \
-  denoiser_launch_cfg<T, R, CFG>(x, y, Q, N, D, center, inv_sigma2, row_offset, forced_splits, \
-                                 workspace, max_logit, sum_exp, sum_exp_sq, weighted_sum,       \
-                                 nearest_index, nearest_sqdist, stream)
+Status denoiser_launch_rows(int config, const DenoiserArgs<T>& a, const Tuning& t, void* stream) {
   switch (config) {
-    case 1: return DR_DENOISER_CFG(DenoiserCfgNarrow);
-    case 2: return DR_DENOISER_CFG(DenoiserCfgTiny);
-    default: return DR_DENOISER_CFG(DenoiserCfgLarge);
+    case 1: return denoiser_launch_cfg<T, R, DenoiserCfgNarrow>(a, t, stream);
+    case 2: return denoiser_launch_cfg<T, R, DenoiserCfgTiny>(a, t, stream);
+    default: return denoiser_launch_cfg<T, R, DenoiserCfgLarge>(a, t, stream);
   }
-#undef DR_DENOISER_CFG
 }
 
 // Validates sizes and dispatches on the row storage type and the tile configuration
-// (config < 0: automatic; forced_splits <= 0: automatic). Q = 0 is a no-op.
+// (t.config < 0: automatic; t.splits <= 0: automatic). Q = 0 is a no-op.
 template <class T>
-Status denoiser_run(const T* x, const void* y, RowType y_type, index_t Q, index_t N, index_t D,
-                    const T* center, const double* inv_sigma2, index_t row_offset,
-                    void* workspace, double* max_logit, double* sum_exp, double* sum_exp_sq,
-                    T* weighted_sum, index_t* nearest_index, double* nearest_sqdist,
-                    void* stream, int config, int forced_splits) {
-  if (Q < 0 || N < 1 || D < 1 || row_offset < 0) return Status::kInvalidArgument;
-  if (config >= kDenoiserConfigs || forced_splits > kMaxSplits) return Status::kInvalidArgument;
-  if (Q == 0) return Status::kOk;
+Status denoiser_run(const DenoiserArgs<T>& a, const Tuning& t, void* stream) {
+  if (a.Q < 0 || a.N < 1 || a.D < 1 || a.row_offset < 0) return Status::kInvalidArgument;
+  if (t.config >= kDenoiserConfigs || t.splits > kMaxSplits) return Status::kInvalidArgument;
+  if (a.Q == 0) return Status::kOk;
   // gridDim.x (query tiles, and Q merge blocks) must fit CUDA's 2^31 - 1 limit.
-  if (Q > index_t(0x7fffffff)) return Status::kInvalidArgument;
-  if (!x || !y || !center || !inv_sigma2 || !max_logit || !sum_exp || !sum_exp_sq ||
-      !weighted_sum || !nearest_index || !nearest_sqdist)
+  if (a.Q > index_t(0x7fffffff)) return Status::kInvalidArgument;
+  if (!a.x || !a.y || !a.center || !a.inv_sigma2 || !a.max_logit || !a.max_logit_lo ||
+      !a.sum_exp || !a.sum_exp_sq || !a.weighted_sum || !a.nearest_index || !a.nearest_sqdist)
     return Status::kInvalidArgument;
-  if (config < 0) config = denoiser_auto_config(Q);
-#define DR_DENOISER_ROWS(RT)                                                                    \
-  denoiser_launch_rows<T, RT>(config, x, y, Q, N, D, center, inv_sigma2, row_offset,           \
-                              forced_splits, workspace, max_logit, sum_exp, sum_exp_sq,         \
-                              weighted_sum, nearest_index, nearest_sqdist, stream)
-  switch (y_type) {
-    case RowType::kFloat32: return DR_DENOISER_ROWS(RowType::kFloat32);
-    case RowType::kFloat64: return DR_DENOISER_ROWS(RowType::kFloat64);
-    case RowType::kUInt8: return DR_DENOISER_ROWS(RowType::kUInt8);
-    case RowType::kFloat16: return DR_DENOISER_ROWS(RowType::kFloat16);
+  const int config = t.config < 0 ? denoiser_auto_config(a.Q) : t.config;
+  switch (a.y_type) {
+    case RowType::kFloat32: return denoiser_launch_rows<T, RowType::kFloat32>(config, a, t, stream);
+    case RowType::kFloat64: return denoiser_launch_rows<T, RowType::kFloat64>(config, a, t, stream);
+    case RowType::kUInt8: return denoiser_launch_rows<T, RowType::kUInt8>(config, a, t, stream);
+    case RowType::kFloat16: return denoiser_launch_rows<T, RowType::kFloat16>(config, a, t, stream);
   }
-#undef DR_DENOISER_ROWS
   return Status::kInvalidArgument;
 }
 

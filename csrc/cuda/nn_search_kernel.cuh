@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 
+#include "diffrepro/args.h"
 #include "diffrepro/config.h"
 #include "diffrepro/rows.h"
 #include "diffrepro/status.h"
@@ -17,23 +18,20 @@
 namespace diffrepro {
 namespace detail {
 
-// Largest k any configuration supports; nn_search returns kInvalidArgument above it.
-inline constexpr int kNNMaxK = 128;
-
 // Tile configurations (see TileConfig) with the capacity KCAP of the per-query top-k lists kept
 // in shared memory: TQ * KCAP * (4 + 8) bytes, i.e. 6 KB for 32 x 16 and 24 KB for 16 x 128, so
 // the lists plus the staged slices stay below the 48 KB static shared-memory limit.
 // 0: 32x32 tile, k <= 16 (the common k = 1..10 case at large Q).
-// 1: 16x64 tile, k <= 128 (also the small-Q choice: 16-query tiles waste less).
-// 2: 8x8 tile on one warp, k <= 128: for the emulator's ragged-edge tests.
+// 1: 16x64 tile, k <= kSearchMaxK = 128 (also the small-Q choice: 16-query tiles waste less).
+// 2: 8x8 tile on one warp, k <= kSearchMaxK: for the emulator's ragged-edge tests.
 template <class Cfg_, int KCAP_>
 struct NNConfig {
   using Cfg = Cfg_;
   static constexpr int KCAP = KCAP_;
 };
 using NNCfgLarge = NNConfig<TileConfig<32, 32, 16, 256, 2, 2>, 16>;
-using NNCfgWideK = NNConfig<TileConfig<16, 64, 16, 256, 1, 4>, 128>;
-using NNCfgTiny = NNConfig<TileConfig<8, 8, 4, 32, 1, 2>, 128>;
+using NNCfgWideK = NNConfig<TileConfig<16, 64, 16, 256, 1, 4>, kSearchMaxK>;
+using NNCfgTiny = NNConfig<TileConfig<8, 8, 4, 32, 1, 2>, kSearchMaxK>;
 inline constexpr int kNNConfigs = 3;
 
 inline int nn_auto_config(index_t Q, int k) { return (k <= NNCfgLarge::KCAP && Q > 16) ? 0 : 1; }
@@ -51,16 +49,15 @@ inline void nn_config_shape(int config, int& TQ, int& TN, int& kcap) {
 // the block accumulates scores in registers over TK-slices of D (inner product, or the squared
 // L2 distance summed directly as (q - r)^2: no ||q||^2 - 2 q.r + ||r||^2 cancellation, so the
 // result is >= 0 by construction and needs no clamp, and stays accurate when q and r share a
-// large offset), writes them to a shared [TQ, TN] tile, and one thread per query pushes the
+// large offset; the winners' values are then recomputed in float64 by kernel 2), writes them to a shared [TQ, TN] tile, and one thread per query pushes the
 // tile's candidates into its sorted top-k list in shared memory. Candidates are pushed in
 // increasing row order and topk_better breaks equal scores towards the lower index, so ties
 // resolve to the lowest index regardless of the tiling.
 // ------------------------------------------------------------------------------------------------
 template <RowType R, class NC, bool IP>
 DR_KERNEL void nn_search_partial_kernel(
-    const float* queries,       // [Q, D]
-    const void* refs,           // [N, D] reference rows of storage type R
-    index_t Q, index_t N, index_t D, int k, index_t row_offset, index_t rows_per_split,
+    SearchArgs a,               // inputs (outputs unused: the lists go to out_*)
+    index_t rows_per_split,
     float* out_values,          // [S, Q, k] best first (padding: -inf for ip, +inf for l2)
     index_t* out_indices) {     // [S, Q, k] global indices (padding: -1)
   using Cfg = typename NC::Cfg;
@@ -72,6 +69,8 @@ DR_KERNEL void nn_search_partial_kernel(
   DR_SHARED float top_v[TQ][KCAP];
   DR_SHARED index_t top_i[TQ][KCAP];
 
+  const index_t Q = a.Q, N = a.N, D = a.D;
+  const int k = a.k;
   const int tid = static_cast<int>(dr_tid());
   const int tq = tid / Cfg::kThreadsN;
   const int tn = tid % Cfg::kThreadsN;
@@ -80,7 +79,7 @@ DR_KERNEL void nn_search_partial_kernel(
   const index_t n_begin = split * rows_per_split;
   const index_t n_end = n_begin + rows_per_split < N ? n_begin + rows_per_split : N;
   const int q_valid = Q - q0 < TQ ? static_cast<int>(Q - q0) : TQ;
-  const float* xq = queries + q0 * D;
+  const float* xq = a.queries + q0 * D;
 
   for (int q = tid; q < TQ; q += NT) topk_init(top_v[q], top_i[q], k, IP);
 
@@ -92,7 +91,7 @@ DR_KERNEL void nn_search_partial_kernel(
     for (index_t d0 = 0; d0 < D; d0 += TK) {
       stage_slice<TQ, TK, NT>(xs, q_valid, d0, D, [&](int r, index_t d) { return xq[r * D + d]; });
       stage_slice<TN, TK, NT>(rs, n_valid, d0, D, [&](int r, index_t d) {
-        return load_row_value<float>(R, refs, (n0 + r) * D + d);
+        return load_row_value<float>(R, a.refs, (n0 + r) * D + d);
       });
       dr_sync();
       if (IP) {
@@ -111,7 +110,7 @@ DR_KERNEL void nn_search_partial_kernel(
     // Epilogue: a candidate that does not beat the current k-th entry costs one comparison
     // (topk_push's early exit), so after the first tiles most of this loop is a scan.
     for (int q = tid; q < q_valid; q += NT)
-      for (int n = 0; n < n_valid; ++n) topk_push(top_v[q], top_i[q], k, sc[q][n], row_offset + n0 + n, IP);
+      for (int n = 0; n < n_valid; ++n) topk_push(top_v[q], top_i[q], k, sc[q][n], a.row_offset + n0 + n, IP);
     dr_sync();  // sc is overwritten by the next tile
   }
 
@@ -126,23 +125,26 @@ DR_KERNEL void nn_search_partial_kernel(
 
 // ------------------------------------------------------------------------------------------------
 // Kernel 2: one thread per query folds the S split lists in split order with topk_merge (ties
-// between splits go to the lower index, which also is the earlier split). No barriers, so the
-// early return for padding threads is safe.
+// between splits go to the lower index, which also is the earlier split). For L2 it then
+// recomputes the winners' distances in float64 (row_sqdist_f64, the CPU path's function) and
+// re-sorts the list, so both backends report the same values. No barriers, so the early return
+// for padding threads is safe. Runs in place (part_* alias the outputs) when S = 1.
 // ------------------------------------------------------------------------------------------------
 inline constexpr int kNNMergeThreads = 64;
 
-template <bool IP>
+template <RowType R, bool IP>
 DR_KERNEL void nn_search_merge_kernel(
-    index_t Q, int k, int S,
+    SearchArgs a,                // inputs and final outputs
+    int S,
     const float* part_values,    // [S, Q, k]
-    const index_t* part_indices, // [S, Q, k]
-    float* values,               // [Q, k]
-    index_t* indices) {          // [Q, k]
+    const index_t* part_indices) {  // [S, Q, k]
+  const index_t Q = a.Q;
+  const int k = a.k;
   const index_t q = static_cast<index_t>(dr_bid_x()) * kNNMergeThreads + dr_tid();
   if (q >= Q) return;
-  // Two lists in registers / local memory, ping-ponged; k <= kNNMaxK.
-  float cur_v[kNNMaxK], tmp_v[kNNMaxK];
-  index_t cur_i[kNNMaxK], tmp_i[kNNMaxK];
+  // Two lists in registers / local memory, ping-ponged; k <= kSearchMaxK.
+  float cur_v[kSearchMaxK], tmp_v[kSearchMaxK];
+  index_t cur_i[kSearchMaxK], tmp_i[kSearchMaxK];
   for (int j = 0; j < k; ++j) {
     cur_v[j] = part_values[q * k + j];
     cur_i[j] = part_indices[q * k + j];
@@ -155,9 +157,16 @@ DR_KERNEL void nn_search_merge_kernel(
       cur_i[j] = tmp_i[j];
     }
   }
+  if (!IP) {
+    for (int j = 0; j < k; ++j)
+      if (cur_i[j] >= 0)
+        cur_v[j] = static_cast<float>(
+            row_sqdist_f64<float>(a.queries + q * a.D, R, a.refs, cur_i[j] - a.row_offset, a.D));
+    topk_sort(cur_v, cur_i, k, IP);
+  }
   for (int j = 0; j < k; ++j) {
-    values[q * k + j] = cur_v[j];
-    indices[q * k + j] = cur_i[j];
+    a.values[q * k + j] = cur_v[j];
+    a.indices[q * k + j] = cur_i[j];
   }
 }
 
@@ -179,73 +188,61 @@ inline std::size_t nn_workspace_bytes(index_t Q, index_t N, index_t D, int k, in
 }
 
 template <RowType R, class NC, bool IP>
-Status nn_launch_cfg(const float* queries, const void* refs, index_t Q, index_t N, index_t D,
-                     int k, index_t row_offset, int forced_splits, float* values,
-                     index_t* indices, void* workspace, void* stream) {
+Status nn_launch_cfg(const SearchArgs& a, const Tuning& t, void* stream) {
   using Cfg = typename NC::Cfg;
-  if (k > NC::KCAP) return Status::kInvalidArgument;
-  const SplitPlan p = plan_splits(Q, N, Cfg::TQ, Cfg::TN, forced_splits);
-  float* pv = values;
-  index_t* pi = indices;
+  if (a.k > NC::KCAP) return Status::kInvalidArgument;
+  const SplitPlan p = plan_splits(a.Q, a.N, Cfg::TQ, Cfg::TN, t.splits);
+  float* pv = a.values;
+  index_t* pi = a.indices;
   if (p.splits > 1) {
-    if (workspace == nullptr) return Status::kInvalidArgument;
-    const std::size_t e = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(Q) *
-                          static_cast<std::size_t>(k);
-    pv = static_cast<float*>(workspace);
-    pi = reinterpret_cast<index_t*>(static_cast<char*>(workspace) + align_up(e * sizeof(float)));
+    if (t.workspace == nullptr) return Status::kInvalidArgument;
+    const std::size_t e = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(a.Q) *
+                          static_cast<std::size_t>(a.k);
+    pv = static_cast<float*>(t.workspace);
+    pi = reinterpret_cast<index_t*>(static_cast<char*>(t.workspace) + align_up(e * sizeof(float)));
   }
   Status st = launch_kernel(&nn_search_partial_kernel<R, NC, IP>,
                             Dim2{static_cast<unsigned>(p.q_tiles), static_cast<unsigned>(p.splits)},
-                            Dim2{Cfg::NT, 1}, stream, queries, refs, Q, N, D, k, row_offset,
-                            p.rows_per_split, pv, pi);
-  if (st != Status::kOk || p.splits == 1) return st;
-  const index_t blocks = (Q + kNNMergeThreads - 1) / kNNMergeThreads;
-  return launch_kernel(&nn_search_merge_kernel<IP>, Dim2{static_cast<unsigned>(blocks), 1},
-                       Dim2{kNNMergeThreads, 1}, stream, Q, k, p.splits,
-                       static_cast<const float*>(pv), static_cast<const index_t*>(pi), values,
-                       indices);
+                            Dim2{Cfg::NT, 1}, stream, a, p.rows_per_split, pv, pi);
+  if (st != Status::kOk || (p.splits == 1 && IP)) return st;
+  const index_t blocks = (a.Q + kNNMergeThreads - 1) / kNNMergeThreads;
+  return launch_kernel(&nn_search_merge_kernel<R, IP>, Dim2{static_cast<unsigned>(blocks), 1},
+                       Dim2{kNNMergeThreads, 1}, stream, a, p.splits,
+                       static_cast<const float*>(pv), static_cast<const index_t*>(pi));
 }
 
 template <RowType R, bool IP>
-Status nn_launch_rows(int config, const float* queries, const void* refs, index_t Q, index_t N,
-                      index_t D, int k, index_t row_offset, int forced_splits, float* values,
-                      index_t* indices, void* workspace, void* stream) {
-#define DR_NN_CFG(NC)                                                                      \
-  nn_launch_cfg<R, NC, IP>(queries, refs, Q, N, D, k, row_offset, forced_splits, values, \
-                           indices, workspace, stream)
+Status nn_launch_rows(int config, const SearchArgs& a, const Tuning& t, void* stream) {
   switch (config) {
-    case 1: return DR_NN_CFG(NNCfgWideK);
-    case 2: return DR_NN_CFG(NNCfgTiny);
-    default: return DR_NN_CFG(NNCfgLarge);
+    case 1: return nn_launch_cfg<R, NNCfgWideK, IP>(a, t, stream);
+    case 2: return nn_launch_cfg<R, NNCfgTiny, IP>(a, t, stream);
+    default: return nn_launch_cfg<R, NNCfgLarge, IP>(a, t, stream);
   }
-#undef DR_NN_CFG
 }
 
-// Validates sizes and dispatches on storage type, metric and configuration (config < 0 and
-// forced_splits <= 0: automatic). Q = 0 is a no-op.
-inline Status nn_run(const float* queries, const void* refs, RowType refs_type, index_t Q,
-                     index_t N, index_t D, int k, bool inner_product, index_t row_offset,
-                     float* values, index_t* indices, void* workspace, void* stream, int config,
-                     int forced_splits) {
-  if (Q < 0 || N < 1 || D < 1 || k < 1 || k > kNNMaxK || row_offset < 0)
+template <RowType R>
+Status nn_launch_metric(int config, const SearchArgs& a, const Tuning& t, void* stream) {
+  return a.inner_product ? nn_launch_rows<R, true>(config, a, t, stream)
+                         : nn_launch_rows<R, false>(config, a, t, stream);
+}
+
+// Validates sizes and dispatches on storage type, metric and configuration (t.config < 0 and
+// t.splits <= 0: automatic). Q = 0 is a no-op. a.center is not used: the kernels sum (q - r)^2
+// directly, which needs no centring.
+inline Status nn_run(const SearchArgs& a, const Tuning& t, void* stream) {
+  if (a.Q < 0 || a.N < 1 || a.D < 1 || a.k < 1 || a.k > kSearchMaxK || a.row_offset < 0)
     return Status::kInvalidArgument;
-  if (config >= kNNConfigs || forced_splits > kMaxSplits) return Status::kInvalidArgument;
-  if (Q == 0) return Status::kOk;
-  if (Q > index_t(0x7fffffff)) return Status::kInvalidArgument;
-  if (!queries || !refs || !values || !indices) return Status::kInvalidArgument;
-  if (config < 0) config = nn_auto_config(Q, k);
-#define DR_NN_ROWS(RT)                                                                          \
-  (inner_product ? nn_launch_rows<RT, true>(config, queries, refs, Q, N, D, k, row_offset,     \
-                                            forced_splits, values, indices, workspace, stream) \
-                 : nn_launch_rows<RT, false>(config, queries, refs, Q, N, D, k, row_offset,    \
-                                             forced_splits, values, indices, workspace, stream))
-  switch (refs_type) {
-    case RowType::kFloat32: return DR_NN_ROWS(RowType::kFloat32);
-    case RowType::kFloat16: return DR_NN_ROWS(RowType::kFloat16);
-    case RowType::kUInt8: return DR_NN_ROWS(RowType::kUInt8);
-    case RowType::kFloat64: return DR_NN_ROWS(RowType::kFloat64);
+  if (t.config >= kNNConfigs || t.splits > kMaxSplits) return Status::kInvalidArgument;
+  if (a.Q == 0) return Status::kOk;
+  if (a.Q > index_t(0x7fffffff)) return Status::kInvalidArgument;
+  if (!a.queries || !a.refs || !a.values || !a.indices) return Status::kInvalidArgument;
+  const int config = t.config < 0 ? nn_auto_config(a.Q, a.k) : t.config;
+  switch (a.refs_type) {
+    case RowType::kFloat32: return nn_launch_metric<RowType::kFloat32>(config, a, t, stream);
+    case RowType::kFloat16: return nn_launch_metric<RowType::kFloat16>(config, a, t, stream);
+    case RowType::kUInt8: return nn_launch_metric<RowType::kUInt8>(config, a, t, stream);
+    case RowType::kFloat64: return nn_launch_metric<RowType::kFloat64>(config, a, t, stream);
   }
-#undef DR_NN_ROWS
   return Status::kInvalidArgument;
 }
 

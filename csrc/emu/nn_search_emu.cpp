@@ -9,13 +9,9 @@
 #include "../cuda/nn_search_kernel.cuh"
 
 namespace diffrepro {
-static_assert(kNNSearchEmuMaxK == detail::kNNMaxK, "emulator and kernel max k must agree");
 
-Status nn_search_emu(const float* queries, const void* refs, RowType refs_type, index_t Q,
-                     index_t N, index_t D, int k, bool inner_product, index_t row_offset,
-                     float* values, index_t* indices, void* workspace, int config, int splits) {
-  return detail::nn_run(queries, refs, refs_type, Q, N, D, k, inner_product, row_offset, values,
-                        indices, workspace, /*stream=*/nullptr, config, splits);
+Status nn_search_emu(const SearchArgs& a, const Tuning& t) {
+  return detail::nn_run(a, t, /*stream=*/nullptr);
 }
 
 std::size_t nn_search_emu_workspace_bytes(index_t Q, index_t N, index_t D, int k, int config,

@@ -19,7 +19,7 @@ import importlib.util
 import os
 import sys
 
-__all__ = ["BackendUnavailableError", "cpu", "cuda_module", "build_info", "blas_coretype_choice"]
+__all__ = ["BackendUnavailableError", "cpu", "cuda_module", "emu_module", "build_info", "blas_coretype_choice"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -108,6 +108,16 @@ def cuda_module():
             f"({_cuda_cache['error']}); build_info() = {build_info()}"
         )
     return _cuda_cache["module"]
+
+
+def emu_module():
+    """Returns diffrepro._cuda_emu (the CUDA kernels run by the host-thread emulator; tests only)
+    or raises BackendUnavailableError."""
+    if importlib.util.find_spec(f"{__package__}._cuda_emu") is None:
+        raise BackendUnavailableError(
+            "the CUDA emulator is not built: configure with DIFFREPRO_CUDA_EMULATOR=ON (tests only)"
+        )
+    return importlib.import_module(f"{__package__}._cuda_emu")
 
 
 def build_info() -> dict:

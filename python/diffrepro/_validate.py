@@ -29,7 +29,8 @@ def to_tensor(name: str, value, dtypes: tuple[torch.dtype, ...]) -> tuple[torch.
             try:
                 tensor = torch.from_numpy(value)
             except TypeError:
-                raise TypeError(f"{name} must have one of the dtypes {_names(dtypes)}, got {_describe(value)}") from None
+                expected = _names(dtypes)
+                raise TypeError(f"{name} must have one of the dtypes {expected}, got {_describe(value)}") from None
     elif isinstance(value, torch.Tensor):
         tensor = value
     else:

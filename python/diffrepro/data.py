@@ -14,21 +14,26 @@ from __future__ import annotations
 import codecs
 import contextlib
 import functools
+import gzip
 import hashlib
 import importlib.resources
 import io
 import json
 import os
 import pickle
+import struct
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import PIL.Image
 from tqdm.auto import tqdm
+
+from .errors import RunError, UsageError
 
 __all__ = [
     "Dataset",
@@ -43,6 +48,7 @@ __all__ = [
     "write_cifar_batches",
     "atomic_write_bytes",
     "atomic_save_npz",
+    "reading_file",
 ]
 
 _CIFAR_DIR = "cifar-10-batches-py"
@@ -52,6 +58,11 @@ _CIFAR_LABEL_NAMES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
 _DEFAULT_DATA = "cifar10_500.npz"
+_GENERATE_MANIFEST = "manifest.json"
+
+# What the archive and image libraries raise for a file that is damaged (truncated download,
+# disk error) rather than of the wrong kind; the readers turn these into a RunError naming the file.
+_DAMAGED = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, pickle.UnpicklingError, struct.error)
 
 
 @dataclass
@@ -90,15 +101,20 @@ def load_dataset(path: str | os.PathLike, *, max_images: int | None = None,
                  split: str = "train", progress: bool = False) -> Dataset:
     """Load an image data set, dispatching on what ``path`` is.
 
-    Recognised inputs (SPEC §9):
+    Recognised inputs (the formats of EDM's ``dataset_tool.py`` and of the CIFAR-10 release):
 
     * ``cifar-10-python.tar.gz`` (any ``*.tar.gz`` holding ``cifar-10-batches-py/``) or an
       extracted ``cifar-10-batches-py`` folder: ``split="train"`` concatenates
       ``data_batch_1`` … ``data_batch_5`` in that order, ``split="test"`` reads ``test_batch``.
+    * A :func:`diffrepro.generation.generate` output folder (recognised by its ``manifest.json``):
+      exactly the per-seed PNGs of the seeds the manifest lists, in that order, named as written
+      (``000123.png``, so that ids are seeds); never ``grid.png`` or ``batches/``. The run must be
+      complete and every listed PNG present.
     * An EDM dataset ``*.zip`` or an image folder: every file whose extension PIL knows, sorted
       by relative name (``/`` separators), labels from ``dataset.json`` when present. A folder
       without images falls back to its top-level ``*.npz`` files with key ``samples``
-      (``[N, H, W, C]`` uint8), concatenated in sorted file order.
+      (``[N, H, W, C]`` uint8), concatenated in sorted file order. A folder holding generate
+      runs in its sub-folders is refused (pass one run).
     * ``*.npz`` with ``images`` (``[N, C, H, W]`` uint8) and optional ``labels``, or with
       ``samples`` (``[N, H, W, C]`` uint8).
     * ``*.npy`` holding a uint8 ``[N, C, H, W]`` array, opened as a read-only memmap.
@@ -116,6 +132,8 @@ def load_dataset(path: str | os.PathLike, *, max_images: int | None = None,
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: unknown format, inconsistent images or labels, bad ``max_images``/``split``.
+        RunError: a damaged file (truncated or corrupt archive, image, pickle or numpy file) or
+            an unfinished generate run, named in the message.
     """
     path = os.fspath(path)
     if split not in ("train", "test"):
@@ -141,7 +159,8 @@ def load_dataset(path: str | os.PathLike, *, max_images: int | None = None,
     if lower.endswith(".npz"):
         return _load_npz(path, max_images)
     if lower.endswith(".npy"):
-        images = np.load(path, mmap_mode="r")
+        with reading_file(repr(path), "a uint8 [N, C, H, W] .npy array", ValueError):
+            images = np.load(path, mmap_mode="r")
         _check_images(images, f"array in {path!r}")
         return Dataset(images[:max_images], None, None, path)
     raise ValueError(
@@ -202,6 +221,25 @@ def _as_numpy(a, what: str) -> np.ndarray:
     raise TypeError(f"{what} must be a numpy array or torch tensor, got {type(a).__name__}")
 
 
+def _detail(exc: BaseException) -> str:
+    """``ExcType: message`` on one line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+@contextlib.contextmanager
+def reading_file(where: str, expected: str, *also: type[BaseException]):
+    """Turn what a damaged file raises while the block reads it (zip, tar, gzip, zlib, pickle and
+    struct errors, ``EOFError``, and the exception types ``also``) into one :class:`RunError`
+    that names the file (``where``, quoted by the caller), the failure and what was expected."""
+    try:
+        yield
+    except (RunError, UsageError):
+        raise
+    except (*_DAMAGED, *also) as exc:
+        raise RunError(f"{where}: cannot read it as {expected} ({_detail(exc)}); "
+                       "the file may be truncated or corrupt") from exc
+
+
 @functools.cache
 def _numpy_pickle_globals() -> dict[tuple[str, str], object]:
     """The globals a pickled numpy array may reference, under old and new module names."""
@@ -217,16 +255,22 @@ def _numpy_pickle_globals() -> dict[tuple[str, str], object]:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that only rebuilds numpy arrays, dtypes and scalars (never arbitrary code)."""
 
+    def __init__(self, f, where: str, **kwargs):
+        super().__init__(f, **kwargs)
+        self.where = where
+
     def find_class(self, module, name):
         obj = _numpy_pickle_globals().get((module, name))
         if obj is None:
-            raise pickle.UnpicklingError(f"CIFAR-10 batch references {module}.{name}; only numpy "
-                                         "arrays are allowed in a data batch")
+            raise RunError(f"{self.where!r}: the CIFAR-10 batch references {module}.{name}; expected only numpy "
+                           "arrays in a data batch (refusing to run code from a data file)")
         return obj
 
 
 def _read_cifar_batch(f, where: str) -> tuple[np.ndarray, np.ndarray]:
-    batch = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    # pickle raises ValueError for an unknown protocol and a few damaged opcodes
+    with reading_file(repr(where), "a CIFAR-10 python batch (a pickle of numpy arrays)", ValueError):
+        batch = _NumpyOnlyUnpickler(f, where, encoding="latin1").load()
     try:
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch["labels"], dtype=np.int64)
@@ -240,29 +284,40 @@ def _read_cifar_batch(f, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_cifar(path: str, split: str, max_images: int | None) -> Dataset:
     members = _CIFAR_TRAIN if split == "train" else _CIFAR_TEST
+    if not os.path.isfile(path):
+        return _read_cifar(path, members, max_images, _open_folder_batch)
+    with reading_file(repr(path), "a gzip-compressed tar archive (cifar-10-python.tar.gz)", gzip.BadGzipFile), \
+            tarfile.open(path, "r:gz") as tar:
+        return _read_cifar(path, members, max_images, functools.partial(_open_tar_batch, tar))
+
+
+def _open_folder_batch(path: str, member: str):
+    where = os.path.join(path, member)
+    if not os.path.isfile(where):
+        raise ValueError(f"path {path!r}: missing CIFAR-10 file {member!r}")
+    return open(where, "rb"), where
+
+
+def _open_tar_batch(tar: tarfile.TarFile, path: str, member: str):
+    try:
+        info = tar.getmember(f"{_CIFAR_DIR}/{member}")
+    except KeyError:
+        raise ValueError(f"path {path!r} is not a CIFAR-10 python archive: no member "
+                         f"{_CIFAR_DIR}/{member}") from None
+    return tar.extractfile(info), f"{path}:{_CIFAR_DIR}/{member}"
+
+
+def _read_cifar(path: str, members: tuple[str, ...], max_images: int | None, open_batch: Callable) -> Dataset:
     images, labels, names = [], [], []
-    with (tarfile.open(path, "r:gz") if os.path.isfile(path) else contextlib.nullcontext()) as tar:
-        for member in members:
-            if max_images is not None and sum(len(x) for x in images) >= max_images:
-                break
-            if tar is None:
-                where = os.path.join(path, member)
-                if not os.path.isfile(where):
-                    raise ValueError(f"path {path!r}: missing CIFAR-10 file {member!r}")
-                with open(where, "rb") as f:
-                    x, y = _read_cifar_batch(f, where)
-            else:
-                where = f"{path}:{_CIFAR_DIR}/{member}"
-                try:
-                    info = tar.getmember(f"{_CIFAR_DIR}/{member}")
-                except KeyError:
-                    raise ValueError(f"path {path!r} is not a CIFAR-10 python archive: no member "
-                                     f"{_CIFAR_DIR}/{member}") from None
-                with tar.extractfile(info) as f:
-                    x, y = _read_cifar_batch(f, where)
-            images.append(x)
-            labels.append(y)
-            names += [f"{member}:{i}" for i in range(len(x))]
+    for member in members:
+        if max_images is not None and sum(len(x) for x in images) >= max_images:
+            break
+        f, where = open_batch(path, member)
+        with f:
+            x, y = _read_cifar_batch(f, where)
+        images.append(x)
+        labels.append(y)
+        names += [f"{member}:{i}" for i in range(len(x))]
     images_all = np.concatenate(images)[:max_images]
     return Dataset(np.ascontiguousarray(images_all), np.concatenate(labels)[:max_images],
                    names[:len(images_all)], path)
@@ -279,18 +334,24 @@ def _is_image_name(name: str, extensions: set[str]) -> bool:
 
 def _decode(data: bytes | str, where: str) -> np.ndarray:
     """Decode one image file to uint8 CHW (mode L gives C=1, RGB gives C=3)."""
-    with PIL.Image.open(data if isinstance(data, str) else io.BytesIO(data)) as img:
-        if img.mode not in ("L", "RGB"):
-            raise ValueError(f"image {where!r} has PIL mode {img.mode!r}; expected 'L' or 'RGB'")
-        hwc = np.asarray(img, dtype=np.uint8)
+    # PIL reports a damaged image as OSError ("image file is truncated", UnidentifiedImageError),
+    # SyntaxError (broken PNG chunk), ValueError or DecompressionBombError.
+    with reading_file(repr(where), "an image file PIL can decode (PNG, JPEG, ...)", OSError, SyntaxError, ValueError,
+                  PIL.Image.DecompressionBombError):
+        with PIL.Image.open(data if isinstance(data, str) else io.BytesIO(data)) as img:
+            mode = img.mode
+            hwc = np.asarray(img, dtype=np.uint8) if mode in ("L", "RGB") else None
+    if hwc is None:
+        raise ValueError(f"image {where!r} has PIL mode {mode!r}; expected 'L' or 'RGB'")
     return (hwc[None] if hwc.ndim == 2 else hwc.transpose(2, 0, 1))
 
 
 def _stack(names: list[str], read: Callable, source: str, progress: bool) -> np.ndarray:
     """Decode ``names`` in order into one preallocated ``[N, C, H, W]`` array."""
     images = None
+    folder = os.path.isdir(source)
     for i, name in enumerate(tqdm(names, desc="decode", disable=not progress)):
-        chw = _decode(read(name), f"{source}:{name}")
+        chw = _decode(read(name), os.path.join(source, name) if folder else f"{source}:{name}")
         if images is None:
             images = np.empty((len(names), *chw.shape), np.uint8)
         elif chw.shape != images.shape[1:]:
@@ -303,9 +364,16 @@ def _stack(names: list[str], read: Callable, source: str, progress: bool) -> np.
 def _labels_from_json(text: bytes | str | None, names: list[str], source: str):
     if text is None:
         return None
-    labels = json.loads(text).get("labels")
+    try:
+        meta = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunError(f"{source}/dataset.json: cannot read it as JSON ({_detail(exc)}); expected EDM's "
+                       '{"labels": [[name, class], ...]} (the file may be truncated or corrupt)') from exc
+    labels = meta.get("labels") if isinstance(meta, dict) else None
     if labels is None:
         return None
+    if not isinstance(labels, list) or not all(isinstance(e, list) and len(e) == 2 for e in labels):
+        raise ValueError(f"{source}/dataset.json: 'labels' must be a list of [name, class] pairs")
     table = dict(labels)
     missing = [n for n in names if n not in table]
     if missing:
@@ -316,26 +384,84 @@ def _labels_from_json(text: bytes | str | None, names: list[str], source: str):
 
 def _load_edm_zip(path: str, max_images: int | None, progress: bool) -> Dataset:
     extensions = _image_extensions()
-    with zipfile.ZipFile(path) as z:
+    with reading_file(repr(path), "an EDM dataset zip"):
+        z = zipfile.ZipFile(path)
+
+    def member(name: str) -> bytes:
+        with reading_file(repr(f"{path}:{name}"), "a member of an EDM dataset zip"):
+            return z.read(name)
+
+    with z:
         all_names = set(z.namelist())
         names = sorted(n for n in all_names if _is_image_name(n, extensions))[:max_images]
         if not names:
             raise ValueError(f"path {path!r}: zip contains no image files")
-        meta = z.read("dataset.json") if "dataset.json" in all_names else None
+        meta = member("dataset.json") if "dataset.json" in all_names else None
         labels = _labels_from_json(meta, names, path)
-        images = _stack(names, z.read, path, progress)
+        images = _stack(names, member, path, progress)
     return Dataset(images, labels, names, path)
 
 
+def _generate_manifest(folder: str) -> dict | None:
+    """The manifest of a :func:`diffrepro.generation.generate` output folder, or None when
+    ``folder`` is not one (no ``manifest.json``, or one without the run's seed list)."""
+    path = os.path.join(folder, _GENERATE_MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path!r}: cannot read it as JSON ({_detail(exc)}); expected the manifest of a "
+                       "diffrepro generate run (the file may be truncated or corrupt)") from exc
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    return manifest if isinstance(config, dict) and isinstance(config.get("seeds"), str) else None
+
+
+def _load_generate_output(path: str, manifest: dict, max_images: int | None, progress: bool) -> Dataset:
+    """The per-seed PNGs of a finished generate run, in the manifest's seed order."""
+    from .noise import parse_seeds, seed_filename
+
+    status = manifest.get("status")
+    if status != "complete":
+        raise RunError(f"{path!r} is an unfinished diffrepro generate run (manifest status {status!r}, expected "
+                       "'complete'); rerun the same generate command to finish it")
+    config = manifest["config"]
+    try:
+        seeds = parse_seeds(config["seeds"])
+    except ValueError as exc:
+        raise RunError(f"{os.path.join(path, _GENERATE_MANIFEST)!r}: bad seed list ({exc})") from exc
+    names = [seed_filename(s, bool(config.get("subdirs"))) for s in seeds][:max_images]
+    missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        raise RunError(f"{path!r}: {len(missing)} of the {len(names)} PNGs its manifest lists are missing "
+                       f"(first: {missing[0]!r}); rerun the same generate command to write them")
+    images = _stack(names, lambda n: os.path.join(path, n), path, progress)
+    return Dataset(images, None, names, path)
+
+
 def _load_image_folder(path: str, max_images: int | None, progress: bool) -> Dataset:
+    manifest = _generate_manifest(path)
+    if manifest is not None:
+        return _load_generate_output(path, manifest, max_images, progress)
     extensions = _image_extensions()
+    walked = list(os.walk(path))
+    runs = sorted(os.path.relpath(root, path) for root, _dirs, files in walked[1:]
+                  if _GENERATE_MANIFEST in files and _generate_manifest(root) is not None)
+    if runs:
+        raise ValueError(f"path {path!r} holds diffrepro generate runs in its sub-folders ({', '.join(runs[:3])}"
+                         f"{', ...' if len(runs) > 3 else ''}); expected one run folder, e.g. "
+                         f"{os.path.join(path, runs[0])!r}")
     rel = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
-                 for root, _dirs, files in os.walk(path) for f in files)
+                 for root, _dirs, files in walked for f in files)
     names = [n for n in rel if _is_image_name(n, extensions)][:max_images]
     if not names:
         return _load_npz_samples_folder(path, max_images)
     meta_path = os.path.join(path, "dataset.json")
-    meta = open(meta_path, "rb").read() if os.path.isfile(meta_path) else None
+    meta = None
+    if os.path.isfile(meta_path):
+        with open(meta_path, "rb") as f:
+            meta = f.read()
     labels = _labels_from_json(meta, names, path)
     images = _stack(names, lambda n: os.path.join(path, n), path, progress)
     return Dataset(images, labels, names, path)
@@ -357,10 +483,11 @@ def _load_npz_samples_folder(path: str, max_images: int | None) -> Dataset:
     for file in files:
         if max_images is not None and total >= max_images:
             break
-        with np.load(os.path.join(path, file)) as z:
-            if "samples" not in z:
-                raise ValueError(f"{path}/{file}: expected key 'samples', found {sorted(z.keys())}")
-            x = _samples_to_nchw(z["samples"], f"{path}/{file}")
+        where = os.path.join(path, file)
+        arrays = _read_npz(where, ("samples",))
+        if "samples" not in arrays:
+            raise ValueError(f"{where}: expected key 'samples', found {sorted(arrays)}")
+        x = _samples_to_nchw(arrays["samples"], where)
         chunks.append(x)
         names += [f"{file}:{i}" for i in range(len(x))]
         total += len(x)
@@ -368,18 +495,31 @@ def _load_npz_samples_folder(path: str, max_images: int | None) -> Dataset:
     return Dataset(images, None, names[:len(images)], path)
 
 
+def _read_npz(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (those present) of an ``.npz``, read now so that a damaged file fails
+    here with a :class:`RunError` naming it; the other keys map to None."""
+    # numpy raises ValueError for a file that is neither a zip nor an .npy (it would unpickle it)
+    # and for a damaged member header
+    with reading_file(repr(path), "a numpy .npz archive", ValueError):
+        z = np.load(path)
+    if not hasattr(z, "files"):
+        raise ValueError(f"path {path!r} holds one array ({z.dtype} {z.shape}), not an .npz archive of named arrays")
+    with z, reading_file(repr(path), "a numpy .npz archive", ValueError):
+        return {k: (z[k] if k in keys else None) for k in z.files}
+
+
 def _load_npz(path: str, max_images: int | None) -> Dataset:
-    with np.load(path) as z:
-        keys = set(z.keys())
-        if "images" in keys:
-            images = np.asarray(z["images"])
-            _check_images(images, f"'images' in {path!r}")
-        elif "samples" in keys:
-            images = np.ascontiguousarray(_samples_to_nchw(z["samples"], path))
-        else:
-            raise ValueError(f"path {path!r}: npz needs key 'images' ([N,C,H,W] uint8) or "
-                             f"'samples' ([N,H,W,C] uint8), found {sorted(keys)}")
-        labels = np.asarray(z["labels"]).astype(np.int64) if "labels" in keys else None
+    arrays = _read_npz(path, ("images", "samples", "labels"))
+    keys = set(arrays)
+    if "images" in keys:
+        images = np.asarray(arrays["images"])
+        _check_images(images, f"'images' in {path!r}")
+    elif "samples" in keys:
+        images = np.ascontiguousarray(_samples_to_nchw(arrays["samples"], path))
+    else:
+        raise ValueError(f"path {path!r}: npz needs key 'images' ([N,C,H,W] uint8) or "
+                         f"'samples' ([N,H,W,C] uint8), found {sorted(keys)}")
+    labels = np.asarray(arrays["labels"]).astype(np.int64) if "labels" in keys else None
     if labels is not None and labels.shape != (len(images),):
         raise ValueError(f"path {path!r}: 'labels' must have shape ({len(images)},), "
                          f"got {labels.shape}")
@@ -510,7 +650,7 @@ def save_grid_png(path: str | os.PathLike, images, rows: int, cols: int) -> None
 
 
 def write_edm_zip(path: str | os.PathLike, images, labels=None) -> None:
-    """Write images as an EDM ``dataset_tool.py`` zip (SPEC §9), atomically.
+    """Write images as an EDM ``dataset_tool.py`` zip (Karras et al. 2022), atomically.
 
     Layout: ``ZIP_STORED`` members ``"{idx//1000:05d}/img{idx:08d}.png"`` saved with
     ``compress_level=0``, followed by ``dataset.json`` = ``{"labels": [[name, int], ...]}`` or
@@ -585,7 +725,9 @@ def write_cifar_batches(directory: str | os.PathLike, images, labels, *, test_im
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
-    Readers never see a partial file; on error the temporary file is removed.
+    Readers never see a partial file; on error the temporary file is removed. The file gets the
+    mode a plain ``open(path, "w")`` would give (``0o666`` less the umask), so collaborators can
+    read it where the umask allows.
     """
     _atomic_write(path, lambda f: f.write(data))
 
@@ -600,11 +742,27 @@ def atomic_save_npz(path: str | os.PathLike, /, **arrays) -> None:
     _atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux), else by setting
+    and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600 whatever the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Reproducibility, memorisation and linearity metrics of P1 and P2 (SPEC §5, §8).
+"""Reproducibility, memorisation and linearity metrics of P1 (Zhang et al., ICML 2024) and P2 (Li, Dai,
+Qu, NeurIPS 2024).
 
 Every function returns a dict. Proportions carry ``count`` (successes), ``n`` (trials) and
 ``ci95``, the 95% Wilson score interval (Wilson 1927). Thresholds are strict: a similarity
 counts when ``> tau``, an MAE when ``< thresh``. Similarities are cosines computed in float64
-as ``<a, b> / (|a| |b|)`` (defensive renormalisation, SPEC §5.1); nearest-neighbour searches
-run in the diffrepro kernels and the winner's score is then recomputed exactly in float64.
+as ``<a, b> / (|a| |b|)`` (defensive renormalisation: SSCD rows are unit-norm only to ~1e-7);
+nearest-neighbour searches run in the diffrepro kernels and the winner's score is then recomputed
+exactly in float64. Descriptor rows without a direction (NaN, infinite or all zero) are refused.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .ops import merge_topk, nn_search_partial
 from .sscd import Features, load_features
 
 __all__ = [
+    "bad_descriptor_rows",
     "gl_nn",
     "gl_sscd",
     "hyperplane_map",
@@ -89,6 +92,34 @@ def _as_numpy(x: ArrayLike) -> np.ndarray:
     return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
+def bad_descriptor_rows(x: np.ndarray) -> tuple[np.ndarray, str]:
+    """Rows of ``[N, D]`` descriptors on which a cosine is undefined, and why.
+
+    A row with a NaN or an infinity, or of norm 0 (all zero), has no direction: counting it as
+    "not reproduced" or "not memorised" would be a silent wrong result.
+
+    Returns:
+        ``(rows int64 [k] ascending, reason of the first)``; ``k = 0`` and ``""`` when all are fine.
+    """
+    x = np.asarray(x)
+    sq = np.einsum("nd,nd->n", x, x, dtype=np.float64)  # float64: no copy, no underflow of float32 rows
+    bad = np.flatnonzero(~np.isfinite(sq) | (sq == 0))
+    if not len(bad):
+        return bad, ""
+    row = x[bad[0]]
+    why = ("NaN or infinite" if not np.isfinite(row).all() else
+           "all zero (norm 0)" if sq[bad[0]] == 0 else "of a norm that overflows float64")
+    return bad, why
+
+
+def _check_descriptors(x: np.ndarray, name: str, ids: np.ndarray | None = None, offset: int = 0) -> None:
+    """Raise ValueError naming the first row of ``x`` (global row ``offset + i``) with no direction."""
+    bad, why = bad_descriptor_rows(x)
+    if len(bad):
+        which = f"row {offset + bad[0]}" + (f" (id {ids[bad[0]]})" if ids is not None else "")
+        raise ValueError(f"{name}: {which} is {why} ({len(bad)} such rows); expected finite, non-zero descriptors")
+
+
 def _as_features(x: FeaturesLike, name: str) -> Features:
     """Accept a :class:`Features`, a ``(features, ids)`` pair or a feature-file path."""
     if isinstance(x, (str, os.PathLike)):
@@ -109,6 +140,7 @@ def _as_features(x: FeaturesLike, name: str) -> Features:
         raise ValueError(f"{name}.ids must have shape [{len(feats)}], got {ids.shape}")
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"{name}.ids must be unique, got repeated ids")
+    _check_descriptors(feats, name, ids)
     return Features(feats, ids, x.meta)
 
 
@@ -149,20 +181,28 @@ def _paired_cosine(a: Features, b: Features, name_a: str, name_b: str) -> tuple[
     return _cosine(a.features[ia], b.features[ib]), ids
 
 
-def _shards(refs: Any) -> list:
-    """Reference rows as a list of 2-D-able arrays: one array, a ``.npy``/``.npz`` path, or a list."""
+def _shards(refs: Any) -> list[tuple[str, Any]]:
+    """Reference rows as ``(name, 2-D-able array)`` pairs: one array, a ``.npy``/``.npz`` path, or a
+    list; the name (the file, or ``refs[k]``) is what errors about the rows quote."""
     items = list(refs) if isinstance(refs, (list, tuple)) else [refs]
     out = []
-    for item in items:
+    for k, item in enumerate(items):
+        name = f"reference shard {k}" if len(items) > 1 else "reference set"
         if isinstance(item, (str, os.PathLike)):
             path = Path(item)
+            name = repr(os.fspath(path))
             item = load_features(path).features if path.suffix == ".npz" else np.load(path, mmap_mode="r")
-        out.append(item)
+        elif getattr(item, "filename", None):  # an np.memmap
+            name = repr(os.fspath(item.filename))
+        out.append((name, item))
     return out
 
 
 def _stream_top1(queries: np.ndarray, refs: Any, metric: str, chunk_rows: int, unit_rows: bool = False):
     """Best reference row per query, streaming the references ``chunk_rows`` rows at a time.
+
+    Each chunk is checked as it streams (cheap next to the search): NaN or infinite rows, and
+    with ``unit_rows`` all-zero rows, raise ValueError naming the shard and the global row.
 
     Args:
         queries: float32 [Q, D].
@@ -172,25 +212,29 @@ def _stream_top1(queries: np.ndarray, refs: Any, metric: str, chunk_rows: int, u
         unit_rows: L2-normalise each reference chunk (a float32 copy) before the search.
 
     Returns:
-        ``(index [Q] int64 global row, shards)``.
+        ``(index [Q] int64 global row, shards)``, ``shards`` the arrays in order.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    shards = _shards(refs)
+    named = _shards(refs)
     best, offset = None, 0
-    for shard in shards:
+    for name, shard in named:
         for start in range(0, len(shard), chunk_rows):
             chunk = shard[start:start + chunk_rows].reshape(min(chunk_rows, len(shard) - start), -1)
             if chunk.shape[1] != queries.shape[1]:
                 raise ValueError(f"reference rows have D={chunk.shape[1]}, queries have D={queries.shape[1]}")
             if unit_rows:
+                _check_descriptors(chunk, name, offset=start)
                 chunk = _unit_rows(chunk)
+            elif chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
+                bad = int(np.flatnonzero(~np.isfinite(chunk).all(axis=1))[0])
+                raise ValueError(f"{name}: row {start + bad} is NaN or infinite; expected finite values")
             state = nn_search_partial(queries, chunk, 1, metric=metric, row_offset=offset + start)
             best = state if best is None else merge_topk(best, state)
         offset += len(shard)
     if best is None:
         raise ValueError("the reference set must hold at least one row, got N=0")
-    return np.asarray(best.indices)[:, 0].astype(np.int64), shards
+    return np.asarray(best.indices)[:, 0].astype(np.int64), [shard for _, shard in named]
 
 
 def _decode(rows: np.ndarray) -> np.ndarray:
@@ -220,7 +264,7 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# P1 image-level scores (SPEC §5.2, §5.3, §5.5)
+# P1 image-level scores: RP, MAE score, GL (Zhang et al. 2024)
 # ----------------------------------------------------------------------------------------------
 def rp(a: FeaturesLike, b: FeaturesLike, *, tau: float = 0.6) -> dict[str, Any]:
     """Reproducibility score: fraction of same-seed pairs with SSCD similarity ``> tau``.
@@ -309,6 +353,7 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
     gen = _as_numpy(gen_features.features if isinstance(gen_features, Features) else gen_features)
     if gen.ndim != 2 or len(gen) == 0:
         raise ValueError(f"gen_features must have shape [Q, D] with Q >= 1, got {gen.shape}")
+    _check_descriptors(gen, "gen_features")
     index, shards = _stream_top1(_unit_rows(gen), train_features, "ip", chunk_rows, unit_rows=True)
     max_sim = _cosine(gen, _rows(shards, index))
     out = _proportion("memorised_fraction", max_sim > tau, tau=tau, max_sim=max_sim, nn_index=index)
@@ -318,7 +363,7 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
 
 def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = False,
           chunk_rows: int = 16384) -> dict[str, Any]:
-    """P2's nearest-neighbour generalisation score (eq. 14, reconstructed; SPEC §5.4).
+    """P2's nearest-neighbour generalisation score (eq. 14, reconstructed from its description).
 
     ``GL_nn = mean_k ‖x_k − NN(x_k)‖₂ / ‖x_k‖₂`` with ``NN`` the training image nearest in
     per-pixel Euclidean distance on [-1, 1] images. The search is
@@ -330,7 +375,8 @@ def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = 
         train: training images, [N, C, H, W] or [N, d], float32/float16 in [-1, 1] or uint8
             (decoded ``u/127.5 − 1``); an array, memmap, ``.npy`` path or a list of them.
         normalize: ``"x"`` (divide by ‖x_k‖, default), ``"nn"`` (by ‖NN(x_k)‖) or ``"none"``.
-        quantize: quantise the generations first (SPEC §0 uint8 rule), as saved PNGs would be.
+        quantize: quantise the generations first (EDM's uint8 rule, :func:`diffrepro.data.quantize`), as
+            saved PNGs would be.
         chunk_rows: training rows per kernel call.
 
     Returns:
@@ -345,6 +391,9 @@ def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = 
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     if len(x) == 0:
         raise ValueError("gen must hold at least one image, got K=0")
+    if not np.isfinite(x).all():
+        raise ValueError(f"gen: row {int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])} is NaN or infinite; "
+                         "expected finite images in [-1, 1]")
     index, shards = _stream_top1(x.astype(np.float32), train, "l2", chunk_rows)
     nn = _rows(shards, index)
     dist = np.linalg.norm(x - nn, axis=1)
@@ -392,7 +441,7 @@ def memorisation_summary(gen_a: ArrayLike, gen_b: ArrayLike, train: ArrayLike) -
 
 def rp_cond(a_by_class: Mapping[Any, FeaturesLike], b_by_class: Mapping[Any, FeaturesLike], *,
             tau: float = 0.6) -> dict[str, Any]:
-    """Conditional RP: same noise j and same class c for two conditional models (SPEC §5.5).
+    """Conditional RP: same noise j and same class c for two conditional models (P1).
 
     Args:
         a_by_class: class label -> model A's descriptors of that class's generations.
@@ -451,7 +500,7 @@ def rp_between(uncond: FeaturesLike, cond_by_class: Mapping[Any, FeaturesLike], 
 def rp_manifold(gen_a: Callable[[ArrayLike], ArrayLike], gen_b: Callable[[ArrayLike], ArrayLike],
                 eps0: ArrayLike, eps1: ArrayLike, *, features_fn: Callable[[ArrayLike], ArrayLike],
                 alphas: Sequence[float] | None = None, tau: float = 0.6) -> dict[str, Any]:
-    """RP along slerp paths between noise pairs (P1 App. A.3 with the §11.1 reading).
+    """RP along slerp paths between noise pairs (P1 App. A.3; :func:`diffrepro.noise.slerp`).
 
     For each alpha, ``eps = slerp(eps0, eps1; alpha)`` (``diffrepro.noise.slerp``; lerp where
     sin θ < 1e-6) and the score counts ``M_SSCD(f(gen_a(eps)), f(gen_b(eps))) > tau``.
@@ -473,7 +522,8 @@ def rp_manifold(gen_a: Callable[[ArrayLike], ArrayLike], gen_b: Callable[[ArrayL
     alphas = np.linspace(0.0, 1.0, 100) if alphas is None else np.asarray(alphas, dtype=np.float64)
     e0, e1 = torch.as_tensor(eps0), torch.as_tensor(eps1)
     if e0.shape != e1.shape or e0.ndim < 2:
-        raise ValueError(f"eps0 and eps1 must have the same shape [P, C, H, W], got {tuple(e0.shape)} and {tuple(e1.shape)}")
+        raise ValueError(f"eps0 and eps1 must have the same shape [P, C, H, W], got {tuple(e0.shape)} and "
+                         f"{tuple(e1.shape)}")
     sims = []
     for alpha in alphas:
         eps = slerp(e0, e1, float(alpha), batched=True)
@@ -532,7 +582,7 @@ def similarity_matrix(items: Sequence[Any], metric: str = "rp", *, names: Sequen
 
 
 # ----------------------------------------------------------------------------------------------
-# P2 linearity, score error and weight comparison (SPEC §5.6–5.8)
+# P2 linearity, score error and weight comparison (Li, Dai, Qu eqs. 8–12)
 # ----------------------------------------------------------------------------------------------
 def _flat64(x: ArrayLike) -> torch.Tensor:
     """[B, ...] -> float64 [B, d] tensor on the input's device."""
@@ -543,7 +593,7 @@ def _flat64(x: ArrayLike) -> torch.Tensor:
 def linearity_score(f: Callable[[ArrayLike], ArrayLike], x1: ArrayLike, x2: ArrayLike, *,
                     a_values: Sequence[float] = (0.99, 0.8675, 0.745, 0.6225, 0.5),
                     abs_cos: bool = False, nmse_squared: bool = False) -> dict[str, Any]:
-    """P2's linearity scores of ``f = D(·; σ)`` (eqs. 11–12, SPEC §5.6).
+    """P2's linearity scores of ``f = D(·; σ)`` (eqs. 11–12).
 
     With ``α = sqrt(a)``, ``β = sqrt(1 − a)`` (so α² + β² = 1) and ``t = α f(x1) + β f(x2)``:
     cosine ``<f(αx1 + βx2), t> / (‖f(αx1+βx2)‖ ‖t‖)`` and NMSE ``‖f(αx1+βx2) − t‖ / ‖t‖``,
@@ -584,7 +634,7 @@ def linearity_score(f: Callable[[ArrayLike], ArrayLike], x1: ArrayLike, x2: Arra
 
 def score_error(D1: Callable, D2: Callable, x: ArrayLike, sigma: float, *,
                 batch_size: int | None = None) -> dict[str, Any]:
-    """Score-field approximation error between two denoisers (P2 eq. 10, SPEC §5.7).
+    """Score-field approximation error between two denoisers (P2 eq. 10).
 
     ``rmse = mean_x sqrt((1/d) ‖D1(x;σ) − D2(x;σ)‖²)`` in [-1, 1] units (0.05 ≈ 6.4/255), and
     the App. G variant ``nmse = mean_x ‖D1 − D2‖² / ‖D2‖²``.
@@ -624,12 +674,12 @@ def _matrix64(w: ArrayLike, name: str) -> torch.Tensor:
 
 
 def weight_nmse(W_L: ArrayLike, W_G: ArrayLike, squared: bool = True) -> dict[str, Any]:
-    """Relative distance of two weight matrices, ``‖W_L − W_G‖_F² / ‖W_G‖_F²`` (SPEC §5.8).
+    """Relative distance of two weight matrices, ``‖W_L − W_G‖_F² / ‖W_G‖_F²`` (P2: distilled vs Gaussian).
 
     Args:
         W_L: [d, d] effective distilled weight (the parameter divided by √d; see distill).
         W_G: [d, d] Gaussian (Wiener) weight.
-        squared: squared Frobenius ratio (default, [RECON]) or the plain ratio of norms.
+        squared: squared Frobenius ratio (default; P2 does not say which) or the plain ratio of norms.
 
     Returns:
         ``{"nmse", "squared"}``.
@@ -642,7 +692,7 @@ def weight_nmse(W_L: ArrayLike, W_G: ArrayLike, squared: bool = True) -> dict[st
 
 
 def sv_alignment(W_L: ArrayLike, U: ArrayLike, K: int = 100, *, lam: ArrayLike | None = None) -> dict[str, Any]:
-    """Alignment of W_L's left singular vectors with the data covariance eigenvectors (SPEC §5.8).
+    """Alignment of W_L's left singular vectors with the data covariance eigenvectors (P2).
 
     Args:
         W_L: [d, d] effective distilled weight.
@@ -674,7 +724,7 @@ def sv_alignment(W_L: ArrayLike, U: ArrayLike, K: int = 100, *, lam: ArrayLike |
 
 
 # ----------------------------------------------------------------------------------------------
-# Noise-hyperplane map (P1 Fig. 4, SPEC §8)
+# Noise-hyperplane map (P1 Fig. 4)
 # ----------------------------------------------------------------------------------------------
 def hyperplane_map(generate_fn: Callable[[ArrayLike], ArrayLike], features_fn: Callable[[ArrayLike], ArrayLike],
                    e1: ArrayLike, e2: ArrayLike, e3: ArrayLike, n: int = 100, *, lo: float = -0.1,

@@ -115,35 +115,35 @@ def seed_latents(
     return latents, labels
 
 
-_RANGE_RE = re.compile(r"^(\d+)-(\d+)$")
+# ASCII digits only: str.isdigit() and \d also accept "³", which int() rejects, and "٣", which EDM does not write
+_ITEM_RE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 
 
 def parse_seeds(spec) -> list[int]:
     """Parses EDM's seed syntax: comma-separated ints and inclusive ranges ``a-b``.
 
     Example: ``parse_seeds("0-3,100")`` returns ``[0, 1, 2, 3, 100]``. A list of ints is
-    returned as a list. Whitespace around items is ignored.
+    returned as a list. Whitespace around items is ignored; digits are ASCII ``0-9``.
+    :func:`diffrepro.generation.format_seeds` is its inverse.
 
     Raises:
-        ValueError: for an empty item, a non-integer item or a range with ``b < a``.
+        ValueError: for an empty item, a non-integer item or a range with ``b < a``, quoting it.
     """
     if not isinstance(spec, str):
         return _as_seed_list(spec, "spec")
     out: list[int] = []
     for part in spec.split(","):
         part = part.strip()
-        m = _RANGE_RE.match(part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise ValueError(f"seed range must satisfy start <= end, got {part!r} in {spec!r}")
-            out.extend(range(lo, hi + 1))
-        elif part.isdigit():
-            out.append(int(part))
-        else:
+        m = _ITEM_RE.fullmatch(part)
+        if m is None:
             raise ValueError(
                 f"seeds must be comma-separated non-negative ints or ranges like '0-63', got item {part!r} in {spec!r}"
             )
+        lo = int(m.group(1))
+        hi = lo if m.group(2) is None else int(m.group(2))
+        if hi < lo:
+            raise ValueError(f"seed range must satisfy start <= end, got {part!r} in {spec!r}")
+        out.extend(range(lo, hi + 1))
     return out
 
 

@@ -8,22 +8,29 @@ needs only Pillow.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["available", "hyperplane_rgb", "nn_grid", "plot_hyperplane_map", "plot_score_vs_sigma", "plot_similarity_matrix"]
+__all__ = ["available", "hyperplane_rgb", "nn_grid", "plot_hyperplane_map", "plot_score_vs_sigma",
+           "plot_similarity_matrix"]
 
 # Pure colours of the three hyperplane classes (anchor 1, 2, 3).
 _CLASS_RGB = np.array([[0.85, 0.15, 0.15], [0.15, 0.65, 0.2], [0.2, 0.3, 0.9]])
 
 
 def available() -> bool:
-    """True when matplotlib is installed (the figures are optional; the image grids need only PIL)."""
-    import importlib.util
+    """True when matplotlib can be imported (the figures are optional; the image grids need only PIL).
 
-    return importlib.util.find_spec("matplotlib") is not None
+    Imports it rather than looking for it: an installed but broken matplotlib counts as missing,
+    so that a command skips its figure instead of failing after computing its result."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _pyplot():
@@ -38,9 +45,14 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> None:
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    """Render to memory, then write the PNG atomically (no half-written figure is ever left)."""
+    from .data import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=150, bbox_inches="tight")
     fig.clf()
     _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_similarity_matrix(matrix: np.ndarray, path: str | os.PathLike, *, names: Sequence[str] | None = None,
@@ -155,20 +167,32 @@ def plot_score_vs_sigma(sigmas: Sequence[float], curves: Mapping[str, Sequence[f
     _save(fig, path)
 
 
+_ROW_LABELS = ("generation", "nearest train")
+
+
 def nn_grid(gen: np.ndarray, train: np.ndarray, nn_index: np.ndarray, path: str | os.PathLike, *,
-            per_row: int = 8, scale: int = 2, pad: int = 2) -> None:
-    """Grid PNG: each generation above its nearest training image (Pillow only).
+            per_row: int = 8, scale: int = 2, pad: int = 2, gen_ids: Sequence | None = None,
+            dist: Sequence[float] | None = None) -> None:
+    """Labelled grid PNG: each generation above its nearest training image (Pillow only).
+
+    Rows come in pairs: a left margin says "generation" beside the upper row and "nearest train"
+    beside the lower one. Under each training tile its index (``#i``, and the distance when
+    ``dist`` is given); under each generation its id (``seed s``) when ``gen_ids`` is given.
 
     Args:
         gen: uint8 [K, C, H, W] generations (C = 1 or 3).
         train: uint8 [N, C, H, W] training images.
         nn_index: [K] index into ``train`` of each generation's nearest neighbour.
-        path: output PNG.
+        path: output PNG (written atomically).
         per_row: pairs per row of the grid.
         scale: integer upscaling factor (nearest neighbour).
         pad: white border between tiles, in output pixels.
+        gen_ids: optional [K] ids (seeds) of the generations.
+        dist: optional [K] distance (or similarity) of each generation to its nearest image.
     """
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .data import atomic_write_bytes
 
     gen, train = np.asarray(gen), np.asarray(train)
     if gen.dtype != np.uint8 or train.dtype != np.uint8:
@@ -178,14 +202,31 @@ def nn_grid(gen: np.ndarray, train: np.ndarray, nn_index: np.ndarray, path: str 
     nn_index = np.asarray(nn_index, dtype=np.int64)
     if nn_index.shape != (len(gen),):
         raise ValueError(f"nn_index must have shape [{len(gen)}], got {nn_index.shape}")
+    for name, extra in (("gen_ids", gen_ids), ("dist", dist)):
+        if extra is not None and len(extra) != len(gen):
+            raise ValueError(f"{name} must have {len(gen)} entries (one per generation), got {len(extra)}")
+    font = ImageFont.load_default()
+    text_h = max(font.getbbox(label)[3] for label in _ROW_LABELS) + 2
+    margin = max(font.getbbox(label)[2] for label in _ROW_LABELS) + 3 * pad
     k, c, h, w = gen.shape
-    th, tw = h * scale + pad, w * scale + pad
+    th, tw = h * scale + text_h + pad, w * scale + pad
     rows = -(-k // per_row)
-    canvas = np.full((rows * 2 * th + pad, min(k, per_row) * tw + pad, 3), 255, np.uint8)
+    canvas = Image.new("RGB", (margin + min(k, per_row) * tw + pad, rows * 2 * th + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r in range(rows):
+        for half, label in enumerate(_ROW_LABELS):
+            draw.text((pad, (2 * r + half) * th + pad + max(0, h * scale - text_h) // 2), label, fill="black",
+                      font=font)
     for j in range(k):
         r, col = divmod(j, per_row)
-        for half, img in enumerate((gen[j], train[nn_index[j]])):
+        captions = (None if gen_ids is None else f"seed {gen_ids[j]}",
+                    f"#{nn_index[j]}" + ("" if dist is None else f" d={float(dist[j]):.2f}"))
+        for half, (img, caption) in enumerate(zip((gen[j], train[nn_index[j]]), captions)):
             tile = np.repeat(np.repeat(img.transpose(1, 2, 0), scale, 0), scale, 1)
-            top, left = (2 * r + half) * th + pad, col * tw + pad
-            canvas[top:top + h * scale, left:left + w * scale] = tile if c == 3 else tile.repeat(3, axis=2)
-    Image.fromarray(canvas).save(path)
+            top, left = (2 * r + half) * th + pad, margin + col * tw
+            canvas.paste(Image.fromarray(tile if c == 3 else tile.repeat(3, axis=2)), (left, top))
+            if caption:
+                draw.text((left, top + h * scale), caption, fill="black", font=font)
+    buf = io.BytesIO()
+    canvas.save(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())

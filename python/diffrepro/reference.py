@@ -63,20 +63,28 @@ def nn_search_reference(queries, refs, k=1, metric="ip"):
 
 
 def p1_two_pass_denoiser(x, train_batches, sigma) -> torch.Tensor:
-    """Paper 1's optimal-denoiser algorithm (SPEC 1.2), re-implemented as a benchmark peer:
-    two float64 passes over the training batches with materialised broadcast differences
-    (B_x, B_y, D), a running max in pass 1 and exp-sums in pass 2 (Z in float32 as there)."""
+    """Paper 1's optimal-denoiser algorithm (``optimal_solver`` in its ``edm/generate.py``),
+    re-implemented as a benchmark peer: two float64 passes over the training batches with
+    materialised broadcast differences (B_x, B_y, D), a running max in pass 1 and exp-sums in
+    pass 2. As there, the rows are decoded in float32 (``u / 127.5 - 1``, then promoted by the
+    float64 queries) and the normaliser Z is accumulated in float32."""
     x = torch.as_tensor(x).double().reshape(x.shape[0], -1)
     std = float(sigma)
+
+    def rows(yb):
+        yb = torch.as_tensor(yb)
+        yb = yb.reshape(yb.shape[0], -1)
+        return (yb.float() / 127.5 - 1 if yb.dtype == torch.uint8 else yb.float()).double()
+
     m = torch.full((x.shape[0],), -float("inf"), dtype=torch.float64)
     for yb in train_batches():
-        y = _rows(yb)
+        y = rows(yb)
         d = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
         m = torch.maximum(m, (-d / std**2 / 2).max(1).values)
     z = torch.zeros(x.shape[0], dtype=torch.float32)
     a = torch.zeros_like(x)
     for yb in train_batches():
-        y = _rows(yb)
+        y = rows(yb)
         d = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
         p = torch.exp(-d / std**2 / 2 - m[:, None])
         z += p.sum(1).float()

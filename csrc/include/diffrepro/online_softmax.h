@@ -27,11 +27,12 @@ DR_HD SoftmaxState<T> softmax_init() {
   return {-static_cast<T>(INFINITY), T(0), T(0)};
 }
 
-// exp(a - b) with the empty-state guard: a state that has seen nothing (a = -inf) contributes
-// nothing, and -inf - (-inf) would otherwise be NaN.
+// exp((a - b) * scale) with the empty-state guard: a state that has seen nothing (a = -inf)
+// contributes nothing, and -inf - (-inf) would otherwise be NaN. scale converts score units to
+// logits (1 / sigma^2; 1 when a and b already are logits).
 template <class T>
-DR_HD T softmax_rescale(T a, T b) {
-  return a == -static_cast<T>(INFINITY) ? T(0) : static_cast<T>(exp(a - b));
+DR_HD T softmax_rescale(T a, T b, T scale = T(1)) {
+  return a == -static_cast<T>(INFINITY) ? T(0) : static_cast<T>(exp((a - b) * scale));
 }
 
 // Factors by which two accumulators are scaled when their states are merged.
@@ -42,11 +43,13 @@ struct MergeScales {
 };
 
 // Merges state b into a (associative and commutative up to rounding). Returns the factors by
-// which a's and b's accumulators A must be scaled before they are added.
+// which a's and b's accumulators A must be scaled before they are added. With maxima kept in
+// score units g (logits l = g * scale + per-query constant), pass scale: the constant cancels,
+// so merges never depend on ||x||^2 (logits.h).
 template <class T>
-DR_HD MergeScales<T> softmax_merge(SoftmaxState<T>& a, const SoftmaxState<T>& b) {
+DR_HD MergeScales<T> softmax_merge(SoftmaxState<T>& a, const SoftmaxState<T>& b, T scale = T(1)) {
   const T m = a.max > b.max ? a.max : b.max;
-  const MergeScales<T> f{softmax_rescale(a.max, m), softmax_rescale(b.max, m)};
+  const MergeScales<T> f{softmax_rescale(a.max, m, scale), softmax_rescale(b.max, m, scale)};
   a.max = m;
   a.sum = a.sum * f.a + b.sum * f.b;
   a.sum_sq = a.sum_sq * f.a * f.a + b.sum_sq * f.b * f.b;

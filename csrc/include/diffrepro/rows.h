@@ -68,4 +68,21 @@ DR_HD T load_row_value(RowType type, const void* base, index_t e) {
   }
 }
 
+// Partial float64 squared distance sum_{d = d0, d0 + step, ...} (x_d - y_nd)^2 between a query
+// x (type T) and stored row n, decoded to T and then widened, exactly as the kernels see it.
+// Every backend reports nearest distances with it (step = 1, or the thread stride of a block
+// whose partial sums are then reduced), so the reported distance does not depend on how the
+// scores were computed (GEMM in float32, centring, tiling).
+template <class T>
+DR_HD double row_sqdist_f64(const T* x, RowType type, const void* rows, index_t n, index_t D,
+                            index_t d0 = 0, index_t step = 1) {
+  double acc = 0.0;
+  for (index_t d = d0; d < D; d += step) {
+    const double diff = static_cast<double>(x[d]) -
+                        static_cast<double>(load_row_value<T>(type, rows, n * D + d));
+    acc += diff * diff;
+  }
+  return acc;
+}
+
 }  // namespace diffrepro

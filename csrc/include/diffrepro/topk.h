@@ -19,6 +19,13 @@ DR_HD bool topk_better(T sa, index_t ia, T sb, index_t ib, bool largest) {
   return ia < ib;
 }
 
+// The nearest-row rule of the denoiser: the smaller float64 squared distance, then the lower
+// index (index -1: no row yet, loses to any row). Exact duplicates therefore go to the lowest
+// index whatever the tiling, the threads or the chunking.
+DR_HD bool nearest_better(double da, index_t ia, double db, index_t ib) {
+  return topk_better(da, ia, db, ib, /*largest=*/false);
+}
+
 // Inserts (s, i) into the sorted list (scores, idx) of length k if it beats the worst entry.
 template <class T>
 DR_HD void topk_push(T* scores, index_t* idx, int k, T s, index_t i, bool largest) {
@@ -38,6 +45,24 @@ DR_HD void topk_push(T* scores, index_t* idx, int k, T s, index_t i, bool larges
 DR_HD float l2_from_dot(float q_norm2, float dot, float r_norm2) {
   const float v = q_norm2 - 2.0f * dot + r_norm2;
   return v > 0.0f ? v : 0.0f;
+}
+
+// Sorts a list of length k in place by topk_better (insertion sort: k is small and the list is
+// nearly sorted when only the precision of its scores changed).
+template <class T>
+DR_HD void topk_sort(T* scores, index_t* idx, int k, bool largest) {
+  for (int j = 1; j < k; ++j) {
+    const T s = scores[j];
+    const index_t i = idx[j];
+    int p = j;
+    while (p > 0 && topk_better(s, i, scores[p - 1], idx[p - 1], largest)) {
+      scores[p] = scores[p - 1];
+      idx[p] = idx[p - 1];
+      --p;
+    }
+    scores[p] = s;
+    idx[p] = i;
+  }
 }
 
 // Fills a list with padding: worst possible score and index -1.

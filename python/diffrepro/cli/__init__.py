@@ -9,7 +9,6 @@ handlers; the science lives in :mod:`diffrepro.generation`, :mod:`diffrepro.metr
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from . import _common
@@ -23,17 +22,17 @@ def _version() -> str:
     return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import analysis, features, generate, score, tools
+def build_parser() -> _common.ArgumentParser:
+    from . import analysis, features, generate, inverse, score, tools
 
-    p = argparse.ArgumentParser(
+    p = _common.ArgumentParser(
         prog="diffrepro", formatter_class=_common.HelpFormatter,
         description="Theoretical generations with the empirical optimal and Gaussian denoisers, SSCD "
                     "descriptors and reproducibility/generalisation scores (Zhang et al., ICML 2024; "
                     "Li, Dai, Qu, NeurIPS 2024).")
     p.add_argument("--version", action="version", version=f"diffrepro {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate, features, score, analysis, tools):
+    for module in (generate, features, score, analysis, tools, inverse):
         module.add_commands(sub)
     return p
 

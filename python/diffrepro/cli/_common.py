@@ -1,14 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """What every command shares: the error policy, argument types, input loaders that name the
-argument in their errors, and atomic JSON output.
+argument in their errors, and atomic JSON output that never replaces a file diffrepro did not write.
 
-Error policy (one line on stderr, never a usage block before a runtime error):
+Error policy (one line on stderr, never a usage block):
 
-- a bad argument or input value (:class:`UsageError`, or a ``ValueError`` raised while the
-  command checks its inputs) exits with status 2;
-- a failure while running (a file that cannot be read or written, :class:`RunError`,
-  ``OSError``) exits with status 1 and names the file;
+- a bad argument or input value (:class:`UsageError`, a ``ValueError`` raised while the command
+  checks its inputs, or an argparse error) exits with status 2;
+- a failure while running (a damaged or unreadable file, :class:`RunError`, ``OSError``) exits
+  with status 1 and names the file;
 - Ctrl-C exits with status 130 and says that rerunning the same command resumes;
+- a warning is one line ``diffrepro <cmd>: warning: ...``;
 - anything else is a bug and keeps its traceback.
 """
 
@@ -59,7 +60,20 @@ def run(args) -> int:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every flag's help ends with its default; descriptions keep their line breaks."""
+    """Every optional flag's help ends with its default; descriptions keep their line breaks."""
+
+    def _get_help_string(self, action):
+        if action.required or "default" in (action.help or ""):  # nothing to add, or the help says it
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the error policy: a bad or missing argument is one line and exit status 2,
+    with a pointer to ``--help`` instead of the usage block. Sub-parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def int_at_least(minimum: int):
@@ -117,13 +131,13 @@ def stem(path: str | os.PathLike) -> str:
     return name
 
 
-def out_path(args, inputs: list[str], tag: str, explicit: str | None = None, suffix: str = ".json") -> Path:
-    """``explicit``, or ``<stem of each input joined by '__'>.<tag><suffix>`` in ``--outdir`` (default:
+def out_path(args, inputs: list[str], tag: str, explicit: str | None = None) -> Path:
+    """``explicit``, or ``<stem of each input joined by '__'>.<tag>.json`` in ``--outdir`` (default:
     beside the first input), so that changing any input never overwrites an earlier result."""
     if explicit:
         return Path(explicit)
     folder = Path(args.outdir) if getattr(args, "outdir", None) else Path(os.path.abspath(inputs[0])).parent
-    return folder / f"{'__'.join(stem(p) for p in inputs)}.{tag}{suffix}"
+    return folder / f"{'__'.join(stem(p) for p in inputs)}.{tag}.json"
 
 
 def jsonable(obj: Any) -> Any:
@@ -145,6 +159,55 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return os.fspath(obj)
     return obj
+
+
+# Keys of the .npz files the commands write: per generation (score rp, gl-sscd, gl-nn) and the linear models
+# of distill (diffrepro.denoisers.linear).
+_OWN_NPZ_KEYS = ({"ids", "sim"}, {"ids", "nn_index", "max_sim"}, {"ids", "nn_index", "dist", "ratio"},
+                 {"W_eff", "b", "sigma", "mode", "M", "shape"})
+
+
+def result_path(args, inputs: list[str], tag: str, *beside: str) -> Path:
+    """:func:`out_path` for ``--json``, checked with :func:`refuse_overwrite` before any work, together
+    with the files of suffixes ``beside`` written next to it (``".npz"``, ``".png"``)."""
+    path = out_path(args, inputs, tag, getattr(args, "json", None))
+    arg = "--json" if getattr(args, "json", None) else "default output"
+    refuse_overwrite((arg, path), *((f"{arg} (its {suffix} beside it)", path.with_suffix(suffix)) for suffix in beside))
+    return path
+
+
+def written_by_diffrepro(path: Path) -> bool:
+    """True when ``path`` holds an output the commands write, so that replacing it loses nothing of the
+    user's: a result JSON (an object with "metric" or "rows"), one of their .npz files (exactly its keys)
+    or a matplotlib figure. Anything unreadable is not ours."""
+    from ..data import reading_file
+
+    try:
+        with reading_file(repr(str(path)), "an output of diffrepro", OSError, ValueError, SyntaxError):
+            if path.suffix == ".json":
+                obj = json.loads(path.read_bytes())
+                return isinstance(obj, dict) and ("metric" in obj or "rows" in obj)
+            if path.suffix == ".npz":
+                with np.load(path) as z:
+                    return set(z.files) in _OWN_NPZ_KEYS
+            if path.suffix == ".png":
+                import PIL.Image
+
+                with PIL.Image.open(path) as img:
+                    return str(img.info.get("Software", "")).startswith("Matplotlib")
+    except RunError:
+        return False
+    return False
+
+
+def refuse_overwrite(*outputs: tuple[str, Path]) -> None:
+    """Before any work: each ``(argument, path)`` output must be new or a file diffrepro wrote."""
+    for arg, path in outputs:
+        if path.is_dir():
+            raise UsageError(f"{arg}: expected a file path, got the folder {str(path)!r}")
+        if path.exists() and not written_by_diffrepro(path):
+            raise UsageError(f"{arg}: {str(path)!r} exists and was not written by diffrepro; refusing to overwrite "
+                             "it (choose another --json/--outdir, or remove the file)")
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -171,24 +234,41 @@ def require_path(arg: str, path: str, expected: str) -> None:
 
 
 def load_images(arg: str, path: str, max_images: int | None = None, progress: bool = False):
-    """A data set (uint8 [N, C, H, W]) and its ids: seeds for ``NNNNNN.png`` names, else file names,
-    else row numbers."""
+    """A data set (uint8 [N, C, H, W]) and its ids: seeds for ``NNNNNN.png`` names (a generate output
+    folder gives exactly its per-seed PNGs), else file names, else row numbers."""
     from ..data import load_dataset
-    from ..sscd import ids_from_names
 
     require_path(arg, path, "an image folder, EDM zip, CIFAR archive, .npz or .npy data set")
     try:
         ds = load_dataset(path, max_images=max_images, progress=progress)
     except ValueError as exc:
         raise UsageError(f"{arg}: {exc}") from exc
+    except RunError as exc:
+        raise RunError(f"{arg}: {exc}") from exc
     if len(ds) == 0:
         raise UsageError(f"{arg}: {path!r} holds no images")
-    ids = np.arange(len(ds), dtype=np.int64) if ds.names is None else ids_from_names(ds.names)
-    return ds, ids
+    if ds.names is None:
+        return ds, np.arange(len(ds), dtype=np.int64)
+    from ..sscd import ids_from_names
+
+    return ds, ids_from_names(ds.names)
+
+
+def check_descriptor_rows(arg: str, path: str, features: np.ndarray, ids=None) -> None:
+    """Refuse NaN, infinite or all-zero descriptor rows (a cosine is undefined there), naming the row."""
+    from ..metrics import bad_descriptor_rows
+
+    bad, why = bad_descriptor_rows(features)
+    if len(bad):
+        which = f"row {bad[0]}" + (f" (id {ids[bad[0]]})" if ids is not None else "")
+        raise UsageError(f"{arg}: {path!r}: {which} is {why} ({len(bad)} such rows in all); expected finite, "
+                         "non-zero descriptors (re-extract them with 'diffrepro features')")
 
 
 def load_feature_file(arg: str, path: str, need_ids: bool = True):
-    """A feature file written by ``diffrepro features`` (with ids unless ``need_ids`` is False)."""
+    """A feature file written by ``diffrepro features`` (with ids unless ``need_ids`` is False), with
+    finite, non-zero rows."""
+    from ..data import reading_file
     from ..sscd import load_features
 
     expected = "a .npz feature file written by 'diffrepro features'"
@@ -196,7 +276,9 @@ def load_feature_file(arg: str, path: str, need_ids: bool = True):
     if os.path.isdir(path) or not path.endswith(".npz"):
         raise UsageError(f"{arg}: expected {expected}, got {path!r}")
     try:
-        feats = load_features(path)
+        # numpy raises ValueError for a file that is not an .npz at all
+        with reading_file(f"{arg}: {path!r}", expected, ValueError):
+            feats = load_features(path)
     except KeyError as exc:
         raise UsageError(f"{arg}: {path!r} is not a feature file (no 'features' array)") from exc
     if feats.ids is None and need_ids:
@@ -204,4 +286,5 @@ def load_feature_file(arg: str, path: str, need_ids: bool = True):
                          "rows by position, or re-extract it with 'diffrepro features' to pair by seed")
     if feats.features.ndim != 2 or len(feats.features) == 0:
         raise UsageError(f"{arg}: expected features of shape [N, D] with N >= 1, got {feats.features.shape}")
+    check_descriptor_rows(arg, path, feats.features, feats.ids)
     return feats

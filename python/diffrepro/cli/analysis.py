@@ -16,9 +16,10 @@ from ._common import (
     int_at_least,
     load_images,
     nonneg_float,
-    out_path,
     positive_float,
     progress_enabled,
+    refuse_overwrite,
+    result_path,
     write_json,
 )
 
@@ -69,7 +70,8 @@ def add_commands(sub) -> None:
                                    "(W_eff, b, sigma, mode, M, stacked over sigma) and report the weight NMSE against "
                                    "the Gaussian (Wiener) weights of --train.")
     _denoiser_args(p)
-    p.add_argument("--M", type=int_at_least(1), default=None, help="inputs per sigma (default: 20 d; lstsq needs M > d + 1)")
+    p.add_argument("--M", type=int_at_least(1), default=None,
+                   help="inputs per sigma (default: 20 d; lstsq needs M > d + 1)")
     p.add_argument("--mode", default="lstsq", choices=("lstsq", "adam"), help="closed form or the paper's Adam")
     p.add_argument("--ridge", type=nonneg_float, default=0.0, help="lstsq ridge penalty")
     p.add_argument("--epochs", type=int_at_least(1), default=100, help="adam: passes over --images")
@@ -104,10 +106,13 @@ def _make_denoiser(args, progress: bool):
     """(denoiser, training images or None) for --denoiser/--train."""
     import torch
 
+    from ..data import reading_file
     from ..denoisers import EmpiricalDenoiser, GaussianDenoiser
 
     if args.denoiser == "gaussian" and args.train.endswith(".npz") and os.path.isfile(args.train):
-        with np.load(args.train) as z:
+        # numpy raises ValueError for a file that is not an .npz at all
+        with reading_file(f"--train: {args.train!r}", "a data set or Gaussian statistics .npz", ValueError), \
+                np.load(args.train) as z:
             is_stats = "lam" in z.files
         if is_stats:
             with usage_errors("--train"):
@@ -147,6 +152,9 @@ def _cmd_linearity(args) -> int:
     y = _held_out(args, den, 2 * args.pairs)
     if len(y) < 2 * args.pairs:
         raise UsageError(f"--images: --pairs {args.pairs} needs {2 * args.pairs} images, got {len(y)}")
+    path = result_path(args, [args.images, args.train], f"linearity-{args.denoiser}")
+    png = Path(args.plot) if args.plot else path.with_suffix(".png")
+    refuse_overwrite(("--plot" if args.plot else "default plot", png))
     if args.dry_run:
         evaluations = len(sigmas) * args.pairs * (2 + len(a_values))
         print(_cost_line("linearity", None if train is None else len(train), int(np.prod(y.shape[1:])),
@@ -155,11 +163,9 @@ def _cmd_linearity(args) -> int:
     res = sweeps.linearity_sweep(den, y, sigmas, pairs=args.pairs, a_values=a_values, inputs=args.inputs,
                                  abs_cos=args.abs_cos, nmse_squared=args.nmse_squared, seed=args.seed,
                                  device=args.device, progress=progress)
-    path = out_path(args, [args.images, args.train], f"linearity-{args.denoiser}", args.json)
     out = {"metric": "linearity", "denoiser": args.denoiser, **res, "train": os.path.abspath(args.train),
            "images": os.path.abspath(args.images), "layout": "cos[i][j], nmse[i][j]: sigma[i], a[j]"}
     if plots.available():
-        png = Path(args.plot) if args.plot else path.with_suffix(".png")
         main = res["main_a"]
         curves = {f"cos a={a:g}": res["cos"][:, j] for j, a in enumerate(res["a"])}
         curves[f"nmse a={main:g}"] = res["nmse_main"]
@@ -170,7 +176,8 @@ def _cmd_linearity(args) -> int:
         warnings.warn("matplotlib is not installed: the plot was skipped (pip install matplotlib)", stacklevel=1)
     write_json(path, out)
     cos, nmse = res["cos_main"], res["nmse_main"]
-    print(f"linearity ({args.denoiser}, a={res['main_a']:g}, {args.pairs} pairs): cos {cos.min():.4f}...{cos.max():.4f}, "
+    print(f"linearity ({args.denoiser}, a={res['main_a']:g}, {args.pairs} pairs): "
+          f"cos {cos.min():.4f}...{cos.max():.4f}, "
           f"nmse {nmse.min():.4f}...{nmse.max():.4f} over {len(sigmas)} sigmas -> {path}"
           + (f", {out['png']}" if "png" in out else ""))
     return 0
@@ -190,6 +197,9 @@ def _cmd_distill(args) -> int:
         raise UsageError(f"--M: least squares needs M > d + 1 = {d + 1} inputs, got {M}")
     model_bytes = len(sigmas) * (d * d + d) * 8
     evaluations = len(sigmas) * (M if args.mode == "lstsq" else args.epochs * len(y))
+    path = result_path(args, [args.images, args.train], f"distill-{args.denoiser}")
+    model_path = Path(args.out) if args.out else path.with_suffix(".npz")
+    refuse_overwrite(("--out" if args.out else "default models file", model_path))
     if args.dry_run:
         print(_cost_line("distill", None if train is None else len(train), d, evaluations, args.denoiser)
               + f"; the models would take {model_bytes / 2**20:.0f} MiB")
@@ -204,8 +214,6 @@ def _cmd_distill(args) -> int:
                                            ridge=args.ridge, epochs=args.epochs, lr=args.lr,
                                            batch_size=args.batch_size, seed=args.seed, device=args.device,
                                            progress=progress)
-    path = out_path(args, [args.images, args.train], f"distill-{args.denoiser}", args.json)
-    model_path = Path(args.out) if args.out else path.with_suffix(".npz")
     model_path.parent.mkdir(parents=True, exist_ok=True)
     models.save(model_path)
     same = os.path.abspath(args.images) == os.path.abspath(args.train)

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from ..errors import UsageError, usage_errors
+from ..errors import RunError, UsageError, usage_errors
 from ._common import (
     HelpFormatter,
     int_at_least,
@@ -28,8 +28,8 @@ def add_commands(sub) -> None:
                     "(float32 [N, D]), ids (int64 seeds for folders of NNNNNN.png, file names otherwise) and "
                     "meta (JSON: model sha256, preprocessing, images sha256). An up-to-date --out is reused "
                     "unless --force; a file that is not a diffrepro feature file is never overwritten.")
-    p.add_argument("--images", required=True, metavar="DIR|ZIP", help="image folder (e.g. a generate output), "
-                   "EDM zip or data set file")
+    p.add_argument("--images", required=True, metavar="DIR|ZIP", help="image folder, EDM zip or data set file; "
+                   "a generate output folder gives exactly its per-seed PNGs, ids = seeds")
     p.add_argument("--model", required=True, metavar="FILE", help="SSCD model file (TorchScript)")
     p.add_argument("--out", required=True, metavar="F.npz", help="feature file to write")
     p.add_argument("--preprocess", default="p1_pil320", choices=_PRESETS,
@@ -37,7 +37,8 @@ def add_commands(sub) -> None:
                         "short288: SSCD's short-edge 288")
     p.add_argument("--device", default="cpu", help="device to run the model on")
     p.add_argument("--batch-size", type=int_at_least(1), default=256, help="images per forward pass")
-    p.add_argument("--max-images", type=int_at_least(1), default=None, help="first N images in sorted order")
+    p.add_argument("--max-images", type=int_at_least(1), default=None,
+                   help="first N images in sorted name order (a generate folder: its first N seeds)")
     p.add_argument("--grey-to-rgb", action="store_true", help="replicate 1-channel images to RGB")
     p.add_argument("--allow-tf32", action="store_true", help="allow TF32 on CUDA (Zhang et al. ran with it)")
     p.add_argument("--cache-dir", default=None, help="also cache descriptors by image content here")
@@ -49,18 +50,38 @@ def add_commands(sub) -> None:
 
 def _is_feature_file(path: str) -> bool:
     """True when ``path`` holds a feature file diffrepro wrote (its metadata proves it)."""
+    from ..data import reading_file
     from ..sscd import load_features
 
     try:
-        old = load_features(path)
-    except (OSError, ValueError, KeyError):
+        with reading_file(repr(path), "a feature file", OSError, ValueError):
+            old = load_features(path)
+    except (RunError, KeyError):
         return False
     return old.ids is not None and "model_sha256" in old.meta and "preprocess" in old.meta
 
 
+def _load_model(args):
+    """The descriptor model of ``--model``; a file torch cannot load is a :class:`RunError` naming it."""
+    from ..sscd import SSCDExtractor
+
+    with usage_errors("--model"):
+        try:
+            return SSCDExtractor(args.model, preprocess=args.preprocess, device=args.device,
+                                 batch_size=args.batch_size, grey_to_rgb=args.grey_to_rgb,
+                                 cache=args.cache_dir if args.cache_dir else False,
+                                 allow_tf32=args.allow_tf32, progress=progress_enabled(args))
+        except RunError:
+            raise
+        except RuntimeError as exc:  # torch.jit.load: "PytorchStreamReader failed ...", "Expected hasRecord ..."
+            first = " ".join(str(exc).split("\n", 1)[0].split())[:200]
+            raise RunError(f"--model: cannot load {args.model!r} as a TorchScript model ({first}); expected an "
+                           "SSCD TorchScript file such as sscd_disc_mixup.torchscript.pt") from exc
+
+
 def _cmd_features(args) -> int:
     from ..data import dataset_hash
-    from ..sscd import SSCDExtractor, load_features, save_features
+    from ..sscd import load_features, save_features
 
     require_path("--model", args.model, "an SSCD model file")
     if os.path.isdir(args.model):
@@ -70,15 +91,11 @@ def _cmd_features(args) -> int:
     if os.path.exists(args.out) and not _is_feature_file(args.out):
         raise UsageError(f"--out: {args.out!r} exists and is not a feature file written by diffrepro; "
                          "refusing to overwrite it (choose another --out or remove the file)")
+    extractor = _load_model(args)  # before decoding any image: a bad --model fails at once
     ds, ids = load_images("--images", args.images, args.max_images, progress=progress_enabled(args))
     if len(np.unique(ids)) != len(ids):
         raise UsageError(f"--images: image ids must be unique, but {args.images!r} holds repeated seeds "
                          "(the same NNNNNN.png in two sub-folders?)")
-    with usage_errors("--model"):
-        extractor = SSCDExtractor(args.model, preprocess=args.preprocess, device=args.device,
-                                  batch_size=args.batch_size, grey_to_rgb=args.grey_to_rgb,
-                                  cache=args.cache_dir if args.cache_dir else False,
-                                  allow_tf32=args.allow_tf32, progress=progress_enabled(args))
     if args.dry_run:
         probe = ds.images[:min(len(ds), args.batch_size, 32)]
         start = time.perf_counter()

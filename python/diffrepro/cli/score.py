@@ -24,8 +24,9 @@ from ._common import (
     load_feature_file,
     load_images,
     nonneg_float,
-    out_path,
+    refuse_overwrite,
     require_path,
+    result_path,
     stem,
     write_json,
 )
@@ -157,9 +158,9 @@ def _cmd_rp(args) -> int:
         rows = np.arange(len(a.features), dtype=np.int64)
         a, b = Features(a.features, rows, a.meta), Features(b.features, rows, b.meta)
     model = _check_same_model([("--a", a.meta), ("--b", b.meta)], args.allow_mixed_models)
+    path = result_path(args, [args.a, args.b], "rp", ".npz")
     with usage_errors("--a/--b"):
         res = metrics.rp(a, b, tau=args.tau)
-    path = out_path(args, [args.a, args.b], "rp", args.json)
     per = _save_per_generation(path, ids=res["ids"], sim=res["sim"])
     out = {"metric": "rp", **{k: res[k] for k in ("rp", "count", "n", "ci95", "tau")},
            "comparison": "sim > tau", "pair_by": args.pair_by, "mean_sim": float(np.mean(res["sim"])),
@@ -172,16 +173,16 @@ def _cmd_rp(args) -> int:
 
 
 def _cmd_mae(args) -> int:
-    from .. import metrics
-
     da, ids_a = load_images("--a", args.a)
     db, ids_b = load_images("--b", args.b)
     if da.images.shape[1:] != db.images.shape[1:]:
         raise UsageError(f"--a and --b: images must have the same shape, got {list(da.images.shape[1:])} "
                          f"and {list(db.images.shape[1:])}")
+    path = result_path(args, [args.a, args.b], "mae")
+    from .. import metrics  # after the inputs and outputs are checked: those errors come before torch is imported
+
     with usage_errors("--a/--b"):
         res = metrics.mae_score(da.images, db.images, thresh=args.thresh, ids1=ids_a, ids2=ids_b)
-    path = out_path(args, [args.a, args.b], "mae", args.json)
     out = {"metric": "mae", **{k: res[k] for k in ("mae_score", "count", "n", "ci95", "thresh")},
            "comparison": "mae < thresh", "mean_mae": float(np.mean(res["mae"])),
            "a": os.path.abspath(args.a), "b": os.path.abspath(args.b)}
@@ -193,6 +194,8 @@ def _cmd_mae(args) -> int:
 
 def _open_train_descriptors(path: str, dim: int):
     """``--train`` of gl-sscd: a feature file (in memory, with its metadata) or a memory-mapped .npy."""
+    from ..data import reading_file
+
     expected = "a .npz feature file or a float32/float16 [N, D] .npy descriptor file"
     require_path("--train", path, expected)
     meta: dict = {}
@@ -200,10 +203,9 @@ def _open_train_descriptors(path: str, dim: int):
         feats = load_feature_file("--train", path, need_ids=False)
         arr, meta = feats.features, feats.meta
     elif path.endswith(".npy"):
-        try:
+        # numpy raises ValueError for a damaged header or a file shorter than its header says
+        with reading_file(f"--train: {path!r}", "a float32/float16 [N, D] .npy descriptor file", ValueError):
             arr = np.load(path, mmap_mode="r")
-        except ValueError as exc:
-            raise UsageError(f"--train: cannot memory-map {path!r}: {exc}") from exc
         if arr.dtype not in (np.float32, np.float16):
             raise UsageError(f"--train: expected float32 or float16 descriptors in {path!r}, got dtype {arr.dtype}")
     else:
@@ -221,9 +223,9 @@ def _cmd_gl_sscd(args) -> int:
     gen = load_feature_file("--gen", args.gen, need_ids=False)  # GL needs no pairing: files without ids are fine
     train, train_meta = _open_train_descriptors(args.train, gen.features.shape[1])
     model = _check_same_model([("--gen", gen.meta), ("--train", train_meta)], args.allow_mixed_models)
+    path = result_path(args, [args.gen, args.train], "gl-sscd", ".npz")
     with usage_errors("--train"):
         res = metrics.gl_sscd(gen.features, train, tau=args.tau, chunk_rows=args.chunk_rows)
-    path = out_path(args, [args.gen, args.train], "gl-sscd", args.json)
     ids = gen.ids if gen.ids is not None else np.arange(len(gen.features), dtype=np.int64)
     per = _save_per_generation(path, ids=ids, nn_index=res["nn_index"], max_sim=res["max_sim"])
     out = {"metric": "gl_sscd",
@@ -240,36 +242,52 @@ def _cmd_gl_sscd(args) -> int:
     return 0
 
 
+def _float_generations(path: str, max_gen: int | None):
+    """The float array (key x, samples, images or x0) and ids (``seeds``, else rows) of a .npz of
+    generations, or None when it holds no float array (uint8 images are read as a data set)."""
+    from ..data import reading_file
+
+    # numpy raises ValueError for a file that is not an .npz at all
+    with reading_file(f"--gen: {path!r}", "a .npz of generations", ValueError), np.load(path) as z:
+        key = next((k for k in ("x", "samples", "images", "x0")
+                    if k in z.files and np.issubdtype(z[k].dtype, np.floating)), None)
+        if key is None:
+            return None
+        x = np.asarray(z[key][:max_gen])
+        ids = np.asarray(z["seeds"][:max_gen]) if "seeds" in z.files else np.arange(len(x))
+    if x.ndim != 4:
+        raise UsageError(f"--gen: float array {key!r} in {path!r} must be [K, C, H, W], got {x.shape}")
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    if len(bad):
+        raise UsageError(f"--gen: {path!r}: generation {ids[bad[0]]} (row {bad[0]}) is NaN or infinite; "
+                         "expected images in [-1, 1]")
+    return x, ids
+
+
 def _load_generations(path: str, max_gen: int | None) -> tuple[np.ndarray, np.ndarray]:
     """``--gen`` of gl-nn: float [K, C, H, W] in [-1, 1] and ids (uint8 images are decoded)."""
     from ..data import decode
 
-    if path.endswith(".npz") and os.path.isfile(path):
-        with np.load(path) as z:
-            for key in ("x", "samples", "images", "x0"):
-                if key in z.files and np.issubdtype(z[key].dtype, np.floating):
-                    x = np.asarray(z[key][:max_gen])
-                    if x.ndim != 4:
-                        raise UsageError(f"--gen: float array {key!r} in {path!r} must be [K, C, H, W], got {x.shape}")
-                    ids = np.asarray(z["seeds"][:max_gen]) if "seeds" in z.files else np.arange(len(x))
-                    return x, ids
+    floats = _float_generations(path, max_gen) if path.endswith(".npz") and os.path.isfile(path) else None
+    if floats is not None:
+        return floats
     ds, ids = load_images("--gen", path, max_gen)
     return decode(ds.images), ids
 
 
 def _cmd_gl_nn(args) -> int:
-    from .. import metrics
-
     require_path("--gen", args.gen, "an image folder/zip or a .npz of generations")
     gen, ids = _load_generations(args.gen, args.max_gen)
     train, _ = load_images("--train", args.train)
     if tuple(gen.shape[1:]) != tuple(train.images.shape[1:]):
         raise UsageError(f"--gen and --train: images must have the same [C, H, W], got {list(gen.shape[1:])} "
                          f"and {list(train.images.shape[1:])}")
+    path = result_path(args, [args.gen, args.train], "gl-nn", ".npz")
+    from .. import metrics  # after the inputs and outputs are checked: those errors come before torch is imported
+
     with usage_errors("--gen"):
         res = metrics.gl_nn(gen, train.images, normalize=args.normalize, quantize=args.quantize,
                             chunk_rows=args.chunk_rows)
-    path = out_path(args, [args.gen, args.train], "gl-nn", args.json)
     per = _save_per_generation(path, ids=ids, nn_index=res["nn_index"], dist=res["dist"], ratio=res["ratio"])
     out = {"metric": "gl_nn", **{k: res[k] for k in ("gl_nn", "n", "std", "ci95", "normalize")},
            "ci95_method": "normal approximation of the mean", "quantize": args.quantize, "n_train": len(train),
@@ -300,15 +318,16 @@ def _cmd_matrix(args) -> int:
         for i, p in enumerate(args.inputs):
             ds, ids = load_images(f"--features[{i}]", p)
             items.append((ds.images, ids))
+    path = result_path(args, args.inputs, f"{args.metric}-matrix")
+    png = Path(args.png) if args.png else path.with_suffix(".png")
+    refuse_overwrite(("--png" if args.png else "default heatmap", png))
     with usage_errors("--features"):
         res = metrics.similarity_matrix(items, args.metric, names=names, tau=args.tau, thresh=args.thresh)
-    path = out_path(args, args.inputs, f"{args.metric}-matrix", args.json)
     out = {"metric": args.metric, "names": names, "matrix": res["matrix"], "count": res["count"],
            "n": res["n"], "ci95": res["ci95"], "diagonal": "defined as 1, not computed",
            **({"tau": args.tau, "comparison": "sim > tau", **model} if args.metric == "rp"
               else {"thresh": args.thresh, "comparison": "mae < thresh"}),
            "inputs": [os.path.abspath(p) for p in args.inputs]}
-    png = Path(args.png) if args.png else path.with_suffix(".png")
     if plots.available():
         plots.plot_similarity_matrix(res["matrix"], png, names=names,
                                      title=f"{args.metric.upper()} ({'tau' if args.metric == 'rp' else 'thresh'}="

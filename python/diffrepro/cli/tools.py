@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._common import HelpFormatter, int_at_least, write_json
+from ._common import HelpFormatter, int_at_least, refuse_overwrite, write_json
 
 
 def add_commands(sub) -> None:
@@ -35,6 +35,8 @@ def _cmd_info(args) -> int:
 def _cmd_bench(args) -> int:
     from .. import benchmarks
 
+    if args.json:
+        refuse_overwrite(("--json", Path(args.json)))
     rows = benchmarks.run_table(args.sizes, rounds=args.rounds)
     print(benchmarks.format_table(rows))
     if args.json:

@@ -1,0 +1,70 @@
+// SPDX-License-Identifier: Apache-2.0
+// One argument struct per op (flash-attention's Params idiom), passed unchanged through every
+// backend (CPU, CUDA, CUDA emulator) and filled once by the bindings: no entry point repeats a
+// long list of positional pointers and sizes. Plain aggregates, so kernels take them by value.
+#pragma once
+
+#include "diffrepro/config.h"
+#include "diffrepro/status.h"
+
+namespace diffrepro {
+
+// Largest k of nn_search on the CUDA kernels (and their emulator); the CPU path has no limit.
+inline constexpr int kSearchMaxK = 128;
+
+// Empirical optimal denoiser over one chunk of training rows (global index of row n is
+// row_offset + n). T = float (speed path) or double (reference path).
+//
+// True logits are l_n = -||x_q - y_n||^2 / (2 sigma_q^2). Outputs (the DenoiserState of the
+// Python API), per query:
+//   max_logit + max_logit_lo : max_n l_n as an unevaluated float64 sum (hi + lo, see
+//                              logits.h); lo keeps the digits a huge ||x||^2 / 2 sigma^2 would
+//                              otherwise round away, so chunk states merge exactly at any scale
+//   sum_exp, sum_exp_sq      : sum_n exp(l_n - max), sum_n exp(l_n - max)^2
+//   weighted_sum             : sum_n exp(l_n - max) y_n (y_n as stored, uncentred)
+//   nearest_index            : the row nearest to x_q, lowest index among equal distances
+//   nearest_sqdist           : ||x_q - y_nearest||^2 in float64 from the decoded values
+template <class T>
+struct DenoiserArgs {
+  const T* x;                 // [Q, D] queries x~ = x / s
+  const void* y;              // [N, D] training rows of storage type y_type
+  RowType y_type;
+  index_t Q, N, D;
+  const T* center;            // [D] centring vector c (logits are invariant to a common shift)
+  const double* inv_sigma2;   // [Q] 1 / sigma^2
+  index_t row_offset;
+  double* max_logit;          // [Q]
+  double* max_logit_lo;       // [Q]
+  double* sum_exp;            // [Q]
+  double* sum_exp_sq;         // [Q]
+  T* weighted_sum;            // [Q, D]
+  index_t* nearest_index;     // [Q]
+  double* nearest_sqdist;     // [Q]
+};
+
+// Top-k search over one chunk of reference rows. inner_product: largest <q, r> first; otherwise
+// smallest ||q - r||^2 first, reported as the float64 distance rounded to float32. Equal scores
+// go to the lower global index; when k > N the tail is padding (index -1, worst score).
+struct SearchArgs {
+  const float* queries;       // [Q, D]
+  const void* refs;           // [N, D] reference rows of storage type refs_type
+  RowType refs_type;
+  index_t Q, N, D;
+  int k;
+  bool inner_product;
+  const float* center;        // [D] or nullptr: L2 scores are formed on q - c and r - c (CPU)
+  index_t row_offset;
+  float* values;              // [Q, k]
+  index_t* indices;           // [Q, k]
+};
+
+// Knobs of the backends. Each backend reads its own and ignores the others.
+struct Tuning {
+  index_t tile_rows = 0;      // CPU: rows per tile (0: tiling.h's planner)
+  int workers = 1;            // CPU: threads
+  int config = -1;            // CUDA / emulator: tile configuration (-1: automatic)
+  int splits = 0;             // CUDA / emulator: row splits across blocks (0: automatic)
+  void* workspace = nullptr;  // CUDA / emulator: scratch of <op>_workspace_bytes bytes
+};
+
+}  // namespace diffrepro

@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: Apache-2.0
+// Logit reconstruction shared by the CPU loops and the CUDA kernels. The kernels work in score
+// units g_n = <x - c, y_n - c> - ||y_n - c||^2 / 2, which do not contain ||x - c||^2: the logit is
+//   l_n = (g_n - h) / sigma^2,   h = ||x - c||^2 / 2,
+// and softmax differences l_a - l_b = (g_a - g_b) / sigma^2 never see h. States are merged in
+// score units inside a call; h enters once, at the output, where l is written as an unevaluated
+// float64 sum hi + lo (double-double). A query of norm 1e15 has h ~ 1e30 D: in one float64 the
+// logit would keep no digit of g, and two chunk states would merge on rounding noise.
+#pragma once
+
+#include <cmath>
+
+#include "diffrepro/config.h"
+
+namespace diffrepro {
+
+// Knuth's TwoSum: s + e == a + b exactly (round-to-nearest, no overflow).
+DR_HD void two_sum(double a, double b, double& s, double& e) {
+  s = a + b;
+  const double bb = s - a;
+  e = (a - (s - bb)) + (b - bb);
+}
+
+// h = ||x - c||^2 / 2 as hi + lo. For float inputs each square is exact in float64 (24-bit
+// mantissas), so only the additions round and TwoSum keeps their error; for double inputs the
+// product error comes from an FMA. Relative error ~1e-32: far below the float scores' own.
+template <class T>
+DR_HD void half_sqnorm_dd(const T* x, const T* center, index_t D, double& hi, double& lo) {
+  double s = 0.0, e = 0.0;
+  for (index_t d = 0; d < D; ++d) {
+    const T v = x[d] - center[d];
+    const double p = static_cast<double>(v) * static_cast<double>(v);
+    double pe = 0.0;
+    if constexpr (sizeof(T) > 4) pe = fma(static_cast<double>(v), static_cast<double>(v), -p);
+    double t, te;
+    two_sum(s, p, t, te);
+    s = t;
+    e += te + pe;
+  }
+  two_sum(0.5 * s, 0.5 * e, hi, lo);  // halving is exact
+}
+
+// l = (g - h) * inv_sigma2 as hi + lo, for the maximum score g of a query and h from
+// half_sqnorm_dd. Used once per query and chunk by every backend.
+DR_HD void logit_from_score(double g, double h_hi, double h_lo, double inv_sigma2, double& hi,
+                            double& lo) {
+  double s, e;
+  two_sum(g, -h_hi, s, e);
+  e -= h_lo;
+  const double p = s * inv_sigma2;
+  const double pe = fma(s, inv_sigma2, -p);
+  two_sum(p, pe + e * inv_sigma2, hi, lo);
+}
+
+// Bound on |computed - exact| of a score g = <x', y'> - ||y'||^2 / 2 formed in type T over D
+// terms by any summation order (GEMM blocking included): |error| <= gamma (|x'| |y'| +
+// ||y'||^2 / 2) with gamma = (D + 4) u, u the unit roundoff of T (Higham, Accuracy and
+// Stability of Numerical Algorithms, eq. 3.5), plus a few u for the rounding of the norm, the
+// difference and the centring x - c, y - c.
+template <class T>
+DR_HD double score_error_gamma(index_t D) {
+  const double u = sizeof(T) > 4 ? 1.1102230246251565e-16 : 5.9604644775390625e-08;
+  return static_cast<double>(D + 8) * u;
+}
+
+}  // namespace diffrepro
