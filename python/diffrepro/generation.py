@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 
 from . import data, distributed, metrics, noise, plots, samplers
 from ._backend import build_info
-from .errors import RunError, UsageError
 from .denoisers import EmpiricalDenoiser, GaussianDenoiser, TimedDenoiser
+from .errors import RunError, UsageError
 from .samplers import has_closed_form, nfe, sample
 
 __all__ = ["BatchPlan", "SeedRanges", "demo", "estimate_cost", "format_seeds", "generate", "load_outputs", "plan_work"]
