@@ -24,6 +24,7 @@ import time
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
+
 from diffrepro import benchmarks, distributed, empirical_denoiser, empirical_denoiser_partial
 
 SIGMA = 1.0

@@ -17,10 +17,11 @@ import PIL.Image
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import assert_f32_accuracy, naive_float32_denoiser
+
 from diffrepro import data, distributed, generation, nn_search, nn_search_partial, reference
 from diffrepro.cli import main
 from diffrepro.denoisers import EmpiricalDenoiser
-from helpers import assert_f32_accuracy, naive_float32_denoiser
 
 # One kernel thread in every process, so that each batch is computed the same way everywhere.
 ENV = {**os.environ, "DIFFREPRO_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -5,11 +5,11 @@ CIFAR-10 python archive by the tests themselves."""
 import json
 import os
 import tarfile
-import warnings
 
 import numpy as np
 import PIL.Image
 import pytest
+
 from diffrepro import data, generation, metrics, noise, samplers
 from diffrepro.cli import main
 from diffrepro.denoisers import EmpiricalDenoiser, GaussianDenoiser

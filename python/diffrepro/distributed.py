@@ -546,20 +546,30 @@ class ShardedEmpiricalDenoiser(Denoiser):
         nearest = part.nearest_index
         if index is not None and len(rows):
             nearest = torch.where(nearest >= 0, index.to(nearest.device)[nearest.clamp_min(0)], nearest)
-        # One MAX of the row maxima and of the negated nearest distances, one float64 SUM of the
-        # rescaled sums, then the lowest global index among the rows at the smallest distance.
-        top = self._reduce(torch.cat([part.max_logit, -part.nearest_sqdist]), "max", "denoiser call (max)")
-        m, best = top[:len(q)], -top[len(q):]
-        f = torch.where(part.max_logit == -float("inf"), 0.0, torch.exp(part.max_logit - m))
+        # The max logit is the pair hi + lo (merge_states): MAX of the hi parts (with the negated
+        # nearest distances), then MAX of the lo parts among the ranks at the top hi (with the
+        # negated lowest global index among the rows at the smallest distance), then one float64
+        # SUM of the rescaled sums.
+        n = len(q)
+        hi = part.max_logit
+        lo = part.max_logit_lo if part.max_logit_lo is not None else torch.zeros_like(hi)
+        top = self._reduce(torch.cat([hi, -part.nearest_sqdist]), "max", "denoiser call (max)")
+        m_hi, best = top[:n], -top[n:]
+        at_top = (hi == m_hi) & (hi > -float("inf"))
+        cand = torch.where((nearest >= 0) & (part.nearest_sqdist == best), nearest, torch.iinfo(torch.int64).max)
+        second = self._reduce(torch.cat([torch.where(at_top, lo, -float("inf")), -cand.to(torch.float64)]), "max",
+                              "denoiser call (nearest)")
+        m_lo, first = second[:n], (-second[n:]).to(torch.int64)  # indices < 2^53: exact in float64
+        f = torch.where(hi == -float("inf"), 0.0, torch.exp((hi - m_hi) + (lo - m_lo)))
         packed = torch.cat([(part.sum_exp * f)[:, None], (part.sum_exp_sq * f * f)[:, None],
                             part.weighted_sum.double() * f[:, None]], 1)
         packed = self._reduce(packed, "sum", "denoiser call (sums)")
-        cand = torch.where((nearest >= 0) & (part.nearest_sqdist == best), nearest, torch.iinfo(torch.int64).max)
-        cand = self._reduce(cand, "min", "denoiser call (nearest)")
+        # replace() keeps the fields that hold for every rank (sigma, s, query fingerprint); the rows
+        # covered are every rank's, recorded as unknown rather than as this shard's.
         state = dataclasses.replace(
-            part, max_logit=m, sum_exp=packed[:, 0].contiguous(), sum_exp_sq=packed[:, 1].contiguous(),
-            weighted_sum=packed[:, 2:].to(part.weighted_sum.dtype).contiguous(), nearest_index=cand,
-            nearest_sqdist=best)
+            part, max_logit=m_hi, max_logit_lo=m_lo, sum_exp=packed[:, 0].contiguous(),
+            sum_exp_sq=packed[:, 1].contiguous(), weighted_sum=packed[:, 2:].to(part.weighted_sum.dtype).contiguous(),
+            nearest_index=first, nearest_sqdist=best, rows=None)
         return finalize(state)
 
     def _groups(self, x, class_labels):

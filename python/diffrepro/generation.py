@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 
 from . import data, distributed, metrics, noise, plots, samplers
 from ._backend import build_info
-from .errors import RunError, UsageError
 from .denoisers import EmpiricalDenoiser, GaussianDenoiser, TimedDenoiser
+from .errors import RunError, UsageError
 from .samplers import has_closed_form, nfe, sample
 
 __all__ = ["BatchPlan", "SeedRanges", "demo", "estimate_cost", "format_seeds", "generate", "load_outputs", "plan_work"]
@@ -76,9 +76,6 @@ def _flops_per_sample(denoiser, sampler: str, steps: int, class_idx) -> float | 
 
 # ------------------------------------------------------------------------------------------------
 # Seeds as ranges; EDM's batch split by arithmetic
-
-_RANGE_RE = re.compile(r"^(\d+)-(\d+)$")
-
 
 class SeedRanges:
     """Unique seeds held as runs ``[start, stop)`` in the order given (EDM's seed syntax), so that
@@ -120,19 +117,17 @@ class SeedRanges:
             seeds = noise.parse_seeds(spec)  # validates a sequence of non-negative ints
             return cls((s, s + 1) for s in seeds)
         runs = []
-        for part in spec.split(","):
+        for part in spec.split(","):  # noise.parse_seeds's grammar, without enumerating ranges
             part = part.strip()
-            m = _RANGE_RE.match(part)
-            if m:
-                lo, hi = int(m.group(1)), int(m.group(2))
-                if hi < lo:
-                    raise ValueError(f"seed range must satisfy start <= end, got {part!r} in {spec!r}")
-                runs.append((lo, hi + 1))
-            elif part.isdigit():
-                runs.append((int(part), int(part) + 1))
-            else:
+            m = noise._ITEM_RE.fullmatch(part)
+            if m is None:
                 raise ValueError(f"seeds must be comma-separated non-negative ints or ranges like '0-63', "
                                  f"got item {part!r} in {spec!r}")
+            lo = int(m.group(1))
+            hi = lo if m.group(2) is None else int(m.group(2))
+            if hi < lo:
+                raise ValueError(f"seed range must satisfy start <= end, got {part!r} in {spec!r}")
+            runs.append((lo, hi + 1))
         return cls(runs)
 
     def __len__(self) -> int:
@@ -164,12 +159,25 @@ class SeedRanges:
 
     def format(self) -> str:
         """EDM's compact syntax (the inverse of :meth:`parse`)."""
-        return ",".join(str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in self.runs)
+        return _format_runs(self.runs)
+
+
+def _format_runs(runs) -> str:
+    return ",".join(str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in runs)
 
 
 def format_seeds(seeds) -> str:
-    """Compact EDM seed syntax for a seed list (inverse of :func:`diffrepro.noise.parse_seeds`)."""
-    return SeedRanges.parse(seeds).format()
+    """Compact EDM seed syntax for a seed list or :class:`SeedRanges` (inverse of
+    :func:`diffrepro.noise.parse_seeds`; a list may repeat seeds)."""
+    if isinstance(seeds, SeedRanges):
+        return seeds.format()
+    runs: list[list[int]] = []
+    for s in seeds:
+        if runs and runs[-1][1] == s:
+            runs[-1][1] += 1
+        else:
+            runs.append([s, s + 1])
+    return _format_runs(runs)
 
 
 class BatchPlan:

@@ -28,12 +28,15 @@ __all__ = [
     "EDMAblationFamily",
     "IDDPMRounding",
     "NoiseFamily",
+    "RectifiedFlow",
     "SubVP",
     "clamp_sigma_range",
     "default_sigma_range",
     "discretize",
     "dpm_solver_timesteps",
     "edm_sigmas",
+    "flow_times",
+    "shift_times",
     "get_round_sigma",
     "iddpm_sigmas",
     "iddpm_u",
@@ -284,6 +287,77 @@ class SubVP(NoiseFamily):
         alpha = 2 / (sigma + torch.sqrt(sigma**2 + 4))
         log_alpha = torch.log(alpha)
         return (torch.sqrt(self.beta_0**2 - 4 * self.beta_d * log_alpha) - self.beta_0) / self.beta_d
+
+
+@dataclass(frozen=True)
+class RectifiedFlow(NoiseFamily):
+    """Linear interpolant ``x_t = (1 − t) x0 + t ε`` of flow matching / rectified flow (Lipman et
+    al. 2023; Liu et al. 2023; Stable Diffusion 3 and Flux).
+
+    In EDM form ``s = 1 − t`` and ``σ = t/(1 − t)`` (so ``t = σ/(1 + σ)``): a flow trajectory
+    ``x_t`` is the EDM trajectory ``x̃ = x_t/(1 − t)`` at ``σ(t)``. ``t = 1`` is pure noise
+    (``σ = ∞``); the default range ``[0.002/1.002, 80/81]`` is EDM's ``[0.002, 80]``.
+    """
+
+    t_min: float = 0.002 / 1.002
+    t_max: float = 80.0 / 81.0
+    name: str = field(default="flow", init=False)
+
+    def s(self, t):
+        return 1 - _f64(t)
+
+    def s_deriv(self, t):
+        return -torch.ones_like(_f64(t))
+
+    def sigma(self, t):
+        t = _f64(t)
+        return t / (1 - t)
+
+    def sigma_deriv(self, t):
+        return (1 - _f64(t)) ** -2
+
+    def sigma_inv(self, sigma):
+        sigma = _f64(sigma)
+        return sigma / (1 + sigma)
+
+
+def shift_times(t, shift: float) -> torch.Tensor:
+    """Timestep shift of Stable Diffusion 3 (Esser et al. 2024, eq. 23) and Flux:
+    ``t' = s t / (1 + (s − 1) t)``; keeps 0 and 1, and moves the grid towards noise for ``s > 1``
+    (Flux's resolution-dependent ``mu`` is ``s = exp(mu)``). float64."""
+    shift = _check_positive("shift", shift)
+    t = _f64(t)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_times(num_steps: int, shift: float = 1.0, *, grid: str = "uniform",
+               num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Time grid of a flow sampler, from ``t = 1`` (noise) to 0, float64 ``[num_steps + 1]``.
+
+    * ``"uniform"``: ``shift_times(linspace(1, 0, N + 1), shift)`` (rectified flow's Euler grid
+      for ``shift = 1``);
+    * ``"diffusers"``: the grid of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps``
+      with a static shift: ``shift_times(linspace(1, t_min, N), shift)`` and a final 0, where
+      ``t_min = shift_times(1/M, shift)`` is the scheduler's smallest training time (computed in
+      float64 here; diffusers rounds to float32).
+
+    Args:
+        num_steps: steps N (>= 1).
+        shift: timestep shift (1: none; SD3 uses 3).
+        grid: ``"uniform"`` or ``"diffusers"``.
+        num_train_timesteps: M of the diffusers scheduler.
+    """
+    num_steps = _check_num_steps(num_steps, minimum=1)
+    if grid == "uniform":
+        return shift_times(torch.linspace(1, 0, num_steps + 1, dtype=_F64), shift)
+    if grid == "diffusers":
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) \
+                or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be an int >= 1, got {num_train_timesteps!r}")
+        t_min = float(shift_times(1.0 / num_train_timesteps, shift))
+        t = shift_times(torch.linspace(1, t_min, num_steps, dtype=_F64), shift)
+        return torch.cat([t, t.new_zeros(1)])
+    raise ValueError(f"grid must be 'uniform' or 'diffusers', got {grid!r}")
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

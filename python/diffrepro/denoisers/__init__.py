@@ -14,6 +14,8 @@ EDM networks they carry ``img_channels``, ``img_resolution``, ``label_dim``, ``s
 - :mod:`.gaussian`: the Gaussian (Wiener) denoiser of the training mean and covariance, with
   closed-form trajectories (Li, Dai, Qu 2024, eq. 6).
 - :mod:`.linear`: affine denoisers per σ (linear distillation).
+- :mod:`.guidance`: classifier-free guidance and per-class models (Ho & Salimans 2022).
+- :mod:`.jacobian`: exact Jacobian products of the empirical denoiser (``jvp``/``vjp``).
 - :mod:`.adapters`: callables, diffusers models and EDM pickles behind the same interface.
 """
 
@@ -21,19 +23,23 @@ from .adapters import CallableDenoiser, DiffusersDenoiser, as_denoiser, load_edm
 from .base import Denoiser, TimedDenoiser, wiener_gain
 from .empirical import EmpiricalDenoiser
 from .gaussian import GaussianDenoiser, gaussian_statistics
+from .guidance import ClassConditionalDenoiser, GuidedDenoiser, guidance_commitment
 from .linear import LinearDenoiser, LinearDenoiserSet
 
 __all__ = [
     "CallableDenoiser",
+    "ClassConditionalDenoiser",
     "Denoiser",
     "DiffusersDenoiser",
     "EmpiricalDenoiser",
     "GaussianDenoiser",
+    "GuidedDenoiser",
     "LinearDenoiser",
     "LinearDenoiserSet",
     "TimedDenoiser",
     "as_denoiser",
     "gaussian_statistics",
+    "guidance_commitment",
     "load_edm_pickle",
     "wiener_gain",
 ]

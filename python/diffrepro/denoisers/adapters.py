@@ -19,10 +19,10 @@ from .base import Denoiser, _bcast, _class_indices
 class CallableDenoiser(Denoiser):
     """Wrap any callable or torch module ``fn(x, sigma[, class_labels]) -> x0`` as a Denoiser.
 
-    ``fn`` is called under ``torch.no_grad()`` with ``x`` on the module's device (the device of
-    its first parameter, else x's) and, when ``dtype`` is given, ``x`` and ``sigma`` cast to it
-    (EDM networks cast internally, so leave it None for them). ``class_labels`` is passed only
-    when not None. The output is returned in x's dtype and device.
+    ``fn`` is called without autograd (except inside :meth:`jvp`/:meth:`vjp`) with ``x`` on the
+    module's device (the device of its first parameter, else x's) and, when ``dtype`` is given,
+    ``x`` and ``sigma`` cast to it (EDM networks cast internally, so leave it None for them).
+    ``class_labels`` is passed only when not None. The output is returned in x's dtype and device.
 
     Args:
         fn: the network or function; it receives the unscaled ``x`` and σ as a float64 ``[B]``.
@@ -59,7 +59,9 @@ class CallableDenoiser(Denoiser):
         xin, sin = x.to(dev), sigma.to(dev)
         if self.dtype is not None:
             xin, sin = xin.to(self.dtype), sin.to(self.dtype)
-        with torch.no_grad():
+        # A graph only for the autograd Jacobian products (Denoiser.jvp/vjp), which pass an x
+        # that requires grad; sampling builds none.
+        with torch.set_grad_enabled(x.requires_grad):
             out = self.fn(xin, sin) if class_labels is None else \
                 self.fn(xin, sin, torch.as_tensor(class_labels, device=dev))
         return out.to(device=x.device, dtype=x.dtype)
@@ -210,7 +212,7 @@ class DiffusersDenoiser(Denoiser):
         x_t = x * alpha
         labels = _class_indices(class_labels, x.shape[0], self.label_dim, dev)
         t = self.timestep(sigma).to(dev)
-        with torch.no_grad():
+        with torch.set_grad_enabled(x.requires_grad):  # as in CallableDenoiser
             args = (x_t.to(device=dev, dtype=self.dtype), t)
             out = self.unet(*args) if labels is None else self.unet(*args, class_labels=labels)
         out = getattr(out, "sample", out)

@@ -11,6 +11,7 @@ import torch
 from ..data import Dataset
 from ..ops import empirical_denoiser, empirical_denoiser_partial, finalize, merge_states
 from .base import Denoiser, _class_indices, _per_sample, _torch_dtype
+from .jacobian import empirical_jvp
 
 # Memmapped training sets larger than this are streamed in chunks instead of loaded whole.
 _RESIDENT_LIMIT_BYTES = 1 << 30
@@ -206,6 +207,19 @@ class EmpiricalDenoiser(Denoiser):
             else:
                 out[sel] = empirical_denoiser(q[sel], self._class_train(k), sigma[sel], s=s[sel])
         return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+
+    def _jvp(self, x, sigma, v, class_labels):
+        """Exact ``Cov_w(y) v / σ²`` in float64 over each query's (class) rows, one chunked
+        pass (:func:`~diffrepro.denoisers.jacobian.empirical_jvp`); symmetric, so also the VJP."""
+        q, vq = (t.reshape(len(t), -1).to(self.device) for t in (x, v))
+        out = torch.empty(q.shape, dtype=torch.float64, device=self.device)
+        for sel, k in self._groups(x, class_labels):
+            sel = slice(None) if sel is None else sel.to(self.device)
+            rows = (chunk for chunk, _ in self._chunks(k))
+            out[sel] = empirical_jvp(rows, q[sel], sigma[sel].to(self.device), vq[sel])[1]
+        return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+
+    _vjp = _jvp
 
     def nearest(self, x: torch.Tensor, sigma, s=1.0, class_labels=None):
         """Diagnostics from the softmax: nearest training row and effective sample size.

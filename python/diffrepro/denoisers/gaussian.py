@@ -198,6 +198,17 @@ class GaussianDenoiser(Denoiser):
         out = self.mu + (c * wiener_gain(self._lam_r, sigma.to(self.device))) @ self._Ur.T
         return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
+    def _jvp(self, x, sigma, v, class_labels):
+        """Exact ``U diag(λ/(λ+σ²)) Uᵀ v``: the denoiser is affine in x̃ with this symmetric
+        Jacobian (``Cov[x0 | x̃]/σ²`` of the Gaussian model), so it is also the VJP."""
+        if class_labels is not None:
+            raise ValueError("class_labels were given but the Gaussian denoiser is unconditional")
+        c = v.reshape(v.shape[0], -1).to(self.device, torch.float64) @ self._Ur
+        out = (c * wiener_gain(self._lam_r, sigma.to(self.device))) @ self._Ur.T
+        return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+
+    _vjp = _jvp
+
     def linear(self, sigma: float) -> "LinearDenoiser":
         """The denoiser at one σ as an affine map ``W x + b`` (``W = U diag(g) Uᵀ``, ``b = μ − Wμ``)."""
         g = wiener_gain(self._lam_r, torch.tensor(float(sigma), dtype=torch.float64,

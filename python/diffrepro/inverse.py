@@ -1,0 +1,336 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Linear inverse problems solved with any denoiser (Zhang et al. 2024, §4: reproducibility of
+the solutions of inverse problems across models).
+
+A measurement ``y = A x0 + s_y n`` of an image ``x0`` through a linear operator ``A``
+(:class:`Inpainting` with box or random masks, :class:`AveragePool` super-resolution,
+:class:`GaussianBlur` deblurring) is inverted by sampling the EDM probability-flow ODE with the
+posterior denoiser ``E[x0 | x̃, y] = D + σ² ∇_x̃ log p(y | x̃)`` (Tweedie's formula applied to the
+posterior), :class:`PosteriorDenoiser`. Its likelihood is either diffusion posterior sampling's
+(DPS; Chung et al. 2023, Algorithm 1: ``p(y | x̃) ≈ p(y | x0 = D)`` with the step size
+``ζ/‖y − A D‖``) or the Tweedie moment projection (Boys et al. 2023), which uses the exact
+posterior covariance ``Cov[x0 | x̃] = σ² ∂D/∂x̃`` and is exact for Gaussian priors. Both need
+only :meth:`~diffrepro.denoisers.Denoiser.jvp`/:meth:`~diffrepro.denoisers.Denoiser.vjp`, exact
+for the empirical and Gaussian denoisers and autograd for networks.
+
+Plugged into EDM's deterministic sampler this is DPS adapted to the deterministic EDM sampler:
+the same seeds and noise give the same solutions, so two models' solutions can be compared seed by
+seed (paper 1's experiment; ``diffrepro inverse`` writes the ``generate`` layout). For the
+Gaussian model the exact posterior mean of the linear-Gaussian problem is
+:func:`gaussian_posterior_mean` (the theoretical solution).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .denoisers.base import Denoiser, _bcast
+from .denoisers.gaussian import GaussianDenoiser
+
+__all__ = [
+    "TASKS",
+    "AveragePool",
+    "GaussianBlur",
+    "Inpainting",
+    "LIKELIHOODS",
+    "LinearOperator",
+    "PosteriorDenoiser",
+    "conjugate_gradient",
+    "gaussian_posterior_mean",
+    "make_operator",
+]
+
+TASKS = ("inpaint-box", "inpaint-random", "sr2", "sr4", "deblur")
+
+
+class LinearOperator:
+    """A linear measurement ``A`` on float ``[B, C, H, W]`` images and its adjoint ``Aᵀ``."""
+
+    name: str = "operator"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+    def preview(self, y: torch.Tensor) -> torch.Tensor:
+        """A measurement shown as an image (missing pixels 0, low resolution upsampled)."""
+        return self.adjoint(y)
+
+    def describe(self) -> dict:
+        """JSON-able parameters (recorded in manifests)."""
+        return {"name": self.name}
+
+
+class Inpainting(LinearOperator):
+    """Keeps the pixels where ``mask`` is 1: ``A x = mask ⊙ x`` (self-adjoint).
+
+    Args:
+        mask: ``[H, W]`` or ``[C, H, W]`` of 0/1 (1 = observed).
+        name: recorded description.
+    """
+
+    def __init__(self, mask, name: str = "inpaint"):
+        mask = torch.as_tensor(mask, dtype=torch.float64)
+        if mask.ndim not in (2, 3) or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"mask must be a [H, W] or [C, H, W] array of 0/1, got shape {tuple(mask.shape)}")
+        self.mask, self.name = mask, name
+
+    @classmethod
+    def box(cls, resolution: int, size: int | None = None, *, top: int | None = None,
+            left: int | None = None) -> "Inpainting":
+        """A missing ``size × size`` box (default: half the side, centred)."""
+        size = resolution // 2 if size is None else int(size)
+        top = (resolution - size) // 2 if top is None else int(top)
+        left = (resolution - size) // 2 if left is None else int(left)
+        if not (0 < size and 0 <= top and 0 <= left and top + size <= resolution and left + size <= resolution):
+            raise ValueError(f"box size={size}, top={top}, left={left} must lie inside {resolution}x{resolution}")
+        mask = torch.ones(resolution, resolution, dtype=torch.float64)
+        mask[top:top + size, left:left + size] = 0
+        return cls(mask, f"inpaint-box({size} at {top},{left})")
+
+    @classmethod
+    def random(cls, resolution: int, missing: float = 0.7, *, seed: int = 0) -> "Inpainting":
+        """Each pixel (all channels) missing with probability ``missing`` (numpy seed ``seed``)."""
+        if not 0 <= missing < 1:
+            raise ValueError(f"missing must be in [0, 1), got {missing!r}")
+        mask = np.random.default_rng(seed).random((resolution, resolution)) >= missing
+        return cls(mask.astype(np.float64), f"inpaint-random({missing}, seed {seed})")
+
+    def forward(self, x):
+        return x * self.mask.to(device=x.device, dtype=x.dtype)
+
+    adjoint = forward
+
+    def describe(self) -> dict:
+        return {"name": self.name, "observed_fraction": float(self.mask.mean())}
+
+
+class AveragePool(LinearOperator):
+    """``factor×`` super-resolution measurement: ``factor × factor`` average pooling.
+
+    The adjoint spreads each low-resolution pixel, divided by ``factor²``, over its block.
+    """
+
+    def __init__(self, factor: int):
+        if isinstance(factor, bool) or int(factor) != factor or factor < 1:
+            raise ValueError(f"factor must be a positive integer, got {factor!r}")
+        self.factor, self.name = int(factor), f"sr{int(factor)}"
+
+    def forward(self, x):
+        return F.avg_pool2d(x, self.factor)
+
+    def adjoint(self, y):
+        return self.preview(y) / self.factor ** 2
+
+    def preview(self, y):
+        return y.repeat_interleave(self.factor, -2).repeat_interleave(self.factor, -1)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "factor": self.factor}
+
+
+class GaussianBlur(LinearOperator):
+    """Gaussian blur of standard deviation ``std`` pixels, per channel, zero padding.
+
+    The kernel is ``size × size`` (default ``2 ⌈3 std⌉ + 1``), normalised to sum 1; odd and
+    symmetric, so with zero padding the operator is self-adjoint.
+    """
+
+    def __init__(self, std: float = 1.0, size: int | None = None):
+        if not (math.isfinite(std) and std > 0):
+            raise ValueError(f"std must be a finite float > 0, got {std!r}")
+        size = 2 * math.ceil(3 * std) + 1 if size is None else int(size)
+        if size < 1 or size % 2 == 0:
+            raise ValueError(f"size must be an odd positive integer, got {size!r}")
+        r = torch.arange(size, dtype=torch.float64) - size // 2
+        g = torch.exp(-0.5 * (r / std) ** 2)
+        self.kernel = torch.outer(g, g) / g.sum() ** 2
+        self.std, self.size, self.name = float(std), size, f"deblur({std})"
+
+    def forward(self, x):
+        c = x.shape[1]
+        k = self.kernel.to(device=x.device, dtype=x.dtype).expand(c, 1, self.size, self.size)
+        return F.conv2d(x, k, padding=self.size // 2, groups=c)
+
+    adjoint = forward
+
+    def describe(self) -> dict:
+        return {"name": self.name, "std": self.std, "size": self.size}
+
+
+def make_operator(task: str, resolution: int, *, seed: int = 0, missing: float = 0.7,
+                  blur_std: float = 1.0) -> LinearOperator:
+    """The operator of a named task (:data:`TASKS`): a centred half-side box, random pixels
+    (``missing`` fraction, ``seed``), 2×/4× average pooling or a Gaussian blur (``blur_std``)."""
+    if task == "inpaint-box":
+        return Inpainting.box(resolution)
+    if task == "inpaint-random":
+        return Inpainting.random(resolution, missing, seed=seed)
+    if task in ("sr2", "sr4"):
+        factor = int(task[2])
+        if resolution % factor:
+            raise ValueError(f"task {task!r} needs a resolution divisible by {factor}, got {resolution}")
+        return AveragePool(factor)
+    if task == "deblur":
+        return GaussianBlur(blur_std)
+    raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner products of two ``[B, ...]`` tensors."""
+    return (a * b).reshape(a.shape[0], -1).sum(1)
+
+
+def conjugate_gradient(matvec, b: torch.Tensor, *, iters: int = 50, tol: float = 1e-8) -> torch.Tensor:
+    """Solves ``K z = b`` for a symmetric positive semi-definite ``K``, one system per sample.
+
+    Plain conjugate gradients (Hestenes & Stiefel 1952) batched over the leading dimension; a sample
+    stops moving once its residual is below ``tol · ‖b‖`` (a consistent singular system converges
+    to its minimum-norm solution from z = 0).
+
+    Args:
+        matvec: ``z -> K z`` on ``[B, ...]`` tensors.
+        b: right-hand sides ``[B, ...]``.
+        iters: maximum iterations.
+        tol: relative residual tolerance.
+    """
+    z = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rs = _dot(r, r)
+    stop = tol**2 * rs
+    for _ in range(iters):
+        active = rs > stop
+        if not bool(active.any()):
+            break
+        kp = matvec(p)
+        curvature = _dot(p, kp)
+        alpha = torch.where(active & (curvature > 0), rs / curvature.clamp_min(torch.finfo(b.dtype).tiny), 0.0)
+        z = z + _bcast(alpha, z) * p
+        r = r - _bcast(alpha, r) * kp
+        rs_new = _dot(r, r)
+        p = r + _bcast(torch.where(active, rs_new / rs.clamp_min(torch.finfo(b.dtype).tiny), 0.0), p) * p
+        rs = torch.where(active, rs_new, rs)
+    return z
+
+
+LIKELIHOODS = ("moment", "dps")
+
+
+class PosteriorDenoiser(Denoiser):
+    """The posterior denoiser ``E[x0 | x̃, y] = D + σ² ∇_x̃ log p(y | x̃)`` of a linear inverse problem.
+
+    ``p(y | x̃)`` is not available in closed form; two approximations, both built on
+    ``J = ∂D/∂x̃`` (symmetric for the analytic denoisers, ``Cov[x0 | x̃] = σ² J``):
+
+    * ``"dps"`` (diffusion posterior sampling; Chung et al. 2023): ``p(y | x̃) ≈ p(y | x0 = D)`` with
+      DPS's step size ``ζ/‖r‖`` in place of ``1/s_y²``, ``r = y − A D``:
+      ``D_y = D + ζ σ² Jᵀ Aᵀ r / ‖r‖``. In an Euler step ``σ → σ'`` this moves the state by DPS's
+      gradient step ``ζ'_i ∇‖r‖²`` with ``ζ'_i = ζ σ (σ − σ')/2``.
+    * ``"moment"`` (Tweedie moment projection; Boys et al. 2023): ``p(y | x̃) ≈
+      N(A D, A C Aᵀ + s_y² I)`` with ``C = σ² J``, so ``D_y = D + C Aᵀ (A C Aᵀ + s_y² I)⁻¹ r``,
+      solved by conjugate gradients (one ``jvp`` and one ``vjp`` per iteration). For a Gaussian
+      prior this is exactly ``E[x0 | x̃, y]``; with the empirical denoiser it conditions the
+      softmax weights, so a noiseless measurement of a training image is solved by that image.
+
+    Any EDM sampler run with it is a deterministic posterior sampler: the same seeds and noise give
+    the same solutions, so two models' solutions can be compared seed by seed. ``zeta = 0``
+    (``"dps"``) returns the prior denoiser's output.
+
+    Args:
+        denoiser: the prior's denoiser (its ``jvp``/``vjp`` are used).
+        operator: the measurement operator ``A``.
+        measurement: ``y`` (``[1, ...]`` or ``[B, ...]``, as ``operator.forward`` returns).
+        likelihood: ``"moment"`` or ``"dps"``.
+        zeta: DPS step size ``ζ`` (≥ 0; ``"dps"`` only).
+        noise_std: measurement noise ``s_y`` of the likelihood (> 0 recommended; ``"moment"`` only).
+        cg_iters: conjugate-gradient iterations per evaluation (``"moment"``).
+        cg_tol: relative residual tolerance of the conjugate gradients.
+    """
+
+    def __init__(self, denoiser: Denoiser, operator: LinearOperator, measurement: torch.Tensor, *,
+                 likelihood: str = "moment", zeta: float = 1.0, noise_std: float = 0.01, cg_iters: int = 50,
+                 cg_tol: float = 1e-6):
+        if not isinstance(denoiser, Denoiser):
+            raise TypeError(f"denoiser must be a Denoiser, got {type(denoiser).__name__}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
+        for name, value in (("zeta", zeta), ("noise_std", noise_std), ("cg_tol", cg_tol)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+        if isinstance(cg_iters, bool) or int(cg_iters) != cg_iters or cg_iters < 1:
+            raise ValueError(f"cg_iters must be a positive integer, got {cg_iters!r}")
+        self.base, self.operator, self.likelihood = denoiser, operator, likelihood
+        self.zeta, self.noise_std, self.cg_iters, self.cg_tol = float(zeta), float(noise_std), int(cg_iters), cg_tol
+        self.measurement = torch.as_tensor(measurement, dtype=torch.float64)
+        for name in ("img_channels", "img_resolution", "label_dim", "sigma_min", "sigma_max"):
+            setattr(self, name, getattr(denoiser, name))
+        self.round_sigma = denoiser.round_sigma
+        self.device = torch.device(getattr(denoiser, "device", "cpu"))
+
+    def describe(self) -> dict:
+        """JSON-able settings (recorded in manifests)."""
+        out = {"likelihood": self.likelihood, "operator": self.operator.describe()}
+        if self.likelihood == "dps":
+            return {**out, "zeta": self.zeta}
+        return {**out, "noise_std": self.noise_std, "cg_iters": self.cg_iters, "cg_tol": self.cg_tol}
+
+    def _x0(self, x, sigma, s, class_labels):
+        den = self.base._x0(x, sigma, s, class_labels)
+        if self.likelihood == "dps" and self.zeta == 0:
+            return den
+        xt = x if s is None else x / _bcast(s, x)
+        r = self.measurement.to(device=x.device, dtype=x.dtype) - self.operator.forward(den)
+        r = r.expand(x.shape[0], *r.shape[1:])
+        op, var = self.operator, _bcast(sigma**2, x)
+        if self.likelihood == "dps":
+            norm = r.reshape(r.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+            return den + var * _bcast(self.zeta / norm, x) * self.base.vjp(xt, sigma, op.adjoint(r), class_labels)
+
+        def kernel(z):  # (A C Aᵀ + s_y² I) z with C = σ² J
+            return op.forward(var * self.base.jvp(xt, sigma, op.adjoint(z), class_labels)) + self.noise_std**2 * z
+
+        z = conjugate_gradient(kernel, r, iters=self.cg_iters, tol=self.cg_tol)
+        return den + var * self.base.vjp(xt, sigma, op.adjoint(z), class_labels)
+
+
+def gaussian_posterior_mean(gaussian: GaussianDenoiser, operator: LinearOperator, measurement: torch.Tensor,
+                            noise_std: float = 0.0) -> torch.Tensor:
+    """Exact posterior mean of ``x0 ~ N(μ, Σ)`` given ``y = A x0 + s_y n`` (the theoretical solution).
+
+    ``E[x0 | y] = μ + Σ Aᵀ (A Σ Aᵀ + s_y² I)⁺ (y − A μ)``. With ``Σ = R Rᵀ``, ``R = U_r √Λ_r``
+    over the r directions of nonzero variance and ``B = A R`` (r operator applications), the
+    push-through identity ``Bᵀ (B Bᵀ + s² I)⁺ = (Bᵀ B + s² I)⁺ Bᵀ`` (also at s = 0, where both are
+    ``B⁺``) leaves an ``r × r`` problem, pseudo-inverted through its eigendecomposition
+    (eigenvalues below ``r · eps · λ_max`` count as 0), so noiseless problems work too.
+
+    Args:
+        gaussian: the prior (its rank-truncated covariance when it has a rank).
+        operator: the measurement operator.
+        measurement: ``y`` ``[B, ...]`` (as ``operator.forward`` returns).
+        noise_std: measurement noise ``s_y`` (≥ 0).
+
+    Returns:
+        float64 ``[B, C, H, W]``.
+    """
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
+    shape = (gaussian.img_channels, gaussian.img_resolution, gaussian.img_resolution)
+    keep = gaussian.lam_eff > 0
+    root = gaussian.U[:, keep] * gaussian.lam_eff[keep].sqrt()  # Σ = root rootᵀ, [d, r]
+    b = operator.forward(root.T.reshape(-1, *shape)).reshape(root.shape[1], -1)  # Bᵀ, [r, m]
+    y = torch.as_tensor(measurement, dtype=torch.float64, device=gaussian.device)
+    resid = y.reshape(y.shape[0], -1) - operator.forward(gaussian.mu.reshape(1, *shape)).reshape(1, -1)
+    lam, vec = torch.linalg.eigh(b @ b.T + noise_std**2 * torch.eye(len(b), dtype=torch.float64,
+                                                                    device=gaussian.device))
+    ok = lam > lam[-1].clamp_min(0) * len(lam) * torch.finfo(torch.float64).eps
+    z = (((resid @ b.T) @ vec[:, ok]) / lam[ok]) @ vec[:, ok].T  # (BᵀB + s² I)⁺ Bᵀ r, [B, r]
+    return (gaussian.mu + z @ root.T).reshape(-1, *shape)
