@@ -11,7 +11,7 @@ from diffrepro import metrics, sscd
 from diffrepro.sscd import SSCDExtractor, find_onnx_model, preprocess_images, resize_images
 from torch import nn
 
-from test_sscd import StandIn, random_images, script_standin
+from test_sscd import random_images, script_standin
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install diffrepro[onnx])")
 
@@ -113,7 +113,8 @@ def test_onnx_rejects_other_inputs_and_devices(standin_files, tmp_path):
     _, f32, _ = standin_files
     flat = tmp_path / "flat.onnx"
     export_onnx(nn.Linear(12, 4), torch.zeros(1, 12), flat, {0: "batch"})
-    with pytest.raises(ValueError, match=r"flat\.onnx' takes 'image' tensor\(float\) \['batch', 12\]; expected one input"):
+    with pytest.raises(ValueError,
+                       match=r"flat\.onnx' takes 'image' tensor\(float\) \['batch', 12\]; expected one input"):
         SSCDExtractor(flat)
     with pytest.raises(ValueError, match="device: ONNX models run on the CPU.*got 'cuda'; expected 'cpu'"):
         SSCDExtractor(f32, device="cuda")

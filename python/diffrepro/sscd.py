@@ -324,9 +324,6 @@ class _TorchScriptModel:
             # SSCD is released as TorchScript only; torch >= 2.10 flags jit.load as deprecated.
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*jit.load")
             self.model = torch.jit.load(str(path), map_location=device).eval()
-        # On the CPU, oneDNN convolutions are faster on channels-last (NHWC) tensors (docs/sscd.md).
-        self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        self.model.to(memory_format=self.memory_format)
         self.device = device
         self.allow_tf32 = allow_tf32
         self.runtime_version = torch.__version__
@@ -336,8 +333,7 @@ class _TorchScriptModel:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
         try:
             with torch.inference_mode():
-                x = preprocess_images(batch, preset, self.device).contiguous(memory_format=self.memory_format)
-                return self.model(x).double().cpu().numpy()
+                return self.model(preprocess_images(batch, preset, self.device)).double().cpu().numpy()
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
@@ -398,8 +394,7 @@ class SSCDExtractor:
             or float32 [B, 3, H, W] normalised images (e.g. :func:`find_onnx_model`); told
             apart by content (:func:`model_format`), not by name.
         preprocess: ``"p1_pil320"`` (P1), ``"torch320"`` or ``"short288"``.
-        device: device to run the network on (ONNX models: ``"cpu"`` only). On the CPU,
-            TorchScript models run channels-last (NHWC), the faster layout for oneDNN convolutions.
+        device: device to run the network on (ONNX models: ``"cpu"`` only).
         batch_size: images per forward pass.
         grey_to_rgb: replicate single-channel images to RGB instead of rejecting them.
         cache: ``False`` (no cache), ``True`` (``$TORCH_HOME/diffrepro_cache``) or a folder.
