@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffrepro import metrics, sscd
+from diffrepro.errors import RunError
 from diffrepro.sscd import SSCDExtractor, find_onnx_model, preprocess_images, resize_images
 from torch import nn
 
@@ -104,7 +105,7 @@ def test_model_format_is_read_from_content_not_name(standin_files, tmp_path):
                                SSCDExtractor(swapped_ts, progress=False)(x), atol=1e-5)
     text = tmp_path / "notes.pt"
     text.write_text("not a model")
-    with pytest.raises(ValueError, match=r"model_path: '.*notes\.pt' is neither a TorchScript archive .* "
+    with pytest.raises(RunError, match=r"model_path: '.*notes\.pt' is neither a TorchScript archive .* "
                                          r"nor an ONNX model .*got first bytes b'not '"):
         SSCDExtractor(text)
 

@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import atomic_save_npz
+from .errors import RunError
 
 __all__ = [
     "PRESETS",
@@ -270,7 +271,7 @@ def model_format(path: str | os.PathLike) -> str:
         ``"torchscript"`` or ``"onnx"``.
 
     Raises:
-        ValueError: if the file is neither.
+        RunError: if the file is neither (a damaged download, or not a model at all).
     """
     with open(path, "rb") as fh:
         head = fh.read(4)
@@ -278,7 +279,7 @@ def model_format(path: str | os.PathLike) -> str:
         return "torchscript"
     if head[:1] == b"\x08":
         return "onnx"
-    raise ValueError(f"model_path: {str(path)!r} is neither a TorchScript archive (a zip file, starting "
+    raise RunError(f"model_path: {str(path)!r} is neither a TorchScript archive (a zip file, starting "
                      f"with b'PK\\x03\\x04') nor an ONNX model (a protobuf, starting with b'\\x08'); "
                      f"got first bytes {head!r}")
 
