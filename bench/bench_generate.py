@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Theoretical generation (``diffrepro.generate``) over the real CIFAR-10 subset, Heun 18 (NFE 35):
 
-* end-to-end seconds of :func:`generate.generate` (sampling, PNG and npz writes);
+* end-to-end seconds of :func:`diffrepro.generation.generate` (sampling, PNG and npz writes);
 * sampler + Python overhead relative to the time inside the denoiser calls (target <= 5%);
 * paper 1's pipeline on the same 64 seeds: per evaluation it re-reads the training set twice
   through PNG decodes and runs two float64 broadcast passes; timed for one evaluation on a
@@ -17,12 +17,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffrepro import benchmarks, generate, noise
+
+from diffrepro import benchmarks, generation, noise, samplers
 from diffrepro.denoisers import EmpiricalDenoiser
 from diffrepro.reference import p1_two_pass_denoiser
 
 STEPS = 18
-NFE = generate.nfe("heun", STEPS)
+NFE = samplers.nfe("heun", STEPS)
 P1_SEEDS = 64  # paper 1's batch: 64 queries per denoiser call
 SIZES = {"small": {"samples": 128, "rows": 1024, "p1_rows": 128, "rounds": 3},
          "paper": {"samples": 1000, "rows": None, "p1_rows": 512, "rounds": 1}}
@@ -49,7 +50,7 @@ def _fresh_run(tmp_path_factory, den, seeds, runs: list):
         return (den, seeds, tmp_path_factory.mktemp("gen")), {"steps": STEPS, "progress": False}
 
     def run(*args, **kwargs):
-        runs.append(generate.generate(*args, **kwargs))
+        runs.append(generation.generate(*args, **kwargs))
 
     return setup, run
 

@@ -6,26 +6,34 @@ noise (:func:`diffrepro.noise.seed_latents`) or a noise bank, EDM's batch split
 (:func:`diffrepro.noise.split_seeds`), a deterministic sampler (Heun 18 by default,
 :func:`diffrepro.samplers.sample`) and one PNG per seed quantised as EDM does
 (:func:`diffrepro.data.quantize`). diffrepro also writes the float64 outputs (one ``.npz`` per
-batch), a JSON manifest and an 8×8 grid, and resumes after an interruption: a batch whose npz
-exists is not recomputed, and only missing PNGs are written.
+batch), a JSON manifest and an 8×8 grid, and resumes after an interruption: a batch whose record
+belongs to the run (same content fingerprint) is not recomputed, and its PNGs are checked against
+it. Several processes (``torchrun``), independent parts (SLURM arrays) and sharded training sets
+are supported through :mod:`diffrepro.distributed`; the outputs do not depend on how the work
+was split.
 
 Output folder::
 
     outdir/000123.png               (or outdir/000000/000123.png with subdirs=True)
-    outdir/batches/batch-000000.npz seeds int64 [B], images float64 [B, C, H, W] (first seed in name)
+    outdir/batches/batch-000000.npz seeds int64 [B], images float64 [B, C, H, W] (first seed in name),
+                                    run_id (sha256 of the run identity) and run (its JSON)
     outdir/grid.png                 the first 64 seeds, row-major 8×8
-    outdir/manifest.json            configuration, σ grid, data hash, build and timing
+    outdir/manifest.json            run identity (configuration), σ grid, build and timing
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import math
 import os
 import platform
+import re
 import time
-from collections import Counter
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +41,13 @@ import PIL
 import torch
 from tqdm.auto import tqdm
 
-from . import data, metrics, noise, plots, samplers
+from . import data, distributed, metrics, noise, plots, samplers
 from ._backend import build_info
 from .denoisers import EmpiricalDenoiser, GaussianDenoiser, TimedDenoiser
+from .errors import RunError, UsageError
 from .samplers import has_closed_form, nfe, sample
 
-__all__ = ["demo", "estimate_cost", "generate", "load_outputs", "plan_work"]
+__all__ = ["BatchPlan", "SeedRanges", "demo", "estimate_cost", "format_seeds", "generate", "load_outputs", "plan_work"]
 
 _GRID_SEEDS = 64
 _MANIFEST = "manifest.json"
@@ -66,62 +75,330 @@ def _flops_per_sample(denoiser, sampler: str, steps: int, class_idx) -> float | 
 
 
 # ------------------------------------------------------------------------------------------------
-# Output folder: batches, resume, manifest
+# Seeds as ranges; EDM's batch split by arithmetic
+
+class SeedRanges:
+    """Unique seeds held as runs ``[start, stop)`` in the order given (EDM's seed syntax), so that
+    ``"0-99999999"`` takes a few bytes and planning never enumerates the seeds.
+
+    Args:
+        runs: ``(start, stop)`` pairs, stop exclusive.
+
+    Raises:
+        ValueError: no seed, or a seed that appears twice (each seed names one PNG).
+    """
+
+    def __init__(self, runs):
+        merged: list[list[int]] = []
+        for a, b in runs:
+            if b > a:
+                if merged and merged[-1][1] == a:
+                    merged[-1][1] = b
+                else:
+                    merged.append([int(a), int(b)])
+        if not merged:
+            raise ValueError("seeds must not be empty")
+        self.runs = [tuple(r) for r in merged]
+        self._ends = list(itertools.accumulate(b - a for a, b in self.runs))
+        starts = [e - (b - a) for e, (a, b) in zip(self._ends, self.runs)]
+        self._sorted = sorted((a, b, p) for (a, b), p in zip(self.runs, starts))
+        self._sorted_starts = [a for a, _, _ in self._sorted]
+        dups = sorted({s for (_, b0, _), (a1, b1, _) in zip(self._sorted, self._sorted[1:])
+                       for s in range(a1, min(b0, b1, a1 + 5))})
+        if dups:
+            raise ValueError(f"seeds must be unique (each seed names one PNG), got duplicates {dups[:5]}")
+
+    @classmethod
+    def parse(cls, spec) -> SeedRanges:
+        """From EDM's syntax (``"0-63,100"``, inclusive ranges), a list of ints or a SeedRanges."""
+        if isinstance(spec, SeedRanges):
+            return spec
+        if not isinstance(spec, str):
+            seeds = noise.parse_seeds(spec)  # validates a sequence of non-negative ints
+            return cls((s, s + 1) for s in seeds)
+        runs = []
+        for part in spec.split(","):  # noise.parse_seeds's grammar, without enumerating ranges
+            part = part.strip()
+            m = noise._ITEM_RE.fullmatch(part)
+            if m is None:
+                raise ValueError(f"seeds must be comma-separated non-negative ints or ranges like '0-63', "
+                                 f"got item {part!r} in {spec!r}")
+            lo = int(m.group(1))
+            hi = lo if m.group(2) is None else int(m.group(2))
+            if hi < lo:
+                raise ValueError(f"seed range must satisfy start <= end, got {part!r} in {spec!r}")
+            runs.append((lo, hi + 1))
+        return cls(runs)
+
+    def __len__(self) -> int:
+        return self._ends[-1]
+
+    def seed_at(self, pos: int) -> int:
+        k = bisect.bisect_right(self._ends, pos)
+        return self.runs[k][1] - (self._ends[k] - pos)
+
+    def slice(self, a: int, b: int) -> list[int]:
+        """The seeds at positions ``[a, b)``."""
+        out: list[int] = []
+        k = bisect.bisect_right(self._ends, a)
+        while a < b:
+            lo, hi = self.runs[k]
+            start = hi - (self._ends[k] - a)
+            take = min(b - a, hi - start)
+            out.extend(range(start, start + take))
+            a, k = a + take, k + 1
+        return out
+
+    def index(self, seed: int) -> int | None:
+        """Position of ``seed`` in the list, None if absent."""
+        k = bisect.bisect_right(self._sorted_starts, seed) - 1
+        if k < 0:
+            return None
+        a, b, p = self._sorted[k]
+        return p + seed - a if seed < b else None
+
+    def format(self) -> str:
+        """EDM's compact syntax (the inverse of :meth:`parse`)."""
+        return _format_runs(self.runs)
 
 
-def format_seeds(seeds: list[int]) -> str:
-    """Compact EDM seed syntax for a list (inverse of :func:`diffrepro.noise.parse_seeds`)."""
-    parts, i = [], 0
-    while i < len(seeds):
-        j = i
-        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
-            j += 1
-        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
-        i = j + 1
-    return ",".join(parts)
+def _format_runs(runs) -> str:
+    return ",".join(str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in runs)
 
 
-def _batch_path(outdir: Path, batch_seeds: list[int]) -> Path:
-    return outdir / _BATCH_DIR / f"batch-{batch_seeds[0]:06d}.npz"
+def format_seeds(seeds) -> str:
+    """Compact EDM seed syntax for a seed list or :class:`SeedRanges` (inverse of
+    :func:`diffrepro.noise.parse_seeds`; a list may repeat seeds)."""
+    if isinstance(seeds, SeedRanges):
+        return seeds.format()
+    runs: list[list[int]] = []
+    for s in seeds:
+        if runs and runs[-1][1] == s:
+            runs[-1][1] += 1
+        else:
+            runs.append([s, s + 1])
+    return _format_runs(runs)
 
 
-def _batch_done(path: Path, batch_seeds: list[int]) -> bool:
-    """True when the batch npz exists and holds exactly these seeds."""
-    if not path.is_file():
+class BatchPlan:
+    """EDM's one-process split of S seeds into ``n = ceil(S / batch)`` batches (``tensor_split``:
+    the first ``S mod n`` batches hold one seed more; :func:`diffrepro.noise.split_seeds`),
+    computed by arithmetic. Batch ``i`` of every world size, part and resumed run is this one."""
+
+    def __init__(self, seeds: SeedRanges, batch: int):
+        self.seeds, self.batch = seeds, int(batch)
+        self.count = -(-len(seeds) // self.batch)
+        self._q, self._r = divmod(len(seeds), self.count)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        a = i * self._q + min(i, self._r)
+        return a, a + self._q + (i < self._r)
+
+    def seeds_of(self, i: int) -> list[int]:
+        return self.seeds.slice(*self.bounds(i))
+
+    def name(self, i: int) -> str:
+        return f"batch-{self.seeds.seed_at(self.bounds(i)[0]):06d}.npz"
+
+    def batch_of(self, pos: int) -> int:
+        big = self._r * (self._q + 1)
+        return pos // (self._q + 1) if pos < big else self._r + (pos - big) // self._q
+
+    def seeds_in(self, batches: range) -> int:
+        """Number of seeds in the batches ``batches`` (a range with a positive step)."""
+        big = len(range(batches.start, min(batches.stop, self._r), batches.step))
+        return len(batches) * self._q + big
+
+
+def _job_batches(plan: BatchPlan, part) -> range:
+    """The batches of part ``(index, count)`` of the plan (all for None)."""
+    return range(len(plan)) if part is None else range(part[0], len(plan), part[1])
+
+
+def _check_part(part):
+    if part is None:
+        return None
+    try:
+        i, k = (int(v) for v in part)
+    except (TypeError, ValueError):
+        raise ValueError(f"part must be (index, count) with 0 <= index < count, got {part!r}") from None
+    if not 0 <= i < k:
+        raise ValueError(f"part must be (index, count) with 0 <= index < count, got {part!r}")
+    return i, k
+
+
+# ------------------------------------------------------------------------------------------------
+# Output folder: listing, records, PNG checks, temporaries
+
+# diffrepro's own temporaries: data's atomic writes (".<name>.XXXXXXXX.tmp") and claims (".claim").
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.(?:tmp|claim)$")
+_PNG_RE = re.compile(r"^(\d+)\.png$")
+_RECORD_RE = re.compile(r"^batch-(\d+)\.npz$")
+_STALE_SECONDS = 60.0  # manifest/grid temporaries live milliseconds; older ones are left by a killed run
+
+
+def _scan(folder: Path):
+    """``(names, temps)``: the entries of ``folder`` and its temporaries by target name."""
+    names, temps = [], {}
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                m = _TEMP_RE.match(e.name)
+                if m:
+                    temps.setdefault(m.group("target"), []).append(Path(e.path))
+                else:
+                    names.append(e.name)
+    except FileNotFoundError:
+        pass
+    return names, temps
+
+
+def _png_folders(outdir: Path, subdirs: bool, names: list[str]) -> list[tuple[Path, str]]:
+    if not subdirs:
+        return [(outdir, "")]
+    return [(outdir / n, n + "/") for n in names if len(n) == 6 and n.isdigit()]
+
+
+def _listing(outdir: Path, plan: BatchPlan, subdirs: bool):
+    """``(record batch indices, PNG seeds present, temps by relative target)`` of an output folder,
+    in time proportional to the files present (never to the seeds requested)."""
+    names, temps = _scan(outdir)
+    pngs = set()
+    for folder, rel in _png_folders(outdir, subdirs, names):
+        sub, sub_temps = (names, {}) if not rel else _scan(folder)
+        temps.update({rel + t: p for t, p in sub_temps.items()})
+        for n in sub:
+            m = _PNG_RE.match(n)
+            if m and noise.seed_filename(int(m.group(1)), subdirs) == rel + n:
+                pngs.add(int(m.group(1)))
+    rec_names, rec_temps = _scan(outdir / _BATCH_DIR)
+    temps.update({f"{_BATCH_DIR}/{t}": p for t, p in rec_temps.items()})
+    records = {}
+    for n in rec_names:
+        m = _RECORD_RE.match(n)
+        if not m:
+            continue
+        pos = plan.seeds.index(int(m.group(1)))
+        i = None if pos is None else plan.batch_of(pos)
+        records[n] = i if i is not None and plan.bounds(i)[0] == pos else None
+    return records, pngs, temps
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(new, old, prefix: str = "") -> list[str]:
+    """``key: got X, existing Y`` for every leaf where two configurations differ."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return [d for k in sorted(set(new) | set(old), key=str)
+                for d in _differences(new.get(k), old.get(k), f"{prefix}{k}.")]
+    if new == old:
+        return []
+    return [f"{prefix.rstrip('.')}: got {json.dumps(new)}, existing {json.dumps(old)}"]
+
+
+def _read_record(path: Path, run_id: str, identity: dict, seeds: list[int], shape) -> np.ndarray | None:
+    """The float64 images of a batch record of this run; None when absent.
+
+    Raises:
+        UsageError: the file belongs to another run (naming what differs) or other seeds.
+        RunError: the file is unreadable.
+    """
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise RunError(f"batch file {str(path)!r} is unreadable ({type(exc).__name__}: {exc}); delete it "
+                       "to recompute the batch") from exc
+    if "run_id" not in arrays or "run" not in arrays:
+        raise UsageError(f"batch file {str(path)!r} has no run fingerprint (written by another program or an "
+                         "older diffrepro); use another outdir or delete it")
+    if str(arrays["run_id"]) != run_id:
+        diffs = _differences(identity, json.loads(str(arrays["run"])))
+        raise UsageError(f"batch file {str(path)!r} belongs to another run (" + "; ".join(diffs)
+                         + "); use another outdir or delete it")
+    images = arrays.get("images")
+    if arrays["seeds"].tolist() != seeds or images is None or images.shape != (len(seeds), *shape) \
+            or images.dtype != np.float64:
+        raise UsageError(f"batch file {str(path)!r} does not hold this run's seeds {format_seeds(seeds)} "
+                         f"as float64 {(len(seeds), *shape)} images; use another outdir or delete it")
+    return images
+
+
+def _png_matches(path: Path, expected: np.ndarray) -> bool:
+    """Whether the PNG at ``path`` decodes to exactly ``expected`` (uint8 CHW)."""
+    try:
+        with PIL.Image.open(path) as img:
+            img.load()
+            hwc = np.asarray(img)
+    except FileNotFoundError:
         return False
-    with np.load(path) as z:
-        return "seeds" in z.files and z["seeds"].tolist() == batch_seeds
+    except (OSError, ValueError, SyntaxError, EOFError):  # truncated or not a PNG at all
+        return False
+    chw = hwc[None] if hwc.ndim == 2 else hwc.transpose(2, 0, 1)
+    return chw.shape == expected.shape and chw.dtype == expected.dtype and np.array_equal(chw, expected)
+
+
+def _age(path: Path) -> float:
+    """Seconds since ``path`` was last modified (0 if it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _remove(paths) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
 
 
 def plan_work(seeds, outdir, *, sampler: str = "heun", steps: int = 18, batch: int = 256,
-              subdirs: bool = False) -> dict:
-    """The batches EDM's split gives and which of them still need computing or PNG writes.
+              subdirs: bool = False, part=None) -> dict:
+    """The batches EDM's split gives and how many of them still need computing or PNG writes.
+
+    Planning costs time proportional to the number of seed ranges and files present, never to
+    the number of seeds (``"0-99999999"`` plans in milliseconds); records are recognised by
+    name here and checked when a run reuses them.
 
     Args:
-        seeds: seed list or EDM seed string.
+        seeds: seed list, EDM seed string or :class:`SeedRanges`.
         outdir: output folder (may not exist yet).
-        sampler: one of :data:`SAMPLERS`.
+        sampler: one of :data:`diffrepro.samplers.SAMPLERS`.
         steps: grid size N.
         batch: maximum batch size.
         subdirs: thousand-subdirectory PNG layout.
+        part: ``(index, count)``: only the batches ``index, index + count, ...`` (None: all).
 
     Returns:
-        ``{"seeds", "batches" (lists of seeds), "compute" (indices of batches to sample),
-        "missing_png" (seeds whose PNG is absent), "nfe", "evaluations"}``; ``evaluations`` is
-        the number of batched denoiser calls still to run.
+        ``{"seeds" (SeedRanges), "plan" (BatchPlan), "job" (range of batch indices), "done" (set of
+        job batches whose record exists), "compute_batches", "compute_seeds", "missing_png", "width"
+        (largest batch), "nfe", "evaluations"}``; ``evaluations`` is the number of batched
+        denoiser calls still to run.
     """
-    seeds = noise.parse_seeds(seeds)
-    if not seeds:
-        raise ValueError("seeds must not be empty")
-    if len(set(seeds)) != len(seeds):
-        dup = sorted(s for s, count in Counter(seeds).items() if count > 1)[:5]
-        raise ValueError(f"seeds must be unique (each seed names one PNG), got duplicates {dup}")
-    outdir = Path(outdir)
-    batches = [b.tolist() for b in noise.split_seeds(seeds, batch) if b.numel()]
-    compute = [i for i, b in enumerate(batches) if not _batch_done(_batch_path(outdir, b), b)]
-    missing = [s for s in seeds if not (outdir / noise.seed_filename(s, subdirs)).is_file()]
-    return {"seeds": seeds, "batches": batches, "compute": compute, "missing_png": missing,
-                "nfe": nfe(sampler, steps), "evaluations": len(compute) * nfe(sampler, steps)}
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    seeds = SeedRanges.parse(seeds)
+    plan = BatchPlan(seeds, batch)
+    job = _job_batches(plan, _check_part(part))
+    records, pngs, _ = _listing(Path(outdir), plan, subdirs)
+    done = {i for i in records.values() if i is not None and i % job.step == job.start % job.step}
+    in_job = sum(1 for s in pngs if (p := seeds.index(s)) is not None
+                 and plan.batch_of(p) % job.step == job.start % job.step)
+    compute = len(job) - len(done)
+    n = nfe(sampler, steps)
+    return {"seeds": seeds, "plan": plan, "job": job, "done": done, "compute_batches": compute,
+            "compute_seeds": plan.seeds_in(job) - sum(len(range(*plan.bounds(i))) for i in done),
+            "missing_png": plan.seeds_in(job) - in_job, "width": plan.bounds(0)[1],
+            "nfe": n, "evaluations": compute * n}
 
 
 def _versions() -> dict:
@@ -131,29 +408,58 @@ def _versions() -> dict:
             "pillow": PIL.__version__, "python": platform.python_version()}
 
 
-def _check_resume(outdir: Path, config: dict) -> None:
+def _read_manifest(outdir: Path) -> dict | None:
     path = outdir / _MANIFEST
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text()).get("config", {})
-    diffs = [f"{k}: got {json.dumps(config.get(k))}, existing {json.dumps(old.get(k))}"
-             for k in sorted(set(config) | set(old)) if config.get(k) != old.get(k)]
-    if diffs:
-        raise ValueError(f"outdir {str(outdir)!r} holds outputs of a different run ("
-                         + "; ".join(diffs) + "); use another outdir or delete it")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RunError(f"manifest {str(path)!r} is unreadable ({exc}); use another outdir or delete it") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise UsageError(f"{str(path)!r} is not a diffrepro generate manifest; use another outdir")
+    return manifest
+
+
+def _check_folder(outdir: Path, config: dict, work: dict, run_id: str, identity: dict, shape) -> bool:
+    """Refuse a folder that holds another run's outputs; returns True when the manifest must be
+    (re)written (absent, or of a run that produced no batch record)."""
+    manifest = _read_manifest(outdir)
+    records, _, _ = _listing(outdir, work["plan"], config["subdirs"])
+    if manifest is not None:
+        diffs = _differences(config, manifest["config"])
+        if not diffs:
+            return False
+        if records:
+            raise UsageError(f"outdir {str(outdir)!r} holds outputs of a different run (" + "; ".join(diffs)
+                             + "); use another outdir or delete it")
+        warnings.warn(f"replacing the manifest of a run that wrote no batch in {str(outdir)!r} ("
+                      + "; ".join(diffs) + ")", stacklevel=3)
+    for name, i in sorted(records.items()):
+        path = outdir / _BATCH_DIR / name
+        if i is None:
+            raise UsageError(f"batch file {str(path)!r} is not a batch of this run (seeds "
+                             f"{config['seeds']}, batch {config['batch']}); use another outdir or delete it")
+        _read_record(path, run_id, identity, work["plan"].seeds_of(i), shape)
+    return True
 
 
 def _write_manifest(outdir: Path, manifest: dict) -> None:
     data.atomic_write_bytes(outdir / _MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-def _save_grid(outdir: Path, first: dict, seeds: list[int]) -> None:
-    """8×8 row-major grid of the first 64 seeds (fewer seeds: 8 columns, white padding)."""
-    shown = seeds[:_GRID_SEEDS]
-    images = torch.stack([first[s] for s in shown])
-    cols = min(8, len(shown))
-    rows = -(-len(shown) // cols)
-    pad = torch.ones((rows * cols - len(shown), *images.shape[1:]), dtype=images.dtype)
+def _save_grid(outdir: Path, plan: BatchPlan, run_id: str, identity: dict, shape) -> None:
+    """8×8 row-major grid of the first 64 seeds (fewer seeds: 8 columns, white padding), read
+    back from the batch records."""
+    shown = min(_GRID_SEEDS, len(plan.seeds))
+    parts, i = [], 0
+    while sum(len(p) for p in parts) < shown:
+        parts.append(_read_record(outdir / _BATCH_DIR / plan.name(i), run_id, identity, plan.seeds_of(i), shape))
+        i += 1
+    images = torch.from_numpy(np.concatenate(parts)[:shown])
+    cols = min(8, shown)
+    rows = -(-shown // cols)
+    pad = torch.ones((rows * cols - shown, *images.shape[1:]), dtype=images.dtype)
     data.save_grid_png(outdir / "grid.png", torch.cat([images, pad]), rows, cols)
 
 
@@ -168,30 +474,61 @@ def load_outputs(outdir) -> tuple[np.ndarray, np.ndarray]:
 
     Raises:
         FileNotFoundError: the manifest or a batch file is missing (the run is incomplete).
+        UsageError: a batch file belongs to another run.
     """
     outdir = Path(outdir)
-    if not (outdir / _MANIFEST).is_file():
-        raise FileNotFoundError(f"outdir {str(outdir)!r} has no {_MANIFEST}; not a generate() output")
-    config = json.loads((outdir / _MANIFEST).read_text())["config"]
-    seeds = noise.parse_seeds(config["seeds"])
+    manifest = _read_manifest(outdir)
+    if manifest is None or "run_id" not in manifest:
+        raise FileNotFoundError(f"outdir {str(outdir)!r} has no {_MANIFEST} of a generate() run")
+    config = manifest["config"]
+    identity = {k: v for k, v in config.items() if k not in _LAYOUT_KEYS}
+    plan = BatchPlan(SeedRanges.parse(config["seeds"]), config["batch"])
     parts = []
-    for b in noise.split_seeds(seeds, config["batch"]):
-        if b.numel():
-            path = _batch_path(outdir, b.tolist())
-            if not path.is_file():
-                raise FileNotFoundError(f"batch file {str(path)!r} is missing; rerun generate to "
-                                        "finish the run")
-            with np.load(path) as z:
-                parts.append(z["images"])
-    return np.asarray(seeds, dtype=np.int64), np.concatenate(parts)
+    for i in range(len(plan)):
+        path = outdir / _BATCH_DIR / plan.name(i)
+        if not path.is_file():
+            raise FileNotFoundError(f"batch file {str(path)!r} is missing; rerun generate to finish the run")
+        parts.append(_read_record(path, manifest["run_id"], identity, plan.seeds_of(i), tuple(manifest["shape"])))
+    seeds = np.asarray(plan.seeds.slice(0, len(plan.seeds)), dtype=np.int64)
+    return seeds, np.concatenate(parts)
 
 
-def _latent_source(latents, seeds: list[int], shape: tuple, noise_device: torch.device):
-    """Returns ``(get(batch_seeds) -> latents, description)`` for a bank, a bank path or None."""
+# ------------------------------------------------------------------------------------------------
+# Run identity
+
+
+def _fingerprint(den) -> dict | None:
+    """Content identity of a denoiser: its own ``fingerprint()``, else a sha256 of the tensors,
+    arrays and modules among its public attributes plus its plain settings (None: nothing to hash)."""
+    own = getattr(den, "fingerprint", None)
+    if callable(own):
+        return {"class": type(den).__name__, **own()}
+    h, hashed, plain = hashlib.sha256(), False, {}
+    for name, value in sorted(vars(den).items()):
+        if name.startswith("_"):
+            continue
+        tensors = value.state_dict().items() if isinstance(value, torch.nn.Module) else [("", value)]
+        for key, t in tensors:
+            if isinstance(t, torch.Tensor):
+                t = t.detach().cpu().contiguous().numpy()
+            if isinstance(t, np.ndarray):
+                h.update(f"{name}.{key}:{t.dtype}:{t.shape}".encode())
+                h.update(np.ascontiguousarray(t).data)
+                hashed = True
+        if isinstance(value, (bool, int, float, str, type(None))):
+            plain[name] = value
+        elif isinstance(value, (torch.device, torch.dtype)):
+            plain[name] = str(value)
+    return {"class": type(den).__name__, "params_sha256": h.hexdigest(), **plain} if hashed else None
+
+
+def _latent_source(latents, seeds: SeedRanges, shape: tuple, noise_device: torch.device):
+    """``(get(batch_seeds) -> latents, identity, description)`` for a bank, a bank path or None."""
     if latents is None:
         stream = ("EDM-identical (CUDA Philox)" if noise_device.type == "cuda"
                   else "CPU mt19937: portable, differs from EDM's CUDA noise")
         return (lambda b: noise.seed_latents(b, shape, device=noise_device)[0],
+                {"source": "seed_latents", "device": noise_device.type},
                 f"seed_latents(device={noise_device.type}): {stream}")
     where = "latents"
     if not isinstance(latents, noise.NoiseBank):
@@ -201,31 +538,69 @@ def _latent_source(latents, seeds: list[int], shape: tuple, noise_device: torch.
         raise ValueError(f"{where} holds latents of shape {tuple(latents.latents.shape[1:])}, "
                          f"expected {shape} (the denoiser's C, H, W)")
     have = set(latents.seeds.tolist())
-    missing = [s for s in seeds if s not in have]
+    missing = len(seeds) - len(have) if len(seeds) > len(have) else 0
+    if not missing:
+        lacking = [s for s in seeds.slice(0, len(seeds)) if s not in have]
+        missing = len(lacking)
+    else:
+        lacking = [s for s in seeds.slice(0, min(len(seeds), len(have) + 5)) if s not in have]
     if missing:
-        raise ValueError(f"{where} lacks {len(missing)} of the requested seeds (first: "
-                         f"{missing[:5]}); it holds {len(latents)} seeds")
-    digest = hashlib.sha256(latents.latents.numpy().tobytes()).hexdigest()[:16]
-    return latents.get, f"noise bank ({len(latents)} seeds, sha256 {digest}...)"
+        raise ValueError(f"{where} lacks {missing} of the requested seeds (first: "
+                         f"{lacking[:5]}); it holds {len(latents)} seeds")
+    h = hashlib.sha256(latents.latents.numpy().tobytes())
+    h.update(latents.seeds.numpy().tobytes())
+    return (latents.get, {"source": "bank", "sha256": h.hexdigest(), "seeds": len(latents)},
+            f"noise bank ({len(latents)} seeds, sha256 {h.hexdigest()[:16]}...)")
+
+
+_LAYOUT_KEYS = ("seeds", "subdirs")
+
+
+def _batch_paths(outdir: Path, plan: BatchPlan, i: int, subdirs: bool) -> tuple[Path, Path, list[str]]:
+    """Record, lock and the relative targets (record, lock, PNGs) of batch ``i``."""
+    name = plan.name(i)
+    seeds = plan.seeds_of(i)
+    targets = [f"{_BATCH_DIR}/{name}", f"{_BATCH_DIR}/.{name}.lock"] + \
+        [noise.seed_filename(s, subdirs) for s in seeds]
+    return outdir / _BATCH_DIR / name, outdir / _BATCH_DIR / f".{name}.lock", targets
+
+
+def _owner_text(owner: dict) -> str:
+    return f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')} since {owner.get('since', '?')}"
 
 
 def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
              sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
              batch: int = 256, latents=None, noise_device=None, class_idx: int | None = None,
-             subdirs: bool = False, info: dict | None = None, progress: bool = True) -> dict:
+             subdirs: bool = False, info: dict | None = None, notes: dict | None = None, part=None,
+             context=None, progress: bool = True) -> dict:
     """Generate one image per seed with a denoiser and write EDM-style outputs, resumably.
 
-    Batches follow EDM's split (:func:`diffrepro.noise.split_seeds`, one process). For each
-    batch the float64 samples are written first (``batches/batch-<first seed>.npz``), then the
-    missing PNGs; every write is atomic. A rerun into the same folder checks that the
-    configuration matches the manifest, skips batches whose npz exists, writes PNGs missing
-    from those from the npz (no recomputation) and computes the rest, so an interrupted run
-    loses at most the batch in flight and the outputs are byte-identical to an uninterrupted run.
+    A run is identified by content: the denoiser's fingerprint (e.g. the sha256 of the training
+    rows and labels, dtype and device of an :class:`~diffrepro.denoisers.EmpiricalDenoiser`), the
+    sampler settings, the latents (per-seed noise and its device, or the bank's sha256), the class
+    and the batch size. Each batch record ``batches/batch-<first seed>.npz`` carries the run's
+    fingerprint; a folder holding another run's manifest or records is refused with an error
+    naming what differs (a manifest of a run that wrote no record is replaced). Batches follow
+    EDM's split (:class:`BatchPlan`). For each batch the float64 samples are written first, then
+    the PNGs; every write is atomic. A rerun reuses a record only when its fingerprint and seeds
+    match, checks every PNG against it (decoded and compared with the quantised images; a
+    truncated or foreign PNG is rewritten), and computes the rest, so an interrupted run loses at
+    most the batches in flight and finishes byte-identical to an uninterrupted one.
+
+    Several processes: with a ``context`` of ``k`` ranks (:func:`diffrepro.distributed.init`,
+    e.g. under ``torchrun``) rank ``r`` computes batches ``r, r + k, ...`` of the same split and
+    writes only their files; rank 0 alone writes the manifest, the grid and the progress bar.
+    With a sharded denoiser (``sharded = True``, e.g.
+    :class:`~diffrepro.distributed.ShardedEmpiricalDenoiser`) every rank takes part in every
+    batch and rank 0 writes. Independent jobs (``part``, or two jobs on one folder) claim each
+    batch with a lock file and leave batches claimed by a live job to it. The outputs are
+    byte-identical for every world size and part split.
 
     Args:
         denoiser: EDM-style denoiser, e.g. :class:`~diffrepro.denoisers.EmpiricalDenoiser` or
             :class:`~diffrepro.denoisers.GaussianDenoiser`.
-        seeds: seed list or EDM seed string (``"0-49999"``); seeds must be unique.
+        seeds: seed list, EDM seed string (``"0-49999"``) or :class:`SeedRanges`; unique.
         outdir: output folder (created).
         sampler: ``"heun"`` (EDM default), ``"euler"``, ``"dpm"`` or ``"exact"`` (Gaussian only).
         steps: EDM grid size N (``"dpm"``: solver evaluations before the final ``D``).
@@ -239,114 +614,212 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
             ``"cuda"`` reproduces EDM's noise, the CPU stream differs).
         class_idx: generate class ``class_idx`` of a conditional denoiser (``label_dim > 0``).
         subdirs: PNGs under thousand-subdirectories (``000000/000123.png``).
-        info: extra configuration recorded in the manifest and checked on resume (e.g.
-            the training set's source and hash).
-        progress: show a tqdm progress bar.
+        info: extra identity recorded with the denoiser's fingerprint and checked on resume
+            (required for a denoiser with nothing to fingerprint, e.g. a plain function).
+        notes: recorded in the manifest, not checked (e.g. the training set's path).
+        part: ``(index, count)``: compute only batches ``index, index + count, ...`` (a SLURM
+            array task); a later run without ``part`` checks and assembles the whole run.
+        context: a :class:`diffrepro.distributed.Context` (default: :func:`~diffrepro.distributed.current`).
+        progress: show a tqdm progress bar (rank 0).
 
     Returns:
-        The manifest (also written to ``outdir/manifest.json``).
+        The manifest (written to ``outdir/manifest.json`` by rank 0); ``status`` is
+        ``"complete"`` when every batch and PNG of the run is present and checked.
+
+    Raises:
+        UsageError: bad settings, or the folder holds another run (the message names what differs).
+        RunError: an unreadable record, or a lost process (named).
     """
+    ctx = context if context is not None else distributed.current()
     den = getattr(denoiser, "inner", denoiser)
     samplers.check_sampler(sampler, steps, den)
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
     label_dim = int(getattr(den, "label_dim", 0))
     if class_idx is not None and not (label_dim > 0 and 0 <= class_idx < label_dim):
         raise ValueError(f"class_idx must be in [0, label_dim={label_dim}) for this denoiser, "
                          f"got {class_idx!r}")
+    class_count = getattr(den, "class_count", None)
+    if class_idx is not None and callable(class_count) and class_count(class_idx) == 0:
+        raise ValueError(f"class_idx: class {class_idx} has no training rows in this denoiser")
+    part = _check_part(part)
     outdir = Path(outdir)
-    work = plan_work(seeds, outdir, sampler=sampler, steps=steps, batch=batch, subdirs=subdirs)
-    seeds = work["seeds"]
+    work = plan_work(seeds, outdir, sampler=sampler, steps=steps, batch=batch, subdirs=subdirs, part=part)
+    seeds, plan, job = work["seeds"], work["plan"], work["job"]
     shape = (den.img_channels, den.img_resolution, den.img_resolution)
     device = torch.device(getattr(den, "device", "cpu"))
     noise_device = device if noise_device is None else torch.device(noise_device)
-    get_latents, latents_desc = _latent_source(latents, seeds, shape, noise_device)
+    get_latents, latents_id, latents_desc = _latent_source(latents, seeds, shape, noise_device)
+    fingerprint = _fingerprint(den)
+    if fingerprint is None and not info:
+        raise ValueError(f"denoiser {type(den).__name__} has nothing to fingerprint (no fingerprint() method, "
+                         "tensor or module); pass info={...} identifying it, e.g. a checkpoint sha256")
 
     closed = has_closed_form(den, sampler)
     grid = samplers.evaluation_sigmas(den, sampler, steps, sigma_min, sigma_max, rho)
     grid_meaning = ("σ of each denoiser evaluation, in order" if sampler == "dpm"
                     else "EDM step grid t_0..t_{N-1}, 0")
-    config = {
-        "seeds": format_seeds(seeds), "batch": int(batch), "subdirs": bool(subdirs),
-        "denoiser": {"class": type(den).__name__, **(info or {})},
-        "sampler": sampler, "steps": int(steps), "sigma_min": float(sigma_min),
-        "sigma_max": float(sigma_max), "rho": float(rho), "class_idx": class_idx,
-        "latents": latents_desc,
+    identity = {
+        "denoiser": {**(fingerprint or {"class": type(den).__name__}), **(info or {})},
+        "sampler": sampler, "steps": int(steps), "sigma_min": float(sigma_min), "sigma_max": float(sigma_max),
+        "rho": float(rho), "class_idx": class_idx, "latents": latents_id, "batch": int(batch),
     }
-    _check_resume(outdir, config)
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / _BATCH_DIR).mkdir(exist_ok=True)
+    run_id = _digest(identity)
+    config = {"seeds": seeds.format(), "subdirs": bool(subdirs), **identity}
     dpm = {"order": 3, "method": "singlestep", "skip_type": "logSNR", "family": "edm",
            "denoise_to_zero": True}
     manifest = {
-        "config": config, "status": "running",
+        "config": config, "run_id": run_id, "shape": list(shape), "status": "running", "notes": notes or {},
+        "latents_detail": latents_desc,
         "sampler_detail": {"nfe": work["nfe"], "closed_form": closed, "sigmas": grid,
                            "sigmas_meaning": grid_meaning, "state_dtype": "float64",
                            "dpm": dpm if sampler == "dpm" else None},
+        "processes": {"world_size": ctx.world_size, "part": None if part is None else f"{part[0]}/{part[1]}",
+                      "sharded_training_set": bool(getattr(den, "sharded", False))},
         "build_info": build_info(), "versions": _versions(),
     }
-    _write_manifest(outdir, manifest)
+    # Rank 0 checks the folder and tells the others, so that every rank stops on the same error.
+    outcome = None
+    if ctx.rank == 0:
+        try:
+            outcome = _check_folder(outdir, config, work, run_id, identity, shape)
+        except (UsageError, RunError) as exc:
+            outcome = exc
+    outcome = ctx.broadcast_object(outcome, what="output-folder check")
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if ctx.rank == 0:
+        outdir.mkdir(parents=True, exist_ok=True)
+        (outdir / _BATCH_DIR).mkdir(exist_ok=True)
+        if outcome:
+            _write_manifest(outdir, manifest)
+    ctx.barrier("start")
+    _, _, temps = _listing(outdir, plan, subdirs)
+    if ctx.rank == 0:
+        _remove(p for t in (_MANIFEST, "grid.png") for p in temps.get(t, []) if _age(p) > _STALE_SECONDS)
 
     timed = TimedDenoiser(den)
-    grid_seeds = set(seeds[:_GRID_SEEDS])
-    first: dict[int, torch.Tensor] = {}
-    missing_png = set(work["missing_png"])
-    to_compute = set(work["compute"])
-    computed, sample_seconds = 0, 0.0
-    start = time.perf_counter()
-    bar = tqdm(total=len(seeds), unit="img", desc="generate", disable=not progress)
-    for i, b in enumerate(work["batches"]):
-        path = _batch_path(outdir, b)
-        if i in to_compute:
-            lat = get_latents(b).to(device)
-            labels = None
-            if class_idx is not None:
-                labels = torch.zeros(len(b), label_dim, device=device)
-                labels[:, class_idx] = 1
-            t = time.perf_counter()
-            images = sample(timed, lat, labels, sampler=sampler, steps=steps, sigma_min=sigma_min,
-                            sigma_max=sigma_max, rho=rho).cpu()
-            sample_seconds += time.perf_counter() - t
-            data.atomic_save_npz(path, seeds=np.asarray(b, dtype=np.int64), images=images.numpy())
-            computed += len(b)
-        elif missing_png.intersection(b) or grid_seeds.intersection(b):
-            with np.load(path) as z:
-                images = torch.from_numpy(z["images"])
-        else:
-            bar.update(len(b))
-            continue
-        quantized = data.quantize(images).numpy()
-        for j, s in enumerate(b):
-            if s in missing_png:
+    sharded = bool(getattr(den, "sharded", False))
+    writer = ctx.rank == 0 or not sharded
+    stats = {"computed": 0, "reused": 0, "rewritten": 0, "others": []}
+    sample_seconds = 0.0
+
+    def prepare(i):
+        """Writer: claim batch i, drop its stale temporaries, read its record."""
+        record, lock, targets = _batch_paths(outdir, plan, i, subdirs)
+        got = distributed.claim(lock)
+        if not isinstance(got, distributed.Claim):
+            stats["others"].append(got)
+            return None, None
+        try:
+            _remove(p for t in targets for p in temps.get(t, []))
+            return got, _read_record(record, run_id, identity, plan.seeds_of(i), shape)
+        except BaseException:
+            got.release()
+            raise
+
+    def compute(i):
+        nonlocal sample_seconds
+        b = plan.seeds_of(i)
+        lat = get_latents(b).to(device)
+        labels = None
+        if class_idx is not None:
+            labels = torch.zeros(len(b), label_dim, device=device)
+            labels[:, class_idx] = 1
+        t = time.perf_counter()
+        images = sample(timed, lat, labels, sampler=sampler, steps=steps, sigma_min=sigma_min,
+                        sigma_max=sigma_max, rho=rho).cpu().numpy()
+        sample_seconds += time.perf_counter() - t
+        return images
+
+    def finish(i, claim, images, computed):
+        """Writer: the record (if computed), then the PNGs checked against it."""
+        b = plan.seeds_of(i)
+        try:
+            if computed:
+                data.atomic_save_npz(_batch_paths(outdir, plan, i, subdirs)[0], seeds=np.asarray(b, np.int64),
+                                     images=images, run_id=np.array(run_id), run=np.array(json.dumps(identity)))
+            quantized = data.quantize(images)
+            for j, s in enumerate(b):
                 png = outdir / noise.seed_filename(s, subdirs)
+                if not computed and _png_matches(png, quantized[j]):
+                    continue
+                stats["rewritten"] += png.exists() and not computed
                 png.parent.mkdir(exist_ok=True)
                 data.save_png(png, quantized[j])
-            if s in grid_seeds:
-                first[s] = images[j]
-        bar.update(len(b))
-    bar.close()
-    _save_grid(outdir, first, seeds)
-    elapsed = time.perf_counter() - start
+            stats["computed" if computed else "reused"] += len(b)
+        finally:
+            claim.release()
 
+    def run_batch(i):
+        """One batch on this rank: seed-parallel, or every rank of a sharded denoiser."""
+        claim, images = prepare(i) if writer else (None, None)
+        try:
+            todo = claim is not None and images is None
+            if sharded:  # every rank must take part in the same denoiser calls
+                todo = ctx.broadcast_object(todo, what=f"batch {plan.name(i)}")
+            if todo:
+                images = compute(i)
+        except BaseException:
+            if claim is not None:
+                claim.release()
+            raise
+        if claim is not None:
+            finish(i, claim, images, todo)
+
+    start = time.perf_counter()
+    width = 1 if sharded else ctx.world_size
+    rounds = -(-len(job) // width)
+    bar = tqdm(total=plan.seeds_in(job), unit="img", desc="generate", disable=not (progress and ctx.rank == 0))
+    try:
+        for j in range(rounds):
+            k = j * width + (0 if sharded else ctx.rank)
+            if k < len(job):
+                run_batch(job[k])
+            if not sharded:  # a sharded run is in step already: every call is a collective
+                ctx.barrier(f"batch round {j}")
+            bar.update(plan.seeds_in(job[j * width:(j + 1) * width]))
+    except BaseException as exc:
+        ctx.fail(exc)
+        raise
+    finally:
+        bar.close()
+    gathered = ctx.all_gather_object(stats, what="end of run")
+    elapsed = time.perf_counter() - start
+    others = [o for s in gathered for o in s["others"]]
+    generated = sum(s["computed"] for s in gathered)
+    rewritten = sum(s["rewritten"] for s in gathered)
+    complete = part is None and not others
     flops = _flops_per_sample(den, sampler, steps, class_idx)
     # The closed-form Gaussian path makes no denoiser calls: its "kernel" is the whole sampling.
     kernel = sample_seconds if closed else timed.seconds
-    manifest["status"] = "complete"
+    manifest["status"] = "complete" if complete else "running"
     manifest["timing"] = {
-        "seconds": elapsed, "generated": computed, "reused": len(seeds) - computed,
-        "images_per_second": computed / elapsed if computed and elapsed > 0 else None,
+        "seconds": elapsed, "generated": generated, "reused": sum(s["reused"] for s in gathered),
+        "images_per_second": generated / elapsed if generated and elapsed > 0 else None,
+        # this process (rank 0 in the manifest): time and calls of its own batches
         "sampling_seconds": sample_seconds, "denoiser_seconds": timed.seconds,
         "denoiser_calls": timed.calls,
-        "denoiser_gflops_per_second": (flops * computed / kernel / 1e9
-                                       if flops is not None and computed and kernel > 0 else None),
+        "denoiser_gflops_per_second": (flops * stats["computed"] / kernel / 1e9
+                                       if flops is not None and stats["computed"] and kernel > 0 else None),
         # sampler + Python time outside the denoiser, relative to the time inside it (no I/O)
         "sampler_overhead_fraction": ((sample_seconds - timed.seconds) / timed.seconds
                                       if timed.seconds > 0 else None),
     }
-    _write_manifest(outdir, manifest)
+    if ctx.rank == 0:
+        if rewritten:
+            warnings.warn(f"rewrote {rewritten} PNG(s) in {str(outdir)!r} that did not match their batch record "
+                          "(truncated, foreign or of another run)", stacklevel=2)
+        if others:
+            warnings.warn(f"{len(others)} batch(es) in {str(outdir)!r} are claimed by another job ("
+                          + "; ".join(sorted({_owner_text(o) for o in others}))
+                          + "); left to it: rerun when it has finished to check and assemble the run "
+                          "(delete a batches/.*.lock file only if its job is dead)", stacklevel=2)
+        if complete:
+            _save_grid(outdir, plan, run_id, identity, shape)
+        if part is None:
+            _write_manifest(outdir, manifest)
+    # No barrier after the end-of-run gather: rank 0 may host the job's store, and the other ranks
+    # must not need it once rank 0 leaves.
     return manifest
-
-
 # ------------------------------------------------------------------------------------------------
 # Dry run
 
@@ -370,8 +843,7 @@ def estimate_cost(kind: str, n_train: int, shape, work: dict, *, batch: int, dty
         ``{"flops", "gflops_per_second" (probe), "seconds", "memory_bytes", "probe"}``.
     """
     d = math.prod(shape)
-    todo = sum(len(work["batches"][i]) for i in work["compute"])
-    width = max((len(b) for b in work["batches"]), default=0)
+    todo, width = work["compute_seeds"], work["width"]
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     if kind == "empirical":
@@ -412,7 +884,8 @@ def demo(outdir="demo_out", seeds="0-255", steps: int = 18, *, batch: int = 256,
     """Theoretical generations over the embedded 500 CIFAR-10 images (the README's main job).
 
     Runs :func:`generate` with the empirical denoiser (Heun ``steps``, and Euler, i.e. paper 1's
-    ``p1_optimal`` sampler at 18 steps, for the agreement check) and with the Gaussian denoiser (Heun, closed form) on CPU per-seed noise,
+    ``p1_optimal`` sampler at 18 steps, for the agreement check) and with the Gaussian denoiser
+    (Heun, closed form) on CPU per-seed noise,
     writes ``empirical_vs_nearest.png`` (each Heun generation above its nearest training
     image) and ``summary.json``, and reports throughput and the memorisation summary.
 
@@ -430,19 +903,19 @@ def demo(outdir="demo_out", seeds="0-255", steps: int = 18, *, batch: int = 256,
     """
     outdir = Path(outdir)
     ds = data.default_dataset()
-    info = {"train": ds.source, "train_hash": data.dataset_hash(ds.images), "n_train": len(ds)}
-    common = {"steps": steps, "batch": batch, "progress": progress, "noise_device": "cpu"}
+    common = {"steps": steps, "batch": batch, "progress": progress, "noise_device": "cpu",
+              "notes": {"train": ds.source}}
     t = time.perf_counter()
     gauss = GaussianDenoiser.from_data(ds.images)
     fit_seconds = time.perf_counter() - t
     emp = EmpiricalDenoiser(ds.images)
     runs = {
         "empirical_heun": generate(emp, seeds, outdir / "empirical_heun", sampler="heun",
-                                   info={**info, "dtype": "float32"}, **common),
+                                   **common),
         "empirical_euler": generate(emp, seeds, outdir / "empirical_euler", sampler="euler",
-                                    info={**info, "dtype": "float32"}, **common),
+                                    **common),
         "gaussian_heun": generate(gauss, seeds, outdir / "gaussian_heun", sampler="heun",
-                                  info={**info, "dtype": "float64"}, **common),
+                                  **common),
     }
     heun, euler, gaussian = (load_outputs(outdir / name)[1] for name in runs)
     mem = metrics.memorisation_summary(heun, euler, ds.images)

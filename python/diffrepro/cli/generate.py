@@ -21,7 +21,9 @@ def add_commands(sub) -> None:
         formatter_class=HelpFormatter,
         description="One PNG per seed from the empirical (optimal) or Gaussian denoiser of a training set, "
                     "quantised as EDM does, plus the float outputs per batch (batches/*.npz), an 8x8 grid and "
-                    "manifest.json. Resumable: a rerun with the same settings continues where it stopped.")
+                    "manifest.json. Resumable: a rerun with the same settings continues where it stopped. "
+                    "Runs under torchrun (torchrun --nproc_per_node=K -m diffrepro generate ...) with the same "
+                    "flags and the same outputs.")
     g.add_argument("--train", metavar="DATA", help="CIFAR-10 python archive/folder, EDM zip, image folder, npz "
                    "or npy (default: the embedded 500 CIFAR-10 images)")
     g.add_argument("--max-train", metavar="N", type=int_at_least(1), default=None,
@@ -47,9 +49,19 @@ def add_commands(sub) -> None:
                    help="empirical denoiser compute dtype (default: float32; Gaussian: always float64)")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda also draws the per-seed noise on CUDA (EDM-identical); the CPU stream differs")
-    g.add_argument("--sigma-min", type=positive_float, default=None, help="smallest sigma (default: the preset's, 0.002)")
+    g.add_argument("--sigma-min", type=positive_float, default=None,
+                   help="smallest sigma (default: the preset's, 0.002)")
     g.add_argument("--sigma-max", type=positive_float, default=None, help="largest sigma (default: the preset's, 80)")
     g.add_argument("--rho", type=positive_float, default=None, help="EDM grid exponent (default: the preset's, 7)")
+    g.add_argument("--part", metavar="I/K", default=None,
+                   help="compute only part I of K (0 <= I < K) of the batches, without a rendezvous (a SLURM array "
+                        "task: --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); a final run without --part "
+                        "checks and assembles the outputs")
+    g.add_argument("--shard-train", action="store_true",
+                   help="under torchrun: each process holds 1/K of the training rows and every denoiser call "
+                        "combines the processes' partial sums (empirical denoiser)")
+    g.add_argument("--dist-timeout", type=positive_float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: a process silent this long is reported lost and the others stop")
     g.add_argument("--dry-run", action="store_true", help="print the work, estimated flops/time/memory, and exit")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(fn=_cmd_generate)
@@ -70,7 +82,7 @@ def _resolve(args) -> dict:
     """Check the generate arguments against each other and load the data."""
     import torch
 
-    from .. import data, noise, samplers
+    from .. import data, distributed, generation, samplers
 
     preset = samplers.PRESETS[args.preset or "p1_net"]  # EDM's own default is the p1_net setting
     sampler = args.sampler or preset["solver"]
@@ -92,7 +104,12 @@ def _resolve(args) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device: got 'cuda', but no CUDA device is available; expected 'cpu'")
     with usage_errors("--seeds"):
-        seeds = noise.parse_seeds(args.seeds)
+        seeds = generation.SeedRanges.parse(args.seeds)
+    with usage_errors("--part"):
+        part = None if args.part is None else distributed.parse_part(args.part)
+    if args.shard_train and args.denoiser != "empirical":
+        raise UsageError(f"--shard-train: got it with --denoiser={args.denoiser}, expected --denoiser=empirical "
+                         "(only the empirical denoiser's rows are sharded)")
     if args.class_idx is not None and args.denoiser != "empirical":
         raise UsageError(f"--class: got {args.class_idx} with --denoiser={args.denoiser}, expected "
                          "--denoiser=empirical (class-conditional optimum)")
@@ -116,61 +133,94 @@ def _resolve(args) -> dict:
         reason = samplers.sampler_mismatch(sampler, args.preset)
         if reason:
             warnings.warn(reason, stacklevel=1)
-    return {"sampler": sampler, "steps": steps, "grid": grid, "seeds": seeds, "ds": ds}
+    return {"sampler": sampler, "steps": steps, "grid": grid, "seeds": seeds, "ds": ds, "part": part}
+
+
+def _denoiser(args, ds, dtype, ctx):
+    """The denoiser of the run; with --shard-train, this rank's slice of the rows."""
+    from .. import distributed
+    from ..denoisers import EmpiricalDenoiser, GaussianDenoiser
+
+    labels = ds.labels if args.class_idx is not None else None
+    if args.shard_train:
+        lo, hi = distributed.shard_bounds(len(ds), ctx.world_size, ctx.rank)
+        return distributed.ShardedEmpiricalDenoiser(
+            ds.images[lo:hi], lo, ctx, labels=None if labels is None else labels[lo:hi],
+            label_dim=ds.label_dim if labels is not None else None, dtype=dtype, device=args.device)
+    if args.denoiser == "empirical":
+        return EmpiricalDenoiser(ds.images, labels=labels, dtype=dtype, device=args.device)
+    return GaussianDenoiser.from_data(ds.images, device=args.device)
+
+
+def _dry_run(args, r, dtype, work) -> int:
+    from .. import data, generation
+    from ..denoisers import EmpiricalDenoiser
+
+    ds, sampler, steps = r["ds"], r["sampler"], r["steps"]
+    shape = tuple(int(v) for v in ds.images.shape[1:])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    probe = (EmpiricalDenoiser(ds.images, labels=ds.labels if args.class_idx is not None else None, dtype=dtype,
+                               device=args.device) if args.denoiser == "empirical" else None)
+    est = generation.estimate_cost(args.denoiser, len(ds), shape, work, batch=args.batch, dtype=dtype,
+                                   device=args.device, probe=probe)
+    closed = args.denoiser == "gaussian" and sampler != "dpm"
+    seeds, job = work["seeds"], work["job"]
+    print(f"data     {ds.source} ({len(ds)} images {shape}, sha256 {data.dataset_hash(ds.images)[:16]}...)")
+    print(f"denoiser {args.denoiser} ({str(dtype).replace('torch.', '')}, {args.device}); sampler {sampler}, "
+          f"{steps} steps, sigma [{r['grid']['sigma_min']}, {r['grid']['sigma_max']}], rho {r['grid']['rho']}"
+          + (" (closed-form trajectory: 2 GEMMs per batch)" if closed else ""))
+    print(f"seeds    {len(seeds)} ({seeds.format()[:60]}) in {len(work['plan'])} batches of <= {args.batch}"
+          + (f"; part {args.part}: {len(job)} batches" if args.part else "")
+          + f"; to compute: {work['compute_seeds']} seeds in {work['compute_batches']} batches; "
+          f"PNGs missing: {work['missing_png']}")
+    if world > 1:
+        print(f"procs    {world} (" + ("training rows split over them" if args.shard_train
+                                       else "batch i on process i mod " + str(world)) + ")")
+    print(f"NFE      {work['nfe']} per sample; {0 if closed else work['evaluations']} batched denoiser calls")
+    print(f"estimate {est['flops'] / 1e9:.1f} GFLOP at {est['gflops_per_second']:.1f} GFLOP/s "
+          f"({est['probe']}): {est['seconds']:.1f} s; memory ~{est['memory_bytes'] / 2**30:.2f} GiB")
+    return 0
 
 
 def _cmd_generate(args) -> int:
     import torch
 
-    from .. import data, generation
-    from ..denoisers import EmpiricalDenoiser, GaussianDenoiser
+    from .. import data, distributed, generation
 
     r = _resolve(args)
     ds, sampler, steps = r["ds"], r["sampler"], r["steps"]
     dtype = torch.float64 if args.dtype == "float64" or args.denoiser == "gaussian" else torch.float32
-    shape = tuple(int(v) for v in ds.images.shape[1:])
-    info = {"kind": args.denoiser, "train": ds.source, "train_hash": data.dataset_hash(ds.images),
-            "n_train": len(ds), "dtype": str(dtype).replace("torch.", ""), "preset": args.preset,
-            "device": args.device}
     with usage_errors("--seeds"):
         work = generation.plan_work(r["seeds"], args.outdir, sampler=sampler, steps=steps, batch=args.batch,
-                                    subdirs=args.subdirs)
-    labels = ds.labels if args.class_idx is not None else None
+                                    subdirs=args.subdirs, part=r["part"])
     if args.dry_run:
-        probe = (EmpiricalDenoiser(ds.images, labels=labels, dtype=dtype, device=args.device)
-                 if args.denoiser == "empirical" else None)
-        est = generation.estimate_cost(args.denoiser, len(ds), shape, work, batch=args.batch, dtype=dtype,
-                                       device=args.device, probe=probe)
-        todo = sum(len(work["batches"][i]) for i in work["compute"])
-        closed = args.denoiser == "gaussian" and sampler != "dpm"
-        print(f"data     {ds.source} ({len(ds)} images {shape}, sha256 {info['train_hash'][:16]}...)")
-        print(f"denoiser {args.denoiser} ({info['dtype']}, {args.device}); sampler {sampler}, {steps} steps, "
-              f"sigma [{r['grid']['sigma_min']}, {r['grid']['sigma_max']}], rho {r['grid']['rho']}"
-              + (" (closed-form trajectory: 2 GEMMs per batch)" if closed else ""))
-        print(f"seeds    {len(work['seeds'])} ({generation.format_seeds(work['seeds'])[:60]}) in "
-              f"{len(work['batches'])} batches of <= {args.batch}; to compute: {todo} seeds in "
-              f"{len(work['compute'])} batches; PNGs missing: {len(work['missing_png'])}")
-        print(f"NFE      {work['nfe']} per sample; {0 if closed else work['evaluations']} batched denoiser calls")
-        print(f"estimate {est['flops'] / 1e9:.1f} GFLOP at {est['gflops_per_second']:.1f} GFLOP/s "
-              f"({est['probe']}): {est['seconds']:.1f} s; memory ~{est['memory_bytes'] / 2**30:.2f} GiB")
-        return 0
-    if args.denoiser == "empirical":
-        den = EmpiricalDenoiser(ds.images, labels=labels, dtype=dtype, device=args.device)
-    else:
-        den = GaussianDenoiser.from_data(ds.images, device=args.device)
-    manifest = generation.generate(den, work["seeds"], args.outdir, sampler=sampler, steps=steps,
-                                   batch=args.batch, latents=args.latents, class_idx=args.class_idx,
-                                   subdirs=args.subdirs, info=info, progress=progress_enabled(args), **r["grid"])
-    tm = manifest["timing"]
-    print(f"{len(work['seeds'])} images in {args.outdir} ({tm['generated']} generated, {tm['reused']} reused) "
-          f"in {tm['seconds']:.2f} s")
+        return _dry_run(args, r, dtype, work)
+    notes = {"train": ds.source, "preset": args.preset}
+    if args.denoiser == "gaussian":
+        notes["train_sha256"] = data.dataset_hash(ds.images)
+    ctx = distributed.init(timeout=args.dist_timeout, device=args.device)
+    den = _denoiser(args, ds, dtype, ctx)
+    manifest = generation.generate(den, r["seeds"], args.outdir, sampler=sampler, steps=steps, batch=args.batch,
+                                   latents=args.latents, class_idx=args.class_idx, subdirs=args.subdirs,
+                                   notes=notes, part=r["part"], context=ctx,
+                                   progress=progress_enabled(args) and ctx.rank == 0, **r["grid"])
+    ctx.close()
+    if ctx.rank == 0:
+        tm = manifest["timing"]
+        what = "complete" if manifest["status"] == "complete" else (
+            f"part {args.part} done" if args.part else "incomplete (see the warning above)")
+        print(f"{len(work['seeds'])} images in {args.outdir}: {what} ({tm['generated']} generated, "
+              f"{tm['reused']} reused) in {tm['seconds']:.2f} s" + (f" on {ctx.world_size} processes"
+                                                                    if ctx.world_size > 1 else ""))
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from .. import generation, noise
+    from .. import generation
 
     with usage_errors("--seeds"):
-        seeds = noise.parse_seeds(args.seeds)
+        seeds = generation.SeedRanges.parse(args.seeds)
     generation.demo(args.outdir, seeds, args.steps, progress=progress_enabled(args))
     return 0

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -15,6 +17,19 @@ from .jacobian import empirical_jvp
 _RESIDENT_LIMIT_BYTES = 1 << 30
 # Default chunk size (bytes of training rows) when streaming.
 _STREAM_CHUNK_BYTES = 256 << 20
+
+def sha256_rows(rows) -> str:
+    """SHA-256 of the C-contiguous bytes of an array or tensor of rows, read in 64 MiB chunks (for
+    a uint8 ``[N, C, H, W]`` set it equals :func:`diffrepro.data.dataset_hash`)."""
+    h = hashlib.sha256()
+    row_bytes = rows[0].numel() * rows.element_size() if isinstance(rows, torch.Tensor) else rows[0].nbytes
+    step = max(1, (64 << 20) // max(1, row_bytes))
+    for a in range(0, len(rows), step):
+        chunk = rows[a:a + step]
+        chunk = chunk.detach().cpu().numpy() if isinstance(chunk, torch.Tensor) else chunk
+        h.update(np.ascontiguousarray(chunk).data)
+    return h.hexdigest()
+
 
 class EmpiricalDenoiser(Denoiser):
     """Posterior mean of the empirical training distribution (SPEC §1; P1 Thm 1, P2 eq. 5).
@@ -88,6 +103,26 @@ class EmpiricalDenoiser(Denoiser):
             if labels.max() >= self.label_dim:
                 raise ValueError(f"label_dim={self.label_dim} but labels go up to {labels.max()}")
             self._class_rows = [np.flatnonzero(labels == k) for k in range(self.label_dim)]
+        self._labels_sha256 = None if labels is None else hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()
+        self._fingerprint = None
+
+    def fingerprint(self) -> dict:
+        """Content identity for run records: sha256 of the training rows as stored (for uint8 rows
+        the :func:`diffrepro.data.dataset_hash` of the set) and of the labels, the compute dtype,
+        device and streaming chunk size. The row hash is computed once and cached."""
+        if self._fingerprint is None:
+            rows = self._train
+            self._fingerprint = {
+                "train_sha256": sha256_rows(rows), "n_train": self.num_rows,
+                "rows_dtype": str(_torch_dtype(rows)).replace("torch.", ""),
+                "labels_sha256": self._labels_sha256, "label_dim": self.label_dim,
+                "dtype": str(self.dtype).replace("torch.", ""), "device": self.device.type,
+                "chunk_rows": self.chunk_rows}
+        return dict(self._fingerprint)
+
+    def class_count(self, k: int) -> int:
+        """Number of training rows of class ``k`` (0 for a class outside ``[0, label_dim)``)."""
+        return len(self._class_rows[k]) if 0 <= k < self.label_dim else 0
 
     def _to_device(self, rows) -> torch.Tensor:
         """Training rows -> tensor on the device: uint8 kept, floats cast to the compute dtype."""
