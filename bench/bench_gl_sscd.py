@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""GL via SSCD (P1 §3, SPEC §5.3 and §10 #6): ``metrics.gl_sscd`` streaming a memory-mapped
+"""GL via SSCD (Zhang et al. 2024, §3): ``metrics.gl_sscd`` streaming a memory-mapped
 ``.npy`` of training descriptors, against faiss and paper 1's own scorer.
 
 Workload: Q generated descriptors against N training descriptors, D = 512, L2-normalised

@@ -16,14 +16,14 @@ from helpers import assert_f32_accuracy, naive_float32_denoiser
 
 
 def _edm_grid(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM ρ-grid of n levels with 0 appended (SPEC §3.1), float64."""
+    """EDM ρ-grid of n levels with 0 appended (Karras et al. 2022, eq. 5), float64."""
     i = torch.arange(n, dtype=torch.float64)
     t = (sigma_max ** (1 / rho) + i / (n - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho)))
     return torch.cat([t ** rho, torch.zeros(1, dtype=torch.float64)])
 
 
 def _naive_empirical_f64(x, y, sigma, s):
-    """Softmax-weighted mean from materialised differences, float64 (SPEC §1.1)."""
+    """Softmax-weighted mean from materialised differences, float64 (the empirical optimal denoiser)."""
     x = x.double().reshape(x.shape[0], -1) / s.reshape(-1, 1)
     y = y.double().reshape(y.shape[0], -1)
     logits = -((x[:, None, :] - y[None]) ** 2).sum(-1) / (2 * sigma.reshape(-1, 1) ** 2)
@@ -185,7 +185,7 @@ def test_exact_trajectory_and_spec_factors():
     lam = torch.tensor([100.0, 1.0, 0.0, 0.0], dtype=torch.float64)
     g = dn.GaussianDenoiser(torch.zeros(4), lam, torch.eye(4), shape=(1, 2, 2))
     grid = _edm_grid(10)
-    assert abs(g.step_factors(grid, "euler").prod(0)[0].item() - 0.101) < 5e-4  # SPEC §2.3
+    assert abs(g.step_factors(grid, "euler").prod(0)[0].item() - 0.101) < 5e-4  # Euler-10 factor for lambda = 100
     exact = g.step_factors(grid, "exact").prod(0)
     assert abs(exact[0].item() - math.sqrt(100 / (100 + 80 ** 2))) < 1e-15  # ≈ 0.124
     latents = torch.randn(3, 1, 2, 2, dtype=torch.float64)

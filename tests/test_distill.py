@@ -79,7 +79,7 @@ def test_too_few_pairs_singular_inputs_and_ridge():
 
 
 def test_distilling_the_empirical_denoiser_approaches_the_wiener_filter(cifar_subset):
-    """P2 Thm 1 / SPEC §6: for D_M of a training set on its own noisy inputs the least-squares
+    """Li, Dai, Qu 2024, Thm 1: for D_M of a training set on its own noisy inputs the least-squares
     solution is W_G = Σ(Σ + σ²I)⁻¹, b = (I − W_G)μ. The estimate's relative Frobenius error is a
     sampling error ~ c/√M; c ≈ 8 was measured over seeds here, and the test allows 12/√M."""
     n, sigma = 64, 0.5

@@ -1,7 +1,7 @@
 """Tests of diffrepro.samplers against independent references.
 
 References: a plain float64 transcription of EDM Algorithm 2 and of EDM's ablation loop written
-here, the closed-form PF-ODE of a Gaussian data distribution (SPEC §2.3), and diffusers'
+here, the closed-form PF-ODE of a Gaussian data distribution, and diffusers'
 EDMEulerScheduler / DPMSolverSinglestepScheduler / DPMSolverMultistepScheduler.
 """
 
@@ -24,7 +24,7 @@ MU = torch.linspace(-0.5, 0.5, 8, dtype=F64).reshape(1, 1, 2, 4)
 
 
 def wiener(x, sigma, class_labels=None):
-    """Exact denoiser of N(MU, diag LAM) data (SPEC §2.2); sigma scalar or [B]."""
+    """Exact denoiser of N(MU, diag LAM) data (the Wiener filter); sigma scalar or [B]."""
     sig = torch.as_tensor(sigma, dtype=F64)
     if sig.ndim == 1:
         sig = sig.reshape(-1, 1, 1, 1)
@@ -33,7 +33,7 @@ def wiener(x, sigma, class_labels=None):
 
 
 def exact(x_T, sigma_T, sigma):
-    """Exact PF-ODE solution of the Gaussian model from sigma_T to sigma (SPEC §2.3 eq. 7)."""
+    """Exact PF-ODE solution of the Gaussian model from sigma_T to sigma: c(sigma) = c(sigma_T) sqrt((lam + sigma^2) / (lam + sigma_T^2))."""
     return MU + torch.sqrt((LAM + sigma**2) / (LAM + sigma_T**2)) * (x_T - MU)
 
 
@@ -113,7 +113,7 @@ def test_euler_per_step_factor_and_p2_note(latents):
         factor = factor * (LAM + t[i] * t[i + 1]) / (LAM + t[i] ** 2)
     got = SM.edm_sampler(wiener, latents, num_steps=N, solver="euler")
     torch.testing.assert_close(got, MU + factor * (80.0 * latents.double() - MU), rtol=1e-12, atol=1e-12)
-    # SPEC §2.3: overall factor for lambda = 100 is 0.101 (Euler-10) against 0.124 (exact)
+    # Li, Dai, Qu's Euler-10 note: overall factor for lambda = 100 is 0.101 (Euler-10) against 0.124 (exact)
     assert float(factor[0, 0, 1, 3]) == pytest.approx(0.101, abs=5e-4)
     assert math.sqrt(100 / (100 + 80**2)) == pytest.approx(0.124, abs=5e-4)
 

@@ -1,4 +1,4 @@
-"""Tests of diffrepro.schedules against the SPEC's values and independent closed forms."""
+"""Tests of diffrepro.schedules against the papers' published values and independent closed forms."""
 
 import math
 
@@ -8,10 +8,10 @@ from diffrepro import schedules as S
 
 F64 = torch.float64
 
-# SPEC §3.1, full precision (P2's ten noise levels).
+# Full precision: Li, Dai, Qu's ten noise levels.
 GRID10 = [80.0, 42.41518931851267, 21.10867673619376, 9.723201355260132, 4.066123602953759,
           1.501741979068008, 0.46997905799774714, 0.1166385635251784, 0.020435334553438746, 0.002]
-# SPEC §3.1, print precision (P1's 18 levels).
+# Print precision: Zhang et al.'s 18 levels.
 GRID18 = [80, 57.586, 40.786, 28.375, 19.352, 12.910, 8.401, 5.315, 3.257, 1.923, 1.088, 0.585,
           0.296, 0.1395, 0.0600, 0.0229, 0.00753, 0.002]
 

@@ -106,7 +106,7 @@ def test_extractor_rejects_bad_inputs_and_replicates_grey_on_request(model_path)
         ext(grey[0])
     with pytest.raises(ValueError, match="N=0"):
         ext(random_images(0))
-    with pytest.raises(FileNotFoundError, match="torchscript_path"):
+    with pytest.raises(FileNotFoundError, match="model_path: no such file"):
         SSCDExtractor(model_path.with_name("missing.pt"))
     with pytest.raises(ValueError, match="preprocess must be one of"):
         SSCDExtractor(model_path, preprocess="pil224")

@@ -7,8 +7,9 @@ Peers are what a researcher would otherwise run:
 * ``sdpa``: torch ``scaled_dot_product_attention`` on 4-D inputs ``[1, 1, Q, D + 1]``; the
   appended column makes ``q . k`` the logit ``(x . y - |y|^2 / 2) / sigma^2``.
 * ``torch_chunked``: chunked torch GEMMs with an online log-sum-exp (the best plain-torch form).
-* ``paper1``: paper 1's algorithm (two float64 passes of broadcast differences over batches of
-  64 training images, 64 queries per call), timed on a subset and extrapolated linearly in Q*N.
+* ``paper1``: paper 1's algorithm (two passes of float64 broadcast differences over batches of
+  64 training images, 64 queries per call; rows decoded and the normaliser accumulated in
+  float32, as its ``generate.py`` does), timed on a subset and extrapolated linearly in Q*N.
 * ``faiss``: ``IndexFlatIP`` / ``IndexFlatL2`` (k-NN), in this process as the machine runs it and
   in a subprocess with ``OPENBLAS_CORETYPE`` set to the best core for this CPU (read at load).
 """

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Linear distillation of a denoiser at one noise level (P2 §3.1 eqs. 8–9, App. C; SPEC §6).
+"""Linear distillation of a denoiser at one noise level (Li, Dai, Qu 2024, §3.1 eqs. 8–9, App. C).
 
 ``min_{W,b} E_x ‖W x + b − D(x; σ)‖²`` over inputs ``x = y + σ ε``. The default solves it in
 closed form from float64 sufficient statistics; ``mode="adam"`` reproduces P2's optimiser

@@ -2,7 +2,7 @@
 DPM-Solver (singlestep 1-3, multistep 2M/3M), k-diffusion-style loops, ODE inversion and the
 flow-matching ODE in t (Euler/Heun/midpoint, :func:`sample_flow`).
 
-SPEC §3. The sampler state is float64. A denoiser is called as ``D(x, sigma)`` or, when
+The sampler state is float64. A denoiser is called as ``D(x, sigma)`` or, when
 class labels are given, ``D(x, sigma, class_labels)``, with ``x`` the *unscaled* state
 ``[B, ...]`` and ``sigma`` a 0-dim float64 tensor (``[B]`` in the k-diffusion-style functions);
 its output is cast to float64.
@@ -114,7 +114,7 @@ def _caller(net, class_labels) -> Callable[[torch.Tensor, torch.Tensor], torch.T
 
 
 # --------------------------------------------------------------------------------------------
-# First-order update: Euler = DDIM (eta = 0) = DPM-Solver-1 (SPEC §3.3)
+# First-order update: Euler = DDIM (eta = 0) = DPM-Solver-1
 # --------------------------------------------------------------------------------------------
 
 
@@ -215,7 +215,7 @@ def edm_sampler(
     randn_like=torch.randn_like,
     callback=None,
 ) -> torch.Tensor:
-    """EDM Algorithm 2 (SPEC §3.1).
+    """EDM Algorithm 2 (Karras et al. 2022).
 
     ``[sigma_min, sigma_max]`` is clamped to ``net.sigma_min``/``net.sigma_max`` when the net
     has them and the grid goes through ``net.round_sigma`` when it has one; ``t_N = 0`` is
@@ -321,7 +321,7 @@ def ode_inversion(
 
 
 # --------------------------------------------------------------------------------------------
-# General (s(t), sigma(t)) families: EDM ablation sampler and sample_ode (SPEC §3.2)
+# General (s(t), sigma(t)) families: EDM ablation sampler and sample_ode
 # --------------------------------------------------------------------------------------------
 
 
@@ -383,7 +383,7 @@ def ablation_sampler(
     randn_like=torch.randn_like,
     callback=None,
 ) -> torch.Tensor:
-    """EDM's generalised sampler (``--solver/--disc/--schedule/--scaling``, SPEC §3.2).
+    """EDM's generalised sampler (``--solver/--disc/--schedule/--scaling``; Karras et al. 2022, Table 1).
 
     Song et al. VP: ``solver="euler", discretization="vp", schedule="vp", scaling="vp"``;
     VE: ``"euler", "ve", "ve", "none"``; iDDPM/DDIM: ``"euler", "iddpm", "linear", "none"``.
@@ -475,14 +475,14 @@ def sample_ode(
 
 
 # --------------------------------------------------------------------------------------------
-# DPM-Solver (SPEC §3.4), in the unscaled variable xt = x / s with lambda = -log sigma
+# DPM-Solver (Lu et al. 2022, 2023), in the unscaled variable xt = x / s with lambda = -log sigma
 # --------------------------------------------------------------------------------------------
 # Dividing the reference updates by alpha_t shows that they depend on the schedule only
 # through sigma (EDM) and lambda = -log sigma: x_t = alpha_t * xt_t, sigma_vp = alpha sigma.
 
 
 def singlestep_orders(steps: int, order: int) -> list[int]:
-    """Order schedule of singlestep DPM-Solver-fast (SPEC §3.4); the orders sum to ``steps``.
+    """Order schedule of singlestep DPM-Solver-fast (Lu et al. 2022, §3.4); the orders sum to ``steps``.
 
     order 3: ``K = steps//3 + 1``; ``[3]*(K-2) + [2, 1]`` if ``steps % 3 == 0``,
     ``[3]*(K-1) + [1]`` if ``== 1``, else ``[3]*(K-1) + [2]``. order 2: ``[2]*(steps/2)`` or
@@ -682,10 +682,10 @@ def dpm_solver(
     latents_scale: float | None = None,
     callback=None,
 ) -> torch.Tensor:
-    """DPM-Solver with the reference library's time grids and order schedules (SPEC §3.4).
+    """DPM-Solver with the reference library's time grids and order schedules (Lu et al. 2022).
 
     The analytic denoisers plug in through ``eps = (xt - D(xt; sigma)) / sigma`` on the
-    unscaled ``xt = x / s`` (SPEC §1.1). ``method="singlestep"`` uses
+    unscaled ``xt = x / s``. ``method="singlestep"`` uses
     :func:`singlestep_orders` with ``K + 1`` outer times (uniform in lambda for ``"logSNR"``,
     else the ``steps``-point grid subsampled at the cumulative orders) and inner times
     recomputed per interval; ``"multistep"`` uses the ``steps``-interval grid. NFE = ``steps``
@@ -706,7 +706,7 @@ def dpm_solver(
         lower_order_final: multistep only, see :func:`dpm_solver_multistep`.
         denoise_to_zero: return ``D(x; sigma(t_end))`` after the last step.
         latents_scale: the start is ``latents * latents_scale`` in the scaled variable;
-            default ``s(t_start) * sigma(t_start)`` (EDM convention, SPEC §4.2). Pass 1.0 for
+            default ``s(t_start) * sigma(t_start)`` (EDM's convention). Pass 1.0 for
             the VP convention ``x_T = eps`` of the reference library.
         callback: called per update with ``dict(i, sigma, sigma_next, x, denoised)`` (``x``
             unscaled).

@@ -1,6 +1,7 @@
-"""Noise families ``s(t), sigma(t)`` and time discretisations (SPEC §1.1, §3.1, §3.2, §3.4).
+"""Noise families ``s(t), sigma(t)`` and time discretisations (Karras et al. 2022, Table 1 and eq. 5;
+Lu et al. 2022 for DPM-Solver's grids).
 
-Conventions (SPEC §0): the perturbation kernel is ``x = s(t) * (y + sigma(t) * eps)``, so
+Conventions (Karras et al. 2022, §4): the perturbation kernel is ``x = s(t) * (y + sigma(t) * eps)``, so
 ``sigma`` is the EDM noise level of the *unscaled* variable ``x / s``. Every family exposes
 ``s``, ``s_deriv``, ``sigma``, ``sigma_deriv`` and ``sigma_inv``; they accept a Python float
 or a tensor and return float64 tensors. All grids are float64.
@@ -120,7 +121,7 @@ class NoiseFamily:
 
 @dataclass(frozen=True)
 class EDM(NoiseFamily):
-    """EDM family: ``s = 1``, ``sigma = t`` (SPEC §1.1), default range ``[0.002, 80]``."""
+    """EDM family: ``s = 1``, ``sigma = t`` (Karras et al. 2022, Table 1), default range ``[0.002, 80]``."""
 
     t_min: float = 0.002
     t_max: float = 80.0
@@ -144,7 +145,7 @@ class EDM(NoiseFamily):
 
 @dataclass(frozen=True)
 class VP(NoiseFamily):
-    """Continuous VP family (score_sde DDPM++, SPEC §1.1).
+    """Continuous VP family (score_sde DDPM++; Karras et al. 2022, Table 1).
 
     ``s = alpha_t = exp(-t^2 beta_d / 4 - t beta_0 / 2)`` and
     ``sigma = sqrt(exp(t^2 beta_d / 2 + beta_0 t) - 1)`` with ``beta_d = beta_1 - beta_0``.
@@ -169,7 +170,7 @@ class VP(NoiseFamily):
 
     @classmethod
     def from_sigma_range(cls, sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> VP:
-        """Betas re-derived from a sigma range as EDM's ablation sampler does (SPEC §3.2).
+        """Betas re-derived from a sigma range as EDM's ablation sampler does.
 
         ``sigma(epsilon_s) = sigma_min`` and ``sigma(1) = sigma_max``; the EDM defaults give
         ``beta_d = 19.9`` and ``beta_0 = 0.1`` back.
@@ -249,7 +250,7 @@ class VE(NoiseFamily):
 class SubVP(NoiseFamily):
     """sub-VP family: ``s = alpha_t`` (as VP) and ``sigma = (1 - alpha_t^2) / alpha_t``.
 
-    From ``x_t = alpha_t x_0 + (1 - alpha_t^2) z`` (SPEC §1.1), so ``s sigma = 1 - alpha_t^2``.
+    From ``x_t = alpha_t x_0 + (1 - alpha_t^2) z`` (Song et al. 2021, sub-VP SDE), so ``s sigma = 1 - alpha_t^2``.
     """
 
     beta_0: float = 0.1
@@ -373,7 +374,7 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
 
 @dataclass(frozen=True)
 class DiscreteDDPM(NoiseFamily):
-    """Discrete DDPM (Ho et al. 2020): linear betas, ``M`` steps (SPEC §1.1, §3.4).
+    """Discrete DDPM (Ho et al. 2020): linear betas, ``M`` steps.
 
     Index ``n = 0..M-1`` has ``s = sqrt(abar_n)``, ``sigma = sqrt(1/abar_n - 1)``. The
     continuous-time view used by DPM-Solver puts index ``n`` at ``t_n = (n + 1)/M`` and
@@ -463,7 +464,7 @@ class DiscreteDDPM(NoiseFamily):
 
 @dataclass(frozen=True)
 class EDMAblationFamily(NoiseFamily):
-    """The ``--schedule``/``--scaling`` combinations of EDM's ablation sampler (SPEC §3.2).
+    """The ``--schedule``/``--scaling`` combinations of EDM's ablation sampler (Karras et al. 2022, Table 1).
 
     Args:
         schedule: ``"vp"`` (``sigma = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)``),
@@ -531,7 +532,7 @@ def round_sigma_identity(sigma):
 
 
 def iddpm_u(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> torch.Tensor:
-    """iDDPM noise levels ``u_0 > u_1 > ... > u_M = 0`` (SPEC §3.2), float64 ``[M + 1]``.
+    """iDDPM noise levels ``u_0 > u_1 > ... > u_M = 0`` (Nichol & Dhariwal 2021, as EDM discretises them), float64 ``[M + 1]``.
 
     ``u_{j-1} = sqrt((u_j^2 + 1) / max(abar(j-1)/abar(j), C_1) - 1)`` with
     ``abar(j) = sin^2(pi j / (2 M (C_2 + 1)))``. EDM evaluates ``abar`` in float32 (its index
@@ -596,7 +597,7 @@ def get_round_sigma(net) -> Callable:
 
 
 def clamp_sigma_range(sigma_min: float, sigma_max: float, net=None) -> tuple[float, float]:
-    """Clamps ``[sigma_min, sigma_max]`` to the network's support (SPEC §3.1).
+    """Clamps ``[sigma_min, sigma_max]`` to the network's support, as EDM's sampler does.
 
     ``sigma_min <- max(sigma_min, net.sigma_min)`` and ``sigma_max <- min(sigma_max,
     net.sigma_max)`` for whichever of the attributes ``net`` has.
@@ -615,7 +616,7 @@ def clamp_sigma_range(sigma_min: float, sigma_max: float, net=None) -> tuple[flo
 
 
 def network_sigma_range(kind: str) -> tuple[float, float]:
-    """Support ``(sigma_min, sigma_max)`` of EDM's preconditioners (SPEC §3.1).
+    """Support ``(sigma_min, sigma_max)`` of EDM's preconditioners (Karras et al. 2022, Table 1).
 
     Args:
         kind: ``"edm"`` ([0, inf)), ``"vp"`` (``[sigma_vp(1e-5), sigma_vp(1)]`` with
@@ -641,7 +642,7 @@ def network_sigma_range(kind: str) -> tuple[float, float]:
 
 
 def edm_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """EDM rho-grid ``(smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho`` (SPEC §3.1).
+    """EDM rho-grid ``(smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho`` (Karras et al. 2022, eq. 5).
 
     Evaluated in float64 exactly as EDM's sampler does.
 
@@ -704,7 +705,7 @@ _DISC_DEFAULTS = {"vp": None, "ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm"
 
 
 def default_sigma_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[float, float]:
-    """Default ``(sigma_min, sigma_max)`` per discretisation of EDM's ablation sampler (SPEC §3.2).
+    """Default ``(sigma_min, sigma_max)`` per discretisation of EDM's ablation sampler (Karras et al. 2022, Table 1).
 
     vp: ``(sigma_vp(epsilon_s), sigma_vp(1))`` with ``beta_d=19.9, beta_min=0.1``
     (0.010486, 152.167); ve: (0.02, 100); iddpm: (0.002, 81); edm: (0.002, 80).
@@ -746,7 +747,7 @@ def discretize(
 
 
 def dpm_solver_timesteps(family: NoiseFamily, skip_type: str, t_T: float, t_0: float, N: int) -> torch.Tensor:
-    """DPM-Solver's ``get_time_steps`` (SPEC §3.4), in float64.
+    """DPM-Solver's ``get_time_steps`` (Lu et al. 2022), in float64.
 
     Args:
         family: noise family giving ``lambda(t) = -log sigma(t)`` and its inverse.

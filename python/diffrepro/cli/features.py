@@ -95,8 +95,8 @@ def _load_model(args):
                                  batch_size=args.batch_size, grey_to_rgb=args.grey_to_rgb,
                                  cache=args.cache_dir if args.cache_dir else False,
                                  allow_tf32=args.allow_tf32, progress=progress_enabled(args))
-        except RunError:
-            raise
+        except RunError as exc:  # neither TorchScript nor ONNX
+            raise RunError(f"--model: {str(exc).removeprefix('model_path: ')}") from exc
         except RuntimeError as exc:  # torch.jit.load: "PytorchStreamReader failed ...", "Expected hasRecord ..."
             first = " ".join(str(exc).split("\n", 1)[0].split())[:200]
             raise RunError(f"--model: cannot load {args.model!r} as a TorchScript model ({first}); expected an "

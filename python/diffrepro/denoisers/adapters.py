@@ -127,7 +127,7 @@ def _ddpm_alphas_cumprod(config: dict) -> np.ndarray:
 class DiffusersDenoiser(Denoiser):
     """Adapter for diffusers-style DDPM networks (eps-, v- or x0-prediction).
 
-    EDM's σ and the DDPM marginals are linked by ``ᾱ = 1/(1+σ²)`` (SPEC §1.1, DDPM row): the
+    EDM's σ and the DDPM marginals are linked by ``ᾱ = 1/(1+σ²)`` (Karras et al. 2022, Table 1, DDPM row): the
     network input is ``x_t = x̃/√(1+σ²)`` and its timestep is found from σ_n = √((1−ᾱ_n)/ᾱ_n):
 
     * ``timesteps="interpolate"`` (default): a fractional timestep, linear in ``log ᾱ`` between

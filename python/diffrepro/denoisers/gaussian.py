@@ -40,7 +40,7 @@ def _float64_chunks(train, device, chunk_rows: int, bar=None):
 
 
 def gaussian_statistics(train, *, device="cpu", chunk_rows: int = 4096, progress: bool = False):
-    """Mean and biased covariance of a training set, in float64 (SPEC §2.1, §2.4 [DR]).
+    """Mean and biased covariance of a training set, in float64 (the Gaussian model of Li, Dai, Qu 2024).
 
     Two passes of chunked float64 work on ``device``: the mean, then ``Σ += Y_cᵀ Y_c`` over
     centred chunks ``Y_c``, divided by N. uint8 rows are decoded as ``u/127.5 − 1``.
@@ -90,7 +90,7 @@ def _gram_eigenpairs(yc: torch.Tensor):
 
 
 class GaussianDenoiser(Denoiser):
-    """Wiener filter of the training set's Gaussian model (SPEC §2; P2 eq. 6), in float64.
+    """Wiener filter of the training set's Gaussian model (Li, Dai, Qu 2024, eq. 6), in float64.
 
     ``D(x̃;σ) = μ + U diag(λ/(λ+σ²)) Uᵀ (x̃ − μ)``, with the eigenpairs of the biased
     covariance sorted by decreasing λ (λ ≥ 0). With ``rank=r`` only the first r directions
@@ -223,7 +223,7 @@ class GaussianDenoiser(Denoiser):
         return (1 - wiener_gain(self.lam_eff, sigma)) / sigma.unsqueeze(-1)
 
     def step_factors(self, sigmas, solver: str = "euler") -> torch.Tensor:
-        """Per-direction multipliers of the coordinates ``c = Uᵀ(x − μ)`` along a σ grid (SPEC §2.3).
+        """Per-direction multipliers of the coordinates ``c = Uᵀ(x − μ)`` along a σ grid: each ODE step is diagonal in the eigenbasis.
 
         Step ``i`` (σ_i → σ_{i+1}, h = σ_{i+1} − σ_i, a(σ) = σ/(λ+σ²)):
 
@@ -261,7 +261,7 @@ class GaussianDenoiser(Denoiser):
 
     def trajectory(self, latents: torch.Tensor, sigmas, *, solver: str = "euler",
                    return_denoised: bool = False):
-        """Closed-form deterministic sampling of the Gaussian model (SPEC §2.3).
+        """Closed-form deterministic sampling of the Gaussian model: the PF-ODE is linear and diagonal in the eigenbasis.
 
         Starts from ``x_0 = latents · σ_0`` (as EDM's sampler) and applies, per eigen-direction,
         the product of :meth:`step_factors`, so the samples cost two ``[K, d] × [d, d]`` products

@@ -28,7 +28,7 @@ def _sigma_index(sigma: torch.Tensor, table: np.ndarray) -> np.ndarray:
 
 
 class LinearDenoiser(Denoiser):
-    """Affine denoiser ``D(x̃) = W x̃ + b`` on flattened images (SPEC §6), valid at one σ.
+    """Affine denoiser ``D(x̃) = W x̃ + b`` on flattened images (Li, Dai, Qu 2024, §3.1), valid at one σ.
 
     Args:
         W: ``[d, d]`` effective weight (for P2's zero-initialised ``nn.Linear`` with input
