@@ -103,8 +103,10 @@ def _load_model(args):
                            "SSCD TorchScript file such as sscd_disc_mixup.torchscript.pt") from exc
 
 
-_IDENTITY = ("model_sha256", "preprocess", "grey_to_rgb", "allow_tf32", "images_sha256", "ids_sha256", "n",
-             "batch_size")
+# What a part file must share with the run to be used: the images and ids, the model and how it ran, and the
+# batches (a descriptor's last bits may depend on its batch).
+_IDENTITY = ("model_sha256", "runtime", "model_input", "preprocess", "grey_to_rgb", "allow_tf32", "images_sha256",
+             "ids_sha256", "n", "batch_size")
 
 
 def _ids_sha256(ids: np.ndarray) -> str:
@@ -144,7 +146,7 @@ def _valid_part(path: Path, lo: int, hi: int, identity: dict, ids: np.ndarray) -
             part = load_features(path)
     except (RunError, KeyError) as exc:
         return f"unreadable ({exc})"
-    differ = [k for k in _IDENTITY if part.meta.get(k) != identity[k]]
+    differ = [k for k in identity if part.meta.get(k) != identity[k]]
     if differ:
         return f"belongs to another run (its {', '.join(differ)} differ)"
     if part.meta.get("rows") != [lo, hi] or part.ids is None or not np.array_equal(part.ids, ids[lo:hi]) \
