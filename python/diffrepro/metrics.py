@@ -293,14 +293,16 @@ def _job(context):
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"context must be None, a diffrepro.distributed.Context or a process group of an "
                          f"initialised torch.distributed, got {type(context).__name__} without torch.distributed")
-    world = dist.get_world_size(context)
+    rank, world = dist.get_rank(context), dist.get_world_size(context)
+    if rank < 0:
+        raise ValueError("context: this process is not in the process group; call it on the group's ranks only")
 
     def gather(obj):
         out = [None] * world
         dist.all_gather_object(out, obj, group=context)
         return out
 
-    return dist.get_rank(context), world, gather
+    return rank, world, gather
 
 
 def nearest_reference(queries: ArrayLike, refs: Any, *, metric: str = "ip", context=None,

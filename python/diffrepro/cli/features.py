@@ -85,7 +85,7 @@ def _is_feature_file(path: str) -> bool:
     return old.ids is not None and "model_sha256" in old.meta and "preprocess" in old.meta
 
 
-def _load_model(args):
+def _load_model(args, progress: bool):
     """The descriptor model of ``--model``; a file torch cannot load is a :class:`RunError` naming it."""
     from ..sscd import SSCDExtractor
 
@@ -94,7 +94,7 @@ def _load_model(args):
             return SSCDExtractor(args.model, preprocess=args.preprocess, device=args.device,
                                  batch_size=args.batch_size, grey_to_rgb=args.grey_to_rgb,
                                  cache=args.cache_dir if args.cache_dir else False,
-                                 allow_tf32=args.allow_tf32, progress=progress_enabled(args))
+                                 allow_tf32=args.allow_tf32, progress=progress)
         except RunError as exc:  # neither TorchScript nor ONNX
             raise RunError(f"--model: {str(exc).removeprefix('model_path: ')}") from exc
         except RuntimeError as exc:  # torch.jit.load: "PytorchStreamReader failed ...", "Expected hasRecord ..."
@@ -207,8 +207,6 @@ def _plan(out: Path, target: tuple[int, int], identity: dict, ids: np.ndarray, f
 
 def _cmd_features(args) -> int:
     from .. import distributed
-    from ..data import dataset_hash
-    from ..sscd import save_features
 
     require_path("--model", args.model, "an SSCD model file")
     if os.path.isdir(args.model):
@@ -220,8 +218,22 @@ def _cmd_features(args) -> int:
                          "refusing to overwrite it (choose another --out or remove the file)")
     with usage_errors("--part"):
         part = None if args.part is None else distributed.parse_part(args.part)
-    extractor = _load_model(args)  # before decoding any image: a bad --model fails at once
-    ds, ids = load_images("--images", args.images, args.max_images, progress=progress_enabled(args))
+    # The job first: under torchrun with --device cuda each process then loads the model on its own GPU.
+    with job(args, args.device) as ctx:
+        work = _compute(args, ctx, part)
+    return 0 if work is None else _assemble(args, part=part, world=ctx.world_size, **work)
+
+
+def _compute(args, ctx, part) -> dict | None:
+    """This rank's share of the missing batches; on rank 0 what :func:`_assemble` needs (None: nothing
+    to assemble here)."""
+    from .. import distributed
+    from ..data import dataset_hash
+    from ..sscd import save_features
+
+    progress = progress_enabled(args) and ctx.rank == 0
+    extractor = _load_model(args, progress)  # before decoding any image: a bad --model fails at once
+    ds, ids = load_images("--images", args.images, args.max_images, progress=progress)
     if len(np.unique(ids)) != len(ids):
         raise UsageError(f"--images: image ids must be unique, but {args.images!r} holds repeated seeds "
                          "(the same NNNNNN.png in two sub-folders?)")
@@ -230,47 +242,46 @@ def _cmd_features(args) -> int:
         start = time.perf_counter()
         extractor(probe)
         rate = len(probe) / (time.perf_counter() - start)
-        print(f"features: {len(ds)} images, {args.preprocess} on {args.device}: ~{rate:.1f} images/s "
-              f"(one batch of {len(probe)} timed) -> ~{len(ds) / rate:.0f} s; nothing written")
-        return 0
+        if ctx.rank == 0:
+            print(f"features: {len(ds)} images, {args.preprocess} on {args.device}: ~{rate:.1f} images/s "
+                  f"(one batch of {len(probe)} timed) -> ~{len(ds) / rate:.0f} s; nothing written")
+        return None
     meta = {**extractor.meta, "images": os.path.abspath(args.images), "images_sha256": dataset_hash(ds.images),
             "n": len(ds), "image_shape": list(ds.images.shape[1:])}
+    out = Path(args.out)
+    if out.is_file() and not args.force and _up_to_date(out, meta, ids):
+        if ctx.rank == 0:
+            print(f"features: {args.out} is up to date ({len(ids)} images, {args.preprocess}); use --force to "
+                  "recompute")
+        return None
     identity = {**{k: meta[k] for k in _IDENTITY if k in meta}, "ids_sha256": _ids_sha256(ids),
                 "batch_size": args.batch_size}
-    out = Path(args.out)
     batches = -(-len(ds) // args.batch_size)
     target = (0, len(ds)) if part is None else tuple(
         min(len(ds), k * args.batch_size) for k in distributed.shard_bounds(batches, part[1], part[0]))
-    with job(args, args.device) as ctx:
-        if out.is_file() and not args.force and _up_to_date(out, meta, ids):
-            if ctx.rank == 0:
-                print(f"features: {args.out} is up to date ({len(ids)} images, {args.preprocess}); use --force to "
-                      "recompute")
-            return 0
-        extractor.progress = extractor.progress and ctx.rank == 0
-        plan = None
-        if ctx.rank == 0:
-            try:
-                plan = _plan(out, target, identity, ids, args.force, ctx.world_size, part is not None)
-            except UsageError as exc:
-                plan = exc
-        plan = ctx.broadcast_object(plan, what="part-file check")
-        if isinstance(plan, BaseException):
-            raise plan
-        for note in plan["notes"] if ctx.rank == 0 else ():
-            warnings.warn(note, stacklevel=1)
-        computed = {}
-        for a, b in plan["todo"][ctx.rank]:
-            computed[a, b] = extractor(ds.images[a:b])
-            if ctx.world_size > 1:  # the other ranks' shares reach rank 0 as part files
-                out.parent.mkdir(parents=True, exist_ok=True)
-                save_features(_part_path(out, a, b), computed.pop((a, b)), ids[a:b],
-                              {**meta, **identity, "rows": [a, b], "part": f"rank {ctx.rank} of {ctx.world_size}"})
-        ctx.barrier("part files written")
-        if ctx.rank:
-            return 0
+    plan = None
+    if ctx.rank == 0:  # rank 0 reads the part files and tells the others, so that all stop on one error
+        try:
+            plan = _plan(out, target, identity, ids, args.force, ctx.world_size, part is not None)
+        except UsageError as exc:
+            plan = exc
+    plan = ctx.broadcast_object(plan, what="part-file check")
+    if isinstance(plan, BaseException):
+        raise plan
+    for note in plan["notes"] if ctx.rank == 0 else ():
+        warnings.warn(note, stacklevel=1)
+    computed = {}
+    for a, b in plan["todo"][ctx.rank]:
+        computed[a, b] = extractor(ds.images[a:b])
+        if ctx.world_size > 1:  # the other ranks' shares reach rank 0 as part files
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_features(_part_path(out, a, b), computed.pop((a, b)), ids[a:b],
+                          {**meta, **identity, "rows": [a, b], "part": f"rank {ctx.rank} of {ctx.world_size}"})
+    ctx.barrier("part files written")
+    if ctx.rank:
+        return None
     shares = {**{r: None for runs in plan["todo"] for r in runs}, **plan["reuse"], **computed}
-    return _assemble(args, out, target, part, shares, ids, meta, identity, ctx.world_size)
+    return {"out": out, "target": target, "shares": shares, "ids": ids, "meta": meta, "identity": identity}
 
 
 def _up_to_date(out: Path, meta: dict, ids: np.ndarray) -> bool:
@@ -281,7 +292,7 @@ def _up_to_date(out: Path, meta: dict, ids: np.ndarray) -> bool:
     return all(old.meta.get(k) == meta[k] for k in keys) and np.array_equal(old.ids, ids)
 
 
-def _assemble(args, out: Path, target: tuple[int, int], part, shares: dict, ids, meta: dict, identity: dict,
+def _assemble(args, *, out: Path, target: tuple[int, int], part, shares: dict, ids, meta: dict, identity: dict,
               world: int) -> int:
     """Rank 0: write the target (``--out``, or the part file of ``--part``) from the shares, in memory
     or in part files, that tile it, then remove the part files it used."""
