@@ -72,8 +72,9 @@ def add_commands(sub) -> None:
     p.set_defaults(fn=_cmd_features)
 
 
-def _is_feature_file(path: str) -> bool:
-    """True when ``path`` holds a feature file diffrepro wrote (its metadata proves it)."""
+def _read_feature_file(path: str):
+    """The :class:`~diffrepro.sscd.Features` of ``path`` when it is a feature file diffrepro wrote (its
+    metadata proves it), else None."""
     from ..data import reading_file
     from ..sscd import load_features
 
@@ -81,8 +82,12 @@ def _is_feature_file(path: str) -> bool:
         with reading_file(repr(path), "a feature file", OSError, ValueError):
             old = load_features(path)
     except (RunError, KeyError):
-        return False
-    return old.ids is not None and "model_sha256" in old.meta and "preprocess" in old.meta
+        return None
+    return old if old.ids is not None and "model_sha256" in old.meta and "preprocess" in old.meta else None
+
+
+def _is_feature_file(path: str) -> bool:
+    return _read_feature_file(path) is not None
 
 
 def _load_model(args, progress: bool):
@@ -135,21 +140,14 @@ def _part_files(out: Path) -> dict[tuple[int, int], Path]:
     return found
 
 
-def _valid_part(path: Path, lo: int, hi: int, identity: dict, ids: np.ndarray) -> str | None:
-    """None when the part file holds exactly rows ``[lo, hi)`` of this run, else why not."""
-    from ..data import reading_file
+def _valid_part(part, lo: int, hi: int, identity: dict, ids: np.ndarray) -> str | None:
+    """None when the part file's ``part`` (Features) holds exactly rows ``[lo, hi)`` of this run, else why not."""
     from ..metrics import bad_descriptor_rows
-    from ..sscd import load_features
 
-    try:
-        with reading_file(repr(str(path)), "a part file of 'diffrepro features'", OSError, ValueError):
-            part = load_features(path)
-    except (RunError, KeyError) as exc:
-        return f"unreadable ({exc})"
     differ = [k for k in identity if part.meta.get(k) != identity[k]]
     if differ:
         return f"belongs to another run (its {', '.join(differ)} differ)"
-    if part.meta.get("rows") != [lo, hi] or part.ids is None or not np.array_equal(part.ids, ids[lo:hi]) \
+    if part.meta.get("rows") != [lo, hi] or not np.array_equal(part.ids, ids[lo:hi]) \
             or part.features.ndim != 2 or len(bad_descriptor_rows(part.features)[0]):
         return "does not hold the descriptors of its rows (ids, shape or values)"
     return None
@@ -170,12 +168,13 @@ def _plan(out: Path, target: tuple[int, int], identity: dict, ids: np.ndarray, f
     for (a, b), path in sorted(_part_files(out).items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         if not (lo <= a and b <= hi):
             continue  # rows outside this run's target: not its business
-        if not _is_feature_file(str(path)):
+        part = _read_feature_file(str(path))
+        if part is None:
             foreign.add((a, b))
             continue
         if force:
             continue
-        why = _valid_part(path, a, b, identity, ids)
+        why = _valid_part(part, a, b, identity, ids)
         if why is None and a < covered:
             why = "overlaps a part file already used"
         if why is None:
