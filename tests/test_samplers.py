@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Tests of diffrepro.samplers against independent references.
 
 References: a plain float64 transcription of EDM Algorithm 2 and of EDM's ablation loop written
