@@ -1,0 +1,194 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The BLAS engine: both ops with their products on a vendor GEMM (``torch.matmul``: cuBLAS on
+the current CUDA stream, or the CPU BLAS), everything around the products in float64.
+
+Device-agnostic torch, so the same code runs (and is tested) on CPU tensors. The training /
+reference rows are walked in chunks of ``C`` rows; no ``Q x N`` matrix larger than one chunk
+``Q x C`` ever exists. Per chunk of the empirical denoiser (paper 1, eq. 3; the optimal denoiser
+``D(x) = sum_i softmax_i(-||x - y_i||^2 / 2 sigma^2) y_i``):
+
+1. ``g = x' y'^T`` on the GEMM, with ``x' = x - c`` and ``y' = y - c`` centred by the same
+   vector ``c`` (the logits are invariant to a common shift; centring keeps ``g`` small when the
+   data share a large offset);
+2. logits ``l = (g - ||y'||^2 / 2 - ||x'||^2 / 2) / sigma^2`` in float64, chunk max ``m_c``,
+   ``p = exp(l - m_c)``, ``Z_c = sum p``, ``Z2_c = sum p^2`` in float64, and the chunk's nearest
+   row (the first maximum of ``l``: the lowest index wins an exact tie within one GEMM) with its
+   squared distance recomputed in float64 from the differences;
+3. ``A_c = p y`` on the GEMM (``p`` rounded to the compute dtype, as the fused kernels do);
+4. the online-softmax merge into the running state, in float64:
+   ``m = max(m, m_c)``, ``Z = Z e^{m_old - m} + Z_c e^{m_c - m}``, ``A`` likewise; the nearest
+   row moves to the chunk's only if its float64 distance is strictly smaller.
+
+``nn_search`` scores a chunk with one GEMM (inner products, or squared distances from the centred
+expanded form ``||q'||^2 - 2 q'.r' + ||r'||^2`` combined in float64), keeps each query's top k
+with the lowest-index tie rule, and merges chunk lists lexicographically; for ``l2`` the final k
+distances are recomputed in float64 from the differences and re-sorted.
+
+The products can run in split precision (:mod:`diffrepro._split`); the logits, sums and merges
+stay float64 whatever the product.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._split import PRODUCTS, split_matmul
+
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "chunk_rows", "denoiser_state", "search_state", "lex_sort", "merge_lists"]
+
+# Elements of one Q x C chunk: its float64 logits take 8 bytes each (64 MiB at this size), its
+# product and weights 4 to 8 more; on a GPU the default leaves the rest of memory to the rows.
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
+# A chunk never has fewer rows than this (a GEMM with a handful of columns is latency-bound).
+_MIN_CHUNK_ROWS = 64
+
+
+def chunk_rows(Q: int, N: int, requested: int | None = None, elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Rows per chunk: ``requested`` if given, else ``elements // Q`` (at least 64), at most N."""
+    if requested is not None:
+        if int(requested) < 1:
+            raise ValueError(f"chunk_rows: got {requested}, expected an integer >= 1")
+        rows = int(requested)
+    else:
+        rows = max(_MIN_CHUNK_ROWS, elements // max(Q, 1))
+    return max(1, min(rows, N))
+
+
+def _decode(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows in the compute dtype; uint8 pixels as ``u.to(dtype) / 127.5 - 1`` (the kernels' rule)."""
+    return rows.to(dtype) / 127.5 - 1 if rows.dtype == torch.uint8 else rows.to(dtype)
+
+
+def _product(product: str):
+    if product not in PRODUCTS:
+        raise ValueError(f"product: got {product!r}, expected one of {', '.join(PRODUCTS)}")
+    return lambda a, b: split_matmul(a, b, product)
+
+
+def denoiser_state(xs: torch.Tensor, y2: torch.Tensor, inv_sigma2: torch.Tensor, center: torch.Tensor,
+                   row_offset: int = 0, *, chunk: int | None = None, product: str = "fp32") -> dict:
+    """The empirical denoiser's streaming state over the rows ``y2`` (the fields of
+    ``ops.DenoiserState``, same meaning and dtypes).
+
+    Args:
+        xs: [Q, D] float32/float64 queries ``x / s`` (validated, contiguous).
+        y2: [N, D] rows of xs's dtype, float16 or uint8 pixels; N >= 1.
+        inv_sigma2: [Q] float64 ``1 / sigma^2``. center: [D] in xs's dtype.
+        row_offset: global index of y2's first row. chunk: rows per chunk (default: chunk_rows).
+        product: "fp32" (the plain GEMM in xs's dtype), "3xtf32" or "3xbf16" (float32 only).
+    """
+    mm = _product(product)
+    Q, D = xs.shape
+    N = y2.shape[0]
+    T = xs.dtype
+    f64 = dict(dtype=torch.float64, device=xs.device)
+    xc = xs - center
+    x_half = 0.5 * xc.double().square().sum(1)
+    isg = inv_sigma2.to(**f64)
+    m = torch.full((Q,), -float("inf"), **f64)
+    z = torch.zeros(Q, **f64)
+    z2 = torch.zeros(Q, **f64)
+    acc = torch.zeros(Q, D, **f64)
+    nearest = torch.full((Q,), -1, dtype=torch.int64, device=xs.device)
+    sqdist = torch.full((Q,), float("inf"), **f64)
+    x64 = xs.double()
+    step = chunk_rows(Q, N, chunk)
+    for a in range(0, N, step):
+        y = _decode(y2[a:a + step], T)
+        yc = y - center
+        y_half = 0.5 * yc.double().square().sum(1)
+        logits = (mm(xc, yc.T).double() - y_half - x_half[:, None]) * isg[:, None]
+        m_c, arg_c = logits.max(1)  # torch.max: the first maximal value's index
+        p = torch.exp(logits - m_c[:, None])
+        a_c = mm(p.to(T), y).double()
+        m_new = torch.maximum(m, m_c)
+        fa = torch.where(m == -float("inf"), 0.0, torch.exp(m - m_new))
+        fb = torch.exp(m_c - m_new)
+        z = z * fa + p.sum(1) * fb
+        z2 = z2 * fa * fa + p.square().sum(1) * fb * fb
+        acc = acc * fa[:, None] + a_c * fb[:, None]
+        # Chunks are compared by the float64 distance of their candidates, not by logits: two GEMM
+        # calls of different shapes may round an exact duplicate row differently. A later chunk
+        # holds higher indices, so it takes over only when strictly nearer.
+        d_c = (x64 - _decode(y[arg_c], T).double()).square().sum(1)
+        take = d_c < sqdist
+        nearest = torch.where(take, arg_c + (row_offset + a), nearest)
+        sqdist = torch.where(take, d_c, sqdist)
+        m = m_new
+    return dict(max_logit=m, sum_exp=z, sum_exp_sq=z2, weighted_sum=acc.to(T), nearest_index=nearest,
+                nearest_sqdist=sqdist)
+
+
+def lex_sort(values: torch.Tensor, indices: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorts each row of (value, index) pairs best first; equal values by increasing index and
+    padding (index -1) after every real entry (two stable sorts: index, then value)."""
+    key = torch.where(indices < 0, torch.iinfo(torch.int64).max, indices)
+    order = torch.sort(key, dim=1, stable=True).indices
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    order = torch.sort(values, dim=1, descending=largest, stable=True).indices
+    return values.gather(1, order), indices.gather(1, order)
+
+
+def merge_lists(va, ia, vb, ib, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best k of two top-k lists per query (ties to the lower index)."""
+    v, i = lex_sort(torch.cat([va, vb], 1), torch.cat([ia, ib], 1), largest)
+    return v[:, :k], i[:, :k]
+
+
+def _chunk_topk(scores: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's best min(k, C) scores and their column indices, ties to the lowest column.
+
+    ``torch.topk`` picks an arbitrary member of a tie at the k-th place, so the k-th value is
+    read from it and the selection is rebuilt: every strictly better entry, then the first
+    ``k - #better`` entries equal to the k-th value in column order."""
+    kk = min(k, scores.shape[1])
+    top = scores.topk(kk, dim=1, largest=largest, sorted=False).values
+    kth = (top.amin(1) if largest else top.amax(1))[:, None]
+    better = scores > kth if largest else scores < kth
+    tie = scores == kth
+    take = better | (tie & (tie.cumsum(1) <= kk - better.sum(1, keepdim=True)))
+    cols = take.to(torch.uint8).topk(kk, dim=1, sorted=False).indices  # exactly kk ones per row
+    return lex_sort(scores.gather(1, cols), cols, largest)
+
+
+def search_state(q2: torch.Tensor, r2: torch.Tensor, k: int, metric: str, row_offset: int = 0, *,
+                 center: torch.Tensor | None = None, chunk: int | None = None,
+                 product: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each query over the rows ``r2`` (the fields of ``ops.TopKState``).
+
+    Args:
+        q2: [Q, D] float32 queries. r2: [N, D] float32, float16 or uint8 rows; N >= 1.
+        k: >= 1 (a list longer than N is padded with -inf / +inf and index -1).
+        metric: "ip" (largest inner product) or "l2" (smallest squared distance).
+        center: [D] float32 centring vector for "l2" (default: the mean of the rows).
+    Returns:
+        (values [Q, k] float32, indices [Q, k] int64), best first, ties to the lowest index.
+    """
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric: got {metric!r}, expected 'ip' or 'l2'")
+    mm = _product(product)
+    largest = metric == "ip"
+    Q, N = q2.shape[0], r2.shape[0]
+    pad = -float("inf") if largest else float("inf")
+    values = torch.full((Q, k), pad, dtype=torch.float32, device=q2.device)
+    indices = torch.full((Q, k), -1, dtype=torch.int64, device=q2.device)
+    if not largest:
+        if center is None:
+            center = _decode(r2, torch.float32).double().mean(0).float()
+        qc = q2 - center
+        q_norm = qc.double().square().sum(1)
+    step = chunk_rows(Q, N, chunk)
+    for a in range(0, N, step):
+        r = _decode(r2[a:a + step], torch.float32)
+        if largest:
+            scores = mm(q2, r.T)
+        else:
+            rc = r - center
+            scores = (q_norm[:, None] - 2.0 * mm(qc, rc.T).double() + rc.double().square().sum(1)).clamp_min(0).float()
+        v, i = _chunk_topk(scores, k, largest)
+        values, indices = merge_lists(values, indices, v, i + (row_offset + a), k, largest)
+    if not largest:  # the k winners' distances from the differences, in float64
+        found = indices >= 0
+        rows = _decode(r2[(indices - row_offset).clamp_min(0)], torch.float32).double()
+        exact = (q2.double()[:, None, :] - rows).square().sum(2).float()
+        values, indices = lex_sort(torch.where(found, exact, values), indices, largest)
+    return values, indices
