@@ -156,12 +156,13 @@ def search_state(q2: torch.Tensor, r2: torch.Tensor, k: int, metric: str, row_of
     """Top-k of each query over the rows ``r2`` (the fields of ``ops.TopKState``).
 
     Args:
-        q2: [Q, D] float32 queries. r2: [N, D] float32, float16 or uint8 rows; N >= 1.
+        q2: [Q, D] float32 queries (float64: an all-float64 search, used as an oracle at sizes
+            the dense oracle cannot hold). r2: [N, D] float32, float16, uint8 (or float64) rows.
         k: >= 1 (a list longer than N is padded with -inf / +inf and index -1).
         metric: "ip" (largest inner product) or "l2" (smallest squared distance).
         center: [D] float32 centring vector for "l2" (default: the mean of the rows).
     Returns:
-        (values [Q, k] float32, indices [Q, k] int64), best first, ties to the lowest index.
+        (values [Q, k] in q2's dtype, indices [Q, k] int64), best first, ties to the lowest index.
     """
     if metric not in ("ip", "l2"):
         raise ValueError(f"metric: got {metric!r}, expected 'ip' or 'l2'")
@@ -169,26 +170,27 @@ def search_state(q2: torch.Tensor, r2: torch.Tensor, k: int, metric: str, row_of
     largest = metric == "ip"
     Q, N = q2.shape[0], r2.shape[0]
     pad = -float("inf") if largest else float("inf")
-    values = torch.full((Q, k), pad, dtype=torch.float32, device=q2.device)
+    T = q2.dtype
+    values = torch.full((Q, k), pad, dtype=T, device=q2.device)
     indices = torch.full((Q, k), -1, dtype=torch.int64, device=q2.device)
     if not largest:
         if center is None:
-            center = _decode(r2, torch.float32).double().mean(0).float()
+            center = _decode(r2, T).double().mean(0).to(T)
         qc = q2 - center
         q_norm = qc.double().square().sum(1)
     step = chunk_rows(Q, N, chunk)
     for a in range(0, N, step):
-        r = _decode(r2[a:a + step], torch.float32)
+        r = _decode(r2[a:a + step], T)
         if largest:
             scores = mm(q2, r.T)
         else:
             rc = r - center
-            scores = (q_norm[:, None] - 2.0 * mm(qc, rc.T).double() + rc.double().square().sum(1)).clamp_min(0).float()
+            scores = (q_norm[:, None] - 2.0 * mm(qc, rc.T).double() + rc.double().square().sum(1)).clamp_min(0).to(T)
         v, i = _chunk_topk(scores, k, largest)
         values, indices = merge_lists(values, indices, v, i + (row_offset + a), k, largest)
     if not largest:  # the k winners' distances from the differences, in float64
         found = indices >= 0
-        rows = _decode(r2[(indices - row_offset).clamp_min(0)], torch.float32).double()
-        exact = (q2.double()[:, None, :] - rows).square().sum(2).float()
+        rows = _decode(r2[(indices - row_offset).clamp_min(0)], T).double()
+        exact = (q2.double()[:, None, :] - rows).square().sum(2).to(T)
         values, indices = lex_sort(torch.where(found, exact, values), indices, largest)
     return values, indices
