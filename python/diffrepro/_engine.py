@@ -36,6 +36,8 @@ from dataclasses import dataclass
 __all__ = [
     "ENGINES",
     "ENV_VAR",
+    "PRODUCT_ENV_VAR",
+    "product_setting",
     "ShapeClass",
     "EngineChooser",
     "engine_override",
@@ -47,6 +49,9 @@ __all__ = [
 ENGINES = ("fused", "blas")
 ENV_VAR = "DIFFREPRO_CUDA_ENGINE"
 _CHOICES = ("auto",) + ENGINES
+# The BLAS engine's products: fp32 (default) or the opt-in split-precision tensor-core products.
+PRODUCT_ENV_VAR = "DIFFREPRO_CUDA_PRODUCT"
+_PRODUCTS = ("fp32", "3xtf32", "3xbf16")
 
 
 def engine_override(env: Mapping[str, str] | None = None) -> str:
@@ -59,6 +64,20 @@ def engine_override(env: Mapping[str, str] | None = None) -> str:
     value = env.get(ENV_VAR, "").strip().lower() or "auto"
     if value not in _CHOICES:
         raise ValueError(f"{ENV_VAR}: got {env.get(ENV_VAR)!r}, expected one of {', '.join(_CHOICES)}")
+    return value
+
+
+def product_setting(env: Mapping[str, str] | None = None) -> str:
+    """The BLAS engine's product: ``fp32`` (unset or empty), ``3xtf32`` or ``3xbf16`` (inexact at
+    small sigma, see docs/cuda.md).
+
+    Raises:
+        ValueError: any other value, named with what was expected.
+    """
+    env = os.environ if env is None else env
+    value = env.get(PRODUCT_ENV_VAR, "").strip().lower() or "fp32"
+    if value not in _PRODUCTS:
+        raise ValueError(f"{PRODUCT_ENV_VAR}: got {env.get(PRODUCT_ENV_VAR)!r}, expected one of {', '.join(_PRODUCTS)}")
     return value
 
 
@@ -171,12 +190,15 @@ class EngineChooser:
 
     def report(self) -> dict:
         """The setting, the cached choices with their probe times, and the engine each op ran last."""
-        try:
-            setting = engine_override(self._env)
-        except ValueError as exc:
-            setting = f"invalid ({exc})"
+        def read(fn):
+            try:
+                return fn(self._env)
+            except ValueError as exc:
+                return f"invalid ({exc})"
+
         return {
-            "setting": setting,
+            "setting": read(engine_override),
+            "blas_product": read(product_setting),
             "last": dict(self.last),
             "choices": {str(k): {"engine": v, "probe_seconds": self.timings.get(k)} for k, v in self._cache.items()},
         }
