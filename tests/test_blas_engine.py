@@ -84,11 +84,13 @@ def test_chunking_and_partial_states_agree(cifar_subset):
     assert torch.equal(info["nearest_index"], ops.finalize(blas_denoise(x, y, 0.1))[1]["nearest_index"])
 
 
-def test_exact_duplicates_go_to_the_lowest_index_across_chunks(cifar_subset):
-    base = decoded(cifar_subset[:40])
+@pytest.mark.parametrize("D", [64, 3072])
+def test_exact_duplicates_go_to_the_lowest_index_across_chunks(cifar_subset, D):
+    """Within one GEMM too: at D = 64 the CPU GEMM rounds rows 5 and 41 differently in one call."""
+    base = decoded(cifar_subset[:40])[:, :D].contiguous()
     y = torch.cat([base, base[[5, 5, 17]]])  # rows 40, 41 = row 5; row 42 = row 17
     x = torch.cat([base[[5, 17]], y[[41]]])
-    for chunk in (1, 3, 40, 41, 43):
+    for chunk in (1, 3, 22, 40, 41, 43):
         _, info = ops.finalize(blas_denoise(x, y, 1e-3, chunk=chunk))
         assert info["nearest_index"].tolist() == [5, 17, 5], chunk
         assert info["nearest_sqdist"].tolist() == [0.0, 0.0, 0.0]

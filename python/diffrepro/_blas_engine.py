@@ -12,8 +12,8 @@ reference rows are walked in chunks of ``C`` rows; no ``Q x N`` matrix larger th
    data share a large offset);
 2. logits ``l = (g - ||y'||^2 / 2 - ||x'||^2 / 2) / sigma^2`` in float64, chunk max ``m_c``,
    ``p = exp(l - m_c)``, ``Z_c = sum p``, ``Z2_c = sum p^2`` in float64, and the chunk's nearest
-   row (the first maximum of ``l``: the lowest index wins an exact tie within one GEMM) with its
-   squared distance recomputed in float64 from the differences;
+   row: float64 distances of the rows whose logit is within the product's rounding error of the
+   maximum, the nearest winning, the lowest index on a tie (:func:`_nearest_candidate`);
 3. ``A_c = p y`` on the GEMM (``p`` rounded to the compute dtype, as the fused kernels do);
 4. the online-softmax merge into the running state, in float64:
    ``m = max(m, m_c)``, ``Z = Z e^{m_old - m} + Z_c e^{m_c - m}``, ``A`` likewise; the nearest
@@ -29,9 +29,11 @@ stay float64 whatever the product.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._split import PRODUCTS, split_matmul
+from ._split import PRODUCTS, UNIT_ROUNDOFF, split_matmul
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "chunk_rows", "denoiser_state", "search_state", "lex_sort", "merge_lists"]
 
@@ -80,6 +82,7 @@ def denoiser_state(xs: torch.Tensor, y2: torch.Tensor, inv_sigma2: torch.Tensor,
     Q, D = xs.shape
     N = y2.shape[0]
     T = xs.dtype
+    unit = UNIT_ROUNDOFF["float64" if T == torch.float64 else product]
     f64 = dict(dtype=torch.float64, device=xs.device)
     xc = xs - center
     x_half = 0.5 * xc.double().square().sum(1)
@@ -96,8 +99,9 @@ def denoiser_state(xs: torch.Tensor, y2: torch.Tensor, inv_sigma2: torch.Tensor,
         y = _decode(y2[a:a + step], T)
         yc = y - center
         y_half = 0.5 * yc.double().square().sum(1)
-        logits = (mm(xc, yc.T).double() - y_half - x_half[:, None]) * isg[:, None]
-        m_c, arg_c = logits.max(1)  # torch.max: the first maximal value's index
+        score = mm(xc, yc.T).double() - y_half  # l = (score - |x'|^2 / 2) / sigma^2
+        logits = (score - x_half[:, None]) * isg[:, None]
+        m_c = logits.amax(1)
         p = torch.exp(logits - m_c[:, None])
         a_c = mm(p.to(T), y).double()
         m_new = torch.maximum(m, m_c)
@@ -106,16 +110,33 @@ def denoiser_state(xs: torch.Tensor, y2: torch.Tensor, inv_sigma2: torch.Tensor,
         z = z * fa + p.sum(1) * fb
         z2 = z2 * fa * fa + p.square().sum(1) * fb * fb
         acc = acc * fa[:, None] + a_c * fb[:, None]
-        # Chunks are compared by the float64 distance of their candidates, not by logits: two GEMM
-        # calls of different shapes may round an exact duplicate row differently. A later chunk
-        # holds higher indices, so it takes over only when strictly nearer.
-        d_c = (x64 - _decode(y[arg_c], T).double()).square().sum(1)
+        d_c, arg_c = _nearest_candidate(x64, y, score, x_half, y_half, unit)
+        # A later chunk holds higher indices: it takes over only when strictly nearer.
         take = d_c < sqdist
         nearest = torch.where(take, arg_c + (row_offset + a), nearest)
         sqdist = torch.where(take, d_c, sqdist)
         m = m_new
     return dict(max_logit=m, sum_exp=z, sum_exp_sq=z2, weighted_sum=acc.to(T), nearest_index=nearest,
                 nearest_sqdist=sqdist)
+
+
+def _nearest_candidate(x64, y, score, x_half, y_half, unit):
+    """Each query's nearest row of a chunk: (float64 squared distance, column).
+
+    The GEMM may round two identical rows differently (edge columns take other micro-kernel
+    paths), so the largest score alone would not honour the lowest-index rule for exact
+    duplicates. Every column whose score lies within ``8 sqrt(D) u |x'| max|y'|`` of the largest
+    (eight standard deviations of the product's rounding error) is a candidate; the candidates'
+    distances are recomputed in float64 from the rows as decoded, and the nearest wins, the
+    lowest column on a tie. Typically one candidate per query."""
+    Q, C = score.shape
+    delta = 8.0 * math.sqrt(x64.shape[1]) * unit * (2 * x_half).sqrt() * math.sqrt(2 * float(y_half.max()))
+    qi, ni = (score >= (score.amax(1) - delta)[:, None]).nonzero(as_tuple=True)
+    d = (x64[qi] - y[ni].double()).square().sum(1)
+    best = torch.full((Q,), float("inf"), dtype=torch.float64, device=x64.device).scatter_reduce(0, qi, d, "amin")
+    win = d == best[qi]
+    col = torch.full((Q,), C, dtype=torch.int64, device=x64.device).scatter_reduce(0, qi[win], ni[win], "amin")
+    return best, col
 
 
 def lex_sort(values: torch.Tensor, indices: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,11 +28,14 @@ import contextlib
 
 import torch
 
-__all__ = ["PRODUCTS", "MANTISSA_BITS", "round_mantissa", "split", "split_matmul"]
+__all__ = ["PRODUCTS", "MANTISSA_BITS", "UNIT_ROUNDOFF", "round_mantissa", "split", "split_matmul"]
 
 PRODUCTS = ("fp32", "3xtf32", "3xbf16")
 # Explicit significand bits of the tensor-core input formats.
 MANTISSA_BITS = {"3xtf32": 10, "3xbf16": 7}
+# Relative rounding error of one product term: float32's unit roundoff; the split products add
+# the dropped a_lo b_lo term and the rounding of the low parts (2 x 2^-22 and 2 x 2^-16).
+UNIT_ROUNDOFF = {"fp32": 2.0**-24, "3xtf32": 2.0**-21, "3xbf16": 2.0**-15, "float64": 2.0**-53}
 
 
 def round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,192 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The BLAS engine's CUDA epilogue kernels (csrc/cuda/blas_epilogue.cuh) run by the CPU emulator.
+
+The kernel source is compiled here by the host C++20 compiler (csrc/emu/blas_epilogue_emu.cpp:
+the same .cuh nvcc compiles, through exec_ctx.cuh's emulator) and driven through ctypes on torch
+CPU buffers, chunk by chunk, with torch.matmul for the GEMMs, exactly as the CUDA engine would
+drive cuBLAS and these kernels. Results are compared with the float64 oracles on real CIFAR rows
+under the tolerance and argmax rules, and with the torch BLAS engine (diffrepro._blas_engine).
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
+
+from diffrepro import _blas_engine, ops, reference
+
+REPO = Path(__file__).resolve().parents[1]
+ROW_TYPES = {torch.float32: 0, torch.float64: 1, torch.uint8: 2, torch.float16: 3}
+NT = 256  # kEpilogueThreads
+P = ctypes.c_void_p
+I64 = ctypes.c_int64
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler to build the emulated epilogue kernels")
+    out = tmp_path_factory.mktemp("emu") / "libblas_epilogue_emu.so"
+    subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror",
+                    f"-I{REPO / 'csrc/include'}", f"-I{REPO / 'csrc/cuda'}",
+                    str(REPO / "csrc/emu/blas_epilogue_emu.cpp"), "-o", str(out)], check=True, timeout=300)
+    return ctypes.CDLL(str(out))
+
+
+def ptr(t):
+    return P(t.data_ptr())
+
+
+def ok(status):
+    assert status == 0, f"kernel launcher returned status {status}"
+
+
+class EmulatedEngine:
+    """The CUDA BLAS engine's host loop, with the emulated epilogue kernels."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def denoiser(self, xs, y2, inv_sigma2, center, chunk):
+        T = xs.dtype
+        sfx = "f64" if T == torch.float64 else "f32"
+        Q, D = xs.shape
+        f64 = dict(dtype=torch.float64)
+        xc = xs - center
+        x_half = 0.5 * xc.double().square().sum(1)
+        st = dict(max_logit=torch.full((Q,), -np.inf, **f64), sum_exp=torch.zeros(Q, **f64),
+                  sum_exp_sq=torch.zeros(Q, **f64))
+        acc = torch.zeros(Q, D, **f64)
+        nearest = torch.full((Q,), -1, dtype=torch.int64)
+        sqdist = torch.full((Q,), np.inf, **f64)
+        scale = torch.empty(Q, **f64)
+        unit = 2.0**-53 if T == torch.float64 else 2.0**-24
+        for a in range(0, y2.shape[0], chunk):
+            rows = y2[a:a + chunk].contiguous()
+            y = rows.to(T) / 127.5 - 1 if rows.dtype == torch.uint8 else rows.to(T)
+            yc = y - center
+            y_half = 0.5 * yc.double().square().sum(1)
+            C = y.shape[0]
+            g = xc @ yc.T
+            p = torch.full((Q, C), np.nan, dtype=T)
+            ok(getattr(self.lib, f"dr_emu_softmax_chunk_{sfx}")(
+                ptr(g), I64(C), I64(Q), I64(C), ptr(y_half), ptr(x_half), ptr(inv_sigma2), ptr(xs), ptr(rows),
+                ROW_TYPES[rows.dtype], I64(D), ctypes.c_double(unit), I64(a), ptr(st["max_logit"]),
+                ptr(st["sum_exp"]), ptr(st["sum_exp_sq"]), ptr(scale), ptr(sqdist), ptr(nearest), ptr(p), I64(C)))
+            part = p @ y
+            ok(getattr(self.lib, f"dr_emu_scale_accumulate_{sfx}")(ptr(part), I64(D), I64(Q), I64(D), ptr(scale),
+                                                                   ptr(acc)))
+        return ops.DenoiserState(weighted_sum=acc.to(T), nearest_index=nearest, nearest_sqdist=sqdist, **st)
+
+    def search(self, q, r, k, largest, chunk):
+        Q = q.shape[0]
+        pad = -np.inf if largest else np.inf
+        run_v = torch.full((Q, k), pad, dtype=torch.float32)
+        run_i = torch.full((Q, k), -1, dtype=torch.int64)
+        for a in range(0, r.shape[0], chunk):
+            s = (q @ r[a:a + chunk].T).contiguous()
+            C = s.shape[1]
+            cv = torch.full((Q, k), np.nan, dtype=torch.float32)
+            ci = torch.full((Q, k), -7, dtype=torch.int64)
+            ok(self.lib.dr_emu_chunk_topk(ptr(s), I64(C), I64(Q), I64(C), k, largest, I64(a), ptr(cv), ptr(ci)))
+            ov, oi = torch.empty_like(run_v), torch.empty_like(run_i)
+            ok(self.lib.dr_emu_merge_topk(I64(Q), k, largest, ptr(run_v), ptr(run_i), ptr(cv), ptr(ci), ptr(ov),
+                                          ptr(oi)))
+            run_v, run_i = ov, oi
+        return run_v, run_i
+
+
+def decoded(u8, n, d=None):
+    y = torch.from_numpy(u8[:n]).reshape(n, -1).float() / 127.5 - 1
+    return y if d is None else y[:, :d].contiguous()
+
+
+@pytest.mark.parametrize("sigma,chunk", [(1e-3, 37), (0.3, 300), (5.0, 255), (80.0, 100)])
+def test_denoiser_epilogue_matches_oracle(lib, cifar_subset, sigma, chunk):
+    # D = 300 keeps the emulator (one OS thread per CUDA thread) quick; C = 37, 100, 255 and 300 reach
+    # chunks shorter than, just under and over the 256-thread block.
+    y = decoded(cifar_subset, 300, 300)
+    g = torch.Generator().manual_seed(0)
+    x = y[[0, 150, 299]] + min(sigma, 1.0) * torch.randn(3, 300, generator=g)
+    inv = torch.full((3,), sigma**-2, dtype=torch.float64)
+    center = ops._center(y, torch.float32)
+    st = EmulatedEngine(lib).denoiser(x, y, inv, center, chunk)
+    out, info = ops.finalize(st)
+    assert_f32_accuracy(out, reference.empirical_denoiser_reference(x, y, sigma), naive_float32_denoiser(x, y, sigma))
+    ref = reference.empirical_denoiser_info_reference(x, y, sigma)
+    assert torch.equal(info["nearest_index"], ref["nearest_index"])
+    assert torch.allclose(info["nearest_sqdist"], ref["nearest_sqdist"], rtol=1e-12, atol=0)
+    # Same state as the torch BLAS engine up to float32 rounding of the weights.
+    torch_st = ops.DenoiserState(**_blas_engine.denoiser_state(x, y, inv, center, chunk=chunk))
+    torch_out, torch_info = ops.finalize(torch_st)
+    assert float((out - torch_out).abs().max()) <= 1e-6
+    assert torch.equal(info["nearest_index"], torch_info["nearest_index"])
+    assert torch.allclose(st.max_logit, torch_st.max_logit, rtol=1e-12, atol=0)
+
+
+def test_denoiser_epilogue_float64_and_uint8_rows(lib, cifar_subset):
+    u8 = torch.from_numpy(cifar_subset[:90]).reshape(90, -1)[:, :200].contiguous()
+    y = u8.double() / 127.5 - 1
+    x = y[[3, 40]] + 0.2 * torch.randn(2, 200, dtype=torch.float64)
+    inv = torch.full((2,), 0.2**-2, dtype=torch.float64)
+    center = ops._center(u8, torch.float64)
+    out, info = ops.finalize(EmulatedEngine(lib).denoiser(x, u8, inv, center, 40))
+    assert_f64_accuracy(out, reference.empirical_denoiser_reference(x, y, 0.2))
+    assert info["nearest_index"].tolist() == [3, 40]
+
+
+def test_nearest_row_duplicates_keep_the_lowest_index(lib, cifar_subset):
+    base = decoded(cifar_subset, 20, 64)
+    y = torch.cat([base, base[[7, 7]]])  # rows 20, 21 duplicate row 7
+    x = base[[7]].clone()
+    inv = torch.full((1,), 1e6, dtype=torch.float64)
+    for chunk in (1, 7, 8, 21, 22):
+        _, info = ops.finalize(EmulatedEngine(lib).denoiser(x, y, inv, ops._center(y, torch.float32), chunk))
+        assert info["nearest_index"].tolist() == [7] and info["nearest_sqdist"].tolist() == [0.0], chunk
+
+
+@pytest.mark.parametrize("k", [1, 10, 16, 17, 128])
+@pytest.mark.parametrize("largest", [True, False])
+def test_topk_epilogue_matches_oracle(lib, cifar_subset, k, largest):
+    r = torch.nn.functional.normalize(decoded(cifar_subset, 400, 64), dim=1)
+    g = torch.Generator().manual_seed(1)
+    q = torch.nn.functional.normalize(r[[5, 200]] + 0.1 * torch.randn(2, 64, generator=g), dim=1)
+    v, i = EmulatedEngine(lib).search(q, r, k, largest, chunk=70)  # 70: chunks of 70 > 32 threads, ragged end
+    scores = (q.double() @ r.double().T)
+    ref = scores.topk(k, 1, largest=largest)
+    naive = (q @ r.T).topk(k, 1, largest=largest).values
+    assert_f32_accuracy(v, ref.values, naive)
+    assert float((scores.gather(1, i) - v.double()).abs().max()) <= 1e-6  # each index carries its score
+    gaps = (ref.values[:, 1:] - ref.values[:, :-1]).abs()
+    sep = torch.cat([gaps, torch.full((2, 1), np.inf, dtype=gaps.dtype)], 1).minimum(
+        torch.cat([torch.full((2, 1), np.inf, dtype=gaps.dtype), gaps], 1)) > 1e-5
+    assert torch.equal(i[sep], ref.indices[sep])
+
+
+def test_topk_ties_padding_and_k_above_chunk(lib):
+    r = torch.tensor([[1.0], [2.0], [2.0], [0.5], [2.0]])  # score 2 at rows 1, 2, 4
+    q = torch.tensor([[1.0]])
+    for chunk in (1, 2, 3, 5):
+        v, i = EmulatedEngine(lib).search(q, r, 4, True, chunk)
+        assert i.tolist() == [[1, 2, 4, 0]] and v.tolist() == [[2.0, 2.0, 2.0, 1.0]], chunk
+    v, i = EmulatedEngine(lib).search(q, r[:2], 4, False, 2)  # k > N: padded
+    assert i.tolist() == [[0, 1, -1, -1]] and v[0, 2:].tolist() == [np.inf, np.inf]
+
+
+def test_launchers_reject_bad_sizes(lib):
+    z = torch.zeros(4)
+    zi = torch.zeros(4, dtype=torch.int64)
+    assert lib.dr_emu_chunk_topk(ptr(z), I64(1), I64(1), I64(2), 1, True, I64(0), ptr(z), ptr(zi)) == 1  # lds < C
+    assert lib.dr_emu_chunk_topk(ptr(z), I64(4), I64(1), I64(4), 129, True, I64(0), ptr(z), ptr(zi)) == 1  # k > 128
+    assert lib.dr_emu_scale_accumulate_f32(ptr(z), I64(4), I64(70_000), I64(4), ptr(z), ptr(z)) == 1  # gridDim.y
+    zd = torch.zeros(4, dtype=torch.float64)
+    for C, unit in ((0, 1e-7), (4, -1.0)):  # an empty chunk; a negative unit roundoff
+        assert lib.dr_emu_softmax_chunk_f32(ptr(z), I64(4), I64(1), I64(C), ptr(zd), ptr(zd), ptr(zd), ptr(z), ptr(z),
+                                            0, I64(1), ctypes.c_double(unit), I64(0), ptr(zd), ptr(zd), ptr(zd),
+                                            ptr(zd), ptr(zd), ptr(zi), ptr(z), I64(4)) == 1
