@@ -35,11 +35,15 @@ import torch
 
 from ._split import PRODUCTS, UNIT_ROUNDOFF, split_matmul
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "chunk_rows", "denoiser_state", "search_state", "lex_sort", "merge_lists"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "SEARCH_CHUNK_ELEMENTS", "chunk_rows", "denoiser_state", "search_state",
+           "lex_sort", "merge_lists"]
 
-# Elements of one Q x C chunk: its float64 logits take 8 bytes each (64 MiB at this size), its
-# product and weights 4 to 8 more; on a GPU the default leaves the rest of memory to the rows.
+# Elements of one Q x C chunk of the denoiser: its float64 logits take 8 bytes each (64 MiB at
+# this size), its product and weights 4 to 8 more; the rest of a GPU's memory is left to the rows.
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
+# nn_search keeps float32 scores only (256 MiB at this size): larger chunks, fewer launches (at
+# Q = 10,000 a chunk of 6,710 rows; 149 chunks for N = 1,000,000).
+SEARCH_CHUNK_ELEMENTS = 1 << 26
 # A chunk never has fewer rows than this (a GEMM with a handful of columns is latency-bound).
 _MIN_CHUNK_ROWS = 64
 
@@ -199,7 +203,7 @@ def search_state(q2: torch.Tensor, r2: torch.Tensor, k: int, metric: str, row_of
             center = _decode(r2, T).double().mean(0).to(T)
         qc = q2 - center
         q_norm = qc.double().square().sum(1)
-    step = chunk_rows(Q, N, chunk)
+    step = chunk_rows(Q, N, chunk, SEARCH_CHUNK_ELEMENTS)
     for a in range(0, N, step):
         r = _decode(r2[a:a + step], T)
         if largest:
