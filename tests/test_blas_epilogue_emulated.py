@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """The BLAS engine's CUDA epilogue kernels (csrc/cuda/blas_epilogue.cuh) run by the CPU emulator.
 
-The kernel source is compiled here by the host C++20 compiler (csrc/emu/blas_epilogue_emu.cpp:
-the same .cuh nvcc compiles, through exec_ctx.cuh's emulator) and driven through ctypes on torch
-CPU buffers, chunk by chunk, with torch.matmul for the GEMMs, exactly as the CUDA engine would
-drive cuBLAS and these kernels. Results are compared with the float64 oracles on real CIFAR rows
-under the tolerance and argmax rules, and with the torch BLAS engine (diffrepro._blas_engine).
+The kernel source is compiled by the host C++20 compiler (csrc/emu/blas_epilogue_emu.cpp: the
+same .cuh nvcc compiles, through exec_ctx.cuh's emulator; taken from diffrepro._cuda_emu once
+CMake builds it in, compiled here with g++ until then) and driven through ctypes on torch CPU
+buffers by the BLAS engine's own chunk loop (diffrepro._blas_engine with ``kernels=``), with
+torch.matmul for the GEMMs: exactly the code that drives cuBLAS and these kernels on a GPU.
+Results are compared with the float64 oracles on real CIFAR rows under the tolerance and argmax
+rules, and with the torch epilogue of the same engine.
 """
 import ctypes
 import os
@@ -21,14 +23,26 @@ from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_deno
 from diffrepro import _blas_engine, ops, reference
 
 REPO = Path(__file__).resolve().parents[1]
-ROW_TYPES = {torch.float32: 0, torch.float64: 1, torch.uint8: 2, torch.float16: 3}
-NT = 256  # kEpilogueThreads
 P = ctypes.c_void_p
 I64 = ctypes.c_int64
 
 
+def _built_module_lib():
+    """The emulator module's own copy of the C entry points, once CMake builds
+    csrc/emu/blas_epilogue_emu.cpp into diffrepro._cuda_emu (None before that)."""
+    try:
+        import diffrepro._cuda_emu as emu
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(emu.__file__)
+    return lib if hasattr(lib, "dr_emu_softmax_chunk_f32") else None
+
+
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
+    built = _built_module_lib()
+    if built is not None:
+        return built
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no host C++ compiler to build the emulated epilogue kernels")
@@ -43,63 +57,45 @@ def ptr(t):
     return P(t.data_ptr())
 
 
-def ok(status):
-    assert status == 0, f"kernel launcher returned status {status}"
-
-
-class EmulatedEngine:
-    """The CUDA BLAS engine's host loop, with the emulated epilogue kernels."""
+class EmuModule:
+    """The emulator's C entry points with the argument order diffrepro._cuda will bind (integer
+    addresses, stream last), raising on a failed launch as the binding does."""
 
     def __init__(self, lib):
         self.lib = lib
 
-    def denoiser(self, xs, y2, inv_sigma2, center, chunk):
-        T = xs.dtype
-        sfx = "f64" if T == torch.float64 else "f32"
-        Q, D = xs.shape
-        f64 = dict(dtype=torch.float64)
-        xc = xs - center
-        x_half = 0.5 * xc.double().square().sum(1)
-        st = dict(max_logit=torch.full((Q,), -np.inf, **f64), sum_exp=torch.zeros(Q, **f64),
-                  sum_exp_sq=torch.zeros(Q, **f64))
-        acc = torch.zeros(Q, D, **f64)
-        nearest = torch.full((Q,), -1, dtype=torch.int64)
-        sqdist = torch.full((Q,), np.inf, **f64)
-        scale = torch.empty(Q, **f64)
-        unit = 2.0**-53 if T == torch.float64 else 2.0**-24
-        for a in range(0, y2.shape[0], chunk):
-            rows = y2[a:a + chunk].contiguous()
-            y = rows.to(T) / 127.5 - 1 if rows.dtype == torch.uint8 else rows.to(T)
-            yc = y - center
-            y_half = 0.5 * yc.double().square().sum(1)
-            C = y.shape[0]
-            g = xc @ yc.T
-            p = torch.full((Q, C), np.nan, dtype=T)
-            ok(getattr(self.lib, f"dr_emu_softmax_chunk_{sfx}")(
-                ptr(g), I64(C), I64(Q), I64(C), ptr(y_half), ptr(x_half), ptr(inv_sigma2), ptr(xs), ptr(rows),
-                ROW_TYPES[rows.dtype], I64(D), ctypes.c_double(unit), I64(a), ptr(st["max_logit"]),
-                ptr(st["sum_exp"]), ptr(st["sum_exp_sq"]), ptr(scale), ptr(sqdist), ptr(nearest), ptr(p), I64(C)))
-            part = p @ y
-            ok(getattr(self.lib, f"dr_emu_scale_accumulate_{sfx}")(ptr(part), I64(D), I64(Q), I64(D), ptr(scale),
-                                                                   ptr(acc)))
-        return ops.DenoiserState(weighted_sum=acc.to(T), nearest_index=nearest, nearest_sqdist=sqdist, **st)
+    @staticmethod
+    def _check(status, op):
+        if status != 0:
+            raise RuntimeError(f"{op}: status {status}")
 
-    def search(self, q, r, k, largest, chunk):
-        Q = q.shape[0]
-        pad = -np.inf if largest else np.inf
-        run_v = torch.full((Q, k), pad, dtype=torch.float32)
-        run_i = torch.full((Q, k), -1, dtype=torch.int64)
-        for a in range(0, r.shape[0], chunk):
-            s = (q @ r[a:a + chunk].T).contiguous()
-            C = s.shape[1]
-            cv = torch.full((Q, k), np.nan, dtype=torch.float32)
-            ci = torch.full((Q, k), -7, dtype=torch.int64)
-            ok(self.lib.dr_emu_chunk_topk(ptr(s), I64(C), I64(Q), I64(C), k, largest, I64(a), ptr(cv), ptr(ci)))
-            ov, oi = torch.empty_like(run_v), torch.empty_like(run_i)
-            ok(self.lib.dr_emu_merge_topk(I64(Q), k, largest, ptr(run_v), ptr(run_i), ptr(cv), ptr(ci), ptr(ov),
-                                          ptr(oi)))
-            run_v, run_i = ov, oi
-        return run_v, run_i
+    def blas_softmax_chunk(self, f64, g, ldg, Q, C, y_half, x_half, isg, x, rows, rows_type, D, unit, offset,
+                           m, z, z2, scale, sqdist, nearest, p, ldp, stream):
+        fn = self.lib.dr_emu_softmax_chunk_f64 if f64 else self.lib.dr_emu_softmax_chunk_f32
+        self._check(fn(P(g), I64(ldg), I64(Q), I64(C), P(y_half), P(x_half), P(isg), P(x), P(rows), rows_type,
+                       I64(D), ctypes.c_double(unit), I64(offset), P(m), P(z), P(z2), P(scale), P(sqdist),
+                       P(nearest), P(p), I64(ldp)), "softmax_chunk")
+
+    def blas_scale_accumulate(self, f64, a, lda, Q, D, scale, acc, stream):
+        fn = self.lib.dr_emu_scale_accumulate_f64 if f64 else self.lib.dr_emu_scale_accumulate_f32
+        self._check(fn(P(a), I64(lda), I64(Q), I64(D), P(scale), P(acc)), "scale_accumulate")
+
+    def blas_chunk_topk(self, scores, lds, Q, C, k, largest, offset, v, i, stream):
+        self._check(self.lib.dr_emu_chunk_topk(P(scores), I64(lds), I64(Q), I64(C), k, largest, I64(offset), P(v),
+                                               P(i)), "chunk_topk")
+
+    def blas_merge_topk(self, Q, k, largest, va, ia, vb, ib, v, i, stream):
+        self._check(self.lib.dr_emu_merge_topk(I64(Q), k, largest, P(va), P(ia), P(vb), P(ib), P(v), P(i)),
+                    "merge_topk")
+
+
+@pytest.fixture(scope="module")
+def kernels(lib):
+    return _blas_engine.EpilogueKernels(EmuModule(lib))
+
+
+def emulated_denoiser(kernels, x, y, inv, center, chunk):
+    return ops.DenoiserState(**_blas_engine.denoiser_state(x, y, inv, center, chunk=chunk, kernels=kernels))
 
 
 def decoded(u8, n, d=None):
@@ -108,7 +104,7 @@ def decoded(u8, n, d=None):
 
 
 @pytest.mark.parametrize("sigma,chunk", [(1e-3, 37), (0.3, 300), (5.0, 255), (80.0, 100)])
-def test_denoiser_epilogue_matches_oracle(lib, cifar_subset, sigma, chunk):
+def test_denoiser_epilogue_matches_oracle(kernels, cifar_subset, sigma, chunk):
     # D = 300 keeps the emulator (one OS thread per CUDA thread) quick; C = 37, 100, 255 and 300 reach
     # chunks shorter than, just under and over the 256-thread block.
     y = decoded(cifar_subset, 300, 300)
@@ -116,7 +112,7 @@ def test_denoiser_epilogue_matches_oracle(lib, cifar_subset, sigma, chunk):
     x = y[[0, 150, 299]] + min(sigma, 1.0) * torch.randn(3, 300, generator=g)
     inv = torch.full((3,), sigma**-2, dtype=torch.float64)
     center = ops._center(y, torch.float32)
-    st = EmulatedEngine(lib).denoiser(x, y, inv, center, chunk)
+    st = emulated_denoiser(kernels, x, y, inv, center, chunk)
     out, info = ops.finalize(st)
     assert_f32_accuracy(out, reference.empirical_denoiser_reference(x, y, sigma), naive_float32_denoiser(x, y, sigma))
     ref = reference.empirical_denoiser_info_reference(x, y, sigma)
@@ -130,37 +126,38 @@ def test_denoiser_epilogue_matches_oracle(lib, cifar_subset, sigma, chunk):
     assert torch.allclose(st.max_logit, torch_st.max_logit, rtol=1e-12, atol=0)
 
 
-def test_denoiser_epilogue_float64_and_uint8_rows(lib, cifar_subset):
+def test_denoiser_epilogue_float64_and_uint8_rows(kernels, cifar_subset):
     u8 = torch.from_numpy(cifar_subset[:90]).reshape(90, -1)[:, :200].contiguous()
     y = u8.double() / 127.5 - 1
     x = y[[3, 40]] + 0.2 * torch.randn(2, 200, dtype=torch.float64)
     inv = torch.full((2,), 0.2**-2, dtype=torch.float64)
     center = ops._center(u8, torch.float64)
-    out, info = ops.finalize(EmulatedEngine(lib).denoiser(x, u8, inv, center, 40))
+    out, info = ops.finalize(emulated_denoiser(kernels, x, u8, inv, center, 40))
     assert_f64_accuracy(out, reference.empirical_denoiser_reference(x, y, 0.2))
     assert info["nearest_index"].tolist() == [3, 40]
 
 
-def test_nearest_row_duplicates_keep_the_lowest_index(lib, cifar_subset):
+def test_nearest_row_duplicates_keep_the_lowest_index(kernels, cifar_subset):
     base = decoded(cifar_subset, 20, 64)
     y = torch.cat([base, base[[7, 7]]])  # rows 20, 21 duplicate row 7
     x = base[[7]].clone()
     inv = torch.full((1,), 1e6, dtype=torch.float64)
     for chunk in (1, 7, 8, 21, 22):
-        _, info = ops.finalize(EmulatedEngine(lib).denoiser(x, y, inv, ops._center(y, torch.float32), chunk))
+        _, info = ops.finalize(emulated_denoiser(kernels, x, y, inv, ops._center(y, torch.float32), chunk))
         assert info["nearest_index"].tolist() == [7] and info["nearest_sqdist"].tolist() == [0.0], chunk
 
 
 @pytest.mark.parametrize("k", [1, 10, 16, 17, 128])
 @pytest.mark.parametrize("largest", [True, False])
-def test_topk_epilogue_matches_oracle(lib, cifar_subset, k, largest):
+def test_topk_epilogue_matches_oracle(kernels, cifar_subset, k, largest):
     r = torch.nn.functional.normalize(decoded(cifar_subset, 400, 64), dim=1)
     g = torch.Generator().manual_seed(1)
     q = torch.nn.functional.normalize(r[[5, 200]] + 0.1 * torch.randn(2, 64, generator=g), dim=1)
-    v, i = EmulatedEngine(lib).search(q, r, k, largest, chunk=70)  # 70: chunks of 70 > 32 threads, ragged end
-    scores = (q.double() @ r.double().T)
+    metric = "ip" if largest else "l2"  # l2: the expanded centred scores, then float64 distances
+    v, i = _blas_engine.search_state(q, r, k, metric, chunk=70, kernels=kernels)  # 70 > 32 threads, ragged end
+    scores = q.double() @ r.double().T if largest else ((q.double()[:, None] - r.double()[None]) ** 2).sum(-1)
     ref = scores.topk(k, 1, largest=largest)
-    naive = (q @ r.T).topk(k, 1, largest=largest).values
+    naive = (q @ r.T if largest else ((q[:, None] - r[None]) ** 2).sum(-1)).topk(k, 1, largest=largest).values
     assert_f32_accuracy(v, ref.values, naive)
     assert float((scores.gather(1, i) - v.double()).abs().max()) <= 1e-6  # each index carries its score
     gaps = (ref.values[:, 1:] - ref.values[:, :-1]).abs()
@@ -169,13 +166,13 @@ def test_topk_epilogue_matches_oracle(lib, cifar_subset, k, largest):
     assert torch.equal(i[sep], ref.indices[sep])
 
 
-def test_topk_ties_padding_and_k_above_chunk(lib):
+def test_topk_ties_padding_and_k_above_chunk(kernels):
     r = torch.tensor([[1.0], [2.0], [2.0], [0.5], [2.0]])  # score 2 at rows 1, 2, 4
     q = torch.tensor([[1.0]])
     for chunk in (1, 2, 3, 5):
-        v, i = EmulatedEngine(lib).search(q, r, 4, True, chunk)
+        v, i = _blas_engine.search_state(q, r, 4, "ip", chunk=chunk, kernels=kernels)
         assert i.tolist() == [[1, 2, 4, 0]] and v.tolist() == [[2.0, 2.0, 2.0, 1.0]], chunk
-    v, i = EmulatedEngine(lib).search(q, r[:2], 4, False, 2)  # k > N: padded
+    v, i = _blas_engine.search_state(q, r[:2], 4, "l2", chunk=2, kernels=kernels)  # k > N: padded
     assert i.tolist() == [[0, 1, -1, -1]] and v[0, 2:].tolist() == [np.inf, np.inf]
 
 

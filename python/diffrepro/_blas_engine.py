@@ -10,19 +10,24 @@ reference rows are walked in chunks of ``C`` rows; no ``Q x N`` matrix larger th
 1. ``g = x' y'^T`` on the GEMM, with ``x' = x - c`` and ``y' = y - c`` centred by the same
    vector ``c`` (the logits are invariant to a common shift; centring keeps ``g`` small when the
    data share a large offset);
-2. logits ``l = (g - ||y'||^2 / 2 - ||x'||^2 / 2) / sigma^2`` in float64, chunk max ``m_c``,
-   ``p = exp(l - m_c)``, ``Z_c = sum p``, ``Z2_c = sum p^2`` in float64, and the chunk's nearest
-   row: float64 distances of the rows whose logit is within the product's rounding error of the
-   maximum, the nearest winning, the lowest index on a tie (:func:`_nearest_candidate`);
-3. ``A_c = p y`` on the GEMM (``p`` rounded to the compute dtype, as the fused kernels do);
-4. the online-softmax merge into the running state, in float64:
-   ``m = max(m, m_c)``, ``Z = Z e^{m_old - m} + Z_c e^{m_c - m}``, ``A`` likewise; the nearest
-   row moves to the chunk's only if its float64 distance is strictly smaller.
+2. logits ``l = (g - ||y'||^2 / 2 - ||x'||^2 / 2) / sigma^2`` in float64, the new running max
+   ``m' = max(m, max_j l_j)``, weights ``p = exp(l - m')``, and the state rescaled by
+   ``r = exp(m - m')``: ``Z = r Z + sum p``, ``Z2 = r^2 Z2 + sum p^2`` (float64);
+3. ``A = r A + p y``: the product on the GEMM (``p`` rounded to the compute dtype, as the fused
+   kernels do), the accumulator in float64;
+4. the nearest row: float64 distances of the rows whose score is within the product's rounding
+   error of the maximum, the nearest winning, the lowest index on a tie
+   (:func:`_nearest_candidate`); a later chunk takes over only when strictly nearer.
+
+Steps 2 and 4 (and 3's update) run as torch operations, or, with ``kernels``, as the CUDA
+epilogue kernels of ``csrc/cuda/blas_epilogue.cuh`` (12 bytes of traffic per (query, row) pair
+instead of ~136; see docs/cuda.md).
 
 ``nn_search`` scores a chunk with one GEMM (inner products, or squared distances from the centred
 expanded form ``||q'||^2 - 2 q'.r' + ||r'||^2`` combined in float64), keeps each query's top k
-with the lowest-index tie rule, and merges chunk lists lexicographically; for ``l2`` the final k
-distances are recomputed in float64 from the differences and re-sorted.
+with the lowest-index tie rule (torch, or the ``chunk_topk`` kernel), and merges chunk lists
+lexicographically (or ``merge_topk``); for ``l2`` the final k distances are recomputed in float64
+from the differences and re-sorted.
 
 The products can run in split precision (:mod:`diffrepro._split`); the logits, sums and merges
 stay float64 whatever the product.
@@ -34,9 +39,10 @@ import math
 import torch
 
 from ._split import PRODUCTS, UNIT_ROUNDOFF, split_matmul
+from ._validate import ROW_TYPES
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "SEARCH_CHUNK_ELEMENTS", "chunk_rows", "denoiser_state", "search_state",
-           "lex_sort", "merge_lists"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "SEARCH_CHUNK_ELEMENTS", "EpilogueKernels", "chunk_rows", "denoiser_state",
+           "search_state", "lex_sort", "merge_lists"]
 
 # Elements of one Q x C chunk of the denoiser: its float64 logits take 8 bytes each (64 MiB at
 # this size), its product and weights 4 to 8 more; the rest of a GPU's memory is left to the rows.
@@ -70,17 +76,64 @@ def _product(product: str):
     return lambda a, b: split_matmul(a, b, product)
 
 
+class EpilogueKernels:
+    """The CUDA epilogue kernels of ``csrc/cuda/blas_epilogue.cuh`` behind tensor arguments.
+
+    ``module`` exposes ``blas_softmax_chunk``, ``blas_scale_accumulate``, ``blas_chunk_topk`` and
+    ``blas_merge_topk`` with integer addresses, the argument order of the C++ launchers and the
+    stream last (diffrepro._cuda once bound; the emulator's C entry points in the tests), and
+    raises on a failed launch. ``stream`` is the cudaStream_t of the GEMMs (0 for the emulator).
+    """
+
+    def __init__(self, module, stream: int = 0):
+        self.module = module
+        self.stream = stream
+
+    def softmax_chunk(self, g, y_half, x_half, inv_sigma2, x, rows, unit, chunk_offset, state, scale, p):
+        Q, C = g.shape
+        self.module.blas_softmax_chunk(
+            g.dtype == torch.float64, g.data_ptr(), g.stride(0), Q, C, y_half.data_ptr(), x_half.data_ptr(),
+            inv_sigma2.data_ptr(), x.data_ptr(), rows.data_ptr(), ROW_TYPES[rows.dtype], x.shape[1], unit,
+            chunk_offset, *(state[f].data_ptr() for f in _STATE_FIELDS), scale.data_ptr(),
+            state["nearest_sqdist"].data_ptr(), state["nearest_index"].data_ptr(), p.data_ptr(), p.stride(0),
+            self.stream)
+
+    def scale_accumulate(self, a, scale, acc):
+        self.module.blas_scale_accumulate(a.dtype == torch.float64, a.data_ptr(), a.stride(0), a.shape[0],
+                                          a.shape[1], scale.data_ptr(), acc.data_ptr(), self.stream)
+
+    def chunk_topk(self, scores, k, largest, chunk_offset):
+        Q, C = scores.shape
+        v = torch.empty(Q, k, dtype=torch.float32, device=scores.device)
+        i = torch.empty(Q, k, dtype=torch.int64, device=scores.device)
+        self.module.blas_chunk_topk(scores.data_ptr(), scores.stride(0), Q, C, k, largest, chunk_offset,
+                                    v.data_ptr(), i.data_ptr(), self.stream)
+        return v, i
+
+    def merge_topk(self, va, ia, vb, ib, largest):
+        Q, k = va.shape
+        v, i = torch.empty_like(va), torch.empty_like(ia)
+        self.module.blas_merge_topk(Q, k, largest, va.data_ptr(), ia.data_ptr(), vb.data_ptr(), ib.data_ptr(),
+                                    v.data_ptr(), i.data_ptr(), self.stream)
+        return v, i
+
+
+_STATE_FIELDS = ("max_logit", "sum_exp", "sum_exp_sq")
+
+
 def denoiser_state(xs: torch.Tensor, y2: torch.Tensor, inv_sigma2: torch.Tensor, center: torch.Tensor,
-                   row_offset: int = 0, *, chunk: int | None = None, product: str = "fp32") -> dict:
+                   row_offset: int = 0, *, chunk: int | None = None, product: str = "fp32",
+                   kernels: EpilogueKernels | None = None) -> dict:
     """The empirical denoiser's streaming state over the rows ``y2`` (the fields of
     ``ops.DenoiserState``, same meaning and dtypes).
 
     Args:
         xs: [Q, D] float32/float64 queries ``x / s`` (validated, contiguous).
-        y2: [N, D] rows of xs's dtype, float16 or uint8 pixels; N >= 1.
+        y2: [N, D] contiguous rows of xs's dtype, float16 or uint8 pixels; N >= 1.
         inv_sigma2: [Q] float64 ``1 / sigma^2``. center: [D] in xs's dtype.
         row_offset: global index of y2's first row. chunk: rows per chunk (default: chunk_rows).
         product: "fp32" (the plain GEMM in xs's dtype), "3xtf32" or "3xbf16" (float32 only).
+        kernels: run steps 2, 4 and 5 with the CUDA epilogue kernels (default: torch operations).
     """
     mm = _product(product)
     Q, D = xs.shape
@@ -90,38 +143,40 @@ def denoiser_state(xs: torch.Tensor, y2: torch.Tensor, inv_sigma2: torch.Tensor,
     f64 = dict(dtype=torch.float64, device=xs.device)
     xc = xs - center
     x_half = 0.5 * xc.double().square().sum(1)
-    isg = inv_sigma2.to(**f64)
-    m = torch.full((Q,), -float("inf"), **f64)
-    z = torch.zeros(Q, **f64)
-    z2 = torch.zeros(Q, **f64)
+    isg = inv_sigma2.to(**f64).contiguous()
+    st = dict(max_logit=torch.full((Q,), -float("inf"), **f64), sum_exp=torch.zeros(Q, **f64),
+              sum_exp_sq=torch.zeros(Q, **f64), nearest_sqdist=torch.full((Q,), float("inf"), **f64),
+              nearest_index=torch.full((Q,), -1, dtype=torch.int64, device=xs.device))
     acc = torch.zeros(Q, D, **f64)
-    nearest = torch.full((Q,), -1, dtype=torch.int64, device=xs.device)
-    sqdist = torch.full((Q,), float("inf"), **f64)
+    scale = torch.empty(Q, **f64)
     x64 = xs.double()
     step = chunk_rows(Q, N, chunk)
     for a in range(0, N, step):
-        y = _decode(y2[a:a + step], T)
+        rows = y2[a:a + step]
+        y = _decode(rows, T)
         yc = y - center
         y_half = 0.5 * yc.double().square().sum(1)
-        score = mm(xc, yc.T).double() - y_half  # l = (score - |x'|^2 / 2) / sigma^2
+        g = mm(xc, yc.T)
+        if kernels is not None:
+            p = torch.empty(g.shape, dtype=T, device=xs.device)
+            kernels.softmax_chunk(g, y_half, x_half, isg, xs, rows, unit, row_offset + a, st, scale, p)
+            kernels.scale_accumulate(mm(p, y), scale, acc)
+            continue
+        score = g.double() - y_half  # l = (score - |x'|^2 / 2) / sigma^2
         logits = (score - x_half[:, None]) * isg[:, None]
-        m_c = logits.amax(1)
-        p = torch.exp(logits - m_c[:, None])
-        a_c = mm(p.to(T), y).double()
-        m_new = torch.maximum(m, m_c)
+        m = st["max_logit"]
+        m_new = torch.maximum(m, logits.amax(1))
         fa = torch.where(m == -float("inf"), 0.0, torch.exp(m - m_new))
-        fb = torch.exp(m_c - m_new)
-        z = z * fa + p.sum(1) * fb
-        z2 = z2 * fa * fa + p.square().sum(1) * fb * fb
-        acc = acc * fa[:, None] + a_c * fb[:, None]
+        p = torch.exp(logits - m_new[:, None])
+        st.update(max_logit=m_new, sum_exp=st["sum_exp"] * fa + p.sum(1),
+                  sum_exp_sq=st["sum_exp_sq"] * fa * fa + p.square().sum(1))
+        acc = acc * fa[:, None] + mm(p.to(T), y).double()
         d_c, arg_c = _nearest_candidate(x64, y, score, x_half, y_half, unit)
         # A later chunk holds higher indices: it takes over only when strictly nearer.
-        take = d_c < sqdist
-        nearest = torch.where(take, arg_c + (row_offset + a), nearest)
-        sqdist = torch.where(take, d_c, sqdist)
-        m = m_new
-    return dict(max_logit=m, sum_exp=z, sum_exp_sq=z2, weighted_sum=acc.to(T), nearest_index=nearest,
-                nearest_sqdist=sqdist)
+        take = d_c < st["nearest_sqdist"]
+        st.update(nearest_index=torch.where(take, arg_c + (row_offset + a), st["nearest_index"]),
+                  nearest_sqdist=torch.where(take, d_c, st["nearest_sqdist"]))
+    return dict(weighted_sum=acc.to(T), **st)
 
 
 def _nearest_candidate(x64, y, score, x_half, y_half, unit):
@@ -176,8 +231,8 @@ def _chunk_topk(scores: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tens
 
 
 def search_state(q2: torch.Tensor, r2: torch.Tensor, k: int, metric: str, row_offset: int = 0, *,
-                 center: torch.Tensor | None = None, chunk: int | None = None,
-                 product: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+                 center: torch.Tensor | None = None, chunk: int | None = None, product: str = "fp32",
+                 kernels: EpilogueKernels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each query over the rows ``r2`` (the fields of ``ops.TopKState``).
 
     Args:
@@ -186,6 +241,7 @@ def search_state(q2: torch.Tensor, r2: torch.Tensor, k: int, metric: str, row_of
         k: >= 1 (a list longer than N is padded with -inf / +inf and index -1).
         metric: "ip" (largest inner product) or "l2" (smallest squared distance).
         center: [D] float32 centring vector for "l2" (default: the mean of the rows).
+        kernels: select and merge with the CUDA epilogue kernels (float32 queries, k <= 128).
     Returns:
         (values [Q, k] in q2's dtype, indices [Q, k] int64), best first, ties to the lowest index.
     """
@@ -211,6 +267,10 @@ def search_state(q2: torch.Tensor, r2: torch.Tensor, k: int, metric: str, row_of
         else:
             rc = r - center
             scores = (q_norm[:, None] - 2.0 * mm(qc, rc.T).double() + rc.double().square().sum(1)).clamp_min(0).to(T)
+        if kernels is not None:
+            v, i = kernels.chunk_topk(scores.contiguous(), k, largest, row_offset + a)
+            values, indices = kernels.merge_topk(values, indices, v, i, largest)
+            continue
         v, i = _chunk_topk(scores, k, largest)
         values, indices = merge_lists(values, indices, v, i + (row_offset + a), k, largest)
     if not largest:  # the k winners' distances from the differences, in float64
