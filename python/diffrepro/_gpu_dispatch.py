@@ -8,8 +8,10 @@ rows are contiguous, so the fused kernels probe by being launched with a smaller
 pointers and outputs (the full call overwrites them afterwards), and the BLAS engine on the row
 prefix. A probe costs about :data:`PROBE_FLOPS` per engine, ~1 ms at 50 TFLOP/s.
 
-Written against tensors only (no CUDA call except the synchronisation), so the dispatch logic is
-tested on CPU tensors with a fake clock.
+On CUDA the BLAS engine runs its epilogue with diffrepro's CUDA kernels when ``diffrepro._cuda``
+binds them (:func:`epilogue_kernels`), else as torch operations. Written against tensors (no
+CUDA call except the synchronisation and the stream handle), so the dispatch logic is tested on
+CPU tensors with a fake clock.
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ from collections.abc import Callable
 
 import torch
 
-from . import _blas_engine, _engine
+from . import _backend, _blas_engine, _engine
 
-__all__ = ["PROBE_FLOPS", "probe_rows", "device_label", "empirical_denoiser", "nn_search"]
+__all__ = ["PROBE_FLOPS", "probe_rows", "device_label", "epilogue_kernels", "empirical_denoiser", "nn_search"]
 
 # Product flops of one probe call per engine.
 PROBE_FLOPS = 5e10
+# Largest k of the chunk_topk kernel (kBlasTopkMaxK); above it the torch selection runs.
+_KERNEL_MAX_K = 128
 # A probe covers at least this many rows (or all of them): enough tiles for every split of the
 # fused plan and a few BLAS chunks.
 _MIN_PROBE_ROWS = 4096
@@ -39,6 +43,20 @@ def device_label(device: torch.device) -> str:
         return str(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+
+
+def epilogue_kernels(device: torch.device) -> _blas_engine.EpilogueKernels | None:
+    """The CUDA epilogue kernels on the current stream when diffrepro._cuda binds them; None
+    (the BLAS engine's torch epilogue) on other devices or builds without them."""
+    if device.type != "cuda":
+        return None
+    try:
+        module = _backend.cuda_module()
+    except _backend.BackendUnavailableError:
+        return None
+    if not hasattr(module, "blas_softmax_chunk"):
+        return None
+    return _blas_engine.EpilogueKernels(module, torch.cuda.current_stream(device).cuda_stream)
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
@@ -65,8 +83,10 @@ def empirical_denoiser(xs, y2, inv_sigma2, center, row_offset: int, fused: Calla
     key = _engine.ShapeClass.of("empirical_denoiser", device_label(xs.device), xs.dtype, y2.dtype, Q, N, D)
     p = probe_rows(N, 4.0 * Q * D)
 
+    kernels = epilogue_kernels(xs.device)
+
     def blas(rows):
-        return _blas_engine.denoiser_state(xs, rows, inv_sigma2, center, row_offset, product=product)
+        return _blas_engine.denoiser_state(xs, rows, inv_sigma2, center, row_offset, product=product, kernels=kernels)
 
     engine = chooser.choose(key, {"fused": lambda: fused(p), "blas": lambda: blas(y2[:p])}, _sync(xs.device))
     if engine == "fused":
@@ -89,8 +109,10 @@ def nn_search(q2, r2, k: int, metric: str, row_offset: int, fused: Callable[[int
     key = _engine.ShapeClass.of("nn_search", device_label(q2.device), q2.dtype, r2.dtype, Q, N, D, k=k, metric=metric)
     p = probe_rows(N, 2.0 * Q * D)
 
+    kernels = epilogue_kernels(q2.device) if k <= _KERNEL_MAX_K else None
+
     def blas(rows):
-        return _blas_engine.search_state(q2, rows, k, metric, row_offset, product=product)
+        return _blas_engine.search_state(q2, rows, k, metric, row_offset, product=product, kernels=kernels)
 
     engine = chooser.choose(key, {"fused": lambda: fused(p), "blas": lambda: blas(r2[:p])}, _sync(q2.device))
     if engine == "fused":

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _blas_engine, _engine, benchmarks, ops
+from . import _blas_engine, _engine, _gpu_dispatch, benchmarks, ops
 
 __all__ = ["PEAKS", "device_peaks", "SIZES", "run_table", "format_table"]
 
@@ -86,9 +86,9 @@ def _attempt(rows, case, impl, fn, flops, peaks, rounds, exact=True):
         rows.append(_row(case, impl, [], flops, peaks, exact, error=f"{type(exc).__name__}: {exc}"[:200]))
 
 
-def _blas_denoise(x, y, sigma, product):
+def _blas_denoise(x, y, sigma, product, kernels=None):
     inv = torch.full((x.shape[0],), sigma**-2.0, dtype=torch.float64, device=x.device)
-    return _blas_engine.denoiser_state(x, y, inv, ops._center(y, x.dtype), product=product)
+    return _blas_engine.denoiser_state(x, y, inv, ops._center(y, x.dtype), product=product, kernels=kernels)
 
 
 def _denoiser_rows(rows, Q, N, D, peaks, rounds):
@@ -111,6 +111,10 @@ def _denoiser_rows(rows, Q, N, D, peaks, rounds):
         "torch SDPA bf16 (inexact)": (
             lambda: benchmarks.sdpa_denoiser(x.bfloat16(), train.bfloat16(), sigma, norm2.bfloat16()), False),
     }
+    kernels = _gpu_dispatch.epilogue_kernels(x.device)
+    if kernels is not None:
+        impls["diffrepro blas fp32 + epilogue kernels"] = (
+            lambda: _blas_denoise(x, train, sigma, "fp32", kernels), True)
     for name, (fn, exact) in impls.items():
         _attempt(rows, case, name, fn, flops, peaks, rounds, exact)
 
@@ -150,6 +154,10 @@ def _search_rows(rows, Q, N, D, ks, peaks, rounds):
             "diffrepro blas 3xtf32": lambda: _blas_engine.search_state(q, r, k, "ip", product="3xtf32"),
             "torch chunked GEMM + topk": lambda: _torch_search(q, r, k),
         }
+        kernels = _gpu_dispatch.epilogue_kernels(q.device)
+        if kernels is not None:
+            impls["diffrepro blas fp32 + epilogue kernels"] = lambda: _blas_engine.search_state(q, r, k, "ip",
+                                                                                                kernels=kernels)
         for name, fn in impls.items():
             _attempt(rows, case, name, fn, flops, peaks, rounds)
         if index is not None:

@@ -6,7 +6,8 @@ Engines per device:
 
 * ``cuda``: the fused kernels (as ``ops`` runs them, and each production tile configuration
   through the raw binding), the BLAS engine with the float32 product and with 3xTF32 on tensor
-  cores, and 3xBF16 (reported, never failed: it is inexact by design, see docs/cuda.md);
+  cores (torch epilogue; and with the CUDA epilogue kernels when ``diffrepro._cuda`` binds
+  them), and 3xBF16 (reported, never failed: it is inexact by design, see docs/cuda.md);
 * ``cpu``: the CPU path of ``ops`` and the BLAS engine on CPU tensors (split products emulated).
 
 Checks: the empirical denoiser's output (paper 1, eq. 3) within ``min(2 err(naive float32 torch)
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import _blas_engine, _engine, benchmarks, ops, reference
+from . import _blas_engine, _engine, _gpu_dispatch, benchmarks, ops, reference
 
 __all__ = ["Row", "cuda_skip_reason", "run", "format_table", "failed"]
 
@@ -76,11 +77,13 @@ def _ops_denoiser(engine: str | None):
     return run
 
 
-def _blas_denoiser(product: str):
+def _blas_denoiser(product: str, kernels: bool = False):
     def run(x, y, sigma):
         inv = torch.full((x.shape[0],), float(sigma) ** -2, dtype=torch.float64, device=x.device)
         center = ops._center(y, x.dtype)
-        return _state_out(ops.DenoiserState(**_blas_engine.denoiser_state(x, y, inv, center, product=product)))
+        k = _gpu_dispatch.epilogue_kernels(x.device) if kernels else None
+        return _state_out(ops.DenoiserState(**_blas_engine.denoiser_state(x, y, inv, center, product=product,
+                                                                          kernels=k)))
 
     return run
 
@@ -119,9 +122,10 @@ def _ops_search(engine: str | None):
     return run
 
 
-def _blas_search(product: str):
+def _blas_search(product: str, kernels: bool = False):
     def run(q, r, k, metric):
-        return _blas_engine.search_state(q, r, k, metric, product=product)
+        kern = _gpu_dispatch.epilogue_kernels(q.device) if kernels else None
+        return _blas_engine.search_state(q, r, k, metric, product=product, kernels=kern)
 
     return run
 
@@ -141,6 +145,9 @@ def _engines(device: str):
     for product in ("fp32", "3xtf32", "3xbf16"):
         den[f"blas {product}"] = _blas_denoiser(product)
         srch[f"blas {product}"] = _blas_search(product)
+    if device == "cuda" and _gpu_dispatch.epilogue_kernels(torch.device("cuda")) is not None:
+        den["blas fp32 + epilogue kernels"] = _blas_denoiser("fp32", kernels=True)
+        srch["blas fp32 + epilogue kernels"] = _blas_search("fp32", kernels=True)
     return den, srch, {"blas 3xbf16"}
 
 
