@@ -64,7 +64,7 @@ fi
 
 step selftest 75 "$PYTHON" -m diffrepro selftest --device cuda --sizes all --json "$OUT/selftest.json"
 step tests 60 "$PYTHON" -m pytest -q -x tests -k "cuda or blas_engine or engine_choice" -p no:cacheprovider
-step bench 120 "$PYTHON" -m diffrepro.gpu_bench --sizes paper --rounds 5 --json "$OUT/bench.json"
+step bench 120 "$PYTHON" -m diffrepro bench --device cuda --sizes paper --rounds 5 --json "$OUT/bench.json"
 DATA=${DIFFREPRO_TEST_DATA:-../shared/data}
 if [[ -f "$DATA/cifar10-train-subset.npz" ]]; then
   step split 45 "$PYTHON" scripts/split_precision_error.py --device cuda --data "$DATA/cifar10-train-subset.npz" \

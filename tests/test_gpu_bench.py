@@ -41,4 +41,13 @@ def test_format_table_ratios_and_errors():
 def test_skips_clearly_without_a_gpu():
     p = subprocess.run([sys.executable, "-m", "diffrepro.gpu_bench"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0
-    assert p.stdout.strip() == "diffrepro gpu_bench: skipped: no CUDA device visible to torch; nothing was measured"
+    assert p.stdout.startswith("diffrepro gpu_bench: skipped: no CUDA device visible to torch")
+    assert p.stdout.rstrip().endswith("nothing was run on a GPU")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_bench_cli_device_cuda_skips_clearly_without_a_gpu():
+    p = subprocess.run([sys.executable, "-m", "diffrepro", "bench", "--device", "cuda"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("diffrepro bench: skipped: no CUDA device visible to torch")

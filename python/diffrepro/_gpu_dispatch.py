@@ -21,7 +21,8 @@ import torch
 
 from . import _backend, _blas_engine, _engine
 
-__all__ = ["PROBE_FLOPS", "probe_rows", "device_label", "epilogue_kernels", "empirical_denoiser", "nn_search"]
+__all__ = ["PROBE_FLOPS", "probe_rows", "device_label", "cuda_skip_reason", "epilogue_kernels", "empirical_denoiser",
+           "nn_search"]
 
 # Product flops of one probe call per engine.
 PROBE_FLOPS = 5e10
@@ -43,6 +44,14 @@ def device_label(device: torch.device) -> str:
         return str(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+
+
+def cuda_skip_reason() -> str | None:
+    """Why nothing can run on a GPU here (None when torch sees a CUDA device)."""
+    if torch.cuda.is_available():
+        return None
+    return (f"no CUDA device visible to torch (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}); nothing was run on a GPU")
 
 
 def epilogue_kernels(device: torch.device) -> _blas_engine.EpilogueKernels | None:

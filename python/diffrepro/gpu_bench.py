@@ -170,9 +170,9 @@ def _search_rows(rows, Q, N, D, ks, peaks, rounds):
 
 def run_table(sizes: str = "paper", rounds: int = 5) -> dict:
     """The table on the current CUDA device; raises RuntimeError without one."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"no CUDA device visible to torch (torch {torch.__version__}, CUDA build "
-                           f"{torch.version.cuda or 'none'})")
+    reason = _gpu_dispatch.cuda_skip_reason()
+    if reason:
+        raise RuntimeError(reason)
     if sizes not in SIZES:
         raise ValueError(f"sizes: got {sizes!r}, expected one of {', '.join(SIZES)}")
     name = torch.cuda.get_device_name()
@@ -218,8 +218,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", help="also write the table here")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("diffrepro gpu_bench: skipped: no CUDA device visible to torch; nothing was measured")
+    reason = _gpu_dispatch.cuda_skip_reason()
+    if reason:
+        print(f"diffrepro gpu_bench: skipped: {reason}")
         return 0
     t = time.perf_counter()
     table = run_table(a.sizes, a.rounds)

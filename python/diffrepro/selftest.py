@@ -29,7 +29,7 @@ import torch
 
 from . import _blas_engine, _engine, _gpu_dispatch, benchmarks, ops, reference
 
-__all__ = ["Row", "cuda_skip_reason", "run", "format_table", "failed"]
+__all__ = ["Row", "run", "format_table", "failed", "as_json"]
 
 SIGMAS = (0.002, 0.2, 1.0, 80.0)
 OFFSET = 100.0
@@ -46,14 +46,6 @@ class Row:
     status: str  # "pass", "FAIL", "info" (inexact by design, never fails) or "error" (raised)
     note: str = ""
     seconds: float = 0.0
-
-
-def cuda_skip_reason() -> str | None:
-    """Why the CUDA table cannot run here (None when a device is visible to torch)."""
-    if not torch.cuda.is_available():
-        return (f"no CUDA device visible to torch (torch {torch.__version__}, CUDA build "
-                f"{torch.version.cuda or 'none'}); nothing was run on a GPU")
-    return None
 
 
 def failed(rows: list[Row]) -> bool:
@@ -319,8 +311,8 @@ def _naive_search(q, r, k, largest, chunk=8192):
 
 
 def run(device: str = "cuda", sizes: str = "small", progress: Callable[[str], None] = lambda s: None) -> list[Row]:
-    """Runs the table. ``sizes``: "small", "paper" or "all". Call :func:`cuda_skip_reason` first
-    for ``device="cuda"``."""
+    """Runs the table. ``sizes``: "small", "paper" or "all". For ``device="cuda"`` check
+    ``_gpu_dispatch.cuda_skip_reason()`` first."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: got {device!r}, expected 'cpu' or 'cuda'")
     if sizes not in ("small", "paper", "all"):

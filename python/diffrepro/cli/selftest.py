@@ -26,11 +26,11 @@ def add_commands(sub) -> None:
 
 
 def _cmd_selftest(args) -> int:
-    from .. import _engine, selftest
+    from .. import _engine, _gpu_dispatch, selftest
     from .._backend import build_info
 
     sizes = args.sizes or ("all" if args.device == "cuda" else "small")
-    reason = selftest.cuda_skip_reason() if args.device == "cuda" else None
+    reason = _gpu_dispatch.cuda_skip_reason() if args.device == "cuda" else None
     if reason:
         print(f"diffrepro selftest: skipped: {reason}")
         if args.json:
