@@ -58,8 +58,8 @@ def ptr(t):
 
 
 class EmuModule:
-    """The emulator's C entry points with the argument order diffrepro._cuda will bind (integer
-    addresses, stream last), raising on a failed launch as the binding does."""
+    """The emulator's C entry points behind the interface diffrepro._cuda binds (one dict of
+    integer addresses and sizes per call, stream last; a failed launch raises)."""
 
     def __init__(self, lib):
         self.lib = lib
@@ -69,23 +69,27 @@ class EmuModule:
         if status != 0:
             raise RuntimeError(f"{op}: status {status}")
 
-    def blas_softmax_chunk(self, f64, g, ldg, Q, C, y_half, x_half, isg, x, rows, rows_type, D, unit, offset,
-                           m, z, z2, scale, sqdist, nearest, p, ldp, stream):
-        fn = self.lib.dr_emu_softmax_chunk_f64 if f64 else self.lib.dr_emu_softmax_chunk_f32
-        self._check(fn(P(g), I64(ldg), I64(Q), I64(C), P(y_half), P(x_half), P(isg), P(x), P(rows), rows_type,
-                       I64(D), ctypes.c_double(unit), I64(offset), P(m), P(z), P(z2), P(scale), P(sqdist),
-                       P(nearest), P(p), I64(ldp)), "softmax_chunk")
+    def blas_softmax_chunk(self, a, stream):
+        fn = self.lib.dr_emu_softmax_chunk_f64 if a["f64"] else self.lib.dr_emu_softmax_chunk_f32
+        self._check(fn(P(a["g"]), I64(a["ldg"]), I64(a["Q"]), I64(a["C"]), P(a["y_half"]), P(a["x_half"]),
+                       P(a["inv_sigma2"]), P(a["x"]), P(a["rows"]), a["rows_type"], I64(a["D"]),
+                       ctypes.c_double(a["unit_roundoff"]), I64(a["chunk_offset"]), P(a["max_score"]),
+                       P(a["sum_exp"]), P(a["sum_exp_sq"]), P(a["scale_old"]), P(a["nearest_sqdist"]),
+                       P(a["nearest_index"]), P(a["p"]), I64(a["ldp"])), "softmax_chunk")
 
-    def blas_scale_accumulate(self, f64, a, lda, Q, D, scale, acc, stream):
-        fn = self.lib.dr_emu_scale_accumulate_f64 if f64 else self.lib.dr_emu_scale_accumulate_f32
-        self._check(fn(P(a), I64(lda), I64(Q), I64(D), P(scale), P(acc)), "scale_accumulate")
+    def blas_scale_accumulate(self, a, stream):
+        fn = self.lib.dr_emu_scale_accumulate_f64 if a["f64"] else self.lib.dr_emu_scale_accumulate_f32
+        self._check(fn(P(a["a"]), I64(a["lda"]), I64(a["Q"]), I64(a["D"]), P(a["scale_old"]), P(a["acc"])),
+                    "scale_accumulate")
 
-    def blas_chunk_topk(self, scores, lds, Q, C, k, largest, offset, v, i, stream):
-        self._check(self.lib.dr_emu_chunk_topk(P(scores), I64(lds), I64(Q), I64(C), k, largest, I64(offset), P(v),
-                                               P(i)), "chunk_topk")
+    def blas_chunk_topk(self, a, stream):
+        self._check(self.lib.dr_emu_chunk_topk(P(a["scores"]), I64(a["lds"]), I64(a["Q"]), I64(a["C"]), a["k"],
+                                               a["largest"], I64(a["chunk_offset"]), P(a["values"]),
+                                               P(a["indices"])), "chunk_topk")
 
-    def blas_merge_topk(self, Q, k, largest, va, ia, vb, ib, v, i, stream):
-        self._check(self.lib.dr_emu_merge_topk(I64(Q), k, largest, P(va), P(ia), P(vb), P(ib), P(v), P(i)),
+    def blas_merge_topk(self, a, stream):
+        self._check(self.lib.dr_emu_merge_topk(I64(a["Q"]), a["k"], a["largest"], P(a["run_v"]), P(a["run_i"]),
+                                               P(a["chunk_v"]), P(a["chunk_i"]), P(a["out_v"]), P(a["out_i"])),
                     "merge_topk")
 
 

@@ -8,9 +8,11 @@
 //
 // Per chunk of the empirical denoiser (queries x' = x~ - c, rows y' = y - c):
 //   GEMM 1              g = x' y'^T                               [Q, C] in T
-//   softmax_chunk       l = (g - |y'|^2/2 - |x'|^2/2) / sigma^2 in float64; m_new = max(m, max l);
-//                       p = exp(l - m_new) -> T; Z, Z2 updated; factor r = exp(m - m_new);
-//                       nearest row by float64 distance among the near-maximal candidates
+//   softmax_chunk       scores s = g - |y'|^2/2 in float64 (the logit is (s - |x'|^2/2) / sigma^2);
+//                       s_new = max(s_max, max s); p = exp((s - s_new) / sigma^2) -> T; Z, Z2
+//                       updated; factor r = exp((s_max - s_new) / sigma^2); nearest row by
+//                       float64 distance among the near-maximal candidates. The running max
+//                       stays in score units (logits.h): the caller forms the max logit once.
 //   GEMM 2              a = p y                                   [Q, D] in T
 //   scale_accumulate    A = r A + a                               [Q, D] in float64
 // Per chunk of nn_search: GEMM s = q r^T (or the centred expanded L2 form), chunk_topk, then
@@ -48,21 +50,22 @@ DR_DEVICE void block_tree(F combine) {
 
 // ------------------------------------------------------------------------------------------------
 // softmax_chunk: blockIdx.x = query. Pass 1 finds the largest score s = g - |y'|^2/2 (the logit is
-// l = (s - |x'|^2/2) / sigma^2, monotone in s) and the largest |y'|^2/2 of the chunk. The nearest
+// l = (s - |x'|^2/2) / sigma^2, monotone in s) and the largest |y'|^2/2 of the chunk; x_half
+// (|x'|^2/2) is used only for the candidate threshold. The nearest
 // row is then chosen by float64 distance among the candidates whose s lies within
 //   delta = 8 sqrt(D) u |x'| max|y'|        (u: unit roundoff of the product, caller-supplied)
 // of the maximum, i.e. within eight standard deviations of the GEMM's rounding error: a GEMM may
 // round two identical rows differently (different micro-kernel paths for edge columns), so the
 // first maximum of s alone would not honour the lowest-index rule for exact duplicates. The
 // candidate replaces the running nearest row only when strictly nearer (later chunks hold higher
-// indices). Pass 2 recomputes the logits (a float64 [Q, C] buffer would cost more traffic than
-// the recomputation), writes p = exp(l - m_new) and sums p and p^2 in float64.
+// indices). Pass 2 recomputes the scores (a float64 [Q, C] buffer would cost more traffic than
+// the recomputation), writes p = exp((s - s_new) / sigma^2) and sums p and p^2 in float64.
 // ------------------------------------------------------------------------------------------------
 template <class T>
 DR_KERNEL void softmax_chunk_kernel(const T* g, index_t ldg, index_t C, const double* y_half,
                                     const double* x_half, const double* inv_sigma2, const T* x,
                                     const void* rows, RowType rows_type, index_t D, double unit_roundoff,
-                                    index_t chunk_offset, double* max_logit, double* sum_exp,
+                                    index_t chunk_offset, double* max_score, double* sum_exp,
                                     double* sum_exp_sq, double* scale_old, double* nearest_sqdist,
                                     index_t* nearest_index, T* p, index_t ldp) {
   constexpr int NT = kEpilogueThreads;
@@ -132,17 +135,15 @@ DR_KERNEL void softmax_chunk_kernel(const T* g, index_t ldg, index_t C, const do
   });
   const double cand_d = red_v[0];
   const index_t cand_n = red_i[0];
-  const double m_old = max_logit[q];
-  const double m_chunk = (s_chunk - xh) * isg;
-  const double m_new = m_chunk > m_old ? m_chunk : m_old;
+  const double m_old = max_score[q];
+  const double m_new = s_chunk > m_old ? s_chunk : m_old;
   dr_sync();
 
   // Pass 2: weights relative to the new running max, and their sums in float64.
   T* pq = p + q * ldp;
   double s1 = 0.0, s2 = 0.0;
   for (index_t n = tid; n < C; n += NT) {
-    const double l = (static_cast<double>(gq[n]) - y_half[n] - xh) * isg;
-    const double w = exp(l - m_new);
+    const double w = exp((static_cast<double>(gq[n]) - y_half[n] - m_new) * isg);
     pq[n] = static_cast<T>(w);
     s1 += w;
     s2 += w * w;
@@ -155,10 +156,10 @@ DR_KERNEL void softmax_chunk_kernel(const T* g, index_t ldg, index_t C, const do
     red_w[a] += red_w[b];
   });
   if (tid == 0) {
-    const double r = softmax_rescale(m_old, m_new);  // 0 while the state is empty
+    const double r = softmax_rescale(m_old, m_new, isg);  // 0 while the state is empty
     sum_exp[q] = sum_exp[q] * r + red_v[0];
     sum_exp_sq[q] = sum_exp_sq[q] * r * r + red_w[0];
-    max_logit[q] = m_new;
+    max_score[q] = m_new;
     scale_old[q] = r;
     if (nearest_index[q] < 0 || cand_d < nearest_sqdist[q]) {
       nearest_sqdist[q] = cand_d;
@@ -244,7 +245,7 @@ template <class T>
 Status softmax_chunk(const T* g, index_t ldg, index_t Q, index_t C, const double* y_half,
                      const double* x_half, const double* inv_sigma2, const T* x, const void* rows,
                      RowType rows_type, index_t D, double unit_roundoff, index_t chunk_offset,
-                     double* max_logit, double* sum_exp, double* sum_exp_sq, double* scale_old,
+                     double* max_score, double* sum_exp, double* sum_exp_sq, double* scale_old,
                      double* nearest_sqdist, index_t* nearest_index, T* p, index_t ldp, void* stream) {
   if (Q < 0 || C < 1 || D < 1 || ldg < C || ldp < C || chunk_offset < 0 || !(unit_roundoff >= 0) ||
       Q > index_t(0x7fffffff))
@@ -252,7 +253,7 @@ Status softmax_chunk(const T* g, index_t ldg, index_t Q, index_t C, const double
   if (Q == 0) return Status::kOk;
   return launch_kernel(&softmax_chunk_kernel<T>, Dim2{static_cast<unsigned>(Q), 1}, Dim2{kEpilogueThreads, 1},
                        stream, g, ldg, C, y_half, x_half, inv_sigma2, x, rows, rows_type, D, unit_roundoff,
-                       chunk_offset, max_logit, sum_exp, sum_exp_sq, scale_old, nearest_sqdist, nearest_index,
+                       chunk_offset, max_score, sum_exp, sum_exp_sq, scale_old, nearest_sqdist, nearest_index,
                        p, ldp);
 }
 

@@ -10,22 +10,22 @@ static_assert(kBlasTopkMaxK == detail::kTopkMaxK, "public and kernel max k must 
 Status blas_softmax_chunk_cuda(const float* g, index_t ldg, index_t Q, index_t C, const double* y_half,
                                const double* x_half, const double* inv_sigma2, const float* x, const void* rows,
                                RowType rows_type, index_t D, double unit_roundoff, index_t chunk_offset,
-                               double* max_logit, double* sum_exp, double* sum_exp_sq, double* scale_old,
+                               double* max_score, double* sum_exp, double* sum_exp_sq, double* scale_old,
                                double* nearest_sqdist, index_t* nearest_index, float* p, index_t ldp,
                                void* stream) {
   return detail::softmax_chunk<float>(g, ldg, Q, C, y_half, x_half, inv_sigma2, x, rows, rows_type, D, unit_roundoff,
-                                  chunk_offset, max_logit, sum_exp, sum_exp_sq, scale_old, nearest_sqdist,
+                                  chunk_offset, max_score, sum_exp, sum_exp_sq, scale_old, nearest_sqdist,
                                   nearest_index, p, ldp, stream);
 }
 
 Status blas_softmax_chunk_cuda(const double* g, index_t ldg, index_t Q, index_t C, const double* y_half,
                                const double* x_half, const double* inv_sigma2, const double* x, const void* rows,
                                RowType rows_type, index_t D, double unit_roundoff, index_t chunk_offset,
-                               double* max_logit, double* sum_exp, double* sum_exp_sq, double* scale_old,
+                               double* max_score, double* sum_exp, double* sum_exp_sq, double* scale_old,
                                double* nearest_sqdist, index_t* nearest_index, double* p, index_t ldp,
                                void* stream) {
   return detail::softmax_chunk<double>(g, ldg, Q, C, y_half, x_half, inv_sigma2, x, rows, rows_type, D, unit_roundoff,
-                                  chunk_offset, max_logit, sum_exp, sum_exp_sq, scale_old, nearest_sqdist,
+                                  chunk_offset, max_score, sum_exp, sum_exp_sq, scale_old, nearest_sqdist,
                                   nearest_index, p, ldp, stream);
 }
 

@@ -18,22 +18,22 @@ namespace dd = diffrepro::detail;
 DR_EMU_API dr_emu_softmax_chunk_f32(const float* g, index_t ldg, index_t Q, index_t C, const double* y_half,
                                     const double* x_half, const double* inv_sigma2, const float* x, const void* rows,
                                     int rows_type, index_t D, double unit_roundoff, index_t chunk_offset,
-                                    double* max_logit, double* sum_exp, double* sum_exp_sq, double* scale_old,
+                                    double* max_score, double* sum_exp, double* sum_exp_sq, double* scale_old,
                                     double* nearest_sqdist, index_t* nearest_index, float* p, index_t ldp) {
   return static_cast<int>(dd::softmax_chunk<float>(g, ldg, Q, C, y_half, x_half, inv_sigma2, x, rows,
                                                static_cast<RowType>(rows_type), D, unit_roundoff, chunk_offset,
-                                               max_logit, sum_exp, sum_exp_sq, scale_old, nearest_sqdist,
+                                               max_score, sum_exp, sum_exp_sq, scale_old, nearest_sqdist,
                                                nearest_index, p, ldp, nullptr));
 }
 
 DR_EMU_API dr_emu_softmax_chunk_f64(const double* g, index_t ldg, index_t Q, index_t C, const double* y_half,
                                     const double* x_half, const double* inv_sigma2, const double* x, const void* rows,
                                     int rows_type, index_t D, double unit_roundoff, index_t chunk_offset,
-                                    double* max_logit, double* sum_exp, double* sum_exp_sq, double* scale_old,
+                                    double* max_score, double* sum_exp, double* sum_exp_sq, double* scale_old,
                                     double* nearest_sqdist, index_t* nearest_index, double* p, index_t ldp) {
   return static_cast<int>(dd::softmax_chunk<double>(g, ldg, Q, C, y_half, x_half, inv_sigma2, x, rows,
                                                static_cast<RowType>(rows_type), D, unit_roundoff, chunk_offset,
-                                               max_logit, sum_exp, sum_exp_sq, scale_old, nearest_sqdist,
+                                               max_score, sum_exp, sum_exp_sq, scale_old, nearest_sqdist,
                                                nearest_index, p, ldp, nullptr));
 }
 

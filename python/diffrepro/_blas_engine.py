@@ -10,9 +10,11 @@ reference rows are walked in chunks of ``C`` rows; no ``Q x N`` matrix larger th
 1. ``g = x' y'^T`` on the GEMM, with ``x' = x - c`` and ``y' = y - c`` centred by the same
    vector ``c`` (the logits are invariant to a common shift; centring keeps ``g`` small when the
    data share a large offset);
-2. logits ``l = (g - ||y'||^2 / 2 - ||x'||^2 / 2) / sigma^2`` in float64, the new running max
-   ``m' = max(m, max_j l_j)``, weights ``p = exp(l - m')``, and the state rescaled by
-   ``r = exp(m - m')``: ``Z = r Z + sum p``, ``Z2 = r^2 Z2 + sum p^2`` (float64);
+2. scores ``s = g - ||y'||^2 / 2`` in float64 (the logit is ``l = (s - ||x'||^2 / 2) / sigma^2``),
+   the new running max ``s' = max(s_max, max_j s_j)``, weights ``p = exp((s - s') / sigma^2)``,
+   and the state rescaled by ``r = exp((s_max - s') / sigma^2)``: ``Z = r Z + sum p``,
+   ``Z2 = r^2 Z2 + sum p^2`` (float64); the max logit is formed once at the end, as a float64
+   pair hi + lo like the kernels';
 3. ``A = r A + p y``: the product on the GEMM (``p`` rounded to the compute dtype, as the fused
    kernels do), the accumulator in float64;
 4. the nearest row: float64 distances of the rows whose score is within the product's rounding
@@ -80,9 +82,10 @@ class EpilogueKernels:
     """The CUDA epilogue kernels of ``csrc/cuda/blas_epilogue.cuh`` behind tensor arguments.
 
     ``module`` exposes ``blas_softmax_chunk``, ``blas_scale_accumulate``, ``blas_chunk_topk`` and
-    ``blas_merge_topk`` with integer addresses, the argument order of the C++ launchers and the
-    stream last (diffrepro._cuda once bound; the emulator's C entry points in the tests), and
-    raises on a failed launch. ``stream`` is the cudaStream_t of the GEMMs (0 for the emulator).
+    ``blas_merge_topk``, each taking one dict of integer addresses and sizes (the launchers'
+    parameters by name, as the ops' dicts) and the stream, and raising on a failed launch:
+    diffrepro._cuda (csrc/bindings/blas_epilogue_binding.h), or the emulator's C entry points in
+    the tests. ``stream`` is the cudaStream_t of the GEMMs (0 for the emulator).
     """
 
     def __init__(self, module, stream: int = 0):
@@ -91,41 +94,49 @@ class EpilogueKernels:
 
     def softmax_chunk(self, g, y_half, x_half, inv_sigma2, x, rows, unit, chunk_offset, state, scale, p):
         Q, C = g.shape
-        self.module.blas_softmax_chunk(
-            g.dtype == torch.float64, g.data_ptr(), g.stride(0), Q, C, y_half.data_ptr(), x_half.data_ptr(),
-            inv_sigma2.data_ptr(), x.data_ptr(), rows.data_ptr(), ROW_TYPES[rows.dtype], x.shape[1], unit,
-            chunk_offset, *(state[f].data_ptr() for f in _STATE_FIELDS), scale.data_ptr(),
-            state["nearest_sqdist"].data_ptr(), state["nearest_index"].data_ptr(), p.data_ptr(), p.stride(0),
-            self.stream)
+        args = dict(f64=g.dtype == torch.float64, g=g.data_ptr(), ldg=g.stride(0), Q=Q, C=C,
+                    y_half=y_half.data_ptr(), x_half=x_half.data_ptr(), inv_sigma2=inv_sigma2.data_ptr(),
+                    x=x.data_ptr(), rows=rows.data_ptr(), rows_type=ROW_TYPES[rows.dtype], D=x.shape[1],
+                    unit_roundoff=float(unit), chunk_offset=int(chunk_offset), scale_old=scale.data_ptr(),
+                    p=p.data_ptr(), ldp=p.stride(0),
+                    **{f: state[f].data_ptr() for f in ("max_score", "sum_exp", "sum_exp_sq", "nearest_sqdist",
+                                                        "nearest_index")})
+        self.module.blas_softmax_chunk(args, self.stream)
 
     def scale_accumulate(self, a, scale, acc):
-        self.module.blas_scale_accumulate(a.dtype == torch.float64, a.data_ptr(), a.stride(0), a.shape[0],
-                                          a.shape[1], scale.data_ptr(), acc.data_ptr(), self.stream)
+        args = dict(f64=a.dtype == torch.float64, a=a.data_ptr(), lda=a.stride(0), Q=a.shape[0], D=a.shape[1],
+                    scale_old=scale.data_ptr(), acc=acc.data_ptr())
+        self.module.blas_scale_accumulate(args, self.stream)
 
     def chunk_topk(self, scores, k, largest, chunk_offset):
         Q, C = scores.shape
         v = torch.empty(Q, k, dtype=torch.float32, device=scores.device)
         i = torch.empty(Q, k, dtype=torch.int64, device=scores.device)
-        self.module.blas_chunk_topk(scores.data_ptr(), scores.stride(0), Q, C, k, largest, chunk_offset,
-                                    v.data_ptr(), i.data_ptr(), self.stream)
+        args = dict(scores=scores.data_ptr(), lds=scores.stride(0), Q=Q, C=C, k=k, largest=largest,
+                    chunk_offset=int(chunk_offset), values=v.data_ptr(), indices=i.data_ptr())
+        self.module.blas_chunk_topk(args, self.stream)
         return v, i
 
     def merge_topk(self, va, ia, vb, ib, largest):
         Q, k = va.shape
         v, i = torch.empty_like(va), torch.empty_like(ia)
-        self.module.blas_merge_topk(Q, k, largest, va.data_ptr(), ia.data_ptr(), vb.data_ptr(), ib.data_ptr(),
-                                    v.data_ptr(), i.data_ptr(), self.stream)
+        args = dict(Q=Q, k=k, largest=largest, run_v=va.data_ptr(), run_i=ia.data_ptr(), chunk_v=vb.data_ptr(),
+                    chunk_i=ib.data_ptr(), out_v=v.data_ptr(), out_i=i.data_ptr())
+        self.module.blas_merge_topk(args, self.stream)
         return v, i
-
-
-_STATE_FIELDS = ("max_logit", "sum_exp", "sum_exp_sq")
 
 
 def denoiser_state(xs: torch.Tensor, y2: torch.Tensor, inv_sigma2: torch.Tensor, center: torch.Tensor,
                    row_offset: int = 0, *, chunk: int | None = None, product: str = "fp32",
                    kernels: EpilogueKernels | None = None) -> dict:
     """The empirical denoiser's streaming state over the rows ``y2`` (the fields of
-    ``ops.DenoiserState``, same meaning and dtypes).
+    ``ops.DenoiserState``, same meaning and dtypes, ``max_logit_lo`` included).
+
+    The running maximum is kept in score units ``s = <x', y'> - |y'|^2 / 2`` (the logit is
+    ``l = (s - |x'|^2 / 2) / sigma^2``), so weights ``exp((s - s_max) / sigma^2)`` never see the
+    query's norm; it enters once, at the end, where the max logit is formed as the unevaluated
+    float64 sum ``max_logit + max_logit_lo`` exactly as the fused and CPU kernels form it
+    (csrc/include/diffrepro/logits.h).
 
     Args:
         xs: [Q, D] float32/float64 queries ``x / s`` (validated, contiguous).
@@ -133,7 +144,7 @@ def denoiser_state(xs: torch.Tensor, y2: torch.Tensor, inv_sigma2: torch.Tensor,
         inv_sigma2: [Q] float64 ``1 / sigma^2``. center: [D] in xs's dtype.
         row_offset: global index of y2's first row. chunk: rows per chunk (default: chunk_rows).
         product: "fp32" (the plain GEMM in xs's dtype), "3xtf32" or "3xbf16" (float32 only).
-        kernels: run steps 2, 4 and 5 with the CUDA epilogue kernels (default: torch operations).
+        kernels: run steps 2, 3's update and 4 with the CUDA epilogue kernels (default: torch).
     """
     mm = _product(product)
     Q, D = xs.shape
@@ -142,9 +153,9 @@ def denoiser_state(xs: torch.Tensor, y2: torch.Tensor, inv_sigma2: torch.Tensor,
     unit = UNIT_ROUNDOFF["float64" if T == torch.float64 else product]
     f64 = dict(dtype=torch.float64, device=xs.device)
     xc = xs - center
-    x_half = 0.5 * xc.double().square().sum(1)
+    h_hi, h_lo = _half_sqnorm_dd(xc)
     isg = inv_sigma2.to(**f64).contiguous()
-    st = dict(max_logit=torch.full((Q,), -float("inf"), **f64), sum_exp=torch.zeros(Q, **f64),
+    st = dict(max_score=torch.full((Q,), -float("inf"), **f64), sum_exp=torch.zeros(Q, **f64),
               sum_exp_sq=torch.zeros(Q, **f64), nearest_sqdist=torch.full((Q,), float("inf"), **f64),
               nearest_index=torch.full((Q,), -1, dtype=torch.int64, device=xs.device))
     acc = torch.zeros(Q, D, **f64)
@@ -159,24 +170,63 @@ def denoiser_state(xs: torch.Tensor, y2: torch.Tensor, inv_sigma2: torch.Tensor,
         g = mm(xc, yc.T)
         if kernels is not None:
             p = torch.empty(g.shape, dtype=T, device=xs.device)
-            kernels.softmax_chunk(g, y_half, x_half, isg, xs, rows, unit, row_offset + a, st, scale, p)
+            kernels.softmax_chunk(g, y_half, h_hi, isg, xs, rows, unit, row_offset + a, st, scale, p)
             kernels.scale_accumulate(mm(p, y), scale, acc)
             continue
-        score = g.double() - y_half  # l = (score - |x'|^2 / 2) / sigma^2
-        logits = (score - x_half[:, None]) * isg[:, None]
-        m = st["max_logit"]
-        m_new = torch.maximum(m, logits.amax(1))
-        fa = torch.where(m == -float("inf"), 0.0, torch.exp(m - m_new))
-        p = torch.exp(logits - m_new[:, None])
-        st.update(max_logit=m_new, sum_exp=st["sum_exp"] * fa + p.sum(1),
-                  sum_exp_sq=st["sum_exp_sq"] * fa * fa + p.square().sum(1))
-        acc = acc * fa[:, None] + mm(p.to(T), y).double()
-        d_c, arg_c = _nearest_candidate(x64, y, score, x_half, y_half, unit)
+        score = g.double() - y_half
+        m = st["max_score"]
+        m_new = torch.maximum(m, score.amax(1))
+        r = torch.where(m == -float("inf"), 0.0, torch.exp((m - m_new) * isg))
+        p = torch.exp((score - m_new[:, None]) * isg[:, None])
+        st.update(max_score=m_new, sum_exp=st["sum_exp"] * r + p.sum(1),
+                  sum_exp_sq=st["sum_exp_sq"] * r * r + p.square().sum(1))
+        acc = acc * r[:, None] + mm(p.to(T), y).double()
+        d_c, arg_c = _nearest_candidate(x64, y, score, h_hi, y_half, unit)
         # A later chunk holds higher indices: it takes over only when strictly nearer.
         take = d_c < st["nearest_sqdist"]
         st.update(nearest_index=torch.where(take, arg_c + (row_offset + a), st["nearest_index"]),
                   nearest_sqdist=torch.where(take, d_c, st["nearest_sqdist"]))
-    return dict(weighted_sum=acc.to(T), **st)
+    hi, lo = _logit_from_score(st.pop("max_score"), h_hi, h_lo, isg)
+    return dict(weighted_sum=acc.to(T), max_logit=hi, max_logit_lo=lo, **st)
+
+
+# Error-free transformations (Knuth's TwoSum, Dekker's split and product) on float64 tensors:
+# the torch twins of csrc/include/diffrepro/logits.h, which the kernels use in C++.
+def _two_sum(a, b):
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _two_prod(a, b):
+    def split(v):
+        c = 134217729.0 * v  # 2^27 + 1
+        hi = c - (c - v)
+        return hi, v - hi
+
+    p = a * b
+    (ah, al), (bh, bl) = split(a), split(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _half_sqnorm_dd(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``|x'|^2 / 2`` per row as hi + lo: exact squares (TwoProd for float64 inputs; a float32
+    square is exact in float64), summed by a pairwise TwoSum tree that keeps every error."""
+    v = xc.double()
+    s, err = _two_prod(v, v) if xc.dtype == torch.float64 else (v * v, torch.zeros_like(v))
+    while s.shape[1] > 1:
+        if s.shape[1] % 2:
+            s, err = torch.nn.functional.pad(s, (0, 1)), torch.nn.functional.pad(err, (0, 1))
+        s, t = _two_sum(s[:, 0::2], s[:, 1::2])
+        err = err[:, 0::2] + err[:, 1::2] + t
+    return _two_sum(0.5 * s[:, 0], 0.5 * err[:, 0])
+
+
+def _logit_from_score(g, h_hi, h_lo, isg):
+    """``(g - h) / sigma^2`` as hi + lo (logits.h's logit_from_score)."""
+    s, e = _two_sum(g, -h_hi)
+    p, pe = _two_prod(s, isg)
+    return _two_sum(p, pe + (e - h_lo) * isg)
 
 
 def _nearest_candidate(x64, y, score, x_half, y_half, unit):

@@ -4,8 +4,8 @@ sizes, against the float64 oracle under the tolerance rule; one pass/fail row pe
 
 Engines per device:
 
-* ``cuda``: the fused kernels (as ``ops`` runs them, and each production tile configuration
-  through the raw binding), the BLAS engine with the float32 product and with 3xTF32 on tensor
+* ``cuda``: the fused kernels (as ``ops`` runs them, and with each production tile
+  configuration), the BLAS engine with the float32 product and with 3xTF32 on tensor
   cores (torch epilogue; and with the CUDA epilogue kernels when ``diffrepro._cuda`` binds
   them), and 3xBF16 (reported, never failed: it is inexact by design, see docs/cuda.md);
 * ``cpu``: the CPU path of ``ops`` and the BLAS engine on CPU tensors (split products emulated).
@@ -81,26 +81,11 @@ def _blas_denoiser(product: str, kernels: bool = False):
 
 
 def _fused_config_denoiser(config: int):
-    """The fused kernels with one tile configuration (0: 32x32, 1: 16x64), through the raw binding."""
+    """The fused kernels with one tile configuration (0: 32x32, 1: 16x64)."""
 
     def run(x, y, sigma):
-        from . import _backend
-        from ._validate import ROW_TYPES
-
-        cuda = _backend.cuda_module()
-        Q, D = x.shape
-        N = y.shape[0]
-        st = ops._empty_state(Q, D, x.dtype, x.device, fill=False)
-        inv = torch.full((Q,), float(sigma) ** -2, dtype=torch.float64, device=x.device)
-        center = ops._center(y, x.dtype)
-        ws = torch.empty(int(cuda.empirical_denoiser_workspace_bytes(Q, N, D, config=config)),
-                         dtype=torch.uint8, device=x.device)
-        cuda.empirical_denoiser(
-            x.dtype == torch.float64, x.data_ptr(), y.data_ptr(), ROW_TYPES[y.dtype], Q, N, D, center.data_ptr(),
-            inv.data_ptr(), 0, ws.data_ptr(), st.max_logit.data_ptr(), st.sum_exp.data_ptr(),
-            st.sum_exp_sq.data_ptr(), st.weighted_sum.data_ptr(), st.nearest_index.data_ptr(),
-            st.nearest_sqdist.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream, config=config)
-        return _state_out(st)
+        with _engine.forced("fused"):
+            return _state_out(ops.empirical_denoiser_partial(x, y, sigma, _config=config))
 
     return run
 

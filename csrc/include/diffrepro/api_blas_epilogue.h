@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // CUDA entry points of the BLAS engine's epilogue kernels (csrc/cuda/blas_epilogue.cuh): device
 // pointers, a cudaStream_t passed as void* (the stream torch's GEMMs run on), Status returned.
-// The float64 running state (max_logit, sum_exp, sum_exp_sq, the [Q, D] accumulator, the nearest
-// row's squared distance and index) lives in caller-owned buffers, initialised to
-// (-inf, 0, 0, 0, +inf, -1).
+// The float64 running state (the max in score units s = <x', y'> - |y'|^2 / 2, sum_exp,
+// sum_exp_sq, the [Q, D] accumulator, the nearest row's squared distance and index) lives in
+// caller-owned buffers, initialised to (-inf, 0, 0, 0, +inf, -1); the caller forms the max logit
+// from the max score once (logits.h: logit_from_score).
 #pragma once
 
 #include "diffrepro/config.h"
@@ -23,13 +24,13 @@ inline constexpr int kBlasTopkMaxK = 128;
 Status blas_softmax_chunk_cuda(const float* g, index_t ldg, index_t Q, index_t C, const double* y_half,
                                const double* x_half, const double* inv_sigma2, const float* x, const void* rows,
                                RowType rows_type, index_t D, double unit_roundoff, index_t chunk_offset,
-                               double* max_logit, double* sum_exp, double* sum_exp_sq, double* scale_old,
+                               double* max_score, double* sum_exp, double* sum_exp_sq, double* scale_old,
                                double* nearest_sqdist, index_t* nearest_index, float* p, index_t ldp,
                                void* stream);
 Status blas_softmax_chunk_cuda(const double* g, index_t ldg, index_t Q, index_t C, const double* y_half,
                                const double* x_half, const double* inv_sigma2, const double* x, const void* rows,
                                RowType rows_type, index_t D, double unit_roundoff, index_t chunk_offset,
-                               double* max_logit, double* sum_exp, double* sum_exp_sq, double* scale_old,
+                               double* max_score, double* sum_exp, double* sum_exp_sq, double* scale_old,
                                double* nearest_sqdist, index_t* nearest_index, double* p, index_t ldp,
                                void* stream);
 
