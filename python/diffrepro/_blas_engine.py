@@ -290,7 +290,7 @@ def search_state(q2: torch.Tensor, r2: torch.Tensor, k: int, metric: str, row_of
             the dense oracle cannot hold). r2: [N, D] float32, float16, uint8 (or float64) rows.
         k: >= 1 (a list longer than N is padded with -inf / +inf and index -1).
         metric: "ip" (largest inner product) or "l2" (smallest squared distance).
-        center: [D] float32 centring vector for "l2" (default: the mean of the rows).
+        center: [D] centring vector for "l2" (default: the mean of at most 256 evenly strided rows).
         kernels: select and merge with the CUDA epilogue kernels (float32 queries, k <= 128).
     Returns:
         (values [Q, k] in q2's dtype, indices [Q, k] int64), best first, ties to the lowest index.
@@ -305,8 +305,8 @@ def search_state(q2: torch.Tensor, r2: torch.Tensor, k: int, metric: str, row_of
     values = torch.full((Q, k), pad, dtype=T, device=q2.device)
     indices = torch.full((Q, k), -1, dtype=torch.int64, device=q2.device)
     if not largest:
-        if center is None:
-            center = _decode(r2, T).double().mean(0).to(T)
+        if center is None:  # the mean of an evenly strided sample of at most 256 rows
+            center = _decode(r2[:: max(1, N // 256)][:256], T).double().mean(0).to(T)
         qc = q2 - center
         q_norm = qc.double().square().sum(1)
     step = chunk_rows(Q, N, chunk, SEARCH_CHUNK_ELEMENTS)
