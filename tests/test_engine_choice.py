@@ -147,3 +147,13 @@ def test_shape_class_buckets():
     assert a != ShapeClass.of("nn_search", "cuda:0 X", torch.float32, torch.float16, 10_000, 1_000_000, 512, k=10,
                               metric="l2")
     assert "k<=16 ip" in str(a)
+
+
+def test_build_info_reports_the_engine_setting(monkeypatch):
+    import diffrepro
+
+    monkeypatch.setenv(_engine.ENV_VAR, "blas")
+    monkeypatch.setenv(_engine.PRODUCT_ENV_VAR, "3xtf32")
+    rep = diffrepro.build_info()["cuda_engines"]
+    assert rep["setting"] == "blas" and rep["blas_product"] == "3xtf32"
+    assert set(rep) == {"setting", "blas_product", "last", "choices"}
