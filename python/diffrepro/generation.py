@@ -41,7 +41,7 @@ import PIL
 import torch
 from tqdm.auto import tqdm
 
-from . import data, distributed, metrics, noise, plots, samplers
+from . import _engine, data, distributed, metrics, noise, plots, samplers
 from ._backend import build_info
 from .denoisers import EmpiricalDenoiser, GaussianDenoiser, TimedDenoiser
 from .errors import RunError, UsageError
@@ -813,6 +813,7 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
                           + "; ".join(sorted({_owner_text(o) for o in others}))
                           + "); left to it: rerun when it has finished to check and assemble the run "
                           "(delete a batches/.*.lock file only if its job is dead)", stacklevel=2)
+        manifest["cuda_engines"] = _engine.report()  # which GPU engine ran (pin it for a bit-exact rerun)
         if complete:
             _save_grid(outdir, plan, run_id, identity, shape)
         if part is None:
