@@ -621,11 +621,12 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     identity holds its weight and both of its denoisers. Each batch record
     ``batches/batch-<first seed>.npz`` carries the run's fingerprint; a folder holding another
     run's manifest or records is refused with an error naming what differs (a manifest of a run
-    that wrote no record is replaced). Batches follow EDM's split (:class:`BatchPlan`). For each batch the float64 samples are written first, then
-    the PNGs; every write is atomic. A rerun reuses a record only when its fingerprint and seeds
-    match, checks every PNG against it (decoded and compared with the quantised images; a
-    truncated or foreign PNG is rewritten), and computes the rest, so an interrupted run loses at
-    most the batches in flight and finishes byte-identical to an uninterrupted one.
+    that wrote no record is replaced). Batches follow EDM's split (:class:`BatchPlan`). For each
+    batch the float64 samples are written first, then the PNGs; every write is atomic. A rerun
+    reuses a record only when its fingerprint and seeds match, checks every PNG against it
+    (decoded and compared with the quantised images; a truncated or foreign PNG is rewritten), and
+    computes the rest, so an interrupted run loses at most the batches in flight and finishes
+    byte-identical to an uninterrupted one.
 
     Several processes: with a ``context`` of ``k`` ranks (:func:`diffrepro.distributed.init`,
     e.g. under ``torchrun``) rank ``r`` computes batches ``r, r + k, ...`` of the same split and
