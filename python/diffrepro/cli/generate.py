@@ -44,10 +44,12 @@ def add_commands(sub) -> None:
     g.add_argument("--outdir", required=True, help="output folder (created; reused to resume)")
     g.add_argument("--subdirs", action="store_true", help="PNGs in thousand-subdirectories, as EDM")
     g.add_argument("--class", dest="class_idx", metavar="N", type=int_at_least(0), default=None,
-                   help="class-conditional empirical denoiser for this class (default: unconditional)")
+                   help="class-conditional empirical denoiser for this class (default: unconditional; with "
+                        "--guidance also the Gaussian model of the class)")
     g.add_argument("--guidance", metavar="W", type=float, default=None,
                    help="classifier-free guidance with --class: D_u + W (D_c - D_u) (0: unconditional, "
-                        "1: conditional); empirical (class rows) or Gaussian (class mean and covariance)")
+                        "1: conditional); empirical (class rows) or Gaussian (class mean and covariance) "
+                        "(default: no guidance)")
     g.add_argument("--family", choices=["edm", "flow"], default="edm",
                    help="edm: the PF-ODE in sigma; flow: the flow-matching ODE in t of x_t = (1-t) x0 + t eps "
                         "from pure noise at t = 1 (SD3/Flux samplers; --sampler euler, heun or midpoint)")
