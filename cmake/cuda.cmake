@@ -12,7 +12,8 @@ message(STATUS "diffrepro: building _cuda for CUDA architectures ${_dr_cuda_arch
 
 add_library(dr_cuda_kernels STATIC
   csrc/cuda/empirical_denoiser_cuda.cu
-  csrc/cuda/nn_search_cuda.cu)
+  csrc/cuda/nn_search_cuda.cu
+  csrc/cuda/blas_epilogue_cuda.cu)
 set_target_properties(dr_cuda_kernels PROPERTIES
   CUDA_STANDARD 17
   CUDA_STANDARD_REQUIRED ON

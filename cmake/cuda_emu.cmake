@@ -7,7 +7,8 @@ find_package(Threads REQUIRED)
 pybind11_add_module(_cuda_emu
   csrc/bindings/module_cuda_emu.cpp
   csrc/emu/empirical_denoiser_emu.cpp
-  csrc/emu/nn_search_emu.cpp)
+  csrc/emu/nn_search_emu.cpp
+  csrc/emu/blas_epilogue_emu.cpp)
 target_compile_features(_cuda_emu PRIVATE cxx_std_20)  # std::barrier
 target_link_libraries(_cuda_emu PRIVATE dr_math Threads::Threads)
 target_compile_options(_cuda_emu PRIVATE -O2 -Wall -Wextra)

@@ -4,15 +4,17 @@ CIFAR-10 images: the embedded 500 (``data.default_dataset()``), written as an ED
 CIFAR-10 python archive by the tests themselves."""
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from diffrepro import data, generation, metrics, noise, samplers
 from diffrepro.cli import main
-from diffrepro.denoisers import EmpiricalDenoiser, GaussianDenoiser
+from diffrepro.denoisers import EmpiricalDenoiser, GaussianDenoiser, GuidedDenoiser
 
 SHAPE = (3, 32, 32)
 
@@ -265,6 +267,18 @@ def test_gaussian_closed_form_equals_step_by_step(real, tmp_path, sampler):
     (["--train", "/nonexistent/train.zip"], "--train: no such file or folder '/nonexistent/train.zip'"),
     (["--latents", "/nonexistent/bank.npz"], ("--latents: got '/nonexistent/bank.npz', expected "
                                              "an existing noise-bank .npz")),
+    (["--guidance", "2"], "--guidance: got 2.0 without --class, expected --class N"),
+    (["--class", "3", "--guidance", "nan"], "--guidance: got nan, expected a finite number"),
+    (["--class", "3", "--guidance", "2", "--shard-train"], "--guidance: got it with --shard-train"),
+    (["--class", "3", "--guidance", "2", "--denoiser", "gaussian", "--sampler", "exact"],
+     "--sampler: got 'exact' with --guidance 2.0, expected heun, euler or dpm"),
+    (["--sampler", "midpoint"], "--sampler: got 'midpoint' with --family=edm, expected one of heun, euler, dpm, exact"),
+    (["--family", "flow", "--sampler", "dpm"], ("--sampler: got 'dpm' with --family=flow, expected one of euler, "
+                                               "heun, midpoint")),
+    (["--family", "flow", "--sigma-max", "10"], "--sigma-max: got 10.0 with --family=flow, expected --family=edm"),
+    (["--family", "flow", "--preset", "p1_net"], "--preset: got p1_net with --family=flow"),
+    (["--shift", "3"], "--shift: got 3.0 with --family=edm, expected --family=flow"),
+    (["--family", "flow", "--shift", "0"], "argument --shift: got '0', expected a positive finite number"),
 ])
 def test_argument_errors(extra, expected, tmp_path, capsys):
     try:
@@ -556,3 +570,97 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical(edm_zip, tmp_path):
     for p in keep:
         p.unlink()
     assert _tree(out) == _tree(tmp_path / "ref")
+
+
+# ------------------------------------------------------------------------------------------------
+# Flow matching (--family flow) and classifier-free guidance (--class N --guidance W)
+
+
+def test_generate_flow_family_is_sample_flow(real, tmp_path):
+    emp = EmpiricalDenoiser(real.images[:60], dtype=torch.float64)
+    flow = {"shift": 3.0, "grid": "uniform"}
+    generation.generate(emp, "0-3", tmp_path / "f", sampler="heun", steps=6, flow=flow, progress=False)
+    _, images = generation.load_outputs(tmp_path / "f")
+    lat = noise.seed_latents([0, 1, 2, 3], SHAPE, device="cpu")[0]
+    assert np.array_equal(images, samplers.sample_flow(emp, lat, solver="heun", steps=6, shift=3.0).numpy())
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["config"]["flow"] == flow and manifest["sampler_detail"]["nfe"] == 11  # Heun: 2N - 1
+    assert not manifest["sampler_detail"]["closed_form"] and manifest["timing"]["denoiser_calls"] == 11
+    assert "sigma_max" not in manifest["config"]  # the σ grid is no part of a flow run
+    t = manifest["sampler_detail"]["sigmas"]
+    assert t[0] == 1.0 and t[-1] == 0.0 and t[1] == pytest.approx(3 * (5 / 6) / (1 + 2 * (5 / 6)))  # SD3 shift
+    generation.generate(emp, "0-1", tmp_path / "e", steps=4, progress=False)
+    assert "flow" not in json.loads((tmp_path / "e" / "manifest.json").read_text())["config"]
+
+
+def test_flow_and_edm_runs_never_share_a_folder(real, tmp_path):
+    """The flow settings are part of the run identity: an EDM run, another shift or another grid
+    is refused in a flow run's folder, naming what differs; the unused σ grid is not checked."""
+    emp = EmpiricalDenoiser(real.images[:20])
+    flow = {"shift": 1.0, "grid": "uniform"}
+    generation.generate(emp, "0-1", tmp_path, sampler="euler", steps=3, flow=flow, progress=False)
+    with pytest.raises(ValueError, match=re.escape('flow: got null, existing {"shift": 1.0, "grid": "uniform"}')):
+        generation.generate(emp, "0-1", tmp_path, sampler="euler", steps=3, progress=False)
+    with pytest.raises(ValueError, match=r"flow\.shift: got 3\.0, existing 1\.0"):
+        generation.generate(emp, "0-1", tmp_path, sampler="euler", steps=3, flow={**flow, "shift": 3},
+                            progress=False)
+    with pytest.raises(ValueError, match=r"flow\.grid: got \"diffusers\", existing \"uniform\""):
+        generation.generate(emp, "0-1", tmp_path, sampler="euler", steps=3, flow={**flow, "grid": "diffusers"},
+                            progress=False)
+    again = generation.generate(emp, "0-1", tmp_path, sampler="euler", steps=3, flow=flow, sigma_max=5.0,
+                                progress=False)
+    assert again["timing"]["reused"] == 2 and again["timing"]["generated"] == 0
+    with pytest.raises(ValueError, match=r"sampler must be one of 'euler', 'heun', 'midpoint' for a flow run"):
+        generation.plan_work("0-1", tmp_path / "x", sampler="dpm", flow=flow)
+
+
+def test_guidance_weight_is_part_of_the_run_identity(real, tmp_path):
+    guided = GuidedDenoiser.empirical(real.images[:60], real.labels[:60], guidance=2.0)
+    m = generation.generate(guided, "0-1", tmp_path, steps=3, class_idx=3, progress=False)
+    den = m["config"]["denoiser"]
+    assert den["class"] == "GuidedDenoiser" and den["guidance"] == 2.0
+    assert den["cond"]["train_sha256"] == data.dataset_hash(real.images[:60]) and den["cond"]["label_dim"] == 10
+    with pytest.raises(ValueError, match=r"denoiser\.guidance: got 3\.0, existing 2\.0"):
+        generation.generate(guided.with_guidance(3.0), "0-1", tmp_path, steps=3, class_idx=3, progress=False)
+
+
+def test_cli_guidance_zero_and_one_are_the_unconditional_and_conditional_runs(tmp_path):
+    """GuidedDenoiser evaluates only D_u at w = 0 and only D_c at w = 1, so the PNGs are the
+    unguided runs' bytes; the folders stay apart (their run identities differ)."""
+    common = ["--max-train", "60", "--seeds", "0-3", "--steps", "6", "--no-progress"]
+    assert _cli(*common, "--outdir", tmp_path / "u") == 0
+    assert _cli(*common, "--class", "3", "--outdir", tmp_path / "c") == 0
+    assert _cli(*common, "--class", "3", "--guidance", "0", "--outdir", tmp_path / "g0") == 0
+    assert _cli(*common, "--class", "3", "--guidance", "1", "--outdir", tmp_path / "g1") == 0
+    for s in range(4):
+        png = f"{s:06d}.png"
+        assert (tmp_path / "u" / png).read_bytes() == (tmp_path / "g0" / png).read_bytes()
+        assert (tmp_path / "c" / png).read_bytes() == (tmp_path / "g1" / png).read_bytes()
+    assert (tmp_path / "u" / "000000.png").read_bytes() != (tmp_path / "c" / "000000.png").read_bytes()
+    assert _cli(*common, "--class", "3", "--guidance", "2", "--outdir", tmp_path / "g1") == 2
+
+
+@pytest.mark.parametrize("denoiser", ["empirical", "gaussian"])
+def test_cli_guided_flow_run_equals_the_library_sampler(real, tmp_path, denoiser, capsys):
+    """``--family flow --sampler midpoint --class 3 --guidance 2.5`` writes the float outputs of
+    sample_flow with the guided denoiser (empirical: class rows; Gaussian: class statistics)."""
+    out = tmp_path / "out"
+    args = ["--max-train", "60", "--seeds", "0-2", "--steps", "4", "--class", "3", "--guidance", "2.5",
+            "--family", "flow", "--sampler", "midpoint", "--shift", "3", "--flow-grid", "diffusers",
+            "--denoiser", denoiser, "--outdir", out, "--no-progress"]
+    assert _cli(*args, "--dry-run") == 0
+    printed = capsys.readouterr().out
+    assert "guidance 2.5 towards class 3" in printed and "flow t 1 -> 0, shift 3.0, diffusers grid" in printed
+    assert "NFE      8 per sample" in printed  # midpoint: 2N
+    assert _cli(*args) == 0
+    ds = data.Dataset(real.images[:60], real.labels[:60], None, real.source)
+    ref = (GuidedDenoiser.empirical(ds, guidance=2.5) if denoiser == "empirical"
+           else GuidedDenoiser.gaussian(ds, guidance=2.5))
+    lat = noise.seed_latents([0, 1, 2], SHAPE, device="cpu")[0]
+    labels = torch.zeros(3, 10)
+    labels[:, 3] = 1
+    expected = samplers.sample_flow(ref, lat, labels, solver="midpoint", steps=4, shift=3.0, grid="diffusers")
+    seeds, images = generation.load_outputs(out)
+    assert seeds.tolist() == [0, 1, 2] and np.array_equal(images, expected.numpy())
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["flow"] == {"shift": 3.0, "grid": "diffusers"} and config["denoiser"]["guidance"] == 2.5

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Tests of diffrepro.noise: per-seed noise, seed parsing, banks, slerp, planes, seed split."""
 
 import math

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Tests of diffrepro.samplers against independent references.
 
 References: a plain float64 transcription of EDM Algorithm 2 and of EDM's ablation loop written
@@ -501,7 +502,7 @@ def test_cli_choices_match_the_library():
     from diffrepro import sscd, sweeps
     from diffrepro.cli import analysis, features, generate
 
-    assert set(generate.SAMPLER_CHOICES) == set(SM.SAMPLERS)
+    assert set(generate.SAMPLER_CHOICES) == set(SM.SAMPLERS) | set(SM.FLOW_SOLVERS)
     assert set(generate.PRESET_CHOICES) == set(SM.PRESETS) == set(SM.NETWORK_SOLVER)
     assert tuple(float(a) for a in analysis._P2_A.split(",")) == sweeps.P2_A_VALUES
     assert set(features._PRESETS) == set(sscd.PRESETS)

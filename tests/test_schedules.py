@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Tests of diffrepro.schedules against the papers' published values and independent closed forms."""
 
 import math

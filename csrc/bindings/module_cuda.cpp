@@ -9,6 +9,7 @@
 #include <string>
 
 #include "binding_util.h"
+#include "blas_epilogue_binding.h"
 #include "diffrepro/api_cuda.h"
 
 namespace py = pybind11;
@@ -92,6 +93,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("nn_search_workspace_bytes", &diffrepro::nn_search_cuda_workspace_bytes, "Q"_a, "N"_a,
         "D"_a, "k"_a, py::kw_only(), "config"_a = -1, "splits"_a = 0);
   m.def("runtime_info", &runtime_info);
+  diffrepro::binding::add_blas_epilogue(m);  // the BLAS engine's epilogue kernels
   m.attr("max_k") = diffrepro::kSearchMaxK;
   m.attr("version") = DR_VERSION;
 }

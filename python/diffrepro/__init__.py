@@ -11,6 +11,7 @@ line start fast:
 - ``dr.noise``: per-seed initial noise (EDM's convention), noise banks;
 - ``dr.metrics``: RP, MAE, GL, linearity and the other measures;
 - ``dr.generation``: theoretical generations written in EDM's layout, resumably;
+  ``dr.distributed``: several processes (``torchrun``), parts and sharded training sets for it;
 - ``dr.flow``: flow matching (velocity networks as denoisers); ``dr.inverse``: inverse problems;
 - ``dr.sweeps``: linearity and linear distillation over noise levels;
 - ``dr.sscd``, ``dr.data``, ``dr.plots``, ``dr.distill``, ``dr.reference``, ``dr.benchmarks``.
@@ -34,8 +35,8 @@ _KERNELS = {
     "BackendUnavailableError": "_backend", "build_info": "_backend",
 }
 _SUBMODULES = {
-    "benchmarks", "data", "denoisers", "distill", "errors", "flow", "generation", "inverse", "metrics", "noise",
-    "ops", "plots", "reference", "samplers", "schedules", "sscd", "sweeps",
+    "benchmarks", "data", "denoisers", "distill", "distributed", "errors", "flow", "generation", "inverse",
+    "metrics", "noise", "ops", "plots", "reference", "samplers", "schedules", "sscd", "sweeps",
 }
 
 __all__ = sorted(_KERNELS) + sorted(_SUBMODULES) + ["__version__"]

@@ -19,6 +19,8 @@ import importlib.util
 import os
 import sys
 
+from . import _engine
+
 __all__ = ["BackendUnavailableError", "cpu", "cuda_module", "emu_module", "build_info", "blas_coretype_choice"]
 
 
@@ -136,6 +138,8 @@ def build_info() -> dict:
         "cuda_runtime_version": None,
         "cuda_archs": None,
         "cuda_devices": None,
+        # GPU engine setting, cached per-shape choices and the engine each op ran last (docs/cuda.md)
+        "cuda_engines": _engine.report(),
         "python": sys.version.split()[0],
     }
     module = _cuda_cache.get("module")

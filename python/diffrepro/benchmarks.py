@@ -66,7 +66,7 @@ def sdpa_denoiser(x: torch.Tensor, train: torch.Tensor, sigma: float, train_norm
     """Peer: one fused attention call. train_norm2 may be precomputed (as a fair peer would)."""
     if train_norm2 is None:
         train_norm2 = train.square().sum(1)
-    q = torch.cat([x, torch.ones(x.shape[0], 1)], 1)[None, None]
+    q = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)[None, None]
     k = torch.cat([train, -0.5 * train_norm2[:, None]], 1)[None, None]
     v = train[None, None]
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0 / sigma**2)[0, 0]
@@ -78,8 +78,8 @@ def torch_chunked_denoiser(x: torch.Tensor, train: torch.Tensor, sigma: float, c
     if train_norm2 is None:
         train_norm2 = train.square().sum(1)
     inv = 1.0 / sigma**2
-    m = torch.full((x.shape[0], 1), -float("inf"))
-    z = torch.zeros(x.shape[0], 1)
+    m = torch.full((x.shape[0], 1), -float("inf"), device=x.device)
+    z = torch.zeros(x.shape[0], 1, device=x.device)
     acc = torch.zeros_like(x)
     for a in range(0, train.shape[0], chunk):
         y = train[a:a + chunk]

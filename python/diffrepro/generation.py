@@ -41,11 +41,11 @@ import PIL
 import torch
 from tqdm.auto import tqdm
 
-from . import data, distributed, metrics, noise, plots, samplers
+from . import _engine, data, distributed, metrics, noise, plots, samplers, schedules
 from ._backend import build_info
-from .denoisers import EmpiricalDenoiser, GaussianDenoiser, TimedDenoiser
+from .denoisers import Denoiser, EmpiricalDenoiser, GaussianDenoiser, TimedDenoiser
 from .errors import RunError, UsageError
-from .samplers import has_closed_form, nfe, sample
+from .samplers import has_closed_form, nfe, sample, sample_flow
 
 __all__ = ["BatchPlan", "SeedRanges", "demo", "estimate_cost", "format_seeds", "generate", "load_outputs", "plan_work"]
 
@@ -61,17 +61,40 @@ _EIGH_FLOPS_PER_D3 = 9.0
 # Denoisers
 
 
-def _flops_per_sample(denoiser, sampler: str, steps: int, class_idx) -> float | None:
-    """Denoiser flops per generated sample (None when unknown, e.g. class-restricted rows)."""
+def _flops_per_sample(denoiser, evaluations: int, closed: bool, class_idx) -> float | None:
+    """Denoiser flops per generated sample of ``evaluations`` denoiser calls (the closed-form
+    Gaussian trajectory: one call's worth); None when unknown, e.g. class-restricted rows."""
     den = getattr(denoiser, "inner", denoiser)
     d = den.img_channels * den.img_resolution ** 2
     if isinstance(den, GaussianDenoiser):
         r = d if den.rank is None else den.rank
         per_eval = 4.0 * d * r  # project and back-project
-        return per_eval if has_closed_form(den, sampler) else per_eval * nfe(sampler, steps)
+        return per_eval if closed else per_eval * evaluations
     if isinstance(den, EmpiricalDenoiser) and class_idx is None:
-        return 4.0 * den.num_rows * d * nfe(sampler, steps)  # logits GEMM + weighted-sum GEMM
+        return 4.0 * den.num_rows * d * evaluations  # logits GEMM + weighted-sum GEMM
     return None
+
+
+def _check_flow(sampler: str, flow) -> dict | None:
+    """The flow settings ``{"shift": float, "grid": str}`` (None: an EDM run), checked."""
+    if flow is None:
+        return None
+    if not isinstance(flow, dict) or set(flow) != {"shift", "grid"}:
+        raise ValueError(f"flow must be None or a dict with keys 'shift' and 'grid', got {flow!r}")
+    if sampler not in samplers.FLOW_SOLVERS:
+        raise ValueError(f"sampler must be one of {', '.join(map(repr, samplers.FLOW_SOLVERS))} for a flow run, "
+                         f"got {sampler!r}")
+    shift = flow["shift"]
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"flow shift must be a finite number > 0, got {shift!r}")
+    if flow["grid"] not in ("uniform", "diffusers"):
+        raise ValueError(f"flow grid must be 'uniform' or 'diffusers', got {flow['grid']!r}")
+    return {"shift": float(shift), "grid": flow["grid"]}
+
+
+def _flow_times(steps: int, flow: dict | None) -> torch.Tensor | None:
+    """The time grid ``t_0 = 1 .. t_N = 0`` of a flow run (None for an EDM run)."""
+    return None if flow is None else schedules.flow_times(steps, flow["shift"], grid=flow["grid"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,7 +385,7 @@ def _remove(paths) -> None:
 
 
 def plan_work(seeds, outdir, *, sampler: str = "heun", steps: int = 18, batch: int = 256,
-              subdirs: bool = False, part=None) -> dict:
+              subdirs: bool = False, part=None, flow: dict | None = None) -> dict:
     """The batches EDM's split gives and how many of them still need computing or PNG writes.
 
     Planning costs time proportional to the number of seed ranges and files present, never to
@@ -372,11 +395,13 @@ def plan_work(seeds, outdir, *, sampler: str = "heun", steps: int = 18, batch: i
     Args:
         seeds: seed list, EDM seed string or :class:`SeedRanges`.
         outdir: output folder (may not exist yet).
-        sampler: one of :data:`diffrepro.samplers.SAMPLERS`.
+        sampler: one of :data:`diffrepro.samplers.SAMPLERS` (flow runs:
+            :data:`diffrepro.samplers.FLOW_SOLVERS`).
         steps: grid size N.
         batch: maximum batch size.
         subdirs: thousand-subdirectory PNG layout.
         part: ``(index, count)``: only the batches ``index, index + count, ...`` (None: all).
+        flow: ``{"shift", "grid"}`` of a flow-matching run (:func:`generate`); None: EDM.
 
     Returns:
         ``{"seeds" (SeedRanges), "plan" (BatchPlan), "job" (range of batch indices), "done" (set of
@@ -386,6 +411,7 @@ def plan_work(seeds, outdir, *, sampler: str = "heun", steps: int = 18, batch: i
     """
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    flow = _check_flow(sampler, flow)
     seeds = SeedRanges.parse(seeds)
     plan = BatchPlan(seeds, batch)
     job = _job_batches(plan, _check_part(part))
@@ -394,7 +420,7 @@ def plan_work(seeds, outdir, *, sampler: str = "heun", steps: int = 18, batch: i
     in_job = sum(1 for s in pngs if (p := seeds.index(s)) is not None
                  and plan.batch_of(p) % job.step == job.start % job.step)
     compute = len(job) - len(done)
-    n = nfe(sampler, steps)
+    n = nfe(sampler, steps) if flow is None else samplers.flow_nfe(sampler, _flow_times(steps, flow))
     return {"seeds": seeds, "plan": plan, "job": job, "done": done, "compute_batches": compute,
             "compute_seeds": plan.seeds_in(job) - sum(len(range(*plan.bounds(i))) for i in done),
             "missing_png": plan.seeds_in(job) - in_job, "width": plan.bounds(0)[1],
@@ -499,13 +525,23 @@ def load_outputs(outdir) -> tuple[np.ndarray, np.ndarray]:
 
 def _fingerprint(den) -> dict | None:
     """Content identity of a denoiser: its own ``fingerprint()``, else a sha256 of the tensors,
-    arrays and modules among its public attributes plus its plain settings (None: nothing to hash)."""
+    arrays and modules among its public attributes plus its plain settings and the identities of
+    the denoisers it holds (a guided denoiser's pair, per-class models); None: nothing to hash."""
     own = getattr(den, "fingerprint", None)
     if callable(own):
         return {"class": type(den).__name__, **own()}
-    h, hashed, plain = hashlib.sha256(), False, {}
+    h, hashed, plain, nested = hashlib.sha256(), False, {}, False
     for name, value in sorted(vars(den).items()):
         if name.startswith("_"):
+            continue
+        held = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, Denoiser) for v in held):
+            if not all(v is None or isinstance(v, Denoiser) for v in held):
+                return None
+            parts = [None if v is None else _fingerprint(v) for v in held]
+            if any(p is None for p, v in zip(parts, held) if v is not None):
+                return None
+            plain[name], nested = (parts if held is value else parts[0]), True
             continue
         tensors = value.state_dict().items() if isinstance(value, torch.nn.Module) else [("", value)]
         for key, t in tensors:
@@ -519,7 +555,9 @@ def _fingerprint(den) -> dict | None:
             plain[name] = value
         elif isinstance(value, (torch.device, torch.dtype)):
             plain[name] = str(value)
-    return {"class": type(den).__name__, "params_sha256": h.hexdigest(), **plain} if hashed else None
+    if not (hashed or nested):
+        return None
+    return {"class": type(den).__name__, **({"params_sha256": h.hexdigest()} if hashed else {}), **plain}
 
 
 def _latent_source(latents, seeds: SeedRanges, shape: tuple, noise_device: torch.device):
@@ -573,20 +611,22 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
              sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
              batch: int = 256, latents=None, noise_device=None, class_idx: int | None = None,
              subdirs: bool = False, info: dict | None = None, notes: dict | None = None, part=None,
-             context=None, progress: bool = True) -> dict:
+             context=None, flow: dict | None = None, progress: bool = True) -> dict:
     """Generate one image per seed with a denoiser and write EDM-style outputs, resumably.
 
     A run is identified by content: the denoiser's fingerprint (e.g. the sha256 of the training
     rows and labels, dtype and device of an :class:`~diffrepro.denoisers.EmpiricalDenoiser`), the
-    sampler settings, the latents (per-seed noise and its device, or the bank's sha256), the class
-    and the batch size. Each batch record ``batches/batch-<first seed>.npz`` carries the run's
-    fingerprint; a folder holding another run's manifest or records is refused with an error
-    naming what differs (a manifest of a run that wrote no record is replaced). Batches follow
-    EDM's split (:class:`BatchPlan`). For each batch the float64 samples are written first, then
-    the PNGs; every write is atomic. A rerun reuses a record only when its fingerprint and seeds
-    match, checks every PNG against it (decoded and compared with the quantised images; a
-    truncated or foreign PNG is rewritten), and computes the rest, so an interrupted run loses at
-    most the batches in flight and finishes byte-identical to an uninterrupted one.
+    sampler settings (with ``flow``: the solver, steps, shift and grid), the latents (per-seed noise
+    and its device, or the bank's sha256), the class and the batch size; a guided denoiser's
+    identity holds its weight and both of its denoisers. Each batch record
+    ``batches/batch-<first seed>.npz`` carries the run's fingerprint; a folder holding another
+    run's manifest or records is refused with an error naming what differs (a manifest of a run
+    that wrote no record is replaced). Batches follow EDM's split (:class:`BatchPlan`). For each
+    batch the float64 samples are written first, then the PNGs; every write is atomic. A rerun
+    reuses a record only when its fingerprint and seeds match, checks every PNG against it
+    (decoded and compared with the quantised images; a truncated or foreign PNG is rewritten), and
+    computes the rest, so an interrupted run loses at most the batches in flight and finishes
+    byte-identical to an uninterrupted one.
 
     Several processes: with a ``context`` of ``k`` ranks (:func:`diffrepro.distributed.init`,
     e.g. under ``torchrun``) rank ``r`` computes batches ``r, r + k, ...`` of the same split and
@@ -602,7 +642,9 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
             :class:`~diffrepro.denoisers.GaussianDenoiser`.
         seeds: seed list, EDM seed string (``"0-49999"``) or :class:`SeedRanges`; unique.
         outdir: output folder (created).
-        sampler: ``"heun"`` (EDM default), ``"euler"``, ``"dpm"`` or ``"exact"`` (Gaussian only).
+        sampler: ``"heun"`` (EDM default), ``"euler"``, ``"dpm"`` or ``"exact"`` (Gaussian only);
+            with ``flow``: ``"euler"``, ``"heun"`` or ``"midpoint"``
+            (:data:`diffrepro.samplers.FLOW_SOLVERS`).
         steps: EDM grid size N (``"dpm"``: solver evaluations before the final ``D``).
         sigma_min: smallest σ of the grid (clamped to the denoiser's support).
         sigma_max: largest σ (clamped likewise).
@@ -620,6 +662,11 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
         part: ``(index, count)``: compute only batches ``index, index + count, ...`` (a SLURM
             array task); a later run without ``part`` checks and assembles the whole run.
         context: a :class:`diffrepro.distributed.Context` (default: :func:`~diffrepro.distributed.current`).
+        flow: ``{"shift": s, "grid": "uniform" | "diffusers"}``: integrate the flow-matching ODE
+            of the linear interpolant ``x_t = (1 − t) x0 + t ε`` in t with the denoiser's exact
+            velocity (:func:`diffrepro.samplers.sample_flow`, from pure noise at ``t = 1`` on
+            :func:`diffrepro.schedules.flow_times`; rectified flow, SD3/Flux samplers) instead of
+            EDM's PF-ODE in σ; ``sigma_min``, ``sigma_max`` and ``rho`` are then unused. None: EDM.
         progress: show a tqdm progress bar (rank 0).
 
     Returns:
@@ -632,7 +679,9 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     """
     ctx = context if context is not None else distributed.current()
     den = getattr(denoiser, "inner", denoiser)
-    samplers.check_sampler(sampler, steps, den)
+    flow = _check_flow(sampler, flow)
+    if flow is None:
+        samplers.check_sampler(sampler, steps, den)
     label_dim = int(getattr(den, "label_dim", 0))
     if class_idx is not None and not (label_dim > 0 and 0 <= class_idx < label_dim):
         raise ValueError(f"class_idx must be in [0, label_dim={label_dim}) for this denoiser, "
@@ -642,7 +691,8 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
         raise ValueError(f"class_idx: class {class_idx} has no training rows in this denoiser")
     part = _check_part(part)
     outdir = Path(outdir)
-    work = plan_work(seeds, outdir, sampler=sampler, steps=steps, batch=batch, subdirs=subdirs, part=part)
+    work = plan_work(seeds, outdir, sampler=sampler, steps=steps, batch=batch, subdirs=subdirs, part=part,
+                     flow=flow)
     seeds, plan, job = work["seeds"], work["plan"], work["job"]
     shape = (den.img_channels, den.img_resolution, den.img_resolution)
     device = torch.device(getattr(den, "device", "cpu"))
@@ -653,14 +703,21 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
         raise ValueError(f"denoiser {type(den).__name__} has nothing to fingerprint (no fingerprint() method, "
                          "tensor or module); pass info={...} identifying it, e.g. a checkpoint sha256")
 
-    closed = has_closed_form(den, sampler)
-    grid = samplers.evaluation_sigmas(den, sampler, steps, sigma_min, sigma_max, rho)
-    grid_meaning = ("σ of each denoiser evaluation, in order" if sampler == "dpm"
-                    else "EDM step grid t_0..t_{N-1}, 0")
+    closed = flow is None and has_closed_form(den, sampler)
+    times = _flow_times(steps, flow)
+    if flow is not None:
+        grid, grid_meaning = times.tolist(), "flow time grid t_0 = 1 .. t_N = 0 of x_t = (1 - t) x0 + t eps"
+        # the σ grid does not enter a flow run: its identity is the solver, steps, shift and time grid
+        sampling = {"sampler": sampler, "steps": int(steps), "flow": flow}
+    else:
+        grid = samplers.evaluation_sigmas(den, sampler, steps, sigma_min, sigma_max, rho)
+        grid_meaning = ("σ of each denoiser evaluation, in order" if sampler == "dpm"
+                        else "EDM step grid t_0..t_{N-1}, 0")
+        sampling = {"sampler": sampler, "steps": int(steps), "sigma_min": float(sigma_min),
+                    "sigma_max": float(sigma_max), "rho": float(rho)}
     identity = {
         "denoiser": {**(fingerprint or {"class": type(den).__name__}), **(info or {})},
-        "sampler": sampler, "steps": int(steps), "sigma_min": float(sigma_min), "sigma_max": float(sigma_max),
-        "rho": float(rho), "class_idx": class_idx, "latents": latents_id, "batch": int(batch),
+        **sampling, "class_idx": class_idx, "latents": latents_id, "batch": int(batch),
     }
     run_id = _digest(identity)
     config = {"seeds": seeds.format(), "subdirs": bool(subdirs), **identity}
@@ -725,8 +782,11 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
             labels = torch.zeros(len(b), label_dim, device=device)
             labels[:, class_idx] = 1
         t = time.perf_counter()
-        images = sample(timed, lat, labels, sampler=sampler, steps=steps, sigma_min=sigma_min,
-                        sigma_max=sigma_max, rho=rho).cpu().numpy()
+        if flow is not None:
+            images = sample_flow(timed, lat, labels, solver=sampler, times=times).cpu().numpy()
+        else:
+            images = sample(timed, lat, labels, sampler=sampler, steps=steps, sigma_min=sigma_min,
+                            sigma_max=sigma_max, rho=rho).cpu().numpy()
         sample_seconds += time.perf_counter() - t
         return images
 
@@ -788,7 +848,7 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     generated = sum(s["computed"] for s in gathered)
     rewritten = sum(s["rewritten"] for s in gathered)
     complete = part is None and not others
-    flops = _flops_per_sample(den, sampler, steps, class_idx)
+    flops = _flops_per_sample(den, work["nfe"], closed, class_idx)
     # The closed-form Gaussian path makes no denoiser calls: its "kernel" is the whole sampling.
     kernel = sample_seconds if closed else timed.seconds
     manifest["status"] = "complete" if complete else "running"
@@ -813,6 +873,7 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
                           + "; ".join(sorted({_owner_text(o) for o in others}))
                           + "); left to it: rerun when it has finished to check and assemble the run "
                           "(delete a batches/.*.lock file only if its job is dead)", stacklevel=2)
+        manifest["cuda_engines"] = _engine.report()  # which GPU engine ran (pin it for a bit-exact rerun)
         if complete:
             _save_grid(outdir, plan, run_id, identity, shape)
         if part is None:

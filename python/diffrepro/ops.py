@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import _backend
+from . import _backend, _gpu_dispatch
 from ._validate import ROW_TYPES, as_rows, check_finite, check_int, per_query, same_device, to_tensor
 
 __all__ = [
@@ -264,6 +264,12 @@ def _launch(op: str, args: dict, sizes: tuple, device, knobs: _Knobs) -> None:
         raise ValueError(f"tensors must be on a cpu or cuda device, got {device}")
 
 
+def _gpu_engine_choice(device, knobs: _Knobs) -> bool:
+    """CUDA calls choose between the fused kernels and the BLAS engine (diffrepro._engine), unless
+    a tile configuration or split count is forced (those knobs address the fused kernels)."""
+    return device.type == "cuda" and not knobs.emulate and knobs.config < 0 and knobs.splits == 0
+
+
 def _denoiser_state(xs, y2, sig, row_offset, knobs: _Knobs) -> DenoiserState:
     Q, D = xs.shape
     N = y2.shape[0]
@@ -280,7 +286,14 @@ def _denoiser_state(xs, y2, sig, row_offset, knobs: _Knobs) -> DenoiserState:
         weighted_sum=state.weighted_sum.data_ptr(), nearest_index=state.nearest_index.data_ptr(),
         nearest_sqdist=state.nearest_sqdist.data_ptr(),
     )
-    _launch("empirical_denoiser", args, (Q, N, D), xs.device, knobs)
+    if _gpu_engine_choice(xs.device, knobs):
+        fields = _gpu_dispatch.empirical_denoiser(
+            xs, y2, inv_sigma2, center, int(row_offset),
+            lambda n: _launch("empirical_denoiser", {**args, "N": n}, (Q, n, D), xs.device, knobs))
+        if fields is not None:  # the BLAS engine ran
+            state = DenoiserState(**fields)
+    else:
+        _launch("empirical_denoiser", args, (Q, N, D), xs.device, knobs)
     if not bool(torch.isfinite(state.sum_exp).all()):
         # A NaN/Inf training value poisons every weight; name it without a pass over train
         # on the common path.
@@ -479,7 +492,14 @@ def _search_state(q2, r2, k, metric, row_offset, knobs: _Knobs) -> TopKState:
             inner_product=metric == "ip", center=0 if center is None else center.data_ptr(),
             row_offset=int(row_offset), values=values.data_ptr(), indices=indices.data_ptr(),
         )
-        _launch("nn_search", args, (Q, N, D, k), q2.device, knobs)
+        if _gpu_engine_choice(q2.device, knobs):
+            found = _gpu_dispatch.nn_search(
+                q2, r2, k, metric, int(row_offset),
+                lambda n: _launch("nn_search", {**args, "N": n}, (Q, n, D, k), q2.device, knobs))
+            if found is not None:  # the BLAS engine ran
+                values, indices = found
+        else:
+            _launch("nn_search", args, (Q, N, D, k), q2.device, knobs)
     return TopKState(values, indices, metric, _fingerprint(q2), _covered(row_offset, N))
 
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Deterministic ODE samplers: EDM Euler/Heun, the EDM ablation sampler, general families,
 DPM-Solver (singlestep 1-3, multistep 2M/3M), k-diffusion-style loops, ODE inversion and the
 flow-matching ODE in t (Euler/Heun/midpoint, :func:`sample_flow`).

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Noise families ``s(t), sigma(t)`` and time discretisations (Karras et al. 2022, Table 1 and eq. 5;
 Lu et al. 2022 for DPM-Solver's grids).
 

@@ -23,7 +23,7 @@ def _version() -> str:
 
 
 def build_parser() -> _common.ArgumentParser:
-    from . import analysis, features, generate, inverse, score, tools
+    from . import analysis, features, generate, inverse, score, selftest, tools
 
     p = _common.ArgumentParser(
         prog="diffrepro", formatter_class=_common.HelpFormatter,
@@ -32,7 +32,7 @@ def build_parser() -> _common.ArgumentParser:
                     "Li, Dai, Qu, NeurIPS 2024).")
     p.add_argument("--version", action="version", version=f"diffrepro {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate, features, score, analysis, tools, inverse):
+    for module in (generate, features, score, analysis, tools, inverse, selftest):
         module.add_commands(sub)
     return p
 

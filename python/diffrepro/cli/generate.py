@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -10,8 +11,8 @@ from ..errors import UsageError, usage_errors
 from ._common import HelpFormatter, int_at_least, positive_float, progress_enabled, require_path
 
 # Kept literal so that building the parser imports no torch; tests check them against
-# diffrepro.samplers.SAMPLERS and PRESETS.
-SAMPLER_CHOICES = ("heun", "euler", "dpm", "exact")
+# diffrepro.samplers.SAMPLERS, FLOW_SOLVERS and PRESETS.
+SAMPLER_CHOICES = ("heun", "euler", "dpm", "exact", "midpoint")
 PRESET_CHOICES = ("p1_net", "p1_optimal", "p2_euler10", "p2_euler10_net")
 
 
@@ -31,9 +32,9 @@ def add_commands(sub) -> None:
     g.add_argument("--denoiser", choices=["empirical", "gaussian"], default="empirical",
                    help="empirical (multi-delta) optimal denoiser or Gaussian (Wiener) denoiser of --train")
     g.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
-                   help="ODE solver (default: heun as EDM, or the preset's)")
+                   help="ODE solver (default: heun as EDM, or the preset's); --family=flow: euler, heun or midpoint")
     g.add_argument("--steps", type=int_at_least(2), default=None,
-                   help="EDM grid size N (default: 18, or the preset's)")
+                   help="EDM grid size N, or flow steps N (default: 18, or the preset's)")
     g.add_argument("--preset", choices=PRESET_CHOICES, default=None,
                    help="the papers' sampler settings: p1_optimal (Zhang et al., Euler 18), p1_net (Heun 18), "
                         "p2_euler10 (Li et al., Euler 10 to sigma 0.002), p2_euler10_net (to 0.02); "
@@ -43,7 +44,20 @@ def add_commands(sub) -> None:
     g.add_argument("--outdir", required=True, help="output folder (created; reused to resume)")
     g.add_argument("--subdirs", action="store_true", help="PNGs in thousand-subdirectories, as EDM")
     g.add_argument("--class", dest="class_idx", metavar="N", type=int_at_least(0), default=None,
-                   help="class-conditional empirical denoiser for this class (default: unconditional)")
+                   help="class-conditional empirical denoiser for this class (default: unconditional; with "
+                        "--guidance also the Gaussian model of the class)")
+    g.add_argument("--guidance", metavar="W", type=float, default=None,
+                   help="classifier-free guidance with --class: D_u + W (D_c - D_u) (0: unconditional, "
+                        "1: conditional); empirical (class rows) or Gaussian (class mean and covariance) "
+                        "(default: no guidance)")
+    g.add_argument("--family", choices=["edm", "flow"], default="edm",
+                   help="edm: the PF-ODE in sigma; flow: the flow-matching ODE in t of x_t = (1-t) x0 + t eps "
+                        "from pure noise at t = 1 (SD3/Flux samplers; --sampler euler, heun or midpoint)")
+    g.add_argument("--shift", type=positive_float, default=None,
+                   help="--family=flow: time shift t' = s t / (1 + (s-1) t) (default: 1; SD3: 3)")
+    g.add_argument("--flow-grid", choices=["uniform", "diffusers"], default=None,
+                   help="--family=flow: uniform t grid, or diffusers' FlowMatchEulerDiscreteScheduler grid "
+                        "(default: uniform)")
     g.add_argument("--latents", metavar="FILE", help="noise bank .npz (latents, seeds) instead of per-seed noise")
     g.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="empirical denoiser compute dtype (default: float32; Gaussian: always float64)")
@@ -84,8 +98,15 @@ def _resolve(args) -> dict:
 
     from .. import data, distributed, generation, samplers
 
+    flow = _flow_settings(args)
     preset = samplers.PRESETS[args.preset or "p1_net"]  # EDM's own default is the p1_net setting
     sampler = args.sampler or preset["solver"]
+    if flow is not None and sampler not in samplers.FLOW_SOLVERS:
+        raise UsageError(f"--sampler: got {sampler!r} with --family=flow, expected one of "
+                         + ", ".join(samplers.FLOW_SOLVERS))
+    if flow is None and sampler not in samplers.SAMPLERS:
+        raise UsageError(f"--sampler: got {sampler!r} with --family=edm, expected one of "
+                         + ", ".join(samplers.SAMPLERS) + " (midpoint: --family=flow)")
     steps = args.steps if args.steps is not None else preset["num_steps"]
     grid = {"sigma_min": args.sigma_min if args.sigma_min is not None else preset["sigma_min"],
             "sigma_max": args.sigma_max if args.sigma_max is not None else preset["sigma_max"],
@@ -98,6 +119,9 @@ def _resolve(args) -> dict:
     if sampler == "exact" and args.denoiser != "gaussian":
         raise UsageError(f"--sampler: got 'exact' with --denoiser={args.denoiser}, expected --denoiser=gaussian "
                          "(the closed-form ODE solution exists only there)")
+    if sampler == "exact" and args.guidance is not None:
+        raise UsageError(f"--sampler: got 'exact' with --guidance {args.guidance}, expected heun, euler or dpm "
+                         "(the closed-form trajectory is the unconditional model's)")
     if args.denoiser == "gaussian" and args.dtype == "float32":
         raise UsageError("--dtype: got 'float32' with --denoiser=gaussian, expected float64 "
                          "(the Gaussian statistics are always float64)")
@@ -110,9 +134,18 @@ def _resolve(args) -> dict:
     if args.shard_train and args.denoiser != "empirical":
         raise UsageError(f"--shard-train: got it with --denoiser={args.denoiser}, expected --denoiser=empirical "
                          "(only the empirical denoiser's rows are sharded)")
-    if args.class_idx is not None and args.denoiser != "empirical":
+    if args.guidance is not None and args.class_idx is None:
+        raise UsageError(f"--guidance: got {args.guidance} without --class, expected --class N "
+                         "(guidance moves towards a class)")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance: got {args.guidance}, expected a finite number")
+    if args.guidance is not None and args.shard_train:
+        raise UsageError("--guidance: got it with --shard-train, expected no --shard-train (the guided "
+                         "denoiser's two terms are not sharded)")
+    if args.class_idx is not None and args.guidance is None and args.denoiser != "empirical":
         raise UsageError(f"--class: got {args.class_idx} with --denoiser={args.denoiser}, expected "
-                         "--denoiser=empirical (class-conditional optimum)")
+                         "--denoiser=empirical (class-conditional optimum), or --guidance 1 for the "
+                         "Gaussian model of the class")
     if args.latents is not None and not os.path.isfile(args.latents):
         raise UsageError(f"--latents: got {args.latents!r}, expected an existing noise-bank .npz")
     if args.train:
@@ -133,14 +166,35 @@ def _resolve(args) -> dict:
         reason = samplers.sampler_mismatch(sampler, args.preset)
         if reason:
             warnings.warn(reason, stacklevel=1)
-    return {"sampler": sampler, "steps": steps, "grid": grid, "seeds": seeds, "ds": ds, "part": part}
+    return {"sampler": sampler, "steps": steps, "grid": grid, "seeds": seeds, "ds": ds, "part": part,
+            "flow": flow}
+
+
+def _flow_settings(args) -> dict | None:
+    """``{"shift", "grid"}`` for --family=flow (None for edm); EDM-only flags are refused with flow
+    and flow-only flags without it."""
+    if args.family == "edm":
+        for flag, value in (("--shift", args.shift), ("--flow-grid", args.flow_grid)):
+            if value is not None:
+                raise UsageError(f"{flag}: got {value} with --family=edm, expected --family=flow")
+        return None
+    for flag, value in (("--preset", args.preset), ("--sigma-min", args.sigma_min),
+                        ("--sigma-max", args.sigma_max), ("--rho", args.rho)):
+        if value is not None:
+            raise UsageError(f"{flag}: got {value} with --family=flow, expected --family=edm (the flow sampler "
+                             "steps in t from 1 to 0: --steps, --shift, --flow-grid)")
+    return {"shift": 1.0 if args.shift is None else args.shift, "grid": args.flow_grid or "uniform"}
 
 
 def _denoiser(args, ds, dtype, ctx):
     """The denoiser of the run; with --shard-train, this rank's slice of the rows."""
     from .. import distributed
-    from ..denoisers import EmpiricalDenoiser, GaussianDenoiser
+    from ..denoisers import EmpiricalDenoiser, GaussianDenoiser, GuidedDenoiser
 
+    if args.guidance is not None:
+        if args.denoiser == "empirical":
+            return GuidedDenoiser.empirical(ds, guidance=args.guidance, dtype=dtype, device=args.device)
+        return GuidedDenoiser.gaussian(ds, guidance=args.guidance, device=args.device)
     labels = ds.labels if args.class_idx is not None else None
     if args.shard_train:
         lo, hi = distributed.shard_bounds(len(ds), ctx.world_size, ctx.rank)
@@ -165,11 +219,15 @@ def _dry_run(args, r, dtype, work) -> int:
                                device=args.device) if args.denoiser == "empirical" else None)
     est = generation.estimate_cost(args.denoiser, len(ds), shape, work, batch=args.batch, dtype=dtype,
                                    device=args.device, probe=probe)
-    closed = args.denoiser == "gaussian" and sampler != "dpm"
+    closed = args.denoiser == "gaussian" and sampler != "dpm" and r["flow"] is None and args.guidance is None
     seeds, job = work["seeds"], work["job"]
     print(f"data     {ds.source} ({len(ds)} images {shape}, sha256 {data.dataset_hash(ds.images)[:16]}...)")
-    print(f"denoiser {args.denoiser} ({str(dtype).replace('torch.', '')}, {args.device}); sampler {sampler}, "
-          f"{steps} steps, sigma [{r['grid']['sigma_min']}, {r['grid']['sigma_max']}], rho {r['grid']['rho']}"
+    flow = r["flow"]
+    schedule = (f"sigma [{r['grid']['sigma_min']}, {r['grid']['sigma_max']}], rho {r['grid']['rho']}" if flow is None
+                else f"flow t 1 -> 0, shift {flow['shift']}, {flow['grid']} grid")
+    print(f"denoiser {args.denoiser} ({str(dtype).replace('torch.', '')}, {args.device})"
+          + ("" if args.guidance is None else f", guidance {args.guidance} towards class {args.class_idx}")
+          + f"; sampler {sampler}, {steps} steps, {schedule}"
           + (" (closed-form trajectory: 2 GEMMs per batch)" if closed else ""))
     print(f"seeds    {len(seeds)} ({seeds.format()[:60]}) in {len(work['plan'])} batches of <= {args.batch}"
           + (f"; part {args.part}: {len(job)} batches" if args.part else "")
@@ -194,7 +252,7 @@ def _cmd_generate(args) -> int:
     dtype = torch.float64 if args.dtype == "float64" or args.denoiser == "gaussian" else torch.float32
     with usage_errors("--seeds"):
         work = generation.plan_work(r["seeds"], args.outdir, sampler=sampler, steps=steps, batch=args.batch,
-                                    subdirs=args.subdirs, part=r["part"])
+                                    subdirs=args.subdirs, part=r["part"], flow=r["flow"])
     if args.dry_run:
         return _dry_run(args, r, dtype, work)
     notes = {"train": ds.source, "preset": args.preset}
@@ -204,7 +262,7 @@ def _cmd_generate(args) -> int:
     den = _denoiser(args, ds, dtype, ctx)
     manifest = generation.generate(den, r["seeds"], args.outdir, sampler=sampler, steps=steps, batch=args.batch,
                                    latents=args.latents, class_idx=args.class_idx, subdirs=args.subdirs,
-                                   notes=notes, part=r["part"], context=ctx,
+                                   notes=notes, part=r["part"], context=ctx, flow=r["flow"],
                                    progress=progress_enabled(args) and ctx.rank == 0, **r["grid"])
     ctx.close()
     if ctx.rank == 0:

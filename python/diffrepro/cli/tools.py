@@ -22,6 +22,9 @@ def add_commands(sub) -> None:
     s.add_argument("--sizes", default="small", choices=["small", "paper"], help="workload sizes")
     s.add_argument("--rounds", type=int_at_least(1), default=5, help="timed calls per implementation")
     s.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: each GPU engine against torch (chunked GEMM, SDPA) and faiss-gpu, with TFLOP/s and "
+                        "fractions of the device's peaks (docs/cuda.md)")
     s.set_defaults(fn=_cmd_bench)
 
 
@@ -33,6 +36,8 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.device == "cuda":
+        return _cmd_bench_cuda(args)
     from .. import benchmarks
 
     if args.json:
@@ -41,4 +46,18 @@ def _cmd_bench(args) -> int:
     print(benchmarks.format_table(rows))
     if args.json:
         write_json(Path(args.json), {"rows": rows})
+    return 0
+
+
+def _cmd_bench_cuda(args) -> int:
+    from .. import _gpu_dispatch, gpu_bench
+
+    reason = _gpu_dispatch.cuda_skip_reason()
+    if reason:
+        print(f"diffrepro bench: skipped: {reason}")
+        return 0
+    table = gpu_bench.run_table(args.sizes, rounds=args.rounds)
+    print(gpu_bench.format_table(table))
+    if args.json:
+        write_json(Path(args.json), table)
     return 0
