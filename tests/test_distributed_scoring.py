@@ -117,24 +117,28 @@ def _finish(procs, timeout=120) -> list[tuple[int, str, str]]:
 
 def _api_worker(rank, world, store, d, queue):
     ctx = distributed.init(init_method=f"file://{store}", rank=rank, world_size=world, timeout=30)
-    train, gen = np.load(d / "train.npy"), load_features(d / "gen.npz").features
+    train, gen = np.load(d / "train.npy", mmap_mode="r"), load_features(d / "gen.npz").features
+    images = np.load(d / "images.npy", mmap_mode="r")
     with np.load(d / "gen_x.npz") as z:
         x = z["x"]
-    out = {"sscd": metrics.gl_sscd(gen, d / "train.npy", context=ctx, chunk_rows=7),
-           "nn": metrics.gl_nn(x, d / "images.npy", normalize="nn", context=ctx, chunk_rows=5)}
+    lo, hi = distributed.shard_bounds(N, world, rank)  # 34, 34 and 33 rows
+    out = {"sscd": metrics.gl_sscd(gen, train[lo:hi], context=ctx, row_offset=lo, chunk_rows=7),
+           "nn": metrics.gl_nn(x, images[lo:hi], normalize="nn", context=ctx, row_offset=lo, chunk_rows=5)}
     cuts = [0, 60, 60, N]  # rank 1 holds no row
-    lo, hi = cuts[rank], cuts[rank + 1]
-    out["slices"] = metrics.gl_sscd(gen, train[lo:hi], context=ctx, row_offset=lo)
+    out["uneven"] = metrics.gl_sscd(gen, train[cuts[rank]:cuts[rank + 1]], context=ctx, row_offset=cuts[rank])
     pair = dist.new_group([0, 1])  # a plain process group of two ranks (a collective of all ranks)
     if rank < 2:
-        out["sscd2"] = metrics.gl_sscd(gen, [train[:30], d / "train.npy"], context=pair, chunk_rows=9)
-        out["nn2"] = metrics.gl_nn(x, np.load(d / "images.npy"), normalize="nn", context=pair)
-    bad = train.copy()
-    bad[40] = 0  # in rank 1's shard [34, 68)
+        refs = [train[:30], train[30:50]] if rank == 0 else train[50:]  # rank 0's rows as two shards
+        out["sscd2"] = metrics.gl_sscd(gen, refs, context=pair, row_offset=50 * rank, chunk_rows=9)
+        out["nn2"] = metrics.gl_nn(x, images[:50] if rank == 0 else images[50:], normalize="nn", context=pair,
+                                   row_offset=50 * rank)
+    bad = np.array(train)
+    bad[40] = 0  # in rank 1's slice [34, 68)
     errors = []
-    for call in (lambda: metrics.gl_sscd(gen, bad, context=ctx),
+    for call in (lambda: metrics.gl_sscd(gen, bad[lo:hi], context=ctx, row_offset=lo),
                  lambda: metrics.gl_sscd(gen, train[lo:hi], context=ctx, row_offset=lo + (rank == 2)),
-                 lambda: metrics.gl_sscd(gen[rank:], train, context=ctx)):
+                 lambda: metrics.gl_sscd(gen, train, context=ctx),
+                 lambda: metrics.gl_sscd(gen[rank:], train[lo:hi], context=ctx, row_offset=lo)):
         try:
             call()
             errors.append(None)
@@ -146,9 +150,9 @@ def _api_worker(rank, world, store, d, queue):
 
 
 def test_api_sharded_references_equal_one_process(files, tmp_path, monkeypatch):
-    """3 ranks over 101 rows (slices of 34, 34, 33; or 60, 0, 41 given by the caller) and a process
-    group of 2: indices and similarities/distances bitwise those of one process, which match the
-    float64 oracles (ties to the lowest index across shards)."""
+    """3 ranks over 101 rows (slices of 34, 34, 33, or 60, 0, 41) and a process group of 2 (one rank's
+    rows as two shards): indices and similarities/distances bitwise those of one process, which match
+    the float64 oracles (ties to the lowest index across shards)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     world = 3
     queue = mp.get_context("spawn").Queue()
@@ -168,16 +172,15 @@ def test_api_sharded_references_equal_one_process(files, tmp_path, monkeypatch):
     assert one["nn"]["nn_index"].tolist() == index.tolist() and index[0] == 7
     np.testing.assert_allclose(one["nn"]["dist"], dist_, rtol=1e-12)
     for rank, out in got.items():
-        assert _same(out["sscd"], one["sscd"]) and _same(out["slices"], one["sscd"]), rank
+        assert _same(out["sscd"], one["sscd"]) and _same(out["uneven"], one["sscd"]), rank
         assert _same(out["nn"], one["nn"]), rank
         if rank < 2:
-            assert _same(out["sscd2"], metrics.gl_sscd(files / "gen.npz", [np.load(files / "train.npy")[:30],
-                                                                           files / "train.npy"])), rank
-            assert _same(out["nn2"], one["nn"]), rank
+            assert _same(out["sscd2"], one["sscd"]) and _same(out["nn2"], one["nn"]), rank
         assert out["errors"] == got[0]["errors"], rank
-    zero, gap, queries = got[0]["errors"]
+    zero, gap, overlap, queries = got[0]["errors"]
     assert zero.startswith("reference set: row 40 is all zero (norm 0)")
-    assert "must tile [0, N): rows [60, 61) are in no rank's slice" in gap
+    assert "must tile [0, N): rows [68, 69) are in no rank's slice" in gap
+    assert "must tile [0, N): rows [0, 101) are in two slices (each rank passes its own rows" in overlap
     assert queries == "queries differ across ranks: every rank must pass the same queries"
 
 

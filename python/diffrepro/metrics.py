@@ -24,7 +24,6 @@ import torch
 
 from .data import atomic_save_npz, decode
 from .data import quantize as _quantize
-from .distributed import Context, shard_bounds
 from .noise import noise_plane, slerp
 from .ops import merge_topk, nn_search_partial
 from .sscd import Features, load_features
@@ -202,38 +201,37 @@ def _shards(refs: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _local_chunks(named: list, lo: int, hi: int, chunk_rows: int):
-    """``(name, rows, row within the shard, row within the concatenation)`` of the rows ``[lo, hi)`` of the
-    concatenated shards, at most ``chunk_rows`` at a time."""
+def _local_chunks(named: list, chunk_rows: int):
+    """``(name, rows, row within the shard, row within the concatenation)`` of the concatenated shards, at
+    most ``chunk_rows`` rows at a time."""
     start = 0
     for name, shard in named:
-        a, b = max(lo, start), min(hi, start + len(shard))
-        for g in range(a, b, chunk_rows):
-            yield name, shard[g - start:min(b, g + chunk_rows) - start], g - start, g
+        for row in range(0, len(shard), chunk_rows):
+            yield name, shard[row:row + chunk_rows], row, start + row
         start += len(shard)
 
 
-def _search_candidates(queries: np.ndarray, named: list, lo: int, hi: int, base: int, metric: str,
-                       chunk_rows: int) -> np.ndarray:
-    """Global indices int64 [Q, k] of the ``_CANDIDATES`` best rows per query among the rows ``[lo, hi)``
-    of the concatenated shards (global row ``base + i`` for row ``i``), -1 for padding.
+def _search_candidates(queries: np.ndarray, named: list, base: int, metric: str, chunk_rows: int) -> np.ndarray:
+    """Global indices int64 [Q, k] of the ``_CANDIDATES`` best rows per query among the concatenated
+    shards (global row ``base + i`` for row ``i``), -1 for padding.
 
     The kernel searches each chunk (``nn_search_partial``, float32; ``"ip"`` on L2-normalised
     copies of the rows) and the chunks are merged with ``merge_topk``. Each chunk is checked as it
     streams (cheap next to the search): NaN or infinite rows, and for ``"ip"`` all-zero rows, raise
-    ValueError naming the shard and its row.
+    ValueError naming the shard and its row (the global row when ``base`` > 0).
     """
     best = None
-    for name, chunk, row, g in _local_chunks(named, lo, hi, chunk_rows):
+    for name, chunk, row, g in _local_chunks(named, chunk_rows):
         chunk = chunk.reshape(len(chunk), -1)
         if chunk.shape[1] != queries.shape[1]:
             raise ValueError(f"reference rows have D={chunk.shape[1]}, queries have D={queries.shape[1]}")
+        where = row if base == 0 else base + g  # a rank's slice names the global row
         if metric == "ip":
-            _check_descriptors(chunk, name, offset=row)
+            _check_descriptors(chunk, name, offset=where)
             chunk = _unit_rows(chunk)
         elif chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
             bad = int(np.flatnonzero(~np.isfinite(chunk).all(axis=1))[0])
-            raise ValueError(f"{name}: row {row + bad} is NaN or infinite; expected finite values")
+            raise ValueError(f"{name}: row {where + bad} is NaN or infinite; expected finite values")
         state = nn_search_partial(queries, chunk, _CANDIDATES, metric=metric, row_offset=base + g)
         best = state if best is None else merge_topk(best, state)
     if best is None:
@@ -282,11 +280,12 @@ def _exact_best(q64: np.ndarray, cand: np.ndarray, arrays: list, base: int, metr
 
 
 def _job(context):
-    """``(rank, world size, all_gather(obj) -> list)`` of a :class:`~diffrepro.distributed.Context`, an
-    initialised ``torch.distributed`` process group, or None (one process)."""
+    """``(rank, world size, all_gather(obj) -> list)`` of a :class:`diffrepro.distributed.Context` (or
+    anything with its ``rank``, ``world_size`` and ``all_gather_object``), an initialised
+    ``torch.distributed`` process group, or None (one process)."""
     if context is None:
         return 0, 1, lambda obj: [obj]
-    if isinstance(context, Context):
+    if hasattr(context, "all_gather_object"):
         return context.rank, context.world_size, lambda obj: context.all_gather_object(obj, "nearest-row merge")
     import torch.distributed as dist
 
@@ -305,36 +304,35 @@ def _job(context):
     return rank, world, gather
 
 
-def nearest_reference(queries: ArrayLike, refs: Any, *, metric: str = "ip", context=None,
-                      row_offset: int | None = None, chunk_rows: int = 16384) -> dict[str, Any]:
-    """Nearest reference row of each query, exact in float64, in one process or sharded over the
-    ranks of a ``torch.distributed`` job.
+def nearest_reference(queries: ArrayLike, refs: Any, *, metric: str = "ip", context=None, row_offset: int = 0,
+                      chunk_rows: int = 16384) -> dict[str, Any]:
+    """Nearest reference row of each query, exact in float64, in one process or over reference rows
+    spread across the ranks of a ``torch.distributed`` job.
 
     The kernels keep the best ``_CANDIDATES`` (8) rows of each query in float32
     (``nn_search_partial`` streamed ``chunk_rows`` rows at a time, merged with ``merge_topk``);
     the candidates are then ranked by their exact float64 score, the cosine ``<q, r> / (|q| |r|)``
     (``"ip"``: P1's SSCD similarity) or the Euclidean distance ``|q − r|`` (``"l2"``: P2's
     nearest neighbour), ties to the lowest global index. The result therefore does not depend on
-    the chunking or the number of processes: indices and scores are bitwise the same for every
-    world size (barring 8 rows within float32 rounding of the winner).
+    the chunking, the kernel threads or the number of processes: indices and scores are bitwise the
+    same for every split (barring 8 rows within float32 rounding of the winner).
 
-    Sharded: with a ``context`` of K ranks each rank searches only its slice of the references and
-    the ranks' winners are merged by one all-gather (same rule: best float64 score, then lowest
-    global index); every rank returns the same result. It is a collective: call it on every rank
-    with the same queries (checked).
+    Sharded: with a ``context`` of K ranks each rank passes only its rows, global rows
+    ``[row_offset, row_offset + n)`` (e.g. ``lo, hi = diffrepro.distributed.shard_bounds(N, K,
+    rank)`` and ``refs[lo:hi]`` of a memory-mapped file: only those rows are read); the ranks'
+    slices must tile ``[0, N)``. Each rank ranks its own candidates in float64 and one all-gather
+    merges the ranks' winners by the same rule; every rank returns the same result. It is a
+    collective: call it on every rank with the same queries (checked).
 
     Args:
         queries: float ``[Q, D]`` (or ``[Q, C, H, W]``): descriptors (``"ip"``, compared by cosine:
             any norm) or images in [-1, 1] (``"l2"``).
-        refs: ``[N, D]`` or ``[N, C, H, W]`` rows: an array or ``np.memmap``, a ``.npy`` path
-            (memory-mapped), a ``.npz`` feature file, or a list of these (concatenated in order);
-            float32/float16, or uint8 pixels decoded ``u/127.5 − 1`` (``"l2"``).
+        refs: this rank's ``[n, D]`` or ``[n, C, H, W]`` rows: an array or ``np.memmap``, a ``.npy``
+            path (memory-mapped), a ``.npz`` feature file, or a list of these (concatenated in
+            order); float32/float16, or uint8 pixels decoded ``u/127.5 − 1`` (``"l2"``).
         metric: ``"ip"`` (largest cosine) or ``"l2"`` (smallest distance).
         context: None (one process), a :class:`diffrepro.distributed.Context` or a process group.
-        row_offset: None: ``refs`` is the whole reference set on every rank, and rank ``r`` of ``K``
-            searches its rows ``diffrepro.distributed.shard_bounds(N, K, r)`` (a memory-mapped
-            file is read only there). An integer: ``refs`` holds only this rank's rows, global rows
-            ``[row_offset, row_offset + len(refs))``; the ranks' slices must tile ``[0, N)``.
+        row_offset: global index of this rank's first row.
         chunk_rows: reference rows per kernel call (bounds host memory for memmaps).
 
     Returns:
@@ -342,43 +340,39 @@ def nearest_reference(queries: ArrayLike, refs: Any, *, metric: str = "ip", cont
         float64 [Q] (|nearest row|), "n_refs"}``.
 
     Raises:
-        ValueError: a bad row (named), slices that do not tile ``[0, N)``, or different queries
-            on different ranks, on every rank alike.
+        ValueError: a bad row (named), slices that do not tile ``[0, N)`` or different queries on
+            different ranks, on every rank alike.
         RunError: a rank was lost (named, within the context's timeout).
     """
     if metric not in ("ip", "l2"):
         raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    if row_offset is not None and (isinstance(row_offset, bool) or int(row_offset) != row_offset or row_offset < 0):
-        raise ValueError(f"row_offset must be None or a non-negative integer, got {row_offset!r}")
+    if isinstance(row_offset, bool) or int(row_offset) != row_offset or row_offset < 0:
+        raise ValueError(f"row_offset must be a non-negative integer, got {row_offset!r}")
     q64 = np.asarray(_as_numpy(queries), dtype=np.float64)
     q64 = q64.reshape(len(q64), -1)
     if metric == "ip":
         _check_descriptors(q64, "queries")
     elif not np.isfinite(q64).all():
         raise ValueError(f"queries: row {int(np.flatnonzero(~np.isfinite(q64).all(axis=1))[0])} is NaN or infinite")
-    rank, world, gather = _job(context)
+    _, _, gather = _job(context)
     named = _shards(refs)
-    n_local = sum(len(a) for _, a in named)
-    base, (lo, hi) = (0, shard_bounds(n_local, world, rank)) if row_offset is None else (int(row_offset), (0, n_local))
+    base, n = int(row_offset), sum(len(a) for _, a in named)
     try:  # a bad row on one rank is raised on every rank (none waits for it)
         search = _unit_rows(q64) if metric == "ip" else q64.astype(np.float32)
-        cand = _search_candidates(search, named, lo, hi, base, metric, chunk_rows)
+        cand = _search_candidates(search, named, base, metric, chunk_rows)
         local = _exact_best(q64, cand, [a for _, a in named], base, metric)
     except ValueError as exc:
         local = str(exc)
     digest = hashlib.sha256(np.ascontiguousarray(q64).tobytes()).hexdigest()
-    parts = gather({"rows": (base + lo, base + hi), "n": n_local, "queries": digest, "best": local})
+    parts = gather({"rows": (base, base + n), "queries": digest, "best": local})
     errors = [p["best"] for p in parts if isinstance(p["best"], str)]
     if errors:
         raise ValueError(errors[0])
     if len({p["queries"] for p in parts}) > 1:
         raise ValueError("queries differ across ranks: every rank must pass the same queries")
-    n_refs = _check_tiling([p["rows"] for p in parts]) if row_offset is not None else n_local
-    if row_offset is None and len({p["n"] for p in parts}) > 1:
-        raise ValueError(f"refs differ across ranks (N = {sorted({p['n'] for p in parts})}): with row_offset=None "
-                         "every rank passes the whole reference set")
+    n_refs = _check_tiling([p["rows"] for p in parts])
     if n_refs == 0:
         raise ValueError("the reference set must hold at least one row, got N=0")
     score, index, norm = (np.stack([p["best"][i] for p in parts], axis=1) for i in range(3))
@@ -392,7 +386,8 @@ def _check_tiling(ranges: list[tuple[int, int]]) -> int:
     for lo, hi in sorted(r for r in ranges if r[1] > r[0]):
         if lo != end:
             what = f"rows [{end}, {lo}) are in no rank's slice" if lo > end else f"rows [{lo}, {end}) are in two slices"
-            raise ValueError(f"row_offset: the ranks' slices {sorted(ranges)} must tile [0, N): {what}")
+            raise ValueError(f"row_offset: the ranks' slices {sorted(ranges)} must tile [0, N): {what} (each rank "
+                             "passes its own rows and their row_offset)")
         end = hi
     return end
 
@@ -488,7 +483,7 @@ def mae_score(q1: ArrayLike, q2: ArrayLike, *, thresh: float = 15.0,
 
 
 def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau: float = 0.6,
-            chunk_rows: int = 16384, context=None, row_offset: int | None = None) -> dict[str, Any]:
+            chunk_rows: int = 16384, context=None, row_offset: int = 0) -> dict[str, Any]:
     """P1's generalisation score: ``GL = 1 − mean_j 1[max_i M_SSCD(x_j, y_i) > tau]``.
 
     The nearest training descriptor of each generation is found by :func:`nearest_reference`
@@ -503,11 +498,9 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
         tau: threshold (strict ``>``).
         chunk_rows: training rows per kernel call.
         context: None (one process), or the :class:`diffrepro.distributed.Context` (or process
-            group) of a job whose ranks each search a slice of the training descriptors and merge
+            group) of a job whose ranks each pass a slice of the training descriptors and merge
             their winners (a collective; see :func:`nearest_reference`). Every rank returns the result.
-        row_offset: None: every rank passes the whole ``train_features`` and searches its rows
-            ``shard_bounds(N, K, rank)``; an integer: ``train_features`` holds only this rank's rows,
-            global rows ``[row_offset, row_offset + n)``.
+        row_offset: global index of the first row of ``train_features`` (this rank's slice).
 
     Returns:
         ``{"gl", "gl_ci95", "memorised_fraction", "memorised_ci95", "count" (memorised), "n",
@@ -529,7 +522,7 @@ def gl_sscd(gen_features: FeaturesLike | ArrayLike, train_features: Any, *, tau:
 
 
 def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = False,
-          chunk_rows: int = 16384, context=None, row_offset: int | None = None) -> dict[str, Any]:
+          chunk_rows: int = 16384, context=None, row_offset: int = 0) -> dict[str, Any]:
     """P2's nearest-neighbour generalisation score (eq. 14, reconstructed from its description).
 
     ``GL_nn = mean_k ‖x_k − NN(x_k)‖₂ / ‖x_k‖₂`` with ``NN`` the training image nearest in
@@ -545,9 +538,9 @@ def gl_nn(gen: ArrayLike, train: Any, *, normalize: str = "x", quantize: bool = 
         quantize: quantise the generations first (EDM's uint8 rule, :func:`diffrepro.data.quantize`), as
             saved PNGs would be.
         chunk_rows: training rows per kernel call.
-        context: None, or a job's :class:`diffrepro.distributed.Context` (or process group): the
-            ranks search slices of ``train`` (see :func:`gl_sscd`); every rank returns the result.
-        row_offset: as in :func:`gl_sscd`.
+        context: None, or a job's :class:`diffrepro.distributed.Context` (or process group): each
+            rank passes a slice of ``train`` (see :func:`gl_sscd`); every rank returns the result.
+        row_offset: global index of the first row of ``train`` (this rank's slice).
 
     Returns:
         ``{"gl_nn", "n", "std", "ci95" (normal approximation of the mean), "normalize", "ratio" [K],

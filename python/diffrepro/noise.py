@@ -1,9 +1,10 @@
+# SPDX-License-Identifier: Apache-2.0
 """Initial noise: EDM per-seed generators, seed lists, noise banks, slerp and noise planes.
 
-SPEC §4.1 (EDM ``StackedRandomGenerator`` convention, seed split, file names), §5.5 / §11.1
-(slerp of noises) and §8 (noise hyperplane). Per-seed noise follows EDM's ``generate.py``
-(Karras et al. 2022): one ``torch.Generator(device).manual_seed(seed % 2**32)`` per seed.
-The CUDA (Philox) and CPU (mt19937) streams differ: only CUDA-generated noise reproduces
+EDM's ``StackedRandomGenerator`` convention, seed split and file names (Karras et al. 2022), the
+slerp of noises (P1, Zhang et al. 2024, App. A.3) and the noise hyperplane (P1 Fig. 4). Per-seed
+noise follows EDM's ``generate.py``: one ``torch.Generator(device).manual_seed(seed % 2**32)`` per
+seed. The CUDA (Philox) and CPU (mt19937) streams differ: only CUDA-generated noise reproduces
 EDM's reference images.
 """
 
@@ -216,7 +217,8 @@ class NoiseBank:
 
 
 def slerp(e0: torch.Tensor, e1: torch.Tensor, alpha, *, batched: bool = False) -> torch.Tensor:
-    """Spherical interpolation of noises (SPEC §5.5, §11.1).
+    """Spherical interpolation of noises (P1 App. A.3, with ``sin θ`` in the second coefficient's
+    denominator where the paper prints ``θ``, and the noises, not the images, interpolated).
 
     ``slerp = sin((1-a) theta)/sin(theta) e0 + sin(a theta)/sin(theta) e1`` with
     ``theta = arccos(<e0, e1> / (|e0| |e1|))``; falls back to ``(1-a) e0 + a e1`` when
@@ -266,7 +268,7 @@ def noise_plane(
     betas=None,
     renormalize: bool = False,
 ) -> torch.Tensor:
-    """Noise hyperplane ``e(a, b) = e1 + a (e2 - e1) + b (e3 - e1)`` (SPEC §8).
+    """Noise hyperplane ``e(a, b) = e1 + a (e2 - e1) + b (e3 - e1)`` (P1 Fig. 4).
 
     Args:
         e1, e2, e3: anchor noises, same shape ``S`` (e.g. ``[C, H, W]``).
@@ -297,7 +299,7 @@ def noise_plane(
 
 
 def split_seeds(seeds, batch: int, world_size: int = 1, rank: int = 0) -> list[torch.Tensor]:
-    """EDM's multi-process batch split (SPEC §4.1).
+    """EDM's multi-process batch split (Karras et al. 2022, ``generate.py``).
 
     ``torch.as_tensor(seeds).tensor_split(ceil(S / (batch * world_size)) * world_size)``,
     then rank ``r`` takes ``[r::world_size]``. Batches may be empty for small ``S``.

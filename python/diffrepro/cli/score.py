@@ -149,6 +149,14 @@ def _save_per_generation(json_path: Path, **arrays) -> Path:
     return path
 
 
+def _my_rows(n: int, ctx) -> tuple[int, int]:
+    """The training rows this process searches (all of them in one process; a memory-mapped file is
+    read only there)."""
+    from ..distributed import shard_bounds
+
+    return shard_bounds(n, ctx.world_size, ctx.rank)
+
+
 def _processes(ctx) -> str:
     return f", searched by {ctx.world_size} processes" if ctx.world_size > 1 else ""
 
@@ -237,7 +245,9 @@ def _cmd_gl_sscd(args) -> int:
     model = _check_same_model([("--gen", gen.meta), ("--train", train_meta)], args.allow_mixed_models)
     path = result_path(args, [args.gen, args.train], "gl-sscd", ".npz")
     with job(args) as ctx, usage_errors("--train"):
-        res = metrics.gl_sscd(gen.features, train, tau=args.tau, chunk_rows=args.chunk_rows, context=ctx)
+        lo, hi = _my_rows(len(train), ctx)
+        res = metrics.gl_sscd(gen.features, train[lo:hi], tau=args.tau, chunk_rows=args.chunk_rows, context=ctx,
+                              row_offset=lo)
     if ctx.rank:
         return 0
     ids = gen.ids if gen.ids is not None else np.arange(len(gen.features), dtype=np.int64)
@@ -300,8 +310,9 @@ def _cmd_gl_nn(args) -> int:
     from .. import metrics  # after the inputs and outputs are checked: those errors come before torch is imported
 
     with job(args) as ctx, usage_errors("--gen"):
-        res = metrics.gl_nn(gen, train.images, normalize=args.normalize, quantize=args.quantize,
-                            chunk_rows=args.chunk_rows, context=ctx)
+        lo, hi = _my_rows(len(train), ctx)
+        res = metrics.gl_nn(gen, train.images[lo:hi], normalize=args.normalize, quantize=args.quantize,
+                            chunk_rows=args.chunk_rows, context=ctx, row_offset=lo)
     if ctx.rank:
         return 0
     per = _save_per_generation(path, ids=ids, nn_index=res["nn_index"], dist=res["dist"], ratio=res["ratio"])
