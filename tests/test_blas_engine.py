@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """The BLAS engine (diffrepro._blas_engine) on CPU tensors, against the float64 oracles of
-diffrepro.reference on real CIFAR-10 rows, under the tolerance and argmax rules of STYLE §7.
+diffrepro.reference on real CIFAR-10 rows, under the project's tolerance and argmax rules (tests/helpers.py).
 The engine is device-agnostic torch: on a GPU the same code runs with cuBLAS products."""
 import numpy as np
 import pytest
