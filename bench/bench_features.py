@@ -32,8 +32,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffrepro.sscd import SSCDExtractor, find_onnx_model, preprocess_images
 from torch import nn
+
+from diffrepro.sscd import SSCDExtractor, find_onnx_model, preprocess_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.(script|load)` is deprecated:DeprecationWarning")
 

@@ -5,9 +5,9 @@
 Workload: Q generated descriptors against N training descriptors, D = 512, L2-normalised
 random rows (a tenth of the generations are noisy copies of training rows, so some count as
 memorised). Sizes (``DIFFREPRO_BENCH_SIZES``): ``small`` Q=500, N in (5,000, 20,000) (the CI
-smoke test; the memory check runs on the larger N only); ``paper`` Q=10,000, N in (50,000, 1,000,000). The training descriptors are
-written once per session into a temporary folder, in chunks (the 1M x 512 float32 file is
-2 GB), and read back through ``np.load(mmap_mode="r")``.
+smoke test; the memory check runs on the larger N only); ``paper`` Q=10,000, N in (50,000,
+1,000,000). The training descriptors are written once per session into a temporary folder, in
+chunks (the 1M x 512 float32 file is 2 GB), and read back through ``np.load(mmap_mode="r")``.
 
 Implementations:
 
@@ -36,6 +36,7 @@ polling interval can be missed (the per-chunk buffers live for a whole kernel ca
 tens of milliseconds or more). The growth must stay under 1 GiB; it is asserted, and shown
 in the ratio table as the implementation label of the subprocess timing.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,14 +50,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from diffrepro import benchmarks, metrics
 
 ROUNDS = 3
 TAU = 0.6
 D = 512
 SIZES = {"small": {"Q": 500, "Ns": (5_000, 20_000)}, "paper": {"Q": 10_000, "Ns": (50_000, 1_000_000)}}
-P1_CHUNK = 128      # generated descriptors per broadcast product in P1's mscore
-P1_SUBSET = 1_000   # training rows the P1 scorer is timed on (128 x 1000 x 512 x 4 B = 0.26 GB)
+P1_CHUNK = 128  # generated descriptors per broadcast product in P1's mscore
+P1_SUBSET = 1_000  # training rows the P1 scorer is timed on (128 x 1000 x 512 x 4 B = 0.26 GB)
 WRITE_ROWS = 65_536  # rows generated and written per chunk
 POLL_S = 0.001
 GIB = 1 << 30
@@ -78,7 +80,7 @@ def _write_train(path: Path, N: int, seed: int) -> None:
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(N, D))
     for i, start in enumerate(range(0, N, WRITE_ROWS)):
         rows = min(WRITE_ROWS, N - start)
-        out[start:start + rows] = _unit(np.random.default_rng([seed, i]).standard_normal((rows, D), dtype=np.float32))
+        out[start : start + rows] = _unit(np.random.default_rng([seed, i]).standard_normal((rows, D), dtype=np.float32))
     out.flush()
     del out
 
@@ -127,10 +129,11 @@ def _rounds(request):
 def bench_gl_sscd_diffrepro(benchmark, record, workload, request):
     gen, train, _, _ = workload
     rounds = _rounds(request)
-    res = benchmark.pedantic(lambda: metrics.gl_sscd(gen, train, tau=TAU), rounds=rounds,
-                             warmup_rounds=0 if rounds == 1 else 1)
+    res = benchmark.pedantic(
+        lambda: metrics.gl_sscd(gen, train, tau=TAU), rounds=rounds, warmup_rounds=0 if rounds == 1 else 1
+    )
     if res is not None:
-        assert 0.0 <= res["gl"] <= 0.95   # a tenth of the generations are near-copies
+        assert 0.0 <= res["gl"] <= 0.95  # a tenth of the generations are near-copies
     record(_case(len(gen), len(train)), "diffrepro", benchmark, benchmarks.search_flops(len(gen), len(train), D))
 
 
@@ -139,11 +142,16 @@ def bench_gl_sscd_faiss_best(record, workload, request):
     pytest.importorskip("faiss")
     gen, train, _, _ = workload
     core = benchmarks.best_openblas_coretype()
-    times = benchmarks.faiss_subprocess_times(len(gen), len(train), D, 1, metric="ip",
-                                              rounds=_rounds(request), coretype=core)
+    times = benchmarks.faiss_subprocess_times(
+        len(gen), len(train), D, 1, metric="ip", rounds=_rounds(request), coretype=core
+    )
     if not request.config.getoption("benchmark_disable"):
-        record(_case(len(gen), len(train)), f"faiss (subprocess, OPENBLAS_CORETYPE={core})", times,
-               benchmarks.search_flops(len(gen), len(train), D))
+        record(
+            _case(len(gen), len(train)),
+            f"faiss (subprocess, OPENBLAS_CORETYPE={core})",
+            times,
+            benchmarks.search_flops(len(gen), len(train), D),
+        )
 
 
 def p1_mscore_chunk(gen_chunk: np.ndarray, train: np.ndarray, tau: float) -> int:
@@ -157,15 +165,19 @@ def bench_gl_sscd_paper1(record, workload, request):
     sub = np.ascontiguousarray(train[:P1_SUBSET])
     chunk = gen[:P1_CHUNK]
     times = []
-    for _ in range(max(3, _rounds(request))):   # one chunk is ~0.1 s but noisy: take a median of >= 3
+    for _ in range(max(3, _rounds(request))):  # one chunk is ~0.1 s but noisy: take a median of >= 3
         t = time.perf_counter()
         p1_mscore_chunk(chunk, sub, TAU)
         times.append(time.perf_counter() - t)
     scale = (len(gen) / P1_CHUNK) * (len(train) / P1_SUBSET)
     if not request.config.getoption("benchmark_disable"):
-        record(_case(len(gen), len(train)), "paper 1 numpy broadcast (extrapolated)", [t * scale for t in times],
-               benchmarks.search_flops(len(gen), len(train), D),
-               note=f"timed on {P1_CHUNK} x {P1_SUBSET}, scaled by {scale:.0f}")
+        record(
+            _case(len(gen), len(train)),
+            "paper 1 numpy broadcast (extrapolated)",
+            [t * scale for t in times],
+            benchmarks.search_flops(len(gen), len(train), D),
+            note=f"timed on {P1_CHUNK} x {P1_SUBSET}, scaled by {scale:.0f}",
+        )
 
 
 _CHILD = r"""
@@ -203,8 +215,12 @@ def _status_bytes(pid: int, key: str) -> int | None:
 
 def measure_rss_anon(gen_path: Path, train_path: Path, tau: float = TAU) -> dict:
     """Run gl_sscd in a child process; poll its RssAnon from this process (see module doc)."""
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(gen_path), str(train_path), str(tau)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(gen_path), str(train_path), str(tau)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         baseline = json.loads(proc.stdout.readline())["baseline"]
         peak, samples, stop = [baseline], [0], threading.Event()
@@ -244,6 +260,10 @@ def bench_gl_sscd_memory(record, workload, request):
     assert mem["samples"] > 0
     assert mem["growth"] <= GIB, f"peak RssAnon grew by {growth_mb:.0f} MB > 1 GiB above the inputs"
     if not request.config.getoption("benchmark_disable"):
-        record(_case(len(gen), len(train)), f"diffrepro (subprocess; peak RssAnon +{growth_mb:.0f} MB)",
-               [mem["seconds"]], benchmarks.search_flops(len(gen), len(train), D),
-               note=f"baseline RssAnon {mem['baseline'] / 2**20:.0f} MB, {mem['samples']} samples")
+        record(
+            _case(len(gen), len(train)),
+            f"diffrepro (subprocess; peak RssAnon +{growth_mb:.0f} MB)",
+            [mem["seconds"]],
+            benchmarks.search_flops(len(gen), len(train), D),
+            note=f"baseline RssAnon {mem['baseline'] / 2**20:.0f} MB, {mem['samples']} samples",
+        )

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Benchmark fixtures: sizes from DIFFREPRO_BENCH_SIZES (small | paper), a results registry and
 the ratio table printed at the end of the run (and saved to .benchmarks/ratios.json)."""
+
 import json
 import os
 from pathlib import Path
@@ -31,10 +32,21 @@ def record(request):
             RESULTS.append(benchmarks.timing_row(case, impl, timing, flops, note=note))
             return
         stats = timing.stats.stats  # pytest-benchmark fixture after pedantic()
-        timing.extra_info.update(case=case, impl=impl, gflops=flops / stats.median / 1e9,
-                                 build_info=str(diffrepro.build_info()))
-        RESULTS.append(dict(case=case, impl=impl, seconds=stats.median, min=stats.min, max=stats.max,
-                            rounds=stats.rounds, gflops=flops / stats.median / 1e9, note=note))
+        timing.extra_info.update(
+            case=case, impl=impl, gflops=flops / stats.median / 1e9, build_info=str(diffrepro.build_info())
+        )
+        RESULTS.append(
+            dict(
+                case=case,
+                impl=impl,
+                seconds=stats.median,
+                min=stats.min,
+                max=stats.max,
+                rounds=stats.rounds,
+                gflops=flops / stats.median / 1e9,
+                note=note,
+            )
+        )
 
     return _record
 
@@ -43,8 +55,10 @@ def pytest_terminal_summary(terminalreporter):
     if not RESULTS:
         return
     terminalreporter.write_line("")
-    terminalreporter.write_line(f"diffrepro ratio table ({diffrepro.build_info()['gemm_engine']}, "
-                                f"{os.cpu_count()} CPUs, sizes={os.environ.get('DIFFREPRO_BENCH_SIZES', 'small')})")
+    terminalreporter.write_line(
+        f"diffrepro ratio table ({diffrepro.build_info()['gemm_engine']}, "
+        f"{os.cpu_count()} CPUs, sizes={os.environ.get('DIFFREPRO_BENCH_SIZES', 'small')})"
+    )
     terminalreporter.write_line(benchmarks.format_table(RESULTS))
     out = Path(".benchmarks")
     out.mkdir(exist_ok=True)
@@ -53,7 +67,10 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def real_cifar():
-    path = Path(os.environ.get("DIFFREPRO_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "cifar10-train-subset.npz"
+    path = (
+        Path(os.environ.get("DIFFREPRO_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+        / "cifar10-train-subset.npz"
+    )
     if not path.exists():
         if os.environ.get("CI"):
             pytest.fail(f"real CIFAR-10 sample not found at {path}")

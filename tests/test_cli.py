@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffrepro import data
-from diffrepro.sscd import save_features
-
-from diffrepro.cli import _common, build_parser
 from helpers import save_stub_sscd
+
+from diffrepro import data
+from diffrepro.cli import _common, build_parser
+from diffrepro.sscd import save_features
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFREPRO_NUM_THREADS": "1"}
 

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import assert_f32_accuracy, naive_float32_denoiser
 
 from diffrepro import data
 from diffrepro import denoisers as dn
-from helpers import assert_f32_accuracy, naive_float32_denoiser
 
 
 def _edm_grid(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):

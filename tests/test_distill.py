@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from diffrepro.denoisers import LinearDenoiser
 from diffrepro.distill import LR_TABLE, distill_linear, noisy_batches
 

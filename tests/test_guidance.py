@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from diffrepro import data, samplers
-from diffrepro.denoisers import (ClassConditionalDenoiser, EmpiricalDenoiser, GaussianDenoiser, GuidedDenoiser,
-                                 guidance_commitment)
+from diffrepro.denoisers import (
+    ClassConditionalDenoiser,
+    EmpiricalDenoiser,
+    GaussianDenoiser,
+    GuidedDenoiser,
+    guidance_commitment,
+)
 from diffrepro.reference import empirical_denoiser_reference
 
 F64 = torch.float64

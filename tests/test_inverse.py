@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from diffrepro import data, generation, inverse, samplers
-from diffrepro.denoisers import CallableDenoiser, EmpiricalDenoiser, GaussianDenoiser
 from diffrepro.cli import inverse as cli_inverse
+from diffrepro.denoisers import CallableDenoiser, EmpiricalDenoiser, GaussianDenoiser
 from diffrepro.reference import empirical_denoiser_reference
 
 F64 = torch.float64

@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+
 from diffrepro import metrics, plots
 from diffrepro.sscd import Features, save_features
 

@@ -3,16 +3,16 @@
 
 import math
 import os
-
 import re
 
 import numpy as np
 import pytest
 import torch
-from diffrepro import noise as N
-from diffrepro.generation import format_seeds
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
+from diffrepro import noise as N
+from diffrepro.generation import format_seeds
 
 
 def test_seed_latents_follow_per_seed_generators():

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-from diffrepro import data
-
 from helpers import save_stub_sscd
+
+from diffrepro import data
 
 SEEDS = list(range(16))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFREPRO_NUM_THREADS": "1"}

@@ -10,13 +10,14 @@ import math
 
 import pytest
 import torch
-from diffrepro import samplers as SM
-from diffrepro import schedules as S
 from diffusers import (
     DPMSolverMultistepScheduler,
     DPMSolverSinglestepScheduler,
     EDMEulerScheduler,
 )
+
+from diffrepro import samplers as SM
+from diffrepro import schedules as S
 
 F64 = torch.float64
 SHAPE = (3, 1, 2, 4)  # B, C, H, W: d = 8 directions
@@ -34,7 +35,8 @@ def wiener(x, sigma, class_labels=None):
 
 
 def exact(x_T, sigma_T, sigma):
-    """Exact PF-ODE solution of the Gaussian model from sigma_T to sigma: c(sigma) = c(sigma_T) sqrt((lam + sigma^2) / (lam + sigma_T^2))."""
+    """Exact PF-ODE solution of the Gaussian model from sigma_T to sigma:
+    c(sigma) = c(sigma_T) sqrt((lam + sigma^2) / (lam + sigma_T^2))."""
     return MU + torch.sqrt((LAM + sigma**2) / (LAM + sigma_T**2)) * (x_T - MU)
 
 
@@ -47,11 +49,25 @@ def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-def edm_algorithm2(D, latents, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0, heun=True,
-                   S_churn=0.0, S_min=0.0, S_max=math.inf, S_noise=1.0, noise=None):
+def edm_algorithm2(
+    D,
+    latents,
+    num_steps,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    rho=7.0,
+    heun=True,
+    S_churn=0.0,
+    S_min=0.0,
+    S_max=math.inf,
+    S_noise=1.0,
+    noise=None,
+):
     """Straightforward float64 EDM Algorithm 2 (Karras et al. 2022), Python floats for t."""
-    t = [(sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-         for i in range(num_steps)] + [0.0]
+    t = [
+        (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+        for i in range(num_steps)
+    ] + [0.0]
     x = latents.to(F64) * t[0]
     for i in range(num_steps):
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t[i] <= S_max else 0.0
@@ -230,8 +246,21 @@ def test_euler_ddim_dpm1_are_one_update(latents):
 # ---------------------------------------------------------------------------------------------
 
 
-def edm_ablation_reference(D, latents, num_steps, solver, disc, schedule, scaling, net_min=0.0, net_max=math.inf,
-                           round_sigma=lambda s: s, eps_s=1e-3, rho=7.0, alpha=1.0):
+def edm_ablation_reference(
+    D,
+    latents,
+    num_steps,
+    solver,
+    disc,
+    schedule,
+    scaling,
+    net_min=0.0,
+    net_max=math.inf,
+    round_sigma=lambda s: s,
+    eps_s=1e-3,
+    rho=7.0,
+    alpha=1.0,
+):
     """Plain transcription of the ablation loop of EDM's generate.py (Karras et al. 2022)."""
     vp_sig = lambda bd, bm: lambda t: (math.e ** (0.5 * bd * t**2 + bm * t) - 1) ** 0.5
     smin = {"vp": vp_sig(19.9, 0.1)(eps_s), "ve": 0.02, "iddpm": 0.002, "edm": 0.002}[disc]
@@ -269,24 +298,33 @@ def edm_ablation_reference(D, latents, num_steps, solver, disc, schedule, scalin
         t_hat, t_next = t_steps[i], t_steps[i + 1]
         h = t_next - t_hat
         d = (dsigma(t_hat) / sigma(t_hat) + ds(t_hat) / s(t_hat)) * x - dsigma(t_hat) * s(t_hat) / sigma(t_hat) * D(
-            x / s(t_hat), sigma(t_hat))
+            x / s(t_hat), sigma(t_hat)
+        )
         if solver == "euler" or i == num_steps - 1:
             x = x + h * d
         else:
             tp, xp = t_hat + alpha * h, x + alpha * h * d
-            dp = (dsigma(tp) / sigma(tp) + ds(tp) / s(tp)) * xp - dsigma(tp) * s(tp) / sigma(tp) * D(xp / s(tp), sigma(tp))
+            dp = (dsigma(tp) / sigma(tp) + ds(tp) / s(tp)) * xp - dsigma(tp) * s(tp) / sigma(tp) * D(
+                xp / s(tp), sigma(tp)
+            )
             x = x + h * ((1 - 1 / (2 * alpha)) * d + 1 / (2 * alpha) * dp)
     return x
 
 
 @pytest.mark.parametrize(
     "solver, disc, schedule, scaling",
-    [("euler", "vp", "vp", "vp"), ("euler", "ve", "ve", "none"), ("heun", "edm", "vp", "none"),
-     ("heun", "vp", "linear", "vp"), ("heun", "ve", "ve", "vp")],
+    [
+        ("euler", "vp", "vp", "vp"),
+        ("euler", "ve", "ve", "none"),
+        ("heun", "edm", "vp", "none"),
+        ("heun", "vp", "linear", "vp"),
+        ("heun", "ve", "ve", "vp"),
+    ],
 )
 def test_ablation_matches_edm_reference(latents, solver, disc, schedule, scaling):
-    got = SM.ablation_sampler(wiener, latents, num_steps=12, solver=solver, discretization=disc,
-                              schedule=schedule, scaling=scaling)
+    got = SM.ablation_sampler(
+        wiener, latents, num_steps=12, solver=solver, discretization=disc, schedule=schedule, scaling=scaling
+    )
     want = edm_ablation_reference(wiener, latents, 12, solver, disc, schedule, scaling)
     assert rel_err(got, want) < 1e-9
 
@@ -298,8 +336,18 @@ def test_ablation_iddpm_with_rounding_net(latents):
 
     net = IDDPMNet()
     got = SM.ablation_sampler(net, latents, num_steps=10, solver="euler", discretization="iddpm")
-    want = edm_ablation_reference(wiener, latents, 10, "euler", "iddpm", "linear", "none",
-                                  net_min=net.sigma_min, net_max=net.sigma_max, round_sigma=net.round_sigma)
+    want = edm_ablation_reference(
+        wiener,
+        latents,
+        10,
+        "euler",
+        "iddpm",
+        "linear",
+        "none",
+        net_min=net.sigma_min,
+        net_max=net.sigma_max,
+        round_sigma=net.round_sigma,
+    )
     assert rel_err(got, want) < 1e-12
 
 
@@ -309,8 +357,9 @@ def test_ablation_default_equals_edm_sampler(latents):
 
 
 def test_ablation_song_vp_converges_to_exact_ode(latents):
-    got = SM.ablation_sampler(wiener, latents, num_steps=256, solver="heun", discretization="vp",
-                              schedule="vp", scaling="vp")
+    got = SM.ablation_sampler(
+        wiener, latents, num_steps=256, solver="heun", discretization="vp", schedule="vp", scaling="vp"
+    )
     _lo, hi = S.default_sigma_range("vp")
     x_T = latents.double() * hi  # unscaled start
     assert rel_err(got, exact(x_T, hi, 0.0)) < 1e-3
@@ -351,18 +400,28 @@ def _vp_exact_end(latents, family, t_T, t_0):
 
 @pytest.mark.parametrize(
     "method, order, algorithm, steps, rate",
-    [("singlestep", 1, "dpmsolver", (24, 48), 2), ("singlestep", 2, "dpmsolver", (48, 96), 4),
-     ("singlestep", 3, "dpmsolver", (48, 96), 8), ("singlestep", 2, "dpmsolver++", (48, 96), 4),
-     ("singlestep", 3, "dpmsolver++", (240, 480), 8), ("multistep", 2, "dpmsolver++", (48, 96), 4),
-     ("multistep", 2, "dpmsolver", (48, 96), 4),
-     # the first (warm-up) multistep update is first order, which caps 3M at global order 2
-     ("multistep", 3, "dpmsolver++", (48, 96), 4), ("multistep", 3, "dpmsolver", (48, 96), 4)],
+    [
+        ("singlestep", 1, "dpmsolver", (24, 48), 2),
+        ("singlestep", 2, "dpmsolver", (48, 96), 4),
+        ("singlestep", 3, "dpmsolver", (48, 96), 8),
+        ("singlestep", 2, "dpmsolver++", (48, 96), 4),
+        ("singlestep", 3, "dpmsolver++", (240, 480), 8),
+        ("multistep", 2, "dpmsolver++", (48, 96), 4),
+        ("multistep", 2, "dpmsolver", (48, 96), 4),
+        # the first (warm-up) multistep update is first order, which caps 3M at global order 2
+        ("multistep", 3, "dpmsolver++", (48, 96), 4),
+        ("multistep", 3, "dpmsolver", (48, 96), 4),
+    ],
 )
 def test_dpm_solver_convergence_order(latents, method, order, algorithm, steps, rate):
     fam = S.VP()
     want = _vp_exact_end(latents, fam, 1.0, 1e-3)
-    errs = [rel_err(SM.dpm_solver(wiener, latents, family=fam, steps=n, order=order, method=method,
-                                  algorithm=algorithm), want) for n in steps]
+    errs = [
+        rel_err(
+            SM.dpm_solver(wiener, latents, family=fam, steps=n, order=order, method=method, algorithm=algorithm), want
+        )
+        for n in steps
+    ]
     assert 0.8 * rate < errs[0] / errs[1] < 1.25 * rate, errs
 
 
@@ -415,11 +474,19 @@ def _run_diffusers(sched, latents):
 
 
 @DIFFUSERS_WARNINGS
-@pytest.mark.parametrize("order, algorithm", [(2, "dpmsolver++"), (3, "dpmsolver++"), (2, "dpmsolver"), (3, "dpmsolver")])
+@pytest.mark.parametrize(
+    "order, algorithm", [(2, "dpmsolver++"), (3, "dpmsolver++"), (2, "dpmsolver"), (3, "dpmsolver")]
+)
 def test_dpm_multistep_matches_diffusers(latents, order, algorithm):
-    sched = DPMSolverMultistepScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", solver_order=order,
-                                        algorithm_type=algorithm, final_sigmas_type="sigma_min",
-                                        lower_order_final=True)
+    sched = DPMSolverMultistepScheduler(
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        solver_order=order,
+        algorithm_type=algorithm,
+        final_sigmas_type="sigma_min",
+        lower_order_final=True,
+    )
     sched.set_timesteps(20)
     sig = sched.sigmas.double()
     want = _run_diffusers(sched, latents)
@@ -431,9 +498,15 @@ def test_dpm_multistep_matches_diffusers(latents, order, algorithm):
 @DIFFUSERS_WARNINGS
 @pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
 def test_dpm_singlestep_order2_matches_diffusers(latents, algorithm):
-    sched = DPMSolverSinglestepScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", solver_order=2,
-                                         algorithm_type=algorithm, final_sigmas_type="sigma_min",
-                                         lower_order_final=False)
+    sched = DPMSolverSinglestepScheduler(
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        solver_order=2,
+        algorithm_type=algorithm,
+        final_sigmas_type="sigma_min",
+        lower_order_final=False,
+    )
     sched.set_timesteps(20)
     sig = sched.sigmas.double()
     want = _run_diffusers(sched, latents)
@@ -486,8 +559,9 @@ def test_presets(latents):
     got = SM.sample_preset("p2_euler10_net", wiener, latents)
     want = edm_algorithm2(wiener, latents, 10, sigma_min=0.02, heun=False, noise=torch.zeros_like)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="name must be one of 'p1_optimal', 'p1_net', 'p2_euler10', "
-                                         "'p2_euler10_net', got 'p3'"):
+    with pytest.raises(
+        ValueError, match="name must be one of 'p1_optimal', 'p1_net', 'p2_euler10', 'p2_euler10_net', got 'p3'"
+    ):
         SM.sample_preset("p3", wiener, latents)
 
 
@@ -512,22 +586,57 @@ def test_cli_choices_match_the_library():
     "call, exc, message",
     [
         (lambda x: SM.edm_sampler(wiener, x, num_steps=1), ValueError, "num_steps must be an int >= 2, got 1"),
-        (lambda x: SM.edm_sampler(wiener, x, solver="rk4"), ValueError, "solver must be one of 'heun', 'euler', got 'rk4'"),
-        (lambda x: SM.edm_sampler(wiener, x.long()), TypeError, "latents must be a floating-point tensor, got torch.int64"),
+        (
+            lambda x: SM.edm_sampler(wiener, x, solver="rk4"),
+            ValueError,
+            "solver must be one of 'heun', 'euler', got 'rk4'",
+        ),
+        (
+            lambda x: SM.edm_sampler(wiener, x.long()),
+            TypeError,
+            "latents must be a floating-point tensor, got torch.int64",
+        ),
         (lambda x: SM.edm_sampler(wiener, x.numpy()), TypeError, "latents must be a torch.Tensor, got ndarray"),
         (lambda x: SM.edm_sampler(wiener, x, S_churn=-1), ValueError, "S_churn must be a float >= 0, got -1"),
-        (lambda x: SM.ablation_sampler(wiener, x, discretization="cos"), ValueError,
-         "discretization must be one of 'vp', 've', 'iddpm', 'edm', got 'cos'"),
+        (
+            lambda x: SM.ablation_sampler(wiener, x, discretization="cos"),
+            ValueError,
+            "discretization must be one of 'vp', 've', 'iddpm', 'edm', got 'cos'",
+        ),
         (lambda x: SM.ablation_sampler(wiener, x, alpha=0), ValueError, "alpha must be a float in (0, 1], got 0"),
-        (lambda x: SM.sample_heun(wiener, x, [80.0]), ValueError, "sigmas must be a 1-D sequence with at least 2 entries"),
-        (lambda x: SM.sample_euler(wiener, x, [80.0, -1.0]), ValueError, "sigmas must be finite, > 0 (the last may be 0)"),
+        (
+            lambda x: SM.sample_heun(wiener, x, [80.0]),
+            ValueError,
+            "sigmas must be a 1-D sequence with at least 2 entries",
+        ),
+        (
+            lambda x: SM.sample_euler(wiener, x, [80.0, -1.0]),
+            ValueError,
+            "sigmas must be finite, > 0 (the last may be 0)",
+        ),
         (lambda x: SM.dpm_solver(wiener, x, order=4), ValueError, "order must be 1, 2 or 3, got 4"),
         (lambda x: SM.dpm_solver(wiener, x, steps=2, order=3), ValueError, "steps must be an int >= order (3), got 2"),
-        (lambda x: SM.dpm_solver(wiener, x, method="adaptive"), ValueError, "method must be one of 'singlestep', 'multistep', got 'adaptive'"),
+        (
+            lambda x: SM.dpm_solver(wiener, x, method="adaptive"),
+            ValueError,
+            "method must be one of 'singlestep', 'multistep', got 'adaptive'",
+        ),
         (lambda x: SM.dpm_solver_multistep(wiener, x, [1.0, 0.0]), ValueError, "sigmas must be finite and > 0"),
-        (lambda x: SM.dpm_solver_singlestep(wiener, x, [3.0, 2.0, 1.0], [3]), ValueError, "orders must be 1, 2 or 3 and sum to len(sigmas) - 1 = 2, got [3]"),
-        (lambda x: SM.sample_ode(wiener, x, family=S.VP(), t_steps=[1.0, 1.0]), ValueError, "t_steps must be a strictly monotone"),
-        (lambda x: SM.sample_ode(wiener, x, family="vp", t_steps=[1.0, 0.5]), TypeError, "family must be a NoiseFamily, got str"),
+        (
+            lambda x: SM.dpm_solver_singlestep(wiener, x, [3.0, 2.0, 1.0], [3]),
+            ValueError,
+            "orders must be 1, 2 or 3 and sum to len(sigmas) - 1 = 2, got [3]",
+        ),
+        (
+            lambda x: SM.sample_ode(wiener, x, family=S.VP(), t_steps=[1.0, 1.0]),
+            ValueError,
+            "t_steps must be a strictly monotone",
+        ),
+        (
+            lambda x: SM.sample_ode(wiener, x, family="vp", t_steps=[1.0, 0.5]),
+            TypeError,
+            "family must be a NoiseFamily, got str",
+        ),
     ],
 )
 def test_errors_name_the_argument(latents, call, exc, message):

@@ -5,16 +5,45 @@ import math
 
 import pytest
 import torch
+
 from diffrepro import schedules as S
 
 F64 = torch.float64
 
 # Full precision: Li, Dai, Qu's ten noise levels.
-GRID10 = [80.0, 42.41518931851267, 21.10867673619376, 9.723201355260132, 4.066123602953759,
-          1.501741979068008, 0.46997905799774714, 0.1166385635251784, 0.020435334553438746, 0.002]
+GRID10 = [
+    80.0,
+    42.41518931851267,
+    21.10867673619376,
+    9.723201355260132,
+    4.066123602953759,
+    1.501741979068008,
+    0.46997905799774714,
+    0.1166385635251784,
+    0.020435334553438746,
+    0.002,
+]
 # Print precision: Zhang et al.'s 18 levels.
-GRID18 = [80, 57.586, 40.786, 28.375, 19.352, 12.910, 8.401, 5.315, 3.257, 1.923, 1.088, 0.585,
-          0.296, 0.1395, 0.0600, 0.0229, 0.00753, 0.002]
+GRID18 = [
+    80,
+    57.586,
+    40.786,
+    28.375,
+    19.352,
+    12.910,
+    8.401,
+    5.315,
+    3.257,
+    1.923,
+    1.088,
+    0.585,
+    0.296,
+    0.1395,
+    0.0600,
+    0.0229,
+    0.00753,
+    0.002,
+]
 
 
 def test_edm_grid_10_levels_exact():
@@ -38,8 +67,16 @@ def test_edm_grid_formula_other_rho():
 
 @pytest.mark.parametrize(
     "family",
-    [S.EDM(), S.VP(), S.VE(), S.SubVP(), S.DiscreteDDPM(), S.EDMAblationFamily("vp", "vp"),
-     S.EDMAblationFamily("ve", "vp"), S.EDMAblationFamily("linear", "none")],
+    [
+        S.EDM(),
+        S.VP(),
+        S.VE(),
+        S.SubVP(),
+        S.DiscreteDDPM(),
+        S.EDMAblationFamily("vp", "vp"),
+        S.EDMAblationFamily("ve", "vp"),
+        S.EDMAblationFamily("linear", "none"),
+    ],
     ids=lambda f: f"{f.name}",
 )
 def test_family_inverse_and_derivatives(family):
@@ -169,7 +206,10 @@ def test_dpm_solver_timesteps():
         (lambda: S.edm_sigmas(10, sigma_min=-1.0), "sigma_min must be a finite float > 0, got -1.0"),
         (lambda: S.edm_sigmas(10, sigma_min=90.0), "sigma_min must be < sigma_max"),
         (lambda: S.edm_sigmas(10, rho=0), "rho must be a finite float > 0, got 0.0"),
-        (lambda: S.discretize("foo", 10, 0.002, 80), "discretization must be one of 'vp', 've', 'iddpm', 'edm', got 'foo'"),
+        (
+            lambda: S.discretize("foo", 10, 0.002, 80),
+            "discretization must be one of 'vp', 've', 'iddpm', 'edm', got 'foo'",
+        ),
         (lambda: S.EDMAblationFamily("cosine", "none"), "schedule must be one of 'vp', 've', 'linear', got 'cosine'"),
         (lambda: S.dpm_solver_timesteps(S.VP(), "uniform", 1.0, 1e-3, 3), "skip_type must be one of"),
         (lambda: S.network_sigma_range("ncsn"), "kind must be one of 'edm', 'vp', 've', 'iddpm', got 'ncsn'"),

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import save_stub_sscd
+
 from diffrepro import metrics
+from diffrepro.cli import main
 from diffrepro.data import save_png
 from diffrepro.sscd import load_features, preprocess_images, save_features
-
-from diffrepro.cli import main
-from helpers import save_stub_sscd
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffrepro import sscd
-from diffrepro.sscd import SSCDExtractor, preprocess_images
 from PIL import Image
 from torch import nn
+
+from diffrepro import sscd
+from diffrepro.sscd import SSCDExtractor, preprocess_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 

@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_sscd import random_images, script_standin
+from torch import nn
+
 from diffrepro import metrics, sscd
 from diffrepro.errors import RunError
 from diffrepro.sscd import SSCDExtractor, find_onnx_model, preprocess_images, resize_images
-from torch import nn
-
-from test_sscd import random_images, script_standin
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install diffrepro[onnx])")
 

@@ -13,6 +13,7 @@ Peers are what a researcher would otherwise run:
 * ``faiss``: ``IndexFlatIP`` / ``IndexFlatL2`` (k-NN), in this process as the machine runs it and
   in a subprocess with ``OPENBLAS_CORETYPE`` set to the best core for this CPU (read at load).
 """
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,9 @@ def sdpa_denoiser(x: torch.Tensor, train: torch.Tensor, sigma: float, train_norm
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0 / sigma**2)[0, 0]
 
 
-def torch_chunked_denoiser(x: torch.Tensor, train: torch.Tensor, sigma: float, chunk: int = 4096,
-                           train_norm2=None) -> torch.Tensor:
+def torch_chunked_denoiser(
+    x: torch.Tensor, train: torch.Tensor, sigma: float, chunk: int = 4096, train_norm2=None
+) -> torch.Tensor:
     """Peer: chunked GEMM logits with an online log-sum-exp, all in torch."""
     if train_norm2 is None:
         train_norm2 = train.square().sum(1)
@@ -82,8 +84,8 @@ def torch_chunked_denoiser(x: torch.Tensor, train: torch.Tensor, sigma: float, c
     z = torch.zeros(x.shape[0], 1, device=x.device)
     acc = torch.zeros_like(x)
     for a in range(0, train.shape[0], chunk):
-        y = train[a:a + chunk]
-        logits = (x @ y.T - 0.5 * train_norm2[a:a + chunk]) * inv
+        y = train[a : a + chunk]
+        logits = (x @ y.T - 0.5 * train_norm2[a : a + chunk]) * inv
         m_new = torch.maximum(m, logits.max(1, keepdim=True).values)
         r = torch.exp(m - m_new)
         p = torch.exp(logits - m_new)
@@ -101,7 +103,7 @@ def paper1_seconds(x: torch.Tensor, train: torch.Tensor, sigma: float, n_subset:
 
     def batches():
         for a in range(0, sub.shape[0], 64):
-            yield sub[a:a + 64]
+            yield sub[a : a + 64]
 
     t = time.perf_counter()
     p1_two_pass_denoiser(xs, batches, sigma)
@@ -143,8 +145,9 @@ def best_openblas_coretype() -> str:
     return blas_coretype_choice() or "Haswell"
 
 
-def faiss_subprocess_times(Q: int, N: int, D: int, k: int, metric: str = "ip", rounds: int = 5,
-                           coretype: str | None = None, seed: int = 0) -> list[float]:
+def faiss_subprocess_times(
+    Q: int, N: int, D: int, k: int, metric: str = "ip", rounds: int = 5, coretype: str | None = None, seed: int = 0
+) -> list[float]:
     """faiss search times measured in a fresh process with OPENBLAS_CORETYPE=coretype
     (None: the environment as it is). Same workload as ``search_workload(Q, N, D, seed)``."""
     env = dict(os.environ)
@@ -152,7 +155,10 @@ def faiss_subprocess_times(Q: int, N: int, D: int, k: int, metric: str = "ip", r
         env["OPENBLAS_CORETYPE"] = coretype
     out = subprocess.run(
         [sys.executable, "-c", _FAISS_SCRIPT, json.dumps([Q, N, D, k, metric, rounds, seed])],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -172,8 +178,16 @@ def time_rounds(fn, rounds: int = 5, warmup: int = 1) -> list[float]:
 def timing_row(case: str, impl: str, times: list[float], flops: float, **extra) -> dict:
     """One table row: the median, the spread (min and max) and the number of rounds."""
     t = statistics.median(times) if times else float("nan")
-    return dict(case=case, impl=impl, seconds=t, min=min(times, default=t), max=max(times, default=t),
-                rounds=len(times), gflops=flops / t / 1e9, **extra)
+    return dict(
+        case=case,
+        impl=impl,
+        seconds=t,
+        min=min(times, default=t),
+        max=max(times, default=t),
+        rounds=len(times),
+        gflops=flops / t / 1e9,
+        **extra,
+    )
 
 
 def run_table(size_name: str | None = None, rounds: int = 5, include_paper1: bool = True) -> list[dict]:
@@ -204,7 +218,10 @@ def run_table(size_name: str | None = None, rounds: int = 5, include_paper1: boo
             case = f"nn_search Q={sz['nn_q']} N={N} D={sz['nn_d']} k={k}"
             flops = search_flops(sz["nn_q"], N, sz["nn_d"])
             rows.append(timing_row(case, "diffrepro", time_rounds(lambda: ops.nn_search(q, r, k), rounds), flops))
-            for label, core in (("faiss (default env)", None), (f"faiss (OPENBLAS_CORETYPE={best_openblas_coretype()})", best_openblas_coretype())):
+            for label, core in (
+                ("faiss (default env)", None),
+                (f"faiss (OPENBLAS_CORETYPE={best_openblas_coretype()})", best_openblas_coretype()),
+            ):
                 try:
                     times = faiss_subprocess_times(sz["nn_q"], N, sz["nn_d"], k, rounds=rounds, coretype=core)
                     rows.append(timing_row(case, label, times, flops))
@@ -216,8 +233,10 @@ def run_table(size_name: str | None = None, rounds: int = 5, include_paper1: boo
 def format_table(rows: list[dict]) -> str:
     """Median seconds with their spread (min–max over the rounds), GFLOP/s, and each peer's time
     over diffrepro's (the speed-up)."""
-    lines = [f"{'case':<48} {'implementation':<36} {'median s':>10} {'min-max s':>19} {'rounds':>6} "
-             f"{'GFLOP/s':>9} {'diffrepro speed-up':>18}"]
+    lines = [
+        f"{'case':<48} {'implementation':<36} {'median s':>10} {'min-max s':>19} {'rounds':>6} "
+        f"{'GFLOP/s':>9} {'diffrepro speed-up':>18}"
+    ]
     by_case: dict[str, list[dict]] = {}
     for r in rows:
         by_case.setdefault(r["case"], []).append(r)
@@ -226,6 +245,8 @@ def format_table(rows: list[dict]) -> str:
         for r in rs:
             ratio = r["seconds"] / ours if r["impl"] != "diffrepro" else 1.0
             spread = f"{r.get('min', r['seconds']):.4f}-{r.get('max', r['seconds']):.4f}"
-            lines.append(f"{case:<48} {r['impl']:<36} {r['seconds']:>10.4f} {spread:>19} {r.get('rounds', 1):>6} "
-                         f"{r['gflops']:>9.1f} {ratio:>17.2f}x")
+            lines.append(
+                f"{case:<48} {r['impl']:<36} {r['seconds']:>10.4f} {spread:>19} {r.get('rounds', 1):>6} "
+                f"{r['gflops']:>9.1f} {ratio:>17.2f}x"
+            )
     return "\n".join(lines)

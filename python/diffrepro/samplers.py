@@ -158,8 +158,20 @@ def _gamma_max(S_churn, num_steps) -> float:
     return min(_check_nonneg("S_churn", S_churn) / num_steps, math.sqrt(2) - 1)
 
 
-def _sigma_loop(call, x, t_steps, *, solver, round_sigma=lambda s: s, gamma_max=0.0, S_min=0.0, S_max=math.inf,
-                S_noise=1.0, randn_like=_no_noise, callback=None):
+def _sigma_loop(
+    call,
+    x,
+    t_steps,
+    *,
+    solver,
+    round_sigma=lambda s: s,
+    gamma_max=0.0,
+    S_min=0.0,
+    S_max=math.inf,
+    S_noise=1.0,
+    randn_like=_no_noise,
+    callback=None,
+):
     """EDM Algorithm 2 over ``t_steps`` (any direction). The Heun correction runs whenever
     ``t_next > 0``, so a grid ending in 0 takes a final Euler step, as in EDM."""
     for i in range(len(t_steps) - 1):
@@ -185,8 +197,9 @@ def _sigma_loop(call, x, t_steps, *, solver, round_sigma=lambda s: s, gamma_max=
     return x
 
 
-def edm_grid(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-             net=None) -> torch.Tensor:
+def edm_grid(
+    num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, net=None
+) -> torch.Tensor:
     """EDM's step grid ``t_0 .. t_{N-1}, 0`` exactly as its sampler builds it (Karras et al. 2022,
     eq. 5): ``[sigma_min, sigma_max]`` clamped to ``net``'s support, each ``t_i`` through
     ``net.round_sigma`` when it has one, then ``t_N = 0``.
@@ -245,9 +258,17 @@ def edm_sampler(
     t_steps = edm_grid(num_steps, sigma_min, sigma_max, rho, net).to(latents.device)
     x = latents.to(_F64) * t_steps[0]
     return _sigma_loop(
-        _caller(net, class_labels), x, t_steps, solver=solver, round_sigma=get_round_sigma(net),
-        gamma_max=_gamma_max(S_churn, num_steps), S_min=S_min, S_max=S_max, S_noise=S_noise,
-        randn_like=randn_like, callback=callback,
+        _caller(net, class_labels),
+        x,
+        t_steps,
+        solver=solver,
+        round_sigma=get_round_sigma(net),
+        gamma_max=_gamma_max(S_churn, num_steps),
+        S_min=S_min,
+        S_max=S_max,
+        S_noise=S_noise,
+        randn_like=randn_like,
+        callback=callback,
     )
 
 
@@ -316,8 +337,14 @@ def ode_inversion(
     images = _check_state("images", images)
     _check_choice("solver", solver, ("heun", "euler"))
     grid = edm_grid(num_steps, sigma_min, sigma_max, rho, net)[:-1].flip(0).to(images.device)
-    x = _sigma_loop(_caller(net, class_labels), images.to(_F64), grid, solver=solver,
-                    round_sigma=get_round_sigma(net), callback=callback)
+    x = _sigma_loop(
+        _caller(net, class_labels),
+        images.to(_F64),
+        grid,
+        solver=solver,
+        round_sigma=get_round_sigma(net),
+        callback=callback,
+    )
     return x / grid[-1]
 
 
@@ -326,8 +353,22 @@ def ode_inversion(
 # --------------------------------------------------------------------------------------------
 
 
-def _family_loop(call, latents, family, t_steps, *, solver, alpha, round_sigma=lambda s: s, gamma_max=0.0,
-                 S_min=0.0, S_max=math.inf, S_noise=1.0, randn_like=_no_noise, callback=None):
+def _family_loop(
+    call,
+    latents,
+    family,
+    t_steps,
+    *,
+    solver,
+    alpha,
+    round_sigma=lambda s: s,
+    gamma_max=0.0,
+    S_min=0.0,
+    S_max=math.inf,
+    S_noise=1.0,
+    randn_like=_no_noise,
+    callback=None,
+):
     sigma, s = family.sigma, family.s
 
     def deriv(x, t, denoised):
@@ -347,7 +388,16 @@ def _family_loop(call, latents, family, t_steps, *, solver, alpha, round_sigma=l
         denoised = call(x_hat / s(t_hat), sigma(t_hat))
         d_cur = deriv(x_hat, t_hat, denoised)
         if callback is not None:
-            callback({"i": i, "t": t_hat, "sigma": sigma(t_hat), "sigma_next": sigma(t_next), "x": x_hat, "denoised": denoised})
+            callback(
+                {
+                    "i": i,
+                    "t": t_hat,
+                    "sigma": sigma(t_hat),
+                    "sigma_next": sigma(t_next),
+                    "x": x_hat,
+                    "denoised": denoised,
+                }
+            )
         if solver == "euler" or not sigma(t_next) > 0:
             x = x_hat + h * d_cur
         else:
@@ -423,9 +473,19 @@ def ablation_sampler(
     t_steps = family.sigma_inv(round_sigma(sigma_steps))
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
     return _family_loop(
-        _caller(net, class_labels), latents, family, t_steps, solver=solver, alpha=float(alpha),
-        round_sigma=round_sigma, gamma_max=_gamma_max(S_churn, num_steps), S_min=S_min, S_max=S_max,
-        S_noise=S_noise, randn_like=randn_like, callback=callback,
+        _caller(net, class_labels),
+        latents,
+        family,
+        t_steps,
+        solver=solver,
+        alpha=float(alpha),
+        round_sigma=round_sigma,
+        gamma_max=_gamma_max(S_churn, num_steps),
+        S_min=S_min,
+        S_max=S_max,
+        S_noise=S_noise,
+        randn_like=randn_like,
+        callback=callback,
     )
 
 
@@ -569,9 +629,7 @@ def dpm_solver_singlestep(model, x, sigmas, orders, *, algorithm: str = "dpmsolv
     sigmas = _check_sigmas("sigmas", sigmas, allow_final_zero=False).to(x.device)
     orders = [int(o) for o in orders]
     if any(o not in (1, 2, 3) for o in orders) or sum(orders) + 1 != sigmas.numel():
-        raise ValueError(
-            f"orders must be 1, 2 or 3 and sum to len(sigmas) - 1 = {sigmas.numel() - 1}, got {orders}"
-        )
+        raise ValueError(f"orders must be 1, 2 or 3 and sum to len(sigmas) - 1 = {sigmas.numel() - 1}, got {orders}")
     call = _call_unscaled(model)
     j = 0
     for i, order in enumerate(orders):
@@ -657,10 +715,12 @@ def dpm_solver_multistep(
             step_order = order
         x_new = _multistep_update(x, hist[-step_order:], sigmas[step - step_order : step + 1], algorithm)
         if callback is not None:
-            callback({"i": step - 1, "sigma": sigmas[step - 1], "sigma_next": sigmas[step], "x": x, "denoised": hist[-1][0]})
+            callback(
+                {"i": step - 1, "sigma": sigmas[step - 1], "sigma_next": sigmas[step], "x": x, "denoised": hist[-1][0]}
+            )
         x = x_new
         if step < steps:
-            hist = hist[-(order - 1):] if order > 1 else []
+            hist = hist[-(order - 1) :] if order > 1 else []
             hist.append(evaluate(x, sigmas[step]))
     return x
 
@@ -803,8 +863,10 @@ def sampler_mismatch(theory_solver: str, preset: str) -> str | None:
     net_solver = NETWORK_SOLVER[preset]
     if theory_solver == net_solver or theory_solver == PRESETS[preset]["solver"]:
         return None
-    return (f"theory samples use solver {theory_solver!r} but the networks of preset {preset!r} use "
-            f"{net_solver!r}; the comparison includes the solvers' discretisation difference")
+    return (
+        f"theory samples use solver {theory_solver!r} but the networks of preset {preset!r} use "
+        f"{net_solver!r}; the comparison includes the solvers' discretisation difference"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -834,8 +896,10 @@ def check_sampler(sampler: str, steps: int, denoiser) -> None:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < minimum:
         raise ValueError(f"steps must be an integer >= {minimum} for sampler {sampler!r}, got {steps!r}")
     if sampler == "exact" and not hasattr(denoiser, "trajectory"):
-        raise ValueError(f"sampler 'exact' (the closed-form ODE solution) needs a GaussianDenoiser, "
-                         f"got {type(denoiser).__name__}; use 'heun', 'euler' or 'dpm'")
+        raise ValueError(
+            f"sampler 'exact' (the closed-form ODE solution) needs a GaussianDenoiser, "
+            f"got {type(denoiser).__name__}; use 'heun', 'euler' or 'dpm'"
+        )
 
 
 def _dpm_kwargs(denoiser, steps: int, sigma_min: float, sigma_max: float) -> dict:
@@ -845,8 +909,9 @@ def _dpm_kwargs(denoiser, steps: int, sigma_min: float, sigma_max: float) -> dic
     return {"family": EDM(), "steps": int(steps), "t_start": hi, "t_end": lo, "denoise_to_zero": True}
 
 
-def evaluation_sigmas(denoiser, sampler: str, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                      rho: float = 7.0) -> list[float]:
+def evaluation_sigmas(
+    denoiser, sampler: str, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> list[float]:
     """For ``"dpm"``: the σ of every denoiser evaluation of :func:`sample`, in order (found by
     running the solver on a 1-pixel state with a recording zero denoiser). Otherwise EDM's step
     grid ``t_0 .. t_{N-1}, 0`` (:func:`edm_grid`)."""
@@ -862,8 +927,18 @@ def evaluation_sigmas(denoiser, sampler: str, steps: int, sigma_min: float = 0.0
     return seen
 
 
-def sample(denoiser, latents: torch.Tensor, class_labels=None, *, sampler: str = "heun", steps: int = 18,
-           sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, callback=None) -> torch.Tensor:
+def sample(
+    denoiser,
+    latents: torch.Tensor,
+    class_labels=None,
+    *,
+    sampler: str = "heun",
+    steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    callback=None,
+) -> torch.Tensor:
     """Deterministic samples of one batch.
 
     * ``"heun"``/``"euler"``: :func:`edm_sampler` (EDM Algorithm 2, no churn).
@@ -892,10 +967,20 @@ def sample(denoiser, latents: torch.Tensor, class_labels=None, *, sampler: str =
     if has_closed_form(inner, sampler, class_labels):
         return inner.trajectory(latents, edm_grid(steps, sigma_min, sigma_max, rho, inner), solver=sampler)
     if sampler == "dpm":
-        return dpm_solver(denoiser, latents, class_labels, callback=callback,
-                          **_dpm_kwargs(denoiser, steps, sigma_min, sigma_max))
-    return edm_sampler(denoiser, latents, class_labels, num_steps=steps, sigma_min=sigma_min,
-                       sigma_max=sigma_max, rho=rho, solver=sampler, callback=callback)
+        return dpm_solver(
+            denoiser, latents, class_labels, callback=callback, **_dpm_kwargs(denoiser, steps, sigma_min, sigma_max)
+        )
+    return edm_sampler(
+        denoiser,
+        latents,
+        class_labels,
+        num_steps=steps,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        rho=rho,
+        solver=sampler,
+        callback=callback,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -915,15 +1000,32 @@ def flow_nfe(solver: str, times) -> int:
 
 def _check_times(times) -> torch.Tensor:
     t = torch.as_tensor(times, dtype=_F64)
-    if t.ndim != 1 or t.numel() < 2 or not bool(torch.isfinite(t).all()) or bool(t[0] > 1) \
-            or bool(t[-1] < 0) or not bool((t[1:] < t[:-1]).all()):
-        raise ValueError(f"times must be a strictly decreasing 1-D grid in [0, 1] with >= 2 entries, "
-                         f"got {t.tolist()[:8]}")
+    if (
+        t.ndim != 1
+        or t.numel() < 2
+        or not bool(torch.isfinite(t).all())
+        or bool(t[0] > 1)
+        or bool(t[-1] < 0)
+        or not bool((t[1:] < t[:-1]).all())
+    ):
+        raise ValueError(
+            f"times must be a strictly decreasing 1-D grid in [0, 1] with >= 2 entries, got {t.tolist()[:8]}"
+        )
     return t
 
 
-def sample_flow(model, latents: torch.Tensor, class_labels=None, *, solver: str = "euler", steps: int = 28,
-                shift: float = 1.0, grid: str = "uniform", times=None, callback=None) -> torch.Tensor:
+def sample_flow(
+    model,
+    latents: torch.Tensor,
+    class_labels=None,
+    *,
+    solver: str = "euler",
+    steps: int = 28,
+    shift: float = 1.0,
+    grid: str = "uniform",
+    times=None,
+    callback=None,
+) -> torch.Tensor:
     """Deterministic samples of a flow-matching model: ``dx/dt = v(x, t)`` from ``t_0`` to ``t_N``.
 
     The linear interpolant ``x_t = (1 − t) x0 + t ε`` (:class:`~diffrepro.schedules.RectifiedFlow`)
@@ -958,8 +1060,9 @@ def sample_flow(model, latents: torch.Tensor, class_labels=None, *, solver: str 
     _check_choice("solver", solver, FLOW_SOLVERS)
     t = (flow_times(steps, shift, grid=grid) if times is None else _check_times(times)).to(latents.device)
     fn = getattr(model, "velocity", model)
-    call = (lambda x, tt: fn(x, tt).to(_F64)) if class_labels is None else \
-        (lambda x, tt: fn(x, tt, class_labels).to(_F64))
+    call = (
+        (lambda x, tt: fn(x, tt).to(_F64)) if class_labels is None else (lambda x, tt: fn(x, tt, class_labels).to(_F64))
+    )
     x = latents.to(_F64) * t[0]
     for i in range(t.numel() - 1):
         t_cur, t_next = t[i], t[i + 1]

@@ -73,9 +73,7 @@ def _check_range(sigma_min, sigma_max) -> tuple[float, float]:
     sigma_min = _check_positive("sigma_min", sigma_min)
     sigma_max = _check_positive("sigma_max", sigma_max)
     if not sigma_min < sigma_max:
-        raise ValueError(
-            f"sigma_min must be < sigma_max, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}"
-        )
+        raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
     return sigma_min, sigma_max
 
 
@@ -332,8 +330,9 @@ def shift_times(t, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def flow_times(num_steps: int, shift: float = 1.0, *, grid: str = "uniform",
-               num_train_timesteps: int = 1000) -> torch.Tensor:
+def flow_times(
+    num_steps: int, shift: float = 1.0, *, grid: str = "uniform", num_train_timesteps: int = 1000
+) -> torch.Tensor:
     """Time grid of a flow sampler, from ``t = 1`` (noise) to 0, float64 ``[num_steps + 1]``.
 
     * ``"uniform"``: ``shift_times(linspace(1, 0, N + 1), shift)`` (rectified flow's Euler grid
@@ -353,8 +352,7 @@ def flow_times(num_steps: int, shift: float = 1.0, *, grid: str = "uniform",
     if grid == "uniform":
         return shift_times(torch.linspace(1, 0, num_steps + 1, dtype=_F64), shift)
     if grid == "diffusers":
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) \
-                or num_train_timesteps < 1:
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be an int >= 1, got {num_train_timesteps!r}")
         t_min = float(shift_times(1.0 / num_train_timesteps, shift))
         t = shift_times(torch.linspace(1, t_min, num_steps, dtype=_F64), shift)
@@ -533,7 +531,8 @@ def round_sigma_identity(sigma):
 
 
 def iddpm_u(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008) -> torch.Tensor:
-    """iDDPM noise levels ``u_0 > u_1 > ... > u_M = 0`` (Nichol & Dhariwal 2021, as EDM discretises them), float64 ``[M + 1]``.
+    """iDDPM noise levels ``u_0 > u_1 > ... > u_M = 0`` (Nichol & Dhariwal 2021, as EDM discretises
+    them), float64 ``[M + 1]``.
 
     ``u_{j-1} = sqrt((u_j^2 + 1) / max(abar(j-1)/abar(j), C_1) - 1)`` with
     ``abar(j) = sin^2(pi j / (2 M (C_2 + 1)))``. EDM evaluates ``abar`` in float32 (its index
@@ -560,8 +559,9 @@ class IDDPMRounding:
     """``round_sigma`` of EDM's iDDPMPrecond: snaps sigma to the nearest ``u_j``.
 
     A network wrapper may subclass it (or copy ``round_sigma``, ``sigma_min`` and
-    ``sigma_max``) to get EDM's iDDPM behaviour in the samplers. Attributes ``sigma_min = u_{M-1}`` (0.006425) and ``sigma_max = u_0`` (~2.03e4) give the
-    network support. Ties go to the lowest index (as ``argmin``).
+    ``sigma_max``) to get EDM's iDDPM behaviour in the samplers. Attributes
+    ``sigma_min = u_{M-1}`` (0.006425) and ``sigma_max = u_0`` (~2.03e4) give the network support.
+    Ties go to the lowest index (as ``argmin``).
     """
 
     M: int = 1000
@@ -642,7 +642,9 @@ def network_sigma_range(kind: str) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def edm_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+def edm_sigmas(
+    num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> torch.Tensor:
     """EDM rho-grid ``(smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho`` (Karras et al. 2022, eq. 5).
 
     Evaluated in float64 exactly as EDM's sampler does.
@@ -684,7 +686,12 @@ def ve_sigmas(num_steps: int, sigma_min: float = 0.02, sigma_max: float = 100.0)
 
 
 def iddpm_sigmas(
-    num_steps: int, sigma_min: float = 0.002, sigma_max: float = 81.0, M: int = 1000, C_1: float = 0.001, C_2: float = 0.008
+    num_steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 81.0,
+    M: int = 1000,
+    C_1: float = 0.001,
+    C_2: float = 0.008,
 ) -> torch.Tensor:
     """EDM ``--disc=iddpm``: ``u`` filtered to ``[sigma_min, sigma_max]``, then
     ``sigma_i = u_f[round((len(u_f) - 1) i / (N - 1))]`` (round half to even, as torch).

@@ -11,7 +11,6 @@ import time
 import numpy as np
 import torch
 
-
 # σ standing in for ∞ at the flow time t = 1 (see Denoiser.velocity).
 _SIGMA_INFINITY = 1e30
 

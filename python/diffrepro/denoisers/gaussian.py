@@ -22,8 +22,10 @@ def _training_rows(train):
     if isinstance(train, Dataset):
         train = train.images
     if not isinstance(train, (np.ndarray, torch.Tensor)) or train.ndim < 2 or len(train) < 1:
-        raise ValueError(f"train must be a non-empty [N, C, H, W] array or tensor, got "
-                         f"{type(train).__name__} {tuple(getattr(train, 'shape', ()))}")
+        raise ValueError(
+            f"train must be a non-empty [N, C, H, W] array or tensor, got "
+            f"{type(train).__name__} {tuple(getattr(train, 'shape', ()))}"
+        )
     return train
 
 
@@ -33,7 +35,7 @@ def _float64_chunks(train, device, chunk_rows: int, bar=None):
     for a in range(0, len(train), chunk_rows):
         if bar is not None:
             bar.update(min(chunk_rows, len(train) - a))
-        rows = train[a:a + chunk_rows]
+        rows = train[a : a + chunk_rows]
         t = torch.from_numpy(np.array(rows)) if isinstance(rows, np.ndarray) else rows
         t = t.to(device).reshape(len(t), -1)
         yield decode(t) if t.dtype == torch.uint8 else t.to(torch.float64)
@@ -106,17 +108,20 @@ class GaussianDenoiser(Denoiser):
         device: where the statistics live and the products run.
     """
 
-    def __init__(self, mu, lam, U, *, n: int = 0, rank: int | None = None,
-                 shape: Sequence[int] | None = None, device="cpu"):
+    def __init__(
+        self, mu, lam, U, *, n: int = 0, rank: int | None = None, shape: Sequence[int] | None = None, device="cpu"
+    ):
         f64 = dict(dtype=torch.float64, device=device)
         self.mu = torch.as_tensor(mu, **f64).reshape(-1)
         self.lam = torch.as_tensor(lam, **f64).reshape(-1)
         self.U = torch.as_tensor(U, **f64)
         d = self.mu.numel()
         if self.lam.shape != (d,) or self.U.shape != (d, d):
-            raise ValueError(f"mu, lam and U must have shapes [d], [d], [d, d]; got "
-                             f"{tuple(self.mu.shape)}, {tuple(self.lam.shape)}, "
-                             f"{tuple(self.U.shape)}")
+            raise ValueError(
+                f"mu, lam and U must have shapes [d], [d], [d, d]; got "
+                f"{tuple(self.mu.shape)}, {tuple(self.lam.shape)}, "
+                f"{tuple(self.U.shape)}"
+            )
         if bool((self.lam < 0).any()) or bool((self.lam[1:] > self.lam[:-1]).any()):
             raise ValueError("lam must be non-negative and sorted in descending order")
         if rank is not None and (int(rank) != rank or not 1 <= rank <= d):
@@ -132,8 +137,9 @@ class GaussianDenoiser(Denoiser):
         self._Ur, self._lam_r = self.U[:, :r], self.lam[:r]
 
     @classmethod
-    def from_data(cls, train, *, rank: int | None = None, device="cpu",
-                  chunk_rows: int = 4096, progress: bool = False) -> "GaussianDenoiser":
+    def from_data(
+        cls, train, *, rank: int | None = None, device="cpu", chunk_rows: int = 4096, progress: bool = False
+    ) -> "GaussianDenoiser":
         """Fit μ and the biased covariance Σ in float64 and eigendecompose Σ.
 
         * ``N ≥ d``: Σ from :func:`gaussian_statistics` (chunked), then ``torch.linalg.eigh``.
@@ -173,23 +179,26 @@ class GaussianDenoiser(Denoiser):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``mu`` [d], ``lam`` [d], ``U`` [d, d] (float64), ``N`` and ``shape`` to an .npz."""
-        atomic_save_npz(path, mu=self.mu.cpu().numpy(), lam=self.lam.cpu().numpy(),
-                        U=self.U.cpu().numpy(), N=np.int64(self.n),
-                        shape=np.array([self.img_channels, self.img_resolution,
-                                        self.img_resolution], np.int64))
+        atomic_save_npz(
+            path,
+            mu=self.mu.cpu().numpy(),
+            lam=self.lam.cpu().numpy(),
+            U=self.U.cpu().numpy(),
+            N=np.int64(self.n),
+            shape=np.array([self.img_channels, self.img_resolution, self.img_resolution], np.int64),
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, rank: int | None = None,
-             device="cpu") -> "GaussianDenoiser":
+    def load(cls, path: str | os.PathLike, *, rank: int | None = None, device="cpu") -> "GaussianDenoiser":
         """Read statistics written by :meth:`save` (``shape`` is inferred when absent)."""
         with np.load(path) as z:
             missing = {"mu", "lam", "U"} - set(z.keys())
             if missing:
-                raise ValueError(f"path {os.fspath(path)!r} lacks Gaussian statistics keys "
-                                 f"{sorted(missing)}")
+                raise ValueError(f"path {os.fspath(path)!r} lacks Gaussian statistics keys {sorted(missing)}")
             shape = tuple(z["shape"]) if "shape" in z else None
-            return cls(z["mu"], z["lam"], z["U"], n=int(z["N"]) if "N" in z else 0, rank=rank,
-                       shape=shape, device=device)
+            return cls(
+                z["mu"], z["lam"], z["U"], n=int(z["N"]) if "N" in z else 0, rank=rank, shape=shape, device=device
+            )
 
     def _denoise(self, x, sigma, class_labels):
         if class_labels is not None:
@@ -211,19 +220,25 @@ class GaussianDenoiser(Denoiser):
 
     def linear(self, sigma: float) -> "LinearDenoiser":
         """The denoiser at one σ as an affine map ``W x + b`` (``W = U diag(g) Uᵀ``, ``b = μ − Wμ``)."""
-        g = wiener_gain(self._lam_r, torch.tensor(float(sigma), dtype=torch.float64,
-                                                  device=self.device))
+        g = wiener_gain(self._lam_r, torch.tensor(float(sigma), dtype=torch.float64, device=self.device))
         W = (self._Ur * g) @ self._Ur.T
-        return LinearDenoiser(W, self.mu - W @ self.mu, float(sigma), mode="gaussian", M=self.n,
-                              shape=(self.img_channels, self.img_resolution, self.img_resolution),
-                              device=self.device)
+        return LinearDenoiser(
+            W,
+            self.mu - W @ self.mu,
+            float(sigma),
+            mode="gaussian",
+            M=self.n,
+            shape=(self.img_channels, self.img_resolution, self.img_resolution),
+            device=self.device,
+        )
 
     def _slope(self, sigma: torch.Tensor) -> torch.Tensor:
         """Per-direction PF-ODE slope: ``dc/dσ = c·(1 − gain)/σ`` (``= σ/(λ+σ²)``)."""
         return (1 - wiener_gain(self.lam_eff, sigma)) / sigma.unsqueeze(-1)
 
     def step_factors(self, sigmas, solver: str = "euler") -> torch.Tensor:
-        """Per-direction multipliers of the coordinates ``c = Uᵀ(x − μ)`` along a σ grid: each ODE step is diagonal in the eigenbasis.
+        """Per-direction multipliers of the coordinates ``c = Uᵀ(x − μ)`` along a σ grid (each ODE
+        step is diagonal in the eigenbasis).
 
         Step ``i`` (σ_i → σ_{i+1}, h = σ_{i+1} − σ_i, a(σ) = σ/(λ+σ²)):
 
@@ -240,10 +255,11 @@ class GaussianDenoiser(Denoiser):
             float64 ``[S, d]`` factors; the product over steps maps ``c(σ_0)`` to ``c(σ_S)``.
         """
         sig = torch.as_tensor(sigmas, dtype=torch.float64, device=self.device).reshape(-1)
-        if sig.numel() < 2 or not bool((sig[:-1] > 0).all()) or sig[-1] < 0 \
-                or not bool((sig[1:] < sig[:-1]).all()):
-            raise ValueError(f"sigmas must be a strictly decreasing grid of >= 2 values, positive "
-                             f"except possibly the last (0), got {sig.tolist()[:6]}...")
+        if sig.numel() < 2 or not bool((sig[:-1] > 0).all()) or sig[-1] < 0 or not bool((sig[1:] < sig[:-1]).all()):
+            raise ValueError(
+                f"sigmas must be a strictly decreasing grid of >= 2 values, positive "
+                f"except possibly the last (0), got {sig.tolist()[:6]}..."
+            )
         s0, s1 = sig[:-1], sig[1:]
         h = (s1 - s0).unsqueeze(1)
         if solver == "exact":
@@ -259,9 +275,9 @@ class GaussianDenoiser(Denoiser):
             return torch.where((s1 > 0).unsqueeze(1), heun, euler)
         raise ValueError(f"solver must be 'euler', 'heun' or 'exact', got {solver!r}")
 
-    def trajectory(self, latents: torch.Tensor, sigmas, *, solver: str = "euler",
-                   return_denoised: bool = False):
-        """Closed-form deterministic sampling of the Gaussian model: the PF-ODE is linear and diagonal in the eigenbasis.
+    def trajectory(self, latents: torch.Tensor, sigmas, *, solver: str = "euler", return_denoised: bool = False):
+        """Closed-form deterministic sampling of the Gaussian model (the PF-ODE is linear and diagonal
+        in the eigenbasis).
 
         Starts from ``x_0 = latents · σ_0`` (as EDM's sampler) and applies, per eigen-direction,
         the product of :meth:`step_factors`, so the samples cost two ``[K, d] × [d, d]`` products
@@ -290,6 +306,5 @@ class GaussianDenoiser(Denoiser):
         # Coordinates at each step start: cumulative product of the previous steps' factors.
         cum = torch.cat([torch.ones_like(f[:1]), torch.cumprod(f[:-1], 0)])
         gains = cum * wiener_gain(self.lam_eff, sig[:-1])
-        denoised = self.mu + (c0.unsqueeze(0) * gains.unsqueeze(1)).reshape(-1, c0.shape[1]) \
-            @ self.U.T
+        denoised = self.mu + (c0.unsqueeze(0) * gains.unsqueeze(1)).reshape(-1, c0.shape[1]) @ self.U.T
         return samples, denoised.reshape(len(f), *latents.shape)
