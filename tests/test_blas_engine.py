@@ -189,3 +189,22 @@ def test_search_agrees_with_the_cpu_path(cifar_subset):
         sep = torch.cat([torch.full((20, 1), np.inf, dtype=gap.dtype), gap], 1)
         sep = torch.minimum(sep[:, :5], gap[:, :5]) > 1e-3
         assert torch.equal(i[sep], ic[sep]) and torch.equal(i[sep], ref_i[:, :5][sep])
+
+
+@pytest.mark.parametrize("rows", ["cifar", "random"])
+def test_search_ip_values_are_float64_rounded_once(cifar_subset, rows):
+    """Issue 8: the chunk GEMM's float32 inner products were returned as they were (naive float32
+    error); the k winners' values are recomputed in float64 and rounded once, as in the kernels."""
+    g = torch.Generator().manual_seed(5)
+    if rows == "cifar":
+        r, q = decoded(cifar_subset[:1500])[:, :256].contiguous(), decoded(cifar_subset[4000:4030])[:, :256]
+    else:
+        r, q = 2 * torch.randn(1500, 256, generator=g) + 0.5, 2 * torch.randn(30, 256, generator=g) + 0.5
+    ref_v, ref_i = reference.nn_search_reference(q, r, 5, "ip")
+    naive = naive_float32_scores(q, r, "ip").gather(1, ref_i).double()
+    for chunk in (None, 97):
+        v, i = _blas_engine.search_state(q, r, 5, "ip", chunk=chunk)
+        assert_f32_accuracy(v, ref_v, naive)
+        exact = q.double() @ r.double().T
+        assert torch.allclose(v.double(), exact.gather(1, i), rtol=2**-23, atol=0), chunk
+        assert torch.equal(i[:, 0], ref_i[:, 0]), chunk
