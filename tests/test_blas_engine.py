@@ -5,7 +5,7 @@ The engine is device-agnostic torch: on a GPU the same code runs with cuBLAS pro
 import numpy as np
 import pytest
 import torch
-from helpers import assert_argmax_rule, assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
+from helpers import assert_argmax_rule, assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser, near_tie_rows
 
 from diffrepro import _blas_engine, ops, reference
 
@@ -94,6 +94,17 @@ def test_exact_duplicates_go_to_the_lowest_index_across_chunks(cifar_subset, D):
         _, info = ops.finalize(blas_denoise(x, y, 1e-3, chunk=chunk))
         assert info["nearest_index"].tolist() == [5, 17, 5], chunk
         assert info["nearest_sqdist"].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("D", [256, 3072])
+def test_nearest_row_float32_near_ties_ranked_in_float64(cifar_subset, D):
+    """The fused kernels' rule: rows whose float32 scores tie are ranked by float64 distance."""
+    x, y, want = near_tie_rows(cifar_subset, 300, D)
+    ref = reference.empirical_denoiser_info_reference(x, y, 0.5)
+    for chunk in (None, 1, 64, 71, 131):
+        _, info = ops.finalize(blas_denoise(x, y, 0.5, chunk=chunk))
+        assert info["nearest_index"].tolist() == want, chunk
+        assert torch.allclose(info["nearest_sqdist"], ref["nearest_sqdist"], rtol=1e-12, atol=0), chunk
 
 
 def test_no_product_larger_than_one_chunk(cifar_subset, monkeypatch):
