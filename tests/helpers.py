@@ -70,6 +70,32 @@ def assert_argmax_rule(values, indices, ref_scores, tol, largest=True):
     assert torch.equal(indices[clear, 0].long(), exact[clear])
 
 
+def near_tie_rows(images, n, d, seed=2):
+    """Real CIFAR-10 rows with constructed nearest-row near-ties, for the nearest-row rule (the
+    float64-nearest row, the lowest index among exact duplicates). Pairs (lo, hi) share a row
+    but for one coordinate one float32 ulp apart, which the float32 scores cannot resolve: "far"
+    moves row hi towards the query (hi is nearer), "near" away from it (lo is nearer), "dup"
+    leaves an exact duplicate (lo wins). Returns (queries [5, d], rows [n, d], expected nearest
+    indices); needs n >= 300."""
+    y = torch.from_numpy(images[:n]).reshape(n, -1)[:, :d].float() / 127.5 - 1
+    gen = torch.Generator().manual_seed(seed)
+    pairs = [(3, 70, "far"), (5, 6, "far"), (64, 299, "near"), (130, 131, "far"), (1, 257, "dup")]
+    x = torch.stack([y[lo] for lo, _, _ in pairs]) + 0.02 * torch.randn(len(pairs), d, generator=gen)
+    want = []
+    for q, (lo, hi, kind) in enumerate(pairs):
+        y[hi] = y[lo]
+        if kind != "dup":
+            j = int((x[q] - y[lo]).abs().argmax())
+            y[hi, j] = torch.nextafter(y[lo, j], x[q, j] if kind == "far" else 2 * y[lo, j] - x[q, j])
+        want.append(hi if kind == "far" else lo)
+    # The two rows' scores differ by less than the float32 rounding of the scores themselves.
+    d64 = ((x.double()[:, None] - y.double()[None]) ** 2).sum(-1)
+    yc = (y - y.mean(0)).double()
+    for q, (lo, hi, _) in enumerate(pairs):
+        assert (d64[q, lo] - d64[q, hi]).abs() / 2 < 2**-24 * yc[lo].square().sum() / 2
+    return x, y, want
+
+
 class StubSSCD(torch.nn.Module):
     """conv -> ReLU -> GeM(p=3) -> linear -> L2 normalise: SSCD's head on a toy trunk."""
 

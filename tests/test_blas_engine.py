@@ -5,7 +5,7 @@ The engine is device-agnostic torch: on a GPU the same code runs with cuBLAS pro
 import numpy as np
 import pytest
 import torch
-from helpers import assert_argmax_rule, assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
+from helpers import assert_argmax_rule, assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser, near_tie_rows
 
 from diffrepro import _blas_engine, ops, reference
 
@@ -94,6 +94,17 @@ def test_exact_duplicates_go_to_the_lowest_index_across_chunks(cifar_subset, D):
         _, info = ops.finalize(blas_denoise(x, y, 1e-3, chunk=chunk))
         assert info["nearest_index"].tolist() == [5, 17, 5], chunk
         assert info["nearest_sqdist"].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("D", [256, 3072])
+def test_nearest_row_float32_near_ties_ranked_in_float64(cifar_subset, D):
+    """The fused kernels' rule: rows whose float32 scores tie are ranked by float64 distance."""
+    x, y, want = near_tie_rows(cifar_subset, 300, D)
+    ref = reference.empirical_denoiser_info_reference(x, y, 0.5)
+    for chunk in (None, 1, 64, 71, 131):
+        _, info = ops.finalize(blas_denoise(x, y, 0.5, chunk=chunk))
+        assert info["nearest_index"].tolist() == want, chunk
+        assert torch.allclose(info["nearest_sqdist"], ref["nearest_sqdist"], rtol=1e-12, atol=0), chunk
 
 
 def test_no_product_larger_than_one_chunk(cifar_subset, monkeypatch):
@@ -189,3 +200,22 @@ def test_search_agrees_with_the_cpu_path(cifar_subset):
         sep = torch.cat([torch.full((20, 1), np.inf, dtype=gap.dtype), gap], 1)
         sep = torch.minimum(sep[:, :5], gap[:, :5]) > 1e-3
         assert torch.equal(i[sep], ic[sep]) and torch.equal(i[sep], ref_i[:, :5][sep])
+
+
+@pytest.mark.parametrize("rows", ["cifar", "random"])
+def test_search_ip_values_are_float64_rounded_once(cifar_subset, rows):
+    """Issue 8: the chunk GEMM's float32 inner products were returned as they were (naive float32
+    error); the k winners' values are recomputed in float64 and rounded once, as in the kernels."""
+    g = torch.Generator().manual_seed(5)
+    if rows == "cifar":
+        r, q = decoded(cifar_subset[:1500])[:, :256].contiguous(), decoded(cifar_subset[4000:4030])[:, :256]
+    else:
+        r, q = 2 * torch.randn(1500, 256, generator=g) + 0.5, 2 * torch.randn(30, 256, generator=g) + 0.5
+    ref_v, ref_i = reference.nn_search_reference(q, r, 5, "ip")
+    naive = naive_float32_scores(q, r, "ip").gather(1, ref_i).double()
+    for chunk in (None, 97):
+        v, i = _blas_engine.search_state(q, r, 5, "ip", chunk=chunk)
+        assert_f32_accuracy(v, ref_v, naive)
+        exact = q.double() @ r.double().T
+        assert torch.allclose(v.double(), exact.gather(1, i), rtol=2**-23, atol=0), chunk
+        assert torch.equal(i[:, 0], ref_i[:, 0]), chunk

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
+from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser, near_tie_rows
 
 from diffrepro import _blas_engine, ops, reference
 
@@ -149,6 +149,15 @@ def test_nearest_row_duplicates_keep_the_lowest_index(kernels, cifar_subset):
     for chunk in (1, 7, 8, 21, 22):
         _, info = ops.finalize(emulated_denoiser(kernels, x, y, inv, ops._center(y, torch.float32), chunk))
         assert info["nearest_index"].tolist() == [7] and info["nearest_sqdist"].tolist() == [0.0], chunk
+
+
+def test_nearest_row_float32_near_ties_ranked_in_float64(kernels, cifar_subset):
+    """Rows whose float32 scores tie are ranked by float64 distance, as in the fused kernels."""
+    x, y, want = near_tie_rows(cifar_subset, 300, 256)
+    inv = torch.full((len(want),), 4.0, dtype=torch.float64)
+    for chunk in (64, 131, 300):
+        _, info = ops.finalize(emulated_denoiser(kernels, x, y, inv, ops._center(y, torch.float32), chunk))
+        assert info["nearest_index"].tolist() == want, chunk
 
 
 @pytest.mark.parametrize("k", [1, 10, 16, 17, 128])

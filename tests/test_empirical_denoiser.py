@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser
+from helpers import assert_f32_accuracy, assert_f64_accuracy, naive_float32_denoiser, near_tie_rows
 
 import diffrepro as dr
 from diffrepro.reference import empirical_denoiser_info_reference, empirical_denoiser_reference
@@ -214,6 +214,24 @@ def test_nearest_index_exact_duplicates_lowest_index(backend, cifar_subset):
     gen = torch.Generator().manual_seed(1)
     x = torch.stack([y[lo] for lo, _ in dup]) + 0.02 * torch.randn(len(dup), d, generator=gen)
     want = [lo for lo, _ in dup]
+    ref = empirical_denoiser_info_reference(x, y, 0.5)
+    assert ref["nearest_index"].tolist() == want
+    for variant in backend.variants:
+        _, info = dr.finalize(dr.empirical_denoiser_partial(*backend.put(x, y), 0.5, **backend.kw, **variant))
+        assert info["nearest_index"].cpu().tolist() == want, variant
+        assert torch.allclose(info["nearest_sqdist"].cpu(), ref["nearest_sqdist"], rtol=1e-12, atol=0)
+        parts = [dr.empirical_denoiser_partial(*backend.put(x, y[a:b]), 0.5, row_offset=a, **backend.kw, **variant)
+                 for a, b in [(200, 300), (0, 67), (67, 200)]]
+        _, info = dr.finalize(dr.merge_states(dr.merge_states(parts[0], parts[1]), parts[2]))
+        assert info["nearest_index"].cpu().tolist() == want, variant
+
+
+def test_nearest_index_float32_near_ties_ranked_in_float64(backend, cifar_subset):
+    # Two distinct rows whose float32 scores tie (one coordinate one float32 ulp apart): the CUDA
+    # kernel took the argmax of its float scores, i.e. the lower index, while the CPU ranks every
+    # row within rounding of the best by float64 distance. Every backend must return the row
+    # nearer in float64 (and the lowest index only for exact duplicates), with its distance.
+    x, y, want = near_tie_rows(cifar_subset, 300, 3072 if backend.name != "emu" else 256)
     ref = empirical_denoiser_info_reference(x, y, 0.5)
     assert ref["nearest_index"].tolist() == want
     for variant in backend.variants:

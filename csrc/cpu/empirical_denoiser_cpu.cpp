@@ -68,7 +68,7 @@ void nearest_candidates(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t 
   const DenoiserArgs<T>& a = c.a;
   const index_t gq = q0 + q;
   for (index_t j = 0; j < nt; ++j) {
-    const double err = c.gamma * (c.x_norm[gq] * w.tile_norm[j] + 0.5 * w.tile_norm2[j]);
+    const double err = score_error(c.gamma, c.x_norm[gq], w.tile_norm[j], w.tile_norm2[j]);
     const double gj = static_cast<double>(g[j]);
     if (gj + err < w.lower[q]) continue;  // provably farther than a row already seen
     if (gj - err > w.lower[q]) w.lower[q] = gj - err;

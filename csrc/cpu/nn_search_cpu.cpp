@@ -176,22 +176,16 @@ void search_packed(const SearchArgs& args, const float* queries, const float* ce
   }
 }
 
-// L2 values of the winners, recomputed in float64 from the stored rows (row_sqdist_f64) and
-// rounded once to float32; the lists are then re-sorted, since the float scores only had to
-// be good enough to find the candidates.
-void refine_l2(const SearchArgs& a, int workers) {
+// Values of the winners recomputed in float64 from the stored rows and rounded once to float32,
+// then the lists re-sorted (topk_refine_f64): the float32 scores (GEMM or packed kernel) only
+// had to be good enough to find the candidates. O(Q k D), against O(Q N D) for the scores.
+void refine_winners(const SearchArgs& a, int workers) {
   detail::parallel_for_workers(workers, [&](int w) {
     long long q0, q1;
     detail::worker_range(a.Q, w, workers, q0, q1);
-    for (index_t q = q0; q < q1; ++q) {
-      float* v = a.values + q * a.k;
-      index_t* idx = a.indices + q * a.k;
-      for (int j = 0; j < a.k; ++j)
-        if (idx[j] >= 0)
-          v[j] = static_cast<float>(row_sqdist_f64<float>(a.queries + q * a.D, a.refs_type, a.refs,
-                                                          idx[j] - a.row_offset, a.D));
-      topk_sort(v, idx, a.k, /*largest=*/false);
-    }
+    for (index_t q = q0; q < q1; ++q)
+      topk_refine_f64(a.queries + q * a.D, a.refs_type, a.refs, a.row_offset, a.D, a.inner_product,
+                      a.values + q * a.k, a.indices + q * a.k, a.k);
   });
 }
 
@@ -237,7 +231,7 @@ Status nn_search_cpu(const SearchArgs& a, const Tuning& t) {
     const index_t slivers = (N + detail::kNR - 1) / detail::kNR;
     const int Pp = static_cast<int>(std::max<index_t>(1, std::min<index_t>(t.workers, slivers)));
     search_packed(a, queries, center, TNp, Pp, q_norm2);
-    if (!inner_product) refine_l2(a, Pp);
+    refine_winners(a, Pp);
     return Status::kOk;
   }
 
@@ -287,7 +281,7 @@ Status nn_search_cpu(const SearchArgs& a, const Tuning& t) {
     // Merge the shards' lists in shard order.
     merge_workers(pool, q0, nq, k, largest, 0, a.values, a.indices);
   }
-  if (!inner_product) refine_l2(a, P);
+  refine_winners(a, P);
   return Status::kOk;
 }
 

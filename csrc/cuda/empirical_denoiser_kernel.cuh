@@ -42,15 +42,15 @@ inline void denoiser_tile_shape(int config, int& TQ, int& TN) {
 
 // Partial state of one split (a contiguous range of training rows) for every query, with maxima
 // in score units g (logits.h). The layout equals the final outputs', so a single-split launch
-// writes straight into them (max_score then lives in max_logit and best_score in nearest_sqdist
-// until the merge kernel converts or overwrites them).
+// writes straight into them (max_score then lives in max_logit until the merge kernel converts
+// it; best_sqdist is already final).
 template <class T>
 struct DenoiserPartial {
   double* max_score;    // [S, Q] running max m of the scores g
   double* sum_exp;      // [S, Q] Z relative to m
   double* sum_exp_sq;   // [S, Q] Z2 relative to m
-  double* best_score;   // [S, Q] score of the current argmax
-  index_t* best_index;  // [S, Q] global row index of the argmax (-1: none yet)
+  double* best_sqdist;  // [S, Q] float64 squared distance of the nearest candidate
+  index_t* best_index;  // [S, Q] its global row index (-1: none yet)
   T* weighted_sum;      // [S, Q, D] A relative to m, uncentred rows
 };
 
@@ -62,10 +62,12 @@ struct DenoiserPartial {
 //       when the data share a large offset, e.g. +100: then ||y||^2 ~ 3e7 D would swamp g);
 //   (b) works in score units g = x'.y' - 1/2||y'||^2 (logits l = (g - 1/2||x'||^2) / sigma^2;
 //       the ||x'||^2 term cancels in every softmax difference and enters only at the output,
-//       logits.h), one warp per query: warp max, argmax, p = exp((g - tile max) / sigma^2) in
-//       float64 and sums by xor-butterflies (a fixed reduction tree, so the result does not
-//       depend on scheduling), then merges the tile state into the running state with
-//       softmax_merge, which returns the two scale factors;
+//       logits.h), one warp per query: warp max, p = exp((g - tile max) / sigma^2) in float64
+//       and sums by xor-butterflies (a fixed reduction tree, so the result does not depend on
+//       scheduling), then merges the tile state into the running state with softmax_merge,
+//       which returns the two scale factors; the nearest row by the CPU path's rule: every row
+//       whose score lies within its rounding bound of the best is a candidate, ranked by float64
+//       distance and then index (nearest_better);
 //   (c) walks D again staging uncentred y and updates A[q, d] = fa A + fb sum_n p_qn y_nd.
 //       A lives in global memory because TQ x D does not fit on chip for D = 3072; each (q, d)
 //       belongs to one thread, so there are no atomics, and the traffic is O(TQ D) per tile
@@ -83,8 +85,12 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
   DR_SHARED T ys[TN][TK + 1];     // y' slice (phase a), then uncentred y slice (phase c)
   DR_SHARED T ws[TQ][TN + 1];     // g tile, then p = exp(l - tile max)
   DR_SHARED T y_half_sq[TN];      // 1/2 ||y'_n||^2
-  DR_SHARED double st_max[TQ], st_sum[TQ], st_sum_sq[TQ], st_best[TQ];
+  DR_SHARED double y_norm[TN];    // ||y'_n|| (for the score error bound)
+  DR_SHARED double st_max[TQ], st_sum[TQ], st_sum_sq[TQ];
+  DR_SHARED double st_lower[TQ];     // max_n (g_n - error bound): a lower bound of the best score
+  DR_SHARED double st_best_d[TQ];    // float64 distance of the nearest candidate so far
   DR_SHARED index_t st_best_idx[TQ];
+  DR_SHARED double x_norm[TQ];       // ||x~ - c|| (for the score error bound)
   DR_SHARED T scale_old[TQ], scale_new[TQ];  // softmax_merge factors of the current tile
 
   const index_t Q = a.Q, N = a.N, D = a.D;
@@ -100,14 +106,19 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
   const index_t n_end = n_begin + rows_per_split < N ? n_begin + rows_per_split : N;
   const int q_valid = Q - q0 < TQ ? static_cast<int>(Q - q0) : TQ;
   const double neg_inf = -static_cast<double>(INFINITY);
+  const double gamma = score_error_gamma<T>(D);
 
   for (int q = tid; q < TQ; q += NT) {
     const SoftmaxState<double> s0 = softmax_init<double>();
     st_max[q] = s0.max;
     st_sum[q] = s0.sum;
     st_sum_sq[q] = s0.sum_sq;
-    st_best[q] = neg_inf;
+    st_lower[q] = neg_inf;
+    st_best_d[q] = static_cast<double>(INFINITY);
     st_best_idx[q] = -1;
+    double h_hi = 0.0, h_lo = 0.0;
+    if (q < q_valid) half_sqnorm_dd(a.x + (q0 + q) * D, center, D, h_hi, h_lo);
+    x_norm[q] = sqrt(2.0 * h_hi);
   }
   // (The first dr_sync below orders these writes before any read.)
 
@@ -133,7 +144,10 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
       micro_tile_update<Cfg>(xs, ys, acc, tq, tn, [](T c, T a, T b) { return c + a * b; });
       dr_sync();
     }
-    if (tid < TN) y_half_sq[tid] = T(0.5) * y_acc;
+    if (tid < TN) {
+      y_half_sq[tid] = T(0.5) * y_acc;
+      y_norm[tid] = sqrt(static_cast<double>(y_acc));
+    }
     dr_sync();
     for (int i = 0; i < RQ; ++i)
       for (int j = 0; j < RN; ++j) {
@@ -148,29 +162,44 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
       const bool q_ok = qq < q_valid;
       const double isg = q_ok ? a.inv_sigma2[q0 + qq] : 0.0;
       double m_loc = neg_inf;
-      double best_g = neg_inf;
-      index_t best_i = -1;
+      double lower = st_lower[qq];
       for (int n = lane; n < TN; n += kWarpSize) {
         // Padding columns (rows past the split) and padding queries get g = -inf; they then
         // weigh exactly 0 below, because softmax_rescale maps -inf to 0 without forming
         // -inf - (-inf).
         const double g = (q_ok && n < n_valid) ? static_cast<double>(ws[qq][n]) : neg_inf;
         m_loc = g > m_loc ? g : m_loc;
-        const index_t gi = n < n_valid ? a.row_offset + n0 + n : -1;
-        if (topk_better(g, gi, best_g, best_i, true)) {
-          best_g = g;
-          best_i = gi;
-        }
+        const double lo = g - score_error(gamma, x_norm[qq], y_norm[n], 2.0 * y_half_sq[n]);
+        lower = lo > lower ? lo : lower;
       }
       for (int off = kWarpSize / 2; off > 0; off /= 2) {
         const double m_o = dr_shfl_xor(m_loc, off);
         m_loc = m_o > m_loc ? m_o : m_loc;
-        const double g_o = dr_shfl_xor(best_g, off);
+        const double l_o = dr_shfl_xor(lower, off);
+        lower = l_o > lower ? l_o : lower;
+      }
+      // Nearest row (the CPU path's rule, empirical_denoiser_cpu.cpp): float scores of two rows
+      // closer than their rounding error cannot be told apart (exact duplicates, near-ties), so
+      // every row whose score may still be the best is a candidate, ranked by its float64
+      // distance (row_sqdist_f64, summed in the CPU's order) and then by index. Typically one
+      // candidate per query and tile that improves the best.
+      double best_d = static_cast<double>(INFINITY);
+      index_t best_i = -1;
+      for (int n = lane; q_ok && n < n_valid; n += kWarpSize) {
+        const double g = static_cast<double>(ws[qq][n]);
+        if (g + score_error(gamma, x_norm[qq], y_norm[n], 2.0 * y_half_sq[n]) < lower) continue;
+        const double d2 = row_sqdist_f64<T>(a.x + (q0 + qq) * D, R, a.y, n0 + n, D);
+        const index_t gi = a.row_offset + n0 + n;
+        if (nearest_better(d2, gi, best_d, best_i)) {
+          best_d = d2;
+          best_i = gi;
+        }
+      }
+      for (int off = kWarpSize / 2; off > 0; off /= 2) {
+        const double d_o = dr_shfl_xor(best_d, off);
         const index_t i_o = dr_shfl_xor(best_i, off);
-        // Lowest global index wins an exact tie, whichever lane held it. Identical rows get
-        // bit-identical scores here (every column runs the same summation order).
-        if (topk_better(g_o, i_o, best_g, best_i, true)) {
-          best_g = g_o;
+        if (nearest_better(d_o, i_o, best_d, best_i)) {
+          best_d = d_o;
           best_i = i_o;
         }
       }
@@ -194,10 +223,9 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
         st_sum_sq[qq] = st.sum_sq;
         scale_old[qq] = static_cast<T>(f.a);
         scale_new[qq] = static_cast<T>(f.b);
-        // Tiles arrive in increasing row order, so a tie with an earlier tile keeps the
-        // earlier (lower) index; topk_better makes that explicit.
-        if (topk_better(best_g, best_i, st_best[qq], st_best_idx[qq], true)) {
-          st_best[qq] = best_g;
+        st_lower[qq] = lower;
+        if (nearest_better(best_d, best_i, st_best_d[qq], st_best_idx[qq])) {
+          st_best_d[qq] = best_d;
           st_best_idx[qq] = best_i;
         }
       }
@@ -233,7 +261,7 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
     out.max_score[o] = st_max[q];
     out.sum_exp[o] = st_sum[q];
     out.sum_exp_sq[o] = st_sum_sq[q];
-    out.best_score[o] = st_best[q];
+    out.best_sqdist[o] = st_best_d[q];
     out.best_index[o] = st_best_idx[q];
   }
 }
@@ -242,9 +270,10 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
 // Kernel 2: one block per query. Merges the S split states in split order (thread 0, with
 // softmax_merge in score units; S <= kMaxSplits), folds the per-split accumulators with the
 // resulting coefficients in a fixed order (float64 sum), converts the max score to the true
-// logit (logit_from_score, the same code as the CPU path), then recomputes ||x~ - y_nearest||^2
-// in float64 (row_sqdist_f64) with a block tree + warp-shuffle reduction. With S = 1 the partial
-// kernel already wrote the sums into the outputs.
+// logit (logit_from_score, the same code as the CPU path) and keeps the nearest of the splits'
+// nearest rows (nearest_better), whose float64 distance the partial kernel computed with the
+// CPU path's function and order. With S = 1 the partial kernel already wrote the sums and the
+// nearest row into the outputs.
 // ------------------------------------------------------------------------------------------------
 inline constexpr int kDenoiserMergeThreads = 128;
 
@@ -255,15 +284,13 @@ DR_KERNEL void empirical_denoiser_merge_kernel(
     DenoiserPartial<T> part) {   // [S, Q] / [S, Q, D] (aliases the outputs when S = 1)
   constexpr int NT = kDenoiserMergeThreads;
   DR_SHARED double coef[kMaxSplits];
-  DR_SHARED double red[NT];
-  DR_SHARED index_t nearest;
   const int tid = static_cast<int>(dr_tid());
   const index_t q = dr_bid_x();
   const index_t Q = a.Q, D = a.D;
 
   if (tid == 0) {
     SoftmaxState<double> st{part.max_score[q], part.sum_exp[q], part.sum_exp_sq[q]};
-    double best_g = part.best_score[q];
+    double best_d = part.best_sqdist[q];
     index_t best_i = part.best_index[q];
     coef[0] = 1.0;
     for (int s = 1; s < S; ++s) {
@@ -273,8 +300,8 @@ DR_KERNEL void empirical_denoiser_merge_kernel(
           a.inv_sigma2[q]);
       for (int j = 0; j < s; ++j) coef[j] *= f.a;  // A = fa A + fb A_s, unrolled
       coef[s] = f.b;
-      if (topk_better(part.best_score[o], part.best_index[o], best_g, best_i, true)) {
-        best_g = part.best_score[o];
+      if (nearest_better(part.best_sqdist[o], part.best_index[o], best_d, best_i)) {
+        best_d = part.best_sqdist[o];
         best_i = part.best_index[o];
       }
     }
@@ -284,7 +311,7 @@ DR_KERNEL void empirical_denoiser_merge_kernel(
     a.sum_exp[q] = st.sum;
     a.sum_exp_sq[q] = st.sum_sq;
     a.nearest_index[q] = best_i;
-    nearest = best_i;
+    a.nearest_sqdist[q] = best_d;  // +inf when no row was seen
   }
   dr_sync();
   if (S > 1) {  // uniform: S is a kernel argument
@@ -294,22 +321,6 @@ DR_KERNEL void empirical_denoiser_merge_kernel(
         acc += coef[s] * static_cast<double>(part.weighted_sum[(s * Q + q) * D + d]);
       a.weighted_sum[q * D + d] = static_cast<T>(acc);
     }
-  }
-
-  // Float64 distance to the winning row, from the values the kernel used (rows decoded to T,
-  // then widened): the same function as the CPU path, so both backends report identical
-  // distances up to the order of the float64 sum.
-  const index_t idx = nearest;
-  red[tid] = idx >= 0 ? row_sqdist_f64<T>(a.x + q * D, R, a.y, idx - a.row_offset, D, tid, NT) : 0.0;
-  dr_sync();
-  for (int s = NT / 2; s >= kWarpSize; s /= 2) {
-    if (tid < s) red[tid] += red[tid + s];
-    dr_sync();
-  }
-  if (tid < kWarpSize) {  // warp-uniform branch: the whole first warp shuffles together
-    double v = red[tid];
-    for (int off = kWarpSize / 2; off > 0; off /= 2) v += dr_shfl_xor(v, off);
-    if (tid == 0) a.nearest_sqdist[q] = idx >= 0 ? v : static_cast<double>(INFINITY);
   }
 }
 
@@ -348,7 +359,7 @@ Status denoiser_launch_cfg(const DenoiserArgs<T>& a, const Tuning& t, void* stre
     w += align_up(sq * sizeof(double));
     part.sum_exp_sq = reinterpret_cast<double*>(w);
     w += align_up(sq * sizeof(double));
-    part.best_score = reinterpret_cast<double*>(w);
+    part.best_sqdist = reinterpret_cast<double*>(w);
     w += align_up(sq * sizeof(double));
     part.best_index = reinterpret_cast<index_t*>(w);
   }

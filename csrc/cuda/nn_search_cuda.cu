@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // CUDA entry points of the nearest-neighbour search: the plan and kernels of nn_search_kernel.cuh
-// (the same source the emulator tests run). The partial kernel, then the merge kernel when the
-// rows were split across blocks or the metric is L2; launch_kernel checks cudaGetLastError().
+// (the same source the emulator tests run). The partial kernel, then the merge kernel (split
+// merge and float64 values of the winners); launch_kernel checks cudaGetLastError().
 #include "diffrepro/api_cuda.h"
 #include "nn_search_kernel.cuh"
 

@@ -49,7 +49,8 @@ inline void nn_config_shape(int config, int& TQ, int& TN, int& kcap) {
 // the block accumulates scores in registers over TK-slices of D (inner product, or the squared
 // L2 distance summed directly as (q - r)^2: no ||q||^2 - 2 q.r + ||r||^2 cancellation, so the
 // result is >= 0 by construction and needs no clamp, and stays accurate when q and r share a
-// large offset; the winners' values are then recomputed in float64 by kernel 2), writes them to a shared [TQ, TN] tile, and one thread per query pushes the
+// large offset; the winners' values are then recomputed in float64 by kernel 2), writes them
+// to a shared [TQ, TN] tile, and one thread per query pushes the
 // tile's candidates into its sorted top-k list in shared memory. Candidates are pushed in
 // increasing row order and topk_better breaks equal scores towards the lower index, so ties
 // resolve to the lowest index regardless of the tiling.
@@ -125,9 +126,9 @@ DR_KERNEL void nn_search_partial_kernel(
 
 // ------------------------------------------------------------------------------------------------
 // Kernel 2: one thread per query folds the S split lists in split order with topk_merge (ties
-// between splits go to the lower index, which also is the earlier split). For L2 it then
-// recomputes the winners' distances in float64 (row_sqdist_f64, the CPU path's function) and
-// re-sorts the list, so both backends report the same values. No barriers, so the early return
+// between splits go to the lower index, which also is the earlier split), then recomputes the
+// winners' values in float64 and re-sorts the list (topk_refine_f64, the CPU path's function),
+// so both backends report the same values for either metric. No barriers, so the early return
 // for padding threads is safe. Runs in place (part_* alias the outputs) when S = 1.
 // ------------------------------------------------------------------------------------------------
 inline constexpr int kNNMergeThreads = 64;
@@ -157,13 +158,7 @@ DR_KERNEL void nn_search_merge_kernel(
       cur_i[j] = tmp_i[j];
     }
   }
-  if (!IP) {
-    for (int j = 0; j < k; ++j)
-      if (cur_i[j] >= 0)
-        cur_v[j] = static_cast<float>(
-            row_sqdist_f64<float>(a.queries + q * a.D, R, a.refs, cur_i[j] - a.row_offset, a.D));
-    topk_sort(cur_v, cur_i, k, IP);
-  }
+  topk_refine_f64(a.queries + q * a.D, R, a.refs, a.row_offset, a.D, IP, cur_v, cur_i, k);
   for (int j = 0; j < k; ++j) {
     a.values[q * k + j] = cur_v[j];
     a.indices[q * k + j] = cur_i[j];
@@ -204,7 +199,7 @@ Status nn_launch_cfg(const SearchArgs& a, const Tuning& t, void* stream) {
   Status st = launch_kernel(&nn_search_partial_kernel<R, NC, IP>,
                             Dim2{static_cast<unsigned>(p.q_tiles), static_cast<unsigned>(p.splits)},
                             Dim2{Cfg::NT, 1}, stream, a, p.rows_per_split, pv, pi);
-  if (st != Status::kOk || (p.splits == 1 && IP)) return st;
+  if (st != Status::kOk) return st;
   const index_t blocks = (a.Q + kNNMergeThreads - 1) / kNNMergeThreads;
   return launch_kernel(&nn_search_merge_kernel<R, IP>, Dim2{static_cast<unsigned>(blocks), 1},
                        Dim2{kNNMergeThreads, 1}, stream, a, p.splits,

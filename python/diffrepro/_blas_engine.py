@@ -28,8 +28,8 @@ instead of ~136; see docs/cuda.md).
 ``nn_search`` scores a chunk with one GEMM (inner products, or squared distances from the centred
 expanded form ``||q'||^2 - 2 q'.r' + ||r'||^2`` combined in float64), keeps each query's top k
 with the lowest-index tie rule (torch, or the ``chunk_topk`` kernel), and merges chunk lists
-lexicographically (or ``merge_topk``); for ``l2`` the final k distances are recomputed in float64
-from the differences and re-sorted.
+lexicographically (or ``merge_topk``); the final k values are recomputed in float64 (inner
+products, or distances from the differences), rounded once and re-sorted, as the kernels do.
 
 The products can run in split precision (:mod:`diffrepro._split`); the logits, sums and merges
 stay float64 whatever the product.
@@ -323,9 +323,10 @@ def search_state(q2: torch.Tensor, r2: torch.Tensor, k: int, metric: str, row_of
             continue
         v, i = _chunk_topk(scores, k, largest)
         values, indices = merge_lists(values, indices, v, i + (row_offset + a), k, largest)
-    if not largest:  # the k winners' distances from the differences, in float64
-        found = indices >= 0
-        rows = _decode(r2[(indices - row_offset).clamp_min(0)], T).double()
-        exact = (q2.double()[:, None, :] - rows).square().sum(2).to(T)
-        values, indices = lex_sort(torch.where(found, exact, values), indices, largest)
-    return values, indices
+    # The k winners' values in float64 (inner products, or distances from the differences), rounded
+    # once to q2's dtype and re-sorted: the kernels' topk_refine_f64. O(Q k D).
+    found = indices >= 0
+    rows = _decode(r2[(indices - row_offset).clamp_min(0)], T).double()
+    q64 = q2.double()[:, None, :]
+    exact = ((q64 * rows).sum(2) if largest else (q64 - rows).square().sum(2)).to(T)
+    return lex_sort(torch.where(found, exact, values), indices, largest)

@@ -63,4 +63,10 @@ DR_HD double score_error_gamma(index_t D) {
   return static_cast<double>(D + 8) * u;
 }
 
+// The bound itself for one (query, row) pair: gamma (|x'| |y'| + ||y'||^2 / 2). A row whose
+// score plus its bound lies below the best score minus that row's bound is provably farther.
+DR_HD double score_error(double gamma, double x_norm, double y_norm, double y_norm2) {
+  return gamma * (x_norm * y_norm + 0.5 * y_norm2);
+}
+
 }  // namespace diffrepro

@@ -85,4 +85,14 @@ DR_HD double row_sqdist_f64(const T* x, RowType type, const void* rows, index_t 
   return acc;
 }
 
+// Float64 inner product <x, y_n> between a query x (type T) and stored row n, decoded to T and
+// then widened, exactly as the kernels see it: the value nn_search(metric="ip") reports.
+template <class T>
+DR_HD double row_dot_f64(const T* x, RowType type, const void* rows, index_t n, index_t D) {
+  double acc = 0.0;
+  for (index_t d = 0; d < D; ++d)
+    acc += static_cast<double>(x[d]) * static_cast<double>(load_row_value<T>(type, rows, n * D + d));
+  return acc;
+}
+
 }  // namespace diffrepro

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "diffrepro/config.h"
+#include "diffrepro/rows.h"
 
 namespace diffrepro {
 
@@ -63,6 +64,23 @@ DR_HD void topk_sort(T* scores, index_t* idx, int k, bool largest) {
     scores[p] = s;
     idx[p] = i;
   }
+}
+
+// Final values of one query's list: the winners' scores recomputed in float64 from the stored
+// rows (row_dot_f64 for inner products, row_sqdist_f64 for squared distances) and rounded once
+// to float32, then the list re-sorted by topk_better. The float32 scores only had to be good
+// enough to find the candidates; the reported values are then within one float32 rounding of
+// the exact ones on every backend (CPU, CUDA kernel, emulator). O(k D) per query. `rows` holds
+// global indices idx - row_offset; padding entries (index -1) keep their values.
+DR_HD void topk_refine_f64(const float* x, RowType type, const void* rows, index_t row_offset,
+                           index_t D, bool inner_product, float* values, index_t* idx, int k) {
+  for (int j = 0; j < k; ++j) {
+    if (idx[j] < 0) continue;
+    const index_t n = idx[j] - row_offset;
+    values[j] = static_cast<float>(inner_product ? row_dot_f64<float>(x, type, rows, n, D)
+                                                 : row_sqdist_f64<float>(x, type, rows, n, D));
+  }
+  topk_sort(values, idx, k, inner_product);
 }
 
 // Fills a list with padding: worst possible score and index -1.
