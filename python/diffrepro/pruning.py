@@ -46,7 +46,7 @@ from ._validate import ROW_TYPES
 from .ops import DenoiserState, _workers, finalize, merge_states
 
 __all__ = ["PrunedRows", "check_prune", "cluster_order", "straight_line_margin", "DEFAULT_PRUNE",
-           "batch_fields", "summarize", "plot_commitment"]
+           "batch_fields", "summarize", "plot_commitment", "FIELDS"]
 
 DEFAULT_PRUNE = 1e-12
 # Training rows per tile of the bounds: small enough that a query's candidates fill few tiles,
@@ -439,6 +439,10 @@ class Recorder:
         out = list(self.records)
         self.records.clear()
         return out
+
+
+# The per-batch outputs of batch_fields, in order.
+FIELDS = ("commit_sigma", "commit_index", "eval_sigma", "eval_n_eff", "eval_rows_fraction", "eval_skipped_bound")
 
 
 def batch_fields(records: list[dict]) -> dict:

@@ -142,7 +142,7 @@ class EmpiricalDenoiser(Denoiser):
                 "rows_dtype": str(_torch_dtype(rows)).replace("torch.", ""),
                 "labels_sha256": self._labels_sha256, "label_dim": self.label_dim,
                 "dtype": str(self.dtype).replace("torch.", ""), "device": self.device.type,
-                "chunk_rows": self.chunk_rows}
+                "chunk_rows": self.chunk_rows, "prune": self.prune}
         return dict(self._fingerprint)
 
     def class_count(self, k: int) -> int:
