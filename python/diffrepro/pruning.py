@@ -192,8 +192,7 @@ class PrunedRows:
         center: ``[D]`` centring vector in the compute dtype.
         tile_norm: float64 ``[n_tiles]``, ``max ‖y − center‖`` per tile (for the rounding bound).
         dtype: compute dtype.
-        tile_rows: rows per tile (every chunk but the last a multiple of it is not required:
-            each chunk has its own tiles).
+        tile_rows: rows per tile; each chunk is cut into its own tiles (its last may be shorter).
     """
 
     def __init__(self, chunks, center: torch.Tensor, tile_norm: np.ndarray, dtype: torch.dtype,
