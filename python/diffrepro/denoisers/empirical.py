@@ -44,7 +44,7 @@ def _cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
 
 
 class EmpiricalDenoiser(Denoiser):
-    """Posterior mean of the empirical training distribution (SPEC §1; P1 Thm 1, P2 eq. 5).
+    """Posterior mean of the empirical training distribution (Zhang et al. 2024, Thm 1; Li, Dai, Qu 2024, eq. 5).
 
     ``D(x̃;σ) = Σ_i softmax_i(−‖x̃ − y_i‖²/(2σ²)) y_i``, computed by
     :func:`diffrepro.empirical_denoiser`. A uint8 training set stays uint8 (the kernel decodes
