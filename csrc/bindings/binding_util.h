@@ -68,6 +68,24 @@ DenoiserArgs<T> denoiser_args(const py::dict& d) {
                          ptr<index_t>(d, "nearest_index"), ptr<double>(d, "nearest_sqdist")};
 }
 
+// The pruning fields of pruned_denoiser (PruneArgs), read with the GIL held.
+struct PruneFields {
+  std::uintptr_t active, tile_best, tile_second;
+  index_t tile_rows;
+};
+
+inline PruneFields prune_fields(const py::dict& d) {
+  expect_keys(d, "prune args", {"active", "tile_rows", "tile_best", "tile_second"});
+  return PruneFields{get<std::uintptr_t>(d, "active"), get<std::uintptr_t>(d, "tile_best"),
+                     get<std::uintptr_t>(d, "tile_second"), get<index_t>(d, "tile_rows")};
+}
+
+template <class T>
+PruneArgs<T> prune_args(const PruneFields& f) {
+  return PruneArgs<T>{reinterpret_cast<const std::uint8_t*>(f.active), f.tile_rows,
+                      reinterpret_cast<T*>(f.tile_best), reinterpret_cast<T*>(f.tile_second)};
+}
+
 inline SearchArgs search_args(const py::dict& d) {
   expect_keys(d, "search args",
               {"queries", "refs", "refs_type", "Q", "N", "D", "k", "inner_product", "center",

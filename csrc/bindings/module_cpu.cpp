@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <type_traits>
 
 #include "binding_util.h"
 #include "diffrepro/api_cpu.h"
@@ -28,6 +29,16 @@ void empirical_denoiser(const py::dict& args, index_t tile_rows, int workers) {
   diffrepro::binding::check(s, "_cpu", "empirical_denoiser");
 }
 
+void pruned_denoiser(const py::dict& args, const py::dict& prune, int workers) {
+  const Tuning t = cpu_tuning(0, workers);
+  const diffrepro::binding::PruneFields f = diffrepro::binding::prune_fields(prune);
+  const auto s = diffrepro::binding::run_denoiser(args, [&](const auto& a) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(a.x)>>;
+    return diffrepro::pruned_denoiser_cpu(a, diffrepro::binding::prune_args<T>(f), t);
+  });
+  diffrepro::binding::check(s, "_cpu", "pruned_denoiser");
+}
+
 void nn_search(const py::dict& args, index_t tile_rows, int workers) {
   const Tuning t = cpu_tuning(tile_rows, workers);
   const auto s = diffrepro::binding::run_search(
@@ -43,6 +54,7 @@ PYBIND11_MODULE(_cpu, m) {
   diffrepro::cpu_init();
   m.def("empirical_denoiser", &empirical_denoiser, "args"_a, py::kw_only(), "tile_rows"_a = 0,
         "workers"_a = 1);
+  m.def("pruned_denoiser", &pruned_denoiser, "args"_a, "prune"_a, py::kw_only(), "workers"_a = 1);
   m.def("nn_search", &nn_search, "args"_a, py::kw_only(), "tile_rows"_a = 0, "workers"_a = 1);
   m.def("gemm_core", [] { return std::string(diffrepro::cpu_gemm_core()); });
   m.def("cpu_isa", [] { return std::string(diffrepro::cpu_isa()); });

@@ -2,6 +2,10 @@
 // Empirical optimal denoiser on the CPU: one streaming pass over training tiles per query block.
 // For each tile, product 1 gives the scores, the online softmax turns them into weights in place,
 // and product 2 adds the weighted tile to the accumulator while the tile is still in cache.
+// With a PruneArgs mask (pruned_denoiser_cpu) each tile runs for its active queries only, gathered
+// into the products; tiles are then dealt to the workers round-robin so that the few active tiles
+// of a late, sparse call spread over all of them.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -30,6 +34,9 @@ struct DenoiserWorker {
   std::vector<double> tile_norm;  // [TN] ||y - c|| (for the score error bound)
   std::vector<T> scores;      // [TQ, TN] scores, then weights (in place)
   std::vector<T> acc;         // [TQ, D]  sum_n w_n (y_n - c)
+  std::vector<T> gathered;    // [TQ, D]  pruned: the tile's active centred queries
+  std::vector<T> part;        // [TQ, D]  pruned: their second product
+  std::vector<index_t> members;  // pruned: the tile's active queries (block-local)
   std::vector<SoftmaxState<double>> state;  // [TQ] max kept in score units g
   std::vector<double> lower;        // [TQ] max_n (g_n - error bound): a lower bound of the best
   std::vector<double> best_sqdist;  // [TQ] float64 distance of the nearest candidate
@@ -41,6 +48,7 @@ struct DenoiserWorker {
     tile_norm.resize(TN);
     scores.resize(nq * TN);
     acc.assign(nq * D, T(0));
+    members.resize(nq);
     state.assign(nq, softmax_init<double>());
     lower.assign(nq, -INFINITY);
     best_sqdist.assign(nq, INFINITY);
@@ -55,6 +63,8 @@ struct DenoiserCall {
   const T* xc;          // [Q, D] centred queries x - c
   const double* x_norm;  // [Q] ||x - c||
   double gamma;         // score_error_gamma<T>(D)
+  const PruneArgs<T>* prune;  // nullptr: dense
+  index_t n_tiles;
 };
 
 // Nearest row: the float scores of two rows closer than their rounding error cannot be told
@@ -81,18 +91,57 @@ void nearest_candidates(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t 
   }
 }
 
+// The queries of the block that tile `tile` is computed for: all of them (dense), or those the
+// prune mask marks active. Returns their number.
+template <class T>
+index_t tile_members(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, index_t nq,
+                     index_t tile) {
+  if (c.prune == nullptr) return nq;
+  index_t na = 0;
+  for (index_t q = 0; q < nq; ++q)
+    if (c.prune->active[(q0 + q) * c.n_tiles + tile]) w.members[na++] = q;
+  return na;
+}
+
 template <class T>
 void process_tile(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, index_t nq,
-                  index_t n0, index_t nt) {
+                  index_t tile, index_t n0, index_t nt) {
+  const index_t na = tile_members(w, c, q0, nq, tile);
+  if (na == 0) return;  // not even read
   const index_t D = c.a.D;
+  detail::load_centred_rows(c.a.y_type,
+                            static_cast<const char*>(c.a.y) + n0 * D * row_bytes(c.a.y_type), nt,
+                            D, c.a.center, w.tile.data(), w.tile_norm2.data());
+  const bool all = na == nq;  // every query of the block: no gather, no scatter
+  auto member = [&](index_t i) { return all ? i : w.members[i]; };
+  if (!all) {
+    w.gathered.resize(nq * D);
+    for (index_t i = 0; i < na; ++i)
+      std::copy_n(c.xc + (q0 + w.members[i]) * D, D, w.gathered.data() + i * D);
+  }
   T* s = w.scores.data();
   index_t nonzero = 0;
   // Scores g = <x - c, y - c> - ||y - c||^2 / 2 = logit * sigma^2 + ||x - c||^2 / 2 (per query).
-  detail::gemm(true, nq, nt, D, T(1), c.xc + q0 * D, D, w.tile.data(), D, T(0), s, nt);
+  detail::gemm(true, na, nt, D, T(1), all ? c.xc + q0 * D : w.gathered.data(), D, w.tile.data(), D,
+               T(0), s, nt);
   for (index_t j = 0; j < nt; ++j) w.tile_norm[j] = std::sqrt(static_cast<double>(w.tile_norm2[j]));
-  for (index_t q = 0; q < nq; ++q) {
-    T* g = s + q * nt;
+  for (index_t i = 0; i < na; ++i) {
+    const index_t q = member(i);
+    T* g = s + i * nt;
     for (index_t j = 0; j < nt; ++j) g[j] -= T(0.5) * w.tile_norm2[j];
+    if (c.prune != nullptr) {  // the tile's two best scores, for the caller's distance bounds
+      T first = -static_cast<T>(INFINITY), second = -static_cast<T>(INFINITY);
+      for (index_t j = 0; j < nt; ++j) {
+        if (g[j] > first) {
+          second = first;
+          first = g[j];
+        } else if (g[j] > second) {
+          second = g[j];
+        }
+      }
+      c.prune->tile_best[(q0 + q) * c.n_tiles + tile] = first;
+      c.prune->tile_second[(q0 + q) * c.n_tiles + tile] = second;
+    }
     nearest_candidates(w, c, q0, q, g, n0, nt);
     const T r = softmax_push_scores(w.state[q], g, nt, static_cast<T>(c.a.inv_sigma2[q0 + q]), g);
     if (r != T(1)) detail::scale(w.acc.data() + q * D, r, D);
@@ -100,19 +149,34 @@ void process_tile(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, in
   }
   // Small sigma: most weights underflow to exactly 0 and the second product would mostly add
   // zeros; below 1 non-zero in kSparseRatio the weighted rows are added one by one instead.
-  if (nonzero * kSparseRatio <= nq * nt)
-    detail::sparse_accumulate(s, nq, nt, w.tile.data(), D, w.acc.data());
-  else
+  if (nonzero * kSparseRatio <= na * nt) {
+    for (index_t i = 0; i < na; ++i)
+      detail::sparse_accumulate(s + i * nt, 1, nt, w.tile.data(), D, w.acc.data() + member(i) * D);
+  } else if (all) {
     detail::gemm(false, nq, D, nt, T(1), s, nt, w.tile.data(), D, T(1), w.acc.data(), D);
+  } else {
+    w.part.resize(nq * D);
+    detail::gemm(false, na, D, nt, T(1), s, nt, w.tile.data(), D, T(0), w.part.data(), D);
+    for (index_t i = 0; i < na; ++i) {
+      T* acc = w.acc.data() + w.members[i] * D;
+      const T* p = w.part.data() + i * D;
+      for (index_t d = 0; d < D; ++d) acc[d] += p[d];
+    }
+  }
 }
 
 }  // namespace
 
+namespace {
+
 template <class T>
-Status empirical_denoiser_cpu(const DenoiserArgs<T>& a, const Tuning& t) {
+Status denoise(const DenoiserArgs<T>& a, const PruneArgs<T>* prune, const Tuning& t) {
   const index_t Q = a.Q, N = a.N, D = a.D;
   if (Q < 1 || N < 1 || D < 1) return Status::kInvalidArgument;
-  const index_t TN = plan_tile_rows(t.tile_rows, kDenoiserTileRows, N, D * index_t(sizeof(T)));
+  if (prune != nullptr && prune->tile_rows < 1) return Status::kInvalidArgument;
+  const index_t TN = prune != nullptr ? std::min(prune->tile_rows, N)
+                                      : plan_tile_rows(t.tile_rows, kDenoiserTileRows, N,
+                                                       D * index_t(sizeof(T)));
   const index_t n_tiles = (N + TN - 1) / TN;
   const int P = static_cast<int>(std::max<index_t>(1, std::min<index_t>(t.workers, n_tiles)));
 
@@ -124,25 +188,23 @@ Status empirical_denoiser_cpu(const DenoiserArgs<T>& a, const Tuning& t) {
     half_sqnorm_dd(a.x + q * D, a.center, D, h_hi[q], h_lo[q]);
     x_norm[q] = std::sqrt(2.0 * h_hi[q]);
   }
-  const DenoiserCall<T> call{a, xc.data(), x_norm.data(), score_error_gamma<T>(D)};
+  const DenoiserCall<T> call{a, xc.data(), x_norm.data(), score_error_gamma<T>(D), prune, n_tiles};
 
   std::vector<DenoiserWorker<T>> pool(P);
   std::vector<double> merged(D);
   for (index_t q0 = 0; q0 < Q; q0 += kQueryBlock) {
     const index_t nq = std::min(kQueryBlock, Q - q0);
-    // Workers own contiguous shards of tiles, so shard order is row order.
+    // Dense: workers own contiguous shards of tiles, so shard order is row order. Pruned: tiles
+    // round-robin (the active ones are few and may sit together); ties are decided by index.
     detail::parallel_for_workers(P, [&](int w) {
       long long t0, t1;
       detail::worker_range(n_tiles, w, P, t0, t1);
+      const index_t first = prune != nullptr ? w : t0, end = prune != nullptr ? n_tiles : t1;
+      const index_t step = prune != nullptr ? P : 1;
       DenoiserWorker<T>& wk = pool[w];
       wk.reset(nq, TN, D);
-      for (index_t tile = t0; tile < t1; ++tile) {
-        const index_t n0 = tile * TN, nt = std::min(TN, N - n0);
-        detail::load_centred_rows(a.y_type,
-                                  static_cast<const char*>(a.y) + n0 * D * row_bytes(a.y_type), nt,
-                                  D, a.center, wk.tile.data(), wk.tile_norm2.data());
-        process_tile(wk, call, q0, nq, n0, nt);
-      }
+      for (index_t tile = first; tile < end; tile += step)
+        process_tile(wk, call, q0, nq, tile, tile * TN, std::min(TN, N - tile * TN));
     });
     for (index_t q = 0; q < nq; ++q) {
       const index_t gq = q0 + q;
@@ -162,8 +224,13 @@ Status empirical_denoiser_cpu(const DenoiserArgs<T>& a, const Tuning& t) {
           best_index = wk.best_index[q];
         }
       }
-      logit_from_score(total.max, h_hi[gq], h_lo[gq], a.inv_sigma2[gq], a.max_logit[gq],
-                       a.max_logit_lo[gq]);
+      if (total.max == -INFINITY) {  // pruned: no tile of this chunk was active for the query
+        a.max_logit[gq] = -INFINITY;
+        a.max_logit_lo[gq] = 0.0;
+      } else {
+        logit_from_score(total.max, h_hi[gq], h_lo[gq], a.inv_sigma2[gq], a.max_logit[gq],
+                         a.max_logit_lo[gq]);
+      }
       a.sum_exp[gq] = total.sum;
       a.sum_exp_sq[gq] = total.sum_sq;
       // The products ran on y - c; sum_n w_n y_n = sum_n w_n (y_n - c) + c * sum_n w_n.
@@ -176,7 +243,23 @@ Status empirical_denoiser_cpu(const DenoiserArgs<T>& a, const Tuning& t) {
   return Status::kOk;
 }
 
+}  // namespace
+
+template <class T>
+Status empirical_denoiser_cpu(const DenoiserArgs<T>& a, const Tuning& t) {
+  return denoise<T>(a, nullptr, t);
+}
+
+template <class T>
+Status pruned_denoiser_cpu(const DenoiserArgs<T>& a, const PruneArgs<T>& p, const Tuning& t) {
+  return denoise<T>(a, &p, t);
+}
+
 template Status empirical_denoiser_cpu<float>(const DenoiserArgs<float>&, const Tuning&);
 template Status empirical_denoiser_cpu<double>(const DenoiserArgs<double>&, const Tuning&);
+template Status pruned_denoiser_cpu<float>(const DenoiserArgs<float>&, const PruneArgs<float>&,
+                                           const Tuning&);
+template Status pruned_denoiser_cpu<double>(const DenoiserArgs<double>&,
+                                            const PruneArgs<double>&, const Tuning&);
 
 }  // namespace diffrepro

@@ -19,6 +19,13 @@ namespace diffrepro {
 template <class T>
 Status empirical_denoiser_cpu(const DenoiserArgs<T>& a, const Tuning& t);
 
+// The same state over the (query, tile) pairs that p.active marks (PruneArgs documents the tile
+// grid and the per-tile outputs). Tiles are dealt to the workers round-robin; results do not
+// depend on the tile order (nearest ties by index, merges in score units).
+// Errors: kInvalidArgument as empirical_denoiser_cpu, or p.tile_rows < 1.
+template <class T>
+Status pruned_denoiser_cpu(const DenoiserArgs<T>& a, const PruneArgs<T>& p, const Tuning& t);
+
 // Top-k nearest references per query over one chunk of reference rows (SearchArgs). L2 scores
 // are formed on centred rows when a.center is set and the winners' values are recomputed in
 // float64. Uses t.tile_rows and t.workers.

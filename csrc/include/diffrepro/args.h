@@ -4,6 +4,8 @@
 // long list of positional pointers and sizes. Plain aggregates, so kernels take them by value.
 #pragma once
 
+#include <cstdint>
+
 #include "diffrepro/config.h"
 #include "diffrepro/status.h"
 
@@ -40,6 +42,22 @@ struct DenoiserArgs {
   T* weighted_sum;            // [Q, D]
   index_t* nearest_index;     // [Q]
   double* nearest_sqdist;     // [Q]
+};
+
+// Certified pruning of the empirical denoiser (pruned_denoiser_cpu): the N rows are cut into
+// n_tiles = ceil(N / tile_rows) tiles of tile_rows rows (the last may be shorter) and tile t
+// enters query q's softmax only when active[q * n_tiles + t] != 0 (both products of a skipped
+// pair are skipped; a query with no active tile keeps the empty state: max_logit = -inf,
+// nearest_index = -1). For every computed pair the two largest scores
+// g_n = <x_q - c, y_n - c> - ||y_n - c||^2 / 2 of the tile go to tile_best / tile_second (-inf
+// when the tile has one row), so the caller has the tile's two smallest squared distances
+// ||x_q - c||^2 - 2 g (up to score_error_gamma); other entries are left untouched.
+template <class T>
+struct PruneArgs {
+  const std::uint8_t* active;  // [Q, n_tiles]
+  index_t tile_rows;
+  T* tile_best;                // [Q, n_tiles]
+  T* tile_second;              // [Q, n_tiles]
 };
 
 // Top-k search over one chunk of reference rows. inner_product: largest <q, r> first; otherwise

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 import torch
 
+from .. import pruning
 from ..data import Dataset
-from ..ops import empirical_denoiser, empirical_denoiser_partial, finalize, merge_states
+from ..ops import empirical_denoiser_partial, finalize, merge_states
 from .base import Denoiser, _class_indices, _per_sample, _torch_dtype
 from .jacobian import empirical_jvp
 
@@ -31,8 +33,18 @@ def sha256_rows(rows) -> str:
     return h.hexdigest()
 
 
+def _cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    """``t.to(device, dtype)``; CPU to CPU through numpy, single-threaded: torch would wake its
+    OpenMP pool for each small cast, whose spinning threads compete with the kernel's workers."""
+    if t.device.type == "cpu" and torch.device(device).type == "cpu":
+        if t.dtype == dtype:
+            return t
+        return torch.from_numpy(t.detach().numpy().astype(torch.empty(0, dtype=dtype).numpy().dtype))
+    return t.to(device=device, dtype=dtype)
+
+
 class EmpiricalDenoiser(Denoiser):
-    """Posterior mean of the empirical training distribution (SPEC §1; P1 Thm 1, P2 eq. 5).
+    """Posterior mean of the empirical training distribution (Zhang et al. 2024, Thm 1; Li, Dai, Qu 2024, eq. 5).
 
     ``D(x̃;σ) = Σ_i softmax_i(−‖x̃ − y_i‖²/(2σ²)) y_i``, computed by
     :func:`diffrepro.empirical_denoiser`. A uint8 training set stays uint8 (the kernel decodes
@@ -48,6 +60,14 @@ class EmpiricalDenoiser(Denoiser):
     :func:`diffrepro.merge_states` and :func:`diffrepro.finalize` (memmap chunks are read per
     call; the result equals the in-memory one up to float rounding).
 
+    Pruning (on by default, CPU): rows whose weight is certified below ``prune`` relative to the
+    largest, all skipped rows together, are skipped, and a query left with one row is committed
+    to it (O(D) per later call); see :mod:`diffrepro.pruning` for the certificate. ``prune=0``
+    is the dense path. Each call's statistics (σ, ``n_eff``, nearest row, certified skipped
+    mass, fraction of rows computed, commitment σ and row per query) are kept for
+    :meth:`pop_records`. On CUDA devices the dense kernel runs for now (no pruning, no
+    commitment): the pruned CUDA kernel plugs in at :meth:`diffrepro.pruning.PrunedRows._kernel`.
+
     Args:
         train: uint8 ``[N, C, H, W]`` (numpy, np.memmap or tensor), float in [-1, 1], or a
             :class:`diffrepro.data.Dataset` (its labels are used unless ``labels`` is given).
@@ -56,10 +76,12 @@ class EmpiricalDenoiser(Denoiser):
         device: where the training set lives and the kernel runs.
         chunk_rows: stream this many training rows per kernel call (None: one call).
         label_dim: number of classes (default ``max(labels) + 1``).
+        prune: relative weight below which rows are skipped, with a certificate (0: dense).
     """
 
     def __init__(self, train, *, labels=None, dtype: torch.dtype = torch.float32,
-                 device="cpu", chunk_rows: int | None = None, label_dim: int | None = None):
+                 device="cpu", chunk_rows: int | None = None, label_dim: int | None = None,
+                 prune: float = pruning.DEFAULT_PRUNE):
         if isinstance(train, Dataset):
             labels = train.labels if labels is None else labels
             train = train.images
@@ -74,6 +96,9 @@ class EmpiricalDenoiser(Denoiser):
         if chunk_rows is not None and (int(chunk_rows) != chunk_rows or chunk_rows < 1):
             raise ValueError(f"chunk_rows must be a positive integer or None, got {chunk_rows!r}")
         self.dtype, self.device = dtype, torch.device(device)
+        self.prune = pruning.check_prune(prune)
+        self._pruned: dict = {}
+        self._recorder = pruning.Recorder()
         self.img_channels, self.img_resolution = int(c), int(h)
         self.num_rows = int(n)
 
@@ -117,7 +142,7 @@ class EmpiricalDenoiser(Denoiser):
                 "rows_dtype": str(_torch_dtype(rows)).replace("torch.", ""),
                 "labels_sha256": self._labels_sha256, "label_dim": self.label_dim,
                 "dtype": str(self.dtype).replace("torch.", ""), "device": self.device.type,
-                "chunk_rows": self.chunk_rows}
+                "chunk_rows": self.chunk_rows, "prune": self.prune}
         return dict(self._fingerprint)
 
     def class_count(self, k: int) -> int:
@@ -147,27 +172,36 @@ class EmpiricalDenoiser(Denoiser):
             self._class_blocks[k] = self._train.index_select(0, rows)
         return self._class_blocks[k]
 
+    def _spans(self, k: int | None) -> list[tuple[int, int]]:
+        """``[lo, hi)`` ranges of class ``k``'s rows (None: all rows, in index order) streamed one
+        kernel call at a time; empty ranges are left out."""
+        n = self.num_rows if k is None else len(self._class_rows[k])
+        if not self._memmap:
+            step = self.chunk_rows or n
+            return [(a, min(a + step, n)) for a in range(0, n, step)]
+        if k is None:
+            return [(a, min(a + self.chunk_rows, n)) for a in range(0, n, self.chunk_rows)]
+        rows = self._class_rows[k]
+        bounds = [np.searchsorted(rows, [a, a + self.chunk_rows])
+                  for a in range(0, self.num_rows, self.chunk_rows)]
+        return [(int(lo), int(hi)) for lo, hi in bounds if hi > lo]
+
+    def _load(self, k: int | None, lo: int, hi: int):
+        """Rows ``[lo, hi)`` of class ``k``'s (virtual, ascending-index) array, kernel-ready."""
+        if not self._memmap:
+            return self._class_train(k)[lo:hi]
+        if k is None:
+            return self._stream_rows(self._train[lo:hi])
+        return self._to_device(self._train[self._class_rows[k][lo:hi]])
+
     def _chunks(self, k: int | None):
         """Yield ``(rows, row_offset)`` covering class ``k``'s rows (None: all) in index order.
 
         ``row_offset`` counts rows of the class's own (virtual, ascending-index) array, so the
         merged state's nearest index is local to that array; :meth:`_global_index` maps it back.
         """
-        if not self._memmap:
-            train = self._class_train(k)
-            step = self.chunk_rows or len(train)
-            for a in range(0, len(train), step):
-                yield train[a:a + step], a
-            return
-        rows = None if k is None else self._class_rows[k]
-        for a in range(0, self.num_rows, self.chunk_rows):
-            b = min(a + self.chunk_rows, self.num_rows)
-            if rows is None:
-                yield self._stream_rows(self._train[a:b]), a
-            else:
-                lo, hi = np.searchsorted(rows, [a, b])
-                if hi > lo:
-                    yield self._to_device(self._train[rows[lo:hi]]), int(lo)
+        for lo, hi in self._spans(k):
+            yield self._load(k, lo, hi), lo
 
     def _global_index(self, idx: torch.Tensor, k: int | None) -> torch.Tensor:
         if k is None:
@@ -195,18 +229,82 @@ class EmpiricalDenoiser(Denoiser):
             yield torch.nonzero(classes == k).reshape(-1), k
 
     def _x0(self, x, sigma, s, class_labels):
+        start = time.perf_counter()
         b = x.shape[0]
-        q = x.reshape(b, -1).to(device=self.device, dtype=self.dtype)
+        q = _cast(x.reshape(b, -1), self.device, self.dtype)
         sigma = sigma.to(self.device)
         s = torch.ones_like(sigma) if s is None else s.to(self.device)
-        out = torch.empty_like(q)
+        if not bool((s == 1).all()):
+            q = q / s.to(q.dtype)[:, None]  # x~ = x / s, as the kernel forms it
+        record = {"sigma": sigma.cpu().numpy(), "n_eff": np.ones(b), "nearest": np.full(b, -1),
+                  "skipped_bound": np.zeros(b), "commit_sigma": np.full(b, np.nan),
+                  "commit_index": np.full(b, -1), "rows_computed": 0.0, "rows_total": 0.0,
+                  "kernel_seconds": 0.0}
+        out = None
         for sel, k in self._groups(x, class_labels):
-            sel = slice(None) if sel is None else sel.to(self.device)
-            if self._memmap or self.chunk_rows is not None:
-                out[sel] = self._streamed(q[sel], sigma[sel], s[sel], k)[0]
+            idx = np.arange(b) if sel is None else sel.numpy()
+            n_rows = self.num_rows if k is None else len(self._class_rows[k])
+            qk = q if sel is None else q[sel.to(self.device)].contiguous()
+            if self.prune > 0 and self.device.type == "cpu":
+                rows = self._pruned_rows(k)
+                res, st = rows(qk, record["sigma"][idx], self.prune)
+                record["kernel_seconds"] += rows.kernel_seconds
+                for key in ("n_eff", "nearest", "skipped_bound", "commit_sigma", "commit_index"):
+                    record[key][idx] = st[key]
+                record["rows_computed"] += float(st["rows_computed"].sum())
             else:
-                out[sel] = empirical_denoiser(q[sel], self._class_train(k), sigma[sel], s=s[sel])
-        return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+                t = time.perf_counter()
+                res, info = self._streamed(qk, sigma if sel is None else sigma[sel.to(sigma.device)], 1.0, k)
+                record["kernel_seconds"] += time.perf_counter() - t
+                record["n_eff"][idx] = info["n_eff"].cpu().numpy()
+                record["nearest"][idx] = self._global_index(info["nearest_index"], k).cpu().numpy()
+                record["rows_computed"] += float(n_rows * len(idx))
+            record["rows_total"] += float(n_rows * len(idx))
+            if sel is None:
+                out = res
+            else:
+                out = torch.empty_like(q) if out is None else out
+                out[sel.to(self.device)] = res
+        record["rows_fraction"] = record.pop("rows_computed") / record.pop("rows_total")
+        out = _cast(out.reshape(x.shape), x.device, x.dtype)
+        record["seconds"] = time.perf_counter() - start
+        self._recorder.add(record)
+        return out
+
+    def pop_records(self) -> list[dict]:
+        """Statistics of every call since the last pop, in call order, and forget them.
+
+        Returns:
+            One dict per call: ``sigma``, ``n_eff`` (``1/Σw²``), ``nearest`` (global row),
+            ``skipped_bound`` (certified skipped mass relative to the largest weight),
+            ``commit_sigma``/``commit_index`` (NaN/−1 unless committed) as ``[B]`` arrays, and
+            ``rows_fraction``, the fraction of (query, row) pairs computed, ``seconds`` (the
+            call) and ``kernel_seconds`` (inside the kernels; the rest is bookkeeping).
+            :func:`diffrepro.pruning.batch_fields` turns a batch's records into its outputs.
+        """
+        return self._recorder.pop()
+
+    def _pruned_rows(self, k: int | None) -> pruning.PrunedRows:
+        """The pruning state of class ``k``'s rows (None: all rows), built on first use:
+        resident rows are copied once in an order that puts nearby images into the same tile
+        (:func:`diffrepro.pruning.cluster_order`); streamed rows keep their order and are read
+        per call."""
+        if k not in self._pruned:
+            base = np.arange(self.num_rows) if k is None else self._class_rows[k]
+            if not self._memmap and self.chunk_rows is None:
+                flat = self._train.reshape(self.num_rows, -1)
+                own = flat if k is None else flat.index_select(0, torch.from_numpy(base))
+                order = pruning.cluster_order(own.cpu().numpy())
+                del own
+                rows = flat.index_select(0, torch.from_numpy(base[order]).to(self.device))
+                chunks = [(rows.contiguous(), base[order])]
+            else:
+                def loader(lo, hi):
+                    return lambda: self._load(k, lo, hi).reshape(hi - lo, -1)
+
+                chunks = [(loader(lo, hi), base[lo:hi]) for lo, hi in self._spans(k)]
+            self._pruned[k] = pruning.build_rows(chunks, self.dtype)
+        return self._pruned[k]
 
     def _jvp(self, x, sigma, v, class_labels):
         """Exact ``Cov_w(y) v / σ²`` in float64 over each query's (class) rows, one chunked
