@@ -664,3 +664,43 @@ def test_cli_guided_flow_run_equals_the_library_sampler(real, tmp_path, denoiser
     assert seeds.tolist() == [0, 1, 2] and np.array_equal(images, expected.numpy())
     config = json.loads((out / "manifest.json").read_text())["config"]
     assert config["flow"] == {"shift": 3.0, "grid": "diffusers"} and config["denoiser"]["guidance"] == 2.5
+
+
+# ------------------------------------------------------------------------------------------------
+# Certified pruning and commitment (on by default)
+
+
+def test_pruned_run_equals_dense_and_records_commitment(edm_zip, real, tmp_path):
+    args = ("--train", edm_zip, "--seeds", "0-7", "--batch", 4, "--steps", 8)
+    assert _cli(*args, "--outdir", tmp_path / "pruned") == 0
+    assert _cli(*args, "--prune", 0, "--outdir", tmp_path / "dense") == 0
+    pruned, dense = _tree(tmp_path / "pruned"), _tree(tmp_path / "dense")
+    pngs = sorted(k for k in dense if re.fullmatch(r"\d{6}\.png", k))
+    assert len(pngs) == 8 and all(pruned[k] == dense[k] for k in pngs)  # identical after quantisation
+    _, images = generation.load_outputs(tmp_path / "pruned")
+    np.testing.assert_allclose(images, generation.load_outputs(tmp_path / "dense")[1], rtol=0, atol=1e-5)
+    # the committed row is the training image each output lies on (float64 distance, numpy)
+    train = data.decode(real.images[:40]).reshape(40, -1)
+    nearest = np.argmin(((images.reshape(8, -1)[:, None, :] - train[None]) ** 2).sum(-1), axis=1)
+    records = sorted((tmp_path / "pruned" / "batches").glob("*.npz"))
+    commit = np.concatenate([np.load(p)["commit_index"] for p in records])
+    sigma = np.concatenate([np.load(p)["commit_sigma"] for p in records])
+    done = commit >= 0
+    assert done.any() and np.array_equal(commit[done], nearest[done]) and np.all(np.isnan(sigma[~done]))
+    manifest = json.loads((tmp_path / "pruned" / "manifest.json").read_text())
+    summary = manifest["commitment"]
+    assert summary["prune"] == 1e-12 and summary["seeds"] == 8 and summary["committed"] == int(done.sum())
+    assert 0 < summary["rows_computed_fraction"] <= 1 and summary["max_skipped_bound"] < 1e-12
+    assert (tmp_path / "pruned" / "plots" / "commitment.png").is_file()
+
+
+def test_prune_is_part_of_the_run_identity(edm_zip, tmp_path, capsys):
+    args = ("--train", edm_zip, "--seeds", "0-1", "--steps", 4, "--outdir", tmp_path)
+    assert _cli(*args) == 0
+    assert _cli(*args, "--prune", 0) == 2
+    assert "prune" in capsys.readouterr().err
+    try:
+        code = _cli(*args, "--prune", 1)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2

@@ -16,7 +16,11 @@ Output folder::
 
     outdir/000123.png               (or outdir/000000/000123.png with subdirs=True)
     outdir/batches/batch-000000.npz seeds int64 [B], images float64 [B, C, H, W] (first seed in name),
-                                    run_id (sha256 of the run identity) and run (its JSON)
+                                    run_id (sha256 of the run identity) and run (its JSON); with the
+                                    empirical denoiser also commit_sigma [B], commit_index [B],
+                                    eval_sigma [E], eval_n_eff [E, B], eval_rows_fraction [E] and
+                                    eval_skipped_bound [E] (diffrepro.pruning.batch_fields)
+    outdir/plots/commitment.png     σ at commitment and n_eff quartiles against σ (empirical)
     outdir/grid.png                 the first 64 seeds, row-major 8×8
     outdir/manifest.json            run identity (configuration), σ grid, build and timing
 """
@@ -41,7 +45,7 @@ import PIL
 import torch
 from tqdm.auto import tqdm
 
-from . import _engine, data, distributed, metrics, noise, plots, samplers, schedules
+from . import _engine, data, distributed, metrics, noise, plots, pruning, samplers, schedules
 from ._backend import build_info
 from .denoisers import Denoiser, EmpiricalDenoiser, GaussianDenoiser, TimedDenoiser
 from .errors import RunError, UsageError
@@ -523,6 +527,17 @@ def load_outputs(outdir) -> tuple[np.ndarray, np.ndarray]:
 # Run identity
 
 
+def _commitment_fields(outdir: Path, plan, subdirs: bool) -> list[dict]:
+    """The commitment fields (:func:`diffrepro.pruning.batch_fields`) of every batch record that
+    has them, in batch order."""
+    out = []
+    for i in range(len(plan)):
+        with np.load(_batch_paths(outdir, plan, i, subdirs)[0]) as z:
+            if "commit_sigma" in z.files:
+                out.append({k: z[k] for k in pruning.FIELDS})
+    return out
+
+
 def _fingerprint(den) -> dict | None:
     """Content identity of a denoiser: its own ``fingerprint()``, else a sha256 of the tensors,
     arrays and modules among its public attributes plus its plain settings and the identities of
@@ -773,9 +788,14 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
             got.release()
             raise
 
+    commit_fields: dict[int, dict] = {}  # batch -> pruning.batch_fields of its evaluations
+
     def compute(i):
         nonlocal sample_seconds
         b = plan.seeds_of(i)
+        records = getattr(den, "pop_records", None)
+        if records is not None:
+            records()  # keep only this batch's evaluations
         lat = get_latents(b).to(device)
         labels = None
         if class_idx is not None:
@@ -788,6 +808,8 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
             images = sample(timed, lat, labels, sampler=sampler, steps=steps, sigma_min=sigma_min,
                             sigma_max=sigma_max, rho=rho).cpu().numpy()
         sample_seconds += time.perf_counter() - t
+        if records is not None and not closed and (evaluations := records()):
+            commit_fields[i] = pruning.batch_fields(evaluations)
         return images
 
     def finish(i, claim, images, computed):
@@ -796,7 +818,8 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
         try:
             if computed:
                 data.atomic_save_npz(_batch_paths(outdir, plan, i, subdirs)[0], seeds=np.asarray(b, np.int64),
-                                     images=images, run_id=np.array(run_id), run=np.array(json.dumps(identity)))
+                                     images=images, run_id=np.array(run_id), run=np.array(json.dumps(identity)),
+                                     **commit_fields.pop(i, {}))
             quantized = data.quantize(images)
             for j, s in enumerate(b):
                 png = outdir / noise.seed_filename(s, subdirs)
@@ -876,6 +899,15 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
         manifest["cuda_engines"] = _engine.report()  # which GPU engine ran (pin it for a bit-exact rerun)
         if complete:
             _save_grid(outdir, plan, run_id, identity, shape)
+            fields = _commitment_fields(outdir, plan, subdirs)
+            if fields:
+                manifest["commitment"] = pruning.summarize(fields, getattr(den, "prune", None))
+                if plots.available():
+                    (outdir / "plots").mkdir(exist_ok=True)
+                    pruning.plot_commitment(fields, outdir / "plots" / "commitment.png")
+                else:
+                    warnings.warn("matplotlib is not installed: plots/commitment.png was skipped (the "
+                                  "commitment fields are in the batch records and the manifest)", stacklevel=2)
         if part is None:
             _write_manifest(outdir, manifest)
     # No barrier after the end-of-run gather: rank 0 may host the job's store, and the other ranks

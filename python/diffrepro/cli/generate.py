@@ -8,7 +8,7 @@ import os
 import warnings
 
 from ..errors import UsageError, usage_errors
-from ._common import HelpFormatter, int_at_least, positive_float, progress_enabled, require_path
+from ._common import HelpFormatter, int_at_least, nonneg_float, positive_float, progress_enabled, require_path
 
 # Kept literal so that building the parser imports no torch; tests check them against
 # diffrepro.samplers.SAMPLERS, FLOW_SOLVERS and PRESETS.
@@ -76,6 +76,9 @@ def add_commands(sub) -> None:
                         "combines the processes' partial sums (empirical denoiser)")
     g.add_argument("--dist-timeout", type=positive_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: a process silent this long is reported lost and the others stop")
+    g.add_argument("--prune", metavar="EPS", type=nonneg_float, default=1e-12,
+                   help="empirical denoiser: skip training rows certified to weigh, together, less than EPS of the "
+                        "largest weight, and commit samples left with one row (0: dense; recorded in the manifest)")
     g.add_argument("--dry-run", action="store_true", help="print the work, estimated flops/time/memory, and exit")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(fn=_cmd_generate)
@@ -202,7 +205,9 @@ def _denoiser(args, ds, dtype, ctx):
             ds.images[lo:hi], lo, ctx, labels=None if labels is None else labels[lo:hi],
             label_dim=ds.label_dim if labels is not None else None, dtype=dtype, device=args.device)
     if args.denoiser == "empirical":
-        return EmpiricalDenoiser(ds.images, labels=labels, dtype=dtype, device=args.device)
+        if args.prune >= 1:
+            raise UsageError(f"--prune: got {args.prune}, expected a number in [0, 1) (0: dense)")
+        return EmpiricalDenoiser(ds.images, labels=labels, dtype=dtype, device=args.device, prune=args.prune)
     return GaussianDenoiser.from_data(ds.images, device=args.device)
 
 
