@@ -375,3 +375,37 @@ def test_killed_rank_is_named_and_a_rerun_completes(slow, tmp_path, capsys):
     assert _same_features(tmp_path / "f.npz", tmp_path / "one.npz")
     assert main(["score", "gl-sscd", "--gen", str(slow / "gen.npz"), "--train", str(slow / "train200k.npy"),
                  "--json", str(tmp_path / "gl.json")]) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# linearity and distill under torchrun: the σ are shared out, rank 0 writes what one process writes
+
+
+def test_linearity_and_distill_ranks_equal_one_process(tmp_path):
+    images = data.default_dataset().images[:24, :, :8, :8].copy()  # d = 192: a small least-squares problem
+    np.save(tmp_path / "train.npy", images[:16])
+    np.save(tmp_path / "held.npy", images[16:])
+    common = ["--train", tmp_path / "train.npy", "--images", tmp_path / "held.npy", "--sigmas", "0.05,0.4,2,10,80",
+              "--no-progress"]
+    lin = ["linearity", "--denoiser", "empirical", "--pairs", 4, "--inputs", "pure", *common]
+    dis = ["distill", "--denoiser", "gaussian", "--M", 400, *common]
+    ports = _free_ports(2)
+    ends = _finish(_ranks(3, ports[0], *lin, "--json", tmp_path / "lin3.json", "--plot", tmp_path / "lin3.png")
+                   + _ranks(2, ports[1], *dis, "--json", tmp_path / "dis2.json"))
+    assert [code for code, _, _ in ends] == [0] * 5, [e for _, _, e in ends]
+    assert [o for _, o, _ in ends[1:3] + ends[4:]] == [""] * 3  # rank 0 alone prints
+    assert main([*map(str, lin), "--json", str(tmp_path / "lin1.json"), "--plot", str(tmp_path / "lin1.png")]) == 0
+    assert main([*map(str, dis), "--json", str(tmp_path / "dis1.json")]) == 0
+    one, three = (json.loads((tmp_path / f"lin{k}.json").read_text()) for k in (1, 3))
+    assert one["cos"] == three["cos"] and one["nmse"] == three["nmse"]  # bitwise: same noise, same σ
+    # distill: the same fits up to the BLAS's reduction order (the ranks run one thread each)
+    one, two = (json.loads((tmp_path / f"dis{k}.json").read_text()) for k in (1, 2))
+    assert one["sigma"] == two["sigma"] and one["M"] == two["M"]
+    np.testing.assert_allclose(one["weight_nmse"], two["weight_nmse"], rtol=0, atol=1e-15)
+    with np.load(tmp_path / "dis1.npz") as a, np.load(tmp_path / "dis2.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:
+            if a[k].dtype.kind == "f":
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-9, atol=1e-12)
+            else:
+                assert np.array_equal(a[k], b[k]), k

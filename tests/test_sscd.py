@@ -180,3 +180,17 @@ def test_torch320_vs_p1_pil320_on_real_cifar(cifar_subset, tmp_path):
     assert delta.mean() < 2e-3 and np.quantile(delta, 0.99) < 5e-3 and delta.max() < 1e-2
     assert np.mean((s_pil > 0.6) != (s_t > 0.6)) < 1e-3
     assert np.min((f_pil * f_t).sum(1)) > 0.9999
+
+
+def test_damaged_cache_entry_is_recomputed(model_path, tmp_path):
+    """Cache entries are written atomically, so two jobs filling one entry at once leave one whole
+    file; an entry damaged outside diffrepro is recomputed, with one warning, and rewritten."""
+    x = random_images(3)
+    cache = tmp_path / "cache"
+    first = SSCDExtractor(model_path, cache=cache, progress=False)(x)
+    (entry,) = cache.iterdir()
+    entry.write_bytes(entry.read_bytes()[:40])
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = SSCDExtractor(model_path, cache=cache, progress=False)(x)
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(sscd.load_features(entry).features, first)

@@ -64,6 +64,7 @@ import json
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -511,7 +512,14 @@ class SSCDExtractor:
         arr = self._check_images(images)
         cache_file = None if self.cache_dir is None else self._cache_file(arr)
         if cache_file is not None and cache_file.is_file():
-            return load_features(cache_file).features
+            try:
+                cached = load_features(cache_file).features
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                # damaged outside diffrepro (its writes are atomic, so concurrent jobs leave whole files)
+                warnings.warn(f"cache entry {str(cache_file)!r} is unreadable ({exc}); recomputing it", stacklevel=2)
+            else:
+                if cached.shape[0] == len(arr):
+                    return cached
         feats = self._extract(arr)
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,23 @@ __all__ = ["P2_A_VALUES", "distill_sweep", "linearity_sweep", "p2_sigmas"]
 P2_A_VALUES = (0.99, 0.8675, 0.745, 0.6225, 0.5)
 
 
+def _own_indices(n: int, context) -> list[int]:
+    """The σ indices this process evaluates: all of them alone, every K-th under K processes."""
+    if context is None or context.world_size == 1:
+        return list(range(n))
+    return list(range(context.rank, n, context.world_size))
+
+
+def _gathered(own: dict, context, what: str) -> dict:
+    """Every process's ``{σ index: result}`` merged, on every process."""
+    if context is None or context.world_size == 1:
+        return own
+    merged = {}
+    for part in context.all_gather_object(own, what=what):
+        merged.update(part)
+    return merged
+
+
 def p2_sigmas() -> np.ndarray:
     """The ten noise levels of Li, Dai, Qu (the EDM ρ-grid with 10 steps on [0.002, 80])."""
     return edm_sigmas(10, 0.002, 80.0, 7.0).numpy()
@@ -33,14 +50,15 @@ def p2_sigmas() -> np.ndarray:
 
 def _clean(images, device) -> torch.Tensor:
     """Held-out images as float64 ``[N, C, H, W]`` in [-1, 1] on ``device``."""
-    t = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
+    t = images if torch.is_tensor(images) else torch.from_numpy(np.array(images))  # a copy: memmaps are read-only
     t = data.decode(t) if t.dtype == torch.uint8 else t.to(torch.float64)
     return t.to(device)
 
 
 def linearity_sweep(denoiser: Denoiser, images, sigmas: Sequence[float], *, pairs: int = 100,
                     a_values: Sequence[float] = P2_A_VALUES, inputs: str = "noisy", abs_cos: bool = False,
-                    nmse_squared: bool = False, seed: int = 0, device="cpu", progress: bool = True) -> dict:
+                    nmse_squared: bool = False, seed: int = 0, device="cpu", progress: bool = True,
+                    context=None) -> dict:
     """Linearity scores of ``D(·; σ)`` for every σ (eqs. 11–12).
 
     Pairs are ``x1 = y_i + σ ε_i`` from ``images[0:P]`` and ``x2 = y_{P+i} + σ ε'_i`` from
@@ -59,6 +77,9 @@ def linearity_sweep(denoiser: Denoiser, images, sigmas: Sequence[float], *, pair
         seed: seed of the CPU noise generator.
         device: where the inputs live.
         progress: show a progress bar over σ.
+        context: a :class:`diffrepro.distributed.Context` of several processes: process r evaluates
+            the σ of indices r, r + K, ... and every process returns the whole result (identical
+            to one process's: every σ is an independent computation on the same noise).
 
     Returns:
         ``{"sigma" [S], "a" [A], "alpha", "beta", "cos" [S, A], "nmse" [S, A], "main_a",
@@ -76,18 +97,21 @@ def linearity_sweep(denoiser: Denoiser, images, sigmas: Sequence[float], *, pair
     a_values = np.asarray(a_values, dtype=np.float64)
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn((2, *y.shape), generator=gen, dtype=torch.float64).to(device)
-    cos, nmse = [], []
-    for sigma in tqdm(sigmas, desc="linearity", unit="σ", disable=not progress):
-        if inputs == "pure":
+    mine = _own_indices(len(sigmas), context)
+    scores = {}
+    for i, sigma in enumerate(tqdm(sigmas, desc="linearity", unit="σ", disable=not progress)):
+        if inputs == "pure":  # drawn on every process, so each σ sees the noise of one process
             eps = torch.randn((2, *y.shape), generator=gen, dtype=torch.float64).to(device)
             x1, x2 = sigma * eps[0, :pairs], sigma * eps[1, pairs:]
         else:
             x1, x2 = y[:pairs] + sigma * eps[0, :pairs], y[pairs:] + sigma * eps[1, pairs:]
-        res = metrics.linearity_score(lambda x, s=float(sigma): denoiser(x, s), x1, x2, a_values=a_values,
-                                      abs_cos=abs_cos, nmse_squared=nmse_squared)
-        cos.append(res["cos"])
-        nmse.append(res["nmse"])
-    cos, nmse = np.stack(cos), np.stack(nmse)
+        if i in mine:
+            res = metrics.linearity_score(lambda x, s=float(sigma): denoiser(x, s), x1, x2, a_values=a_values,
+                                          abs_cos=abs_cos, nmse_squared=nmse_squared)
+            scores[i] = (res["cos"], res["nmse"])
+    scores = _gathered(scores, context, "linearity scores")
+    cos = np.stack([scores[i][0] for i in range(len(sigmas))])
+    nmse = np.stack([scores[i][1] for i in range(len(sigmas))])
     main = int(np.argmin(np.abs(a_values - 0.5)))
     return {"sigma": sigmas, "a": a_values, "alpha": np.sqrt(a_values), "beta": np.sqrt(1 - a_values),
             "cos": cos, "nmse": nmse, "main_a": float(a_values[main]), "cos_main": cos[:, main],
@@ -98,7 +122,7 @@ def linearity_sweep(denoiser: Denoiser, images, sigmas: Sequence[float], *, pair
 def distill_sweep(teacher: Denoiser, images, sigmas: Sequence[float], *, reference: GaussianDenoiser,
                   M: int | None = None, mode: str = "lstsq", ridge: float = 0.0, epochs: int = 100,
                   lr: float | None = None, batch_size: int = 256, seed: int = 0, device="cpu",
-                  progress: bool = True) -> tuple[LinearDenoiserSet, dict]:
+                  progress: bool = True, context=None) -> tuple[LinearDenoiserSet, dict]:
     """Linear distillation of ``teacher`` at every σ (eqs. 8–9), compared with the Wiener
     weights of ``reference``.
 
@@ -117,6 +141,9 @@ def distill_sweep(teacher: Denoiser, images, sigmas: Sequence[float], *, referen
         seed: seed of the noise generator.
         device: where the inputs live.
         progress: show a progress bar over σ.
+        context: a :class:`diffrepro.distributed.Context` of several processes: process r fits the σ
+            of indices r, r + K, ... and every process returns the whole result (identical to one
+            process's: each σ is fitted on its own noise stream, seeded by ``seed``).
 
     Returns:
         ``(models, result)``: the fitted :class:`LinearDenoiserSet` and ``{"sigma" [S],
@@ -140,9 +167,10 @@ def distill_sweep(teacher: Denoiser, images, sigmas: Sequence[float], *, referen
     def target(x, sigma):
         return teacher(x.to(device=device, dtype=torch.float64), sigma)
 
-    models, nmse, rel, bias = [], [], [], []
-    for sigma in tqdm(sigmas, desc=f"distill ({mode})", unit="σ", disable=not progress):
-        sigma = float(sigma)
+    fits = {}
+    mine = _own_indices(len(sigmas), context)
+    for i in tqdm(mine, desc=f"distill ({mode})", unit="σ", disable=not progress):
+        sigma = float(sigmas[i])
         if mode == "lstsq":
             batches = noisy_batches(y, sigma, batch_size=batch_size, epochs=-(-M // len(y)), seed=seed,
                                     device=device)
@@ -152,11 +180,12 @@ def distill_sweep(teacher: Denoiser, images, sigmas: Sequence[float], *, referen
             model = distill_linear(target, batches, sigma, mode="adam",
                                    lr=lr if lr is not None else LR_TABLE[round(sigma, 4)])
         wiener = reference.linear(sigma)
-        nmse.append(metrics.weight_nmse(model.W, wiener.W, squared=True)["nmse"])
-        rel.append(metrics.weight_nmse(model.W, wiener.W, squared=False)["nmse"])
         b_ref = wiener.b.to(model.b)
-        bias.append(float(torch.linalg.norm(model.b - b_ref) / torch.linalg.norm(b_ref).clamp_min(1e-300)))
-        models.append(model)
+        fits[i] = (model, metrics.weight_nmse(model.W, wiener.W, squared=True)["nmse"],
+                   metrics.weight_nmse(model.W, wiener.W, squared=False)["nmse"],
+                   float(torch.linalg.norm(model.b - b_ref) / torch.linalg.norm(b_ref).clamp_min(1e-300)))
+    fits = _gathered(fits, context, "distilled models")
+    models, nmse, rel, bias = (list(column) for column in zip(*(fits[i] for i in range(len(sigmas)))))
     result = {"sigma": sigmas, "weight_nmse": np.array(nmse), "weight_rel_fro": np.array(rel),
               "bias_rel_err": np.array(bias), "M": M if mode == "lstsq" else models[0].M, "mode": mode,
               "ridge": ridge, "seed": seed}

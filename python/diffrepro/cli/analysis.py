@@ -13,7 +13,9 @@ import numpy as np
 from ..errors import UsageError, usage_errors
 from ._common import (
     HelpFormatter,
+    dist_timeout_arg,
     int_at_least,
+    job,
     load_images,
     nonneg_float,
     positive_float,
@@ -45,6 +47,7 @@ def _denoiser_args(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", metavar="OUT", help="result file (default: <images>__<train>.<command>.json)")
     p.add_argument("--outdir", metavar="DIR", help="folder for the default output files")
+    dist_timeout_arg(p)
 
 
 def add_commands(sub) -> None:
@@ -160,9 +163,12 @@ def _cmd_linearity(args) -> int:
         print(_cost_line("linearity", None if train is None else len(train), int(np.prod(y.shape[1:])),
                          evaluations, args.denoiser))
         return 0
-    res = sweeps.linearity_sweep(den, y, sigmas, pairs=args.pairs, a_values=a_values, inputs=args.inputs,
-                                 abs_cos=args.abs_cos, nmse_squared=args.nmse_squared, seed=args.seed,
-                                 device=args.device, progress=progress)
+    with job(args, args.device) as ctx:  # under torchrun the σ are shared out; rank 0 writes
+        res = sweeps.linearity_sweep(den, y, sigmas, pairs=args.pairs, a_values=a_values, inputs=args.inputs,
+                                     abs_cos=args.abs_cos, nmse_squared=args.nmse_squared, seed=args.seed,
+                                     device=args.device, progress=progress and ctx.rank == 0, context=ctx)
+    if ctx.rank:
+        return 0
     out = {"metric": "linearity", "denoiser": args.denoiser, **res, "train": os.path.abspath(args.train),
            "images": os.path.abspath(args.images), "layout": "cos[i][j], nmse[i][j]: sigma[i], a[j]"}
     if plots.available():
@@ -209,11 +215,13 @@ def _cmd_distill(args) -> int:
                       f"{model_bytes / 2**20:.0f} MiB on disk", stacklevel=1)
     reference = den if isinstance(den, GaussianDenoiser) else GaussianDenoiser.from_data(train, device=args.device,
                                                                                           progress=progress)
-    with usage_errors("--lr" if args.mode == "adam" else "--M"):
+    with job(args, args.device) as ctx, usage_errors("--lr" if args.mode == "adam" else "--M"):
         models, res = sweeps.distill_sweep(den, y, sigmas, reference=reference, M=M, mode=args.mode,
                                            ridge=args.ridge, epochs=args.epochs, lr=args.lr,
                                            batch_size=args.batch_size, seed=args.seed, device=args.device,
-                                           progress=progress)
+                                           progress=progress and ctx.rank == 0, context=ctx)
+    if ctx.rank:  # under torchrun the σ were shared out; rank 0 writes
+        return 0
     model_path.parent.mkdir(parents=True, exist_ok=True)
     models.save(model_path)
     same = os.path.abspath(args.images) == os.path.abspath(args.train)
