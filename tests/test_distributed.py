@@ -3,6 +3,7 @@
 hand with the environment torchrun sets (so that one can be killed or stopped), gloo process
 groups on ``file://`` stores, SLURM-style parts and two independent jobs on one folder. Every
 process and wait is bounded in time; the references are one-process runs and float64 oracles."""
+import datetime
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import assert_f32_accuracy, naive_float32_denoiser
 
@@ -47,14 +49,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ranks(world: int, outdir, *extra) -> list[subprocess.Popen]:
-    """``world`` processes of ``python -m diffrepro generate`` with the variables torchrun sets
-    (rank 0 hosts the TCP store on the loopback interface)."""
-    port = _free_port()
+def _ranks(world: int, outdir, *extra, port: int | None = None) -> list[subprocess.Popen]:
+    """``world`` processes of ``python -m diffrepro generate`` with the variables torchrun sets: rank 0
+    hosts the TCP store on the loopback interface, or, given ``port``, the caller's store there (as
+    torchrun's agent hosts it, outliving every rank)."""
+    agent = port is not None
+    port = _free_port() if port is None else port
     procs = []
     for r in range(world):
         env = {**ENV, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": str(agent)}
         procs.append(subprocess.Popen([sys.executable, "-m", "diffrepro", *ARGS, "--outdir", str(outdir),
                                        "--dist-timeout", str(TIMEOUT), *extra], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
@@ -158,7 +162,10 @@ def test_lost_rank_is_named_then_any_world_size_finishes(ref, tmp_path, one_thre
     assert main([*ARGS, "--outdir", str(out), "--part", "0/3"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "running" and not (out / "grid.png").exists() and _records(out) == 6
-    procs = _ranks(world, out)
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))  # torchrun's agent hosts the store
+    procs = _ranks(world, out, port=port)
     deadline = time.monotonic() + 120
     while _records(out) < 7 and time.monotonic() < deadline and procs[victim].poll() is None:
         time.sleep(0.01)
@@ -170,6 +177,7 @@ def test_lost_rank_is_named_then_any_world_size_finishes(ref, tmp_path, one_thre
     seconds = time.monotonic() - t
     procs[victim].kill()
     procs[victim].wait(timeout=30)
+    del store
     for code, _, err in survivors:
         assert code == 1, err[-2000:]
         assert f"lost rank {victim} (killed or hung: no heartbeat for {TIMEOUT} s)" in err, err[-2000:]
