@@ -111,14 +111,16 @@ def bench_pruning_generate(benchmark, record, tmp_path_factory, sizes, sets, cas
         setup_seconds[name] = time.perf_counter() - t
         den.pop_records()
     times = {"dense": [], "pruned": []}
-    records = {}
+    records = {"dense": [], "pruned": []}
     dirs = {}
+    for name, den in dens.items():  # generate pops each batch's records: keep a copy of what it pops
+        den.pop_records = lambda pop=den.pop_records, kept=records[name]: kept.extend(popped := pop()) or popped
 
     def one_round():
         for name, den in dens.items():  # interleaved: both see the same machine load
             dirs[name] = tmp_path_factory.mktemp(f"{case}-{name}")
+            records[name].clear()
             times[name].append(_run(den, seeds, dirs[name]))
-            records[name] = den.pop_records()
 
     benchmark.pedantic(one_round, rounds=sizes["rounds"], warmup_rounds=0)
     fields = _check_same_generations(dirs["dense"], dirs["pruned"], train, records["pruned"])
