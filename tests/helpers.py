@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Kernel backends, test data factories, a stand-in SSCD model and the tolerance rules (float64
 oracle, naive float32 baseline, argmax rule)."""
+import os
+import subprocess
 import warnings
 from dataclasses import dataclass
 
@@ -118,3 +120,29 @@ def save_stub_sscd(path, seed=1):
         model = torch.jit.script(StubSSCD().eval())
     model.save(str(path))
     return model
+
+
+def output_tree(outdir) -> dict:
+    """Relative path -> bytes of every output file except the manifest (it holds timings)."""
+    out = {}
+    for root, _dirs, files in os.walk(outdir):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), outdir)
+            if rel != "manifest.json":
+                with open(os.path.join(root, f), "rb") as fh:
+                    out[rel] = fh.read()
+    return out
+
+
+def finish_processes(procs, timeout=120) -> list[tuple[int, str, str]]:
+    """``(returncode, stdout, stderr)`` of each process, killing any still running after ``timeout`` s."""
+    out = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            o, e = p.communicate()
+        out.append((p.returncode, o, e))
+    return out
+

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_f32_accuracy, naive_float32_denoiser
+from helpers import assert_f32_accuracy, finish_processes, naive_float32_denoiser, output_tree
 
 from diffrepro import data, distributed, generation, nn_search, nn_search_partial, reference
 from diffrepro.cli import main
@@ -29,18 +29,6 @@ from diffrepro.denoisers import EmpiricalDenoiser
 ENV = {**os.environ, "DIFFREPRO_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TIMEOUT = 5  # --dist-timeout in seconds (a starved but live process still beats within it)
 ARGS = ["generate", "--max-train", "100", "--seeds", "0-35", "--batch", "2", "--steps", "6", "--no-progress"]
-
-
-def _tree(outdir) -> dict:
-    """Relative path -> bytes of every output file except the manifest (it holds timings)."""
-    out = {}
-    for root, _dirs, files in os.walk(outdir):
-        for f in files:
-            rel = os.path.relpath(os.path.join(root, f), outdir)
-            if rel != "manifest.json":
-                with open(os.path.join(root, f), "rb") as fh:
-                    out[rel] = fh.read()
-    return out
 
 
 def _free_port() -> int:
@@ -63,18 +51,6 @@ def _ranks(world: int, outdir, *extra, port: int | None = None) -> list[subproce
                                        "--dist-timeout", str(TIMEOUT), *extra], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return procs
-
-
-def _finish(procs, timeout=120) -> list[tuple[int, str, str]]:
-    out = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            o, e = p.communicate()
-        out.append((p.returncode, o, e))
-    return out
 
 
 def _records(outdir) -> int:
@@ -114,7 +90,7 @@ def test_torchrun_two_processes_byte_identical(ref, tmp_path):
                           env=ENV, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("36 images in") == 1 and "on 2 processes" in proc.stdout  # rank 0 alone prints
-    assert _tree(out) == _tree(ref)
+    assert output_tree(out) == output_tree(ref)
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and m["processes"]["world_size"] == 2
 
@@ -127,7 +103,7 @@ def test_parts_then_assembly_equal_one_process(ref, tmp_path, one_thread, capsys
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
     assert main([*ARGS, "--outdir", str(out)]) == 0  # checks every record and PNG, computes nothing
     assert "complete (0 generated, 36 reused)" in capsys.readouterr().out
-    assert _tree(out) == _tree(ref)
+    assert output_tree(out) == output_tree(ref)
 
 
 @pytest.mark.parametrize("text", ["2/2", "1", "-1/2", "a/b"])
@@ -173,7 +149,7 @@ def test_lost_rank_is_named_then_any_world_size_finishes(ref, tmp_path, one_thre
     assert procs[victim].poll() is None, "the run ended before the fault could be injected"
     procs[victim].send_signal(sig)
     t = time.monotonic()
-    survivors = _finish([p for r, p in enumerate(procs) if r != victim], timeout=TIMEOUT + 60)
+    survivors = finish_processes([p for r, p in enumerate(procs) if r != victim], timeout=TIMEOUT + 60)
     seconds = time.monotonic() - t
     procs[victim].kill()
     procs[victim].wait(timeout=30)
@@ -185,7 +161,7 @@ def test_lost_rank_is_named_then_any_world_size_finishes(ref, tmp_path, one_thre
     assert seconds < TIMEOUT + 30  # the timeout plus process exit on a loaded 2-core machine: no hang
     _visible_outputs_are_whole(out)
     assert main([*ARGS, "--outdir", str(out)]) == 0  # one process finishes what the ranks left
-    assert _tree(out) == _tree(ref)
+    assert output_tree(out) == output_tree(ref)
     assert not [p for p in out.rglob(".*")]  # stale lock of the lost rank broken, no temporaries
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and 0 < m["timing"]["reused"] < 36
@@ -215,7 +191,7 @@ def test_a_batch_claimed_by_a_live_job_is_left_to_it(ref, tmp_path, one_thread, 
         other.wait()
     # The other job died without finishing: its lock is stale and the rerun completes the run.
     assert main([*ARGS, "--outdir", str(out)]) == 0
-    assert _tree(out) == _tree(ref)
+    assert output_tree(out) == output_tree(ref)
 
 
 def test_claim_is_exclusive_and_breaks_only_dead_owners(tmp_path):

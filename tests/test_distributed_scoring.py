@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import save_stub_sscd
+from helpers import finish_processes, save_stub_sscd
 
 from diffrepro import data, distributed, metrics
 from diffrepro.cli import main
@@ -97,18 +97,6 @@ def _ranks(world: int, port: int, *argv, store: bool = False) -> list[subprocess
                                        str(TIMEOUT)], env=env, text=True, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE))
     return procs
-
-
-def _finish(procs, timeout=120) -> list[tuple[int, str, str]]:
-    out = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            o, e = p.communicate()
-        out.append((p.returncode, o, e))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +194,7 @@ def test_score_ranks_equal_one_process(files, tmp_path):
                      "--chunk-rows", 8, "--json", tmp_path / "sscd3.json")
     nn = _ranks(2, ports[1], "score", "gl-nn", "--gen", files / "gen_x.npz", "--train", files / "images.npy",
                    "--normalize", "nn", "--json", tmp_path / "nn2.json")
-    ends = _finish(sscd + nn)
+    ends = finish_processes(sscd + nn)
     assert [code for code, _, _ in ends] == [0] * 5, [e for _, _, e in ends]
     assert "searched by 3 processes" in ends[0][1] and "searched by 2 processes" in ends[3][1]
     assert [o for _, o, _ in ends[1:3] + ends[4:]] == [""] * 3  # rank 0 alone prints
@@ -349,7 +337,7 @@ def test_killed_rank_is_named_and_a_rerun_completes(slow, tmp_path, capsys):
                            "--chunk-rows", 64, "--json", tmp_path / "gl.json", store=True)
     _kill_when_running((feats, store_f, 2), (score, store_s, 1))
     t = time.monotonic()
-    survivors = _finish(feats[:2] + score[:1], timeout=TIMEOUT + 60)
+    survivors = finish_processes(feats[:2] + score[:1], timeout=TIMEOUT + 60)
     seconds = time.monotonic() - t
     for p in (feats[2], score[1]):
         p.wait(timeout=30)
@@ -390,7 +378,7 @@ def test_linearity_and_distill_ranks_equal_one_process(tmp_path):
     lin = ["linearity", "--denoiser", "empirical", "--pairs", 4, "--inputs", "pure", *common]
     dis = ["distill", "--denoiser", "gaussian", "--M", 400, *common]
     ports = _free_ports(2)
-    ends = _finish(_ranks(3, ports[0], *lin, "--json", tmp_path / "lin3.json", "--plot", tmp_path / "lin3.png")
+    ends = finish_processes(_ranks(3, ports[0], *lin, "--json", tmp_path / "lin3.json", "--plot", tmp_path / "lin3.png")
                    + _ranks(2, ports[1], *dis, "--json", tmp_path / "dis2.json"))
     assert [code for code, _, _ in ends] == [0] * 5, [e for _, _, e in ends]
     assert [o for _, o, _ in ends[1:3] + ends[4:]] == [""] * 3  # rank 0 alone prints

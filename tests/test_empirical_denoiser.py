@@ -202,6 +202,19 @@ def test_streaming_memmap_chunks_equal_one_shot(tmp_path, cifar_subset):
     assert info["nearest_index"].tolist() == [5, 400]
 
 
+def _assert_nearest_rows(backend, x, y, want, ref):
+    """Every tuning variant of the backend, in one shot and merged from three chunks, returns the
+    oracle's nearest rows ``want`` (and, in one shot, its float64 distances)."""
+    for variant in backend.variants:
+        _, info = dr.finalize(dr.empirical_denoiser_partial(*backend.put(x, y), 0.5, **backend.kw, **variant))
+        assert info["nearest_index"].cpu().tolist() == want, variant
+        assert torch.allclose(info["nearest_sqdist"].cpu(), ref["nearest_sqdist"], rtol=1e-12, atol=0)
+        parts = [dr.empirical_denoiser_partial(*backend.put(x, y[a:b]), 0.5, row_offset=a, **backend.kw, **variant)
+                 for a, b in [(200, 300), (0, 67), (67, 200)]]
+        _, info = dr.finalize(dr.merge_states(dr.merge_states(parts[0], parts[1]), parts[2]))
+        assert info["nearest_index"].cpu().tolist() == want, variant
+
+
 def test_nearest_index_exact_duplicates_lowest_index(backend, cifar_subset):
     # Identical rows at different positions of a GEMM tile get different float32 roundings of
     # their scores; the reported nearest row must still be the lowest index among them, for
@@ -216,14 +229,7 @@ def test_nearest_index_exact_duplicates_lowest_index(backend, cifar_subset):
     want = [lo for lo, _ in dup]
     ref = empirical_denoiser_info_reference(x, y, 0.5)
     assert ref["nearest_index"].tolist() == want
-    for variant in backend.variants:
-        _, info = dr.finalize(dr.empirical_denoiser_partial(*backend.put(x, y), 0.5, **backend.kw, **variant))
-        assert info["nearest_index"].cpu().tolist() == want, variant
-        assert torch.allclose(info["nearest_sqdist"].cpu(), ref["nearest_sqdist"], rtol=1e-12, atol=0)
-        parts = [dr.empirical_denoiser_partial(*backend.put(x, y[a:b]), 0.5, row_offset=a, **backend.kw, **variant)
-                 for a, b in [(200, 300), (0, 67), (67, 200)]]
-        _, info = dr.finalize(dr.merge_states(dr.merge_states(parts[0], parts[1]), parts[2]))
-        assert info["nearest_index"].cpu().tolist() == want, variant
+    _assert_nearest_rows(backend, x, y, want, ref)
 
 
 def test_nearest_index_float32_near_ties_ranked_in_float64(backend, cifar_subset):
@@ -234,14 +240,7 @@ def test_nearest_index_float32_near_ties_ranked_in_float64(backend, cifar_subset
     x, y, want = near_tie_rows(cifar_subset, 300, 3072 if backend.name != "emu" else 256)
     ref = empirical_denoiser_info_reference(x, y, 0.5)
     assert ref["nearest_index"].tolist() == want
-    for variant in backend.variants:
-        _, info = dr.finalize(dr.empirical_denoiser_partial(*backend.put(x, y), 0.5, **backend.kw, **variant))
-        assert info["nearest_index"].cpu().tolist() == want, variant
-        assert torch.allclose(info["nearest_sqdist"].cpu(), ref["nearest_sqdist"], rtol=1e-12, atol=0)
-        parts = [dr.empirical_denoiser_partial(*backend.put(x, y[a:b]), 0.5, row_offset=a, **backend.kw, **variant)
-                 for a, b in [(200, 300), (0, 67), (67, 200)]]
-        _, info = dr.finalize(dr.merge_states(dr.merge_states(parts[0], parts[1]), parts[2]))
-        assert info["nearest_index"].cpu().tolist() == want, variant
+    _assert_nearest_rows(backend, x, y, want, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers import output_tree
 
 from diffrepro import data, generation, metrics, noise, samplers
 from diffrepro.cli import main
@@ -45,18 +46,6 @@ def _png(path) -> np.ndarray:
     with PIL.Image.open(path) as img:
         assert img.mode == "RGB"
         return np.asarray(img).transpose(2, 0, 1)
-
-
-def _tree(outdir) -> dict:
-    """Relative path -> bytes of every output file except the manifest (it holds timings)."""
-    out = {}
-    for root, _dirs, files in os.walk(outdir):
-        for f in files:
-            rel = os.path.relpath(os.path.join(root, f), outdir)
-            if rel != "manifest.json":
-                with open(os.path.join(root, f), "rb") as fh:
-                    out[rel] = fh.read()
-    return out
 
 
 def _cli(*args) -> int:
@@ -163,12 +152,12 @@ def test_resume_regenerates_only_missing_and_is_byte_identical(edm_zip, tmp_path
     out = tmp_path / "out"
     args = ("--train", edm_zip, "--seeds", "0-11", "--batch", 4, "--steps", 5, "--outdir", out)
     _cli(*args)
-    before = _tree(out)
+    before = output_tree(out)
     (out / "000001.png").unlink()  # its batch npz stays: rewritten from it, not recomputed
     (out / "000009.png").unlink()
     (out / "batches" / "batch-000008.npz").unlink()  # this batch is recomputed
     _cli(*args)
-    assert _tree(out) == before
+    assert output_tree(out) == before
     timing = json.loads((out / "manifest.json").read_text())["timing"]
     assert (timing["generated"], timing["reused"]) == (4, 8)
 
@@ -195,7 +184,7 @@ def test_interrupted_run_resumes_to_identical_outputs(real, tmp_path, monkeypatc
     monkeypatch.setattr(generation, "sample", original)
     m = generation.generate(den, "0-8", tmp_path / "run", **kw)
     assert (m["timing"]["generated"], m["timing"]["reused"]) == (6, 3)
-    assert _tree(tmp_path / "run") == _tree(tmp_path / "ref")
+    assert output_tree(tmp_path / "run") == output_tree(tmp_path / "ref")
 
 
 def test_resume_with_other_settings_is_refused(real, tmp_path):
@@ -491,7 +480,7 @@ def test_heun_into_a_folder_of_euler_outputs(real, tmp_path):
     assert any(_png(mixed / f"{s:06d}.png").tobytes() != _png(tmp_path / "heun" / f"{s:06d}.png").tobytes()
                for s in range(6))
     generation.generate(den, "0-5", mixed, sampler="heun", **kw)
-    assert _tree(mixed) == _tree(tmp_path / "heun")
+    assert output_tree(mixed) == output_tree(tmp_path / "heun")
 
     shutil.copytree(tmp_path / "euler" / "batches", tmp_path / "foreign" / "batches")
     with pytest.raises(ValueError, match=r"batch-000000\.npz' belongs to another run \(sampler: got \"heun\", "
@@ -503,13 +492,13 @@ def test_truncated_or_foreign_png_is_rewritten_on_resume(real, tmp_path):
     den = EmpiricalDenoiser(real.images[:30])
     kw = {"steps": 4, "batch": 3, "progress": False}
     generation.generate(den, "0-5", tmp_path, **kw)
-    before = _tree(tmp_path)
+    before = output_tree(tmp_path)
     png = tmp_path / "000002.png"
     png.write_bytes(png.read_bytes()[:-30])  # truncated
     data.save_png(tmp_path / "000004.png", np.zeros(SHAPE, np.uint8))  # a valid PNG of other pixels
     with pytest.warns(UserWarning, match=r"rewrote 2 PNG\(s\)"):
         m = generation.generate(den, "0-5", tmp_path, **kw)
-    assert _tree(tmp_path) == before and m["timing"]["generated"] == 0
+    assert output_tree(tmp_path) == before and m["timing"]["generated"] == 0
 
 
 def test_record_with_other_seeds_or_unreadable_is_refused(real, tmp_path):
@@ -587,7 +576,7 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical(edm_zip, tmp_path):
     assert left == {str(p.relative_to(out)) for p in keep}
     for p in keep:
         p.unlink()
-    assert _tree(out) == _tree(tmp_path / "ref")
+    assert output_tree(out) == output_tree(tmp_path / "ref")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -692,7 +681,7 @@ def test_pruned_run_equals_dense_and_records_commitment(edm_zip, real, tmp_path)
     args = ("--train", edm_zip, "--seeds", "0-7", "--batch", 4, "--steps", 8)
     assert _cli(*args, "--outdir", tmp_path / "pruned") == 0
     assert _cli(*args, "--prune", 0, "--outdir", tmp_path / "dense") == 0
-    pruned, dense = _tree(tmp_path / "pruned"), _tree(tmp_path / "dense")
+    pruned, dense = output_tree(tmp_path / "pruned"), output_tree(tmp_path / "dense")
     pngs = sorted(k for k in dense if re.fullmatch(r"\d{6}\.png", k))
     assert len(pngs) == 8 and all(pruned[k] == dense[k] for k in pngs)  # identical after quantisation
     _, images = generation.load_outputs(tmp_path / "pruned")
