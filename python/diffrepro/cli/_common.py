@@ -92,34 +92,25 @@ def int_at_least(minimum: int):
     return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a positive number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a positive finite number")
-    return value
+def _float_in(accepts, expected: str):
+    """An argparse type for a finite float that ``accepts``; errors say ``got X, expected <expected>``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and accepts(value)):
+            raise argparse.ArgumentTypeError(f"got {text!r}, expected {expected}")
+        return value
+
+    parse.__name__ = expected
+    return parse
 
 
-def nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a number >= 0") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a finite number >= 0")
-    return value
-
-
-def cosine_threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a cosine threshold in [-1, 1]") from None
-    if not (math.isfinite(value) and -1.0 <= value <= 1.0):
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a cosine threshold in [-1, 1]")
-    return value
+positive_float = _float_in(lambda v: v > 0, "a positive finite number")
+nonneg_float = _float_in(lambda v: v >= 0, "a finite number >= 0")
+cosine_threshold = _float_in(lambda v: -1.0 <= v <= 1.0, "a cosine threshold in [-1, 1]")
 
 
 def dist_timeout_arg(p) -> None:
