@@ -3,10 +3,13 @@
 // For each tile, product 1 gives the scores, the online softmax turns them into weights in place,
 // and product 2 adds the weighted tile to the accumulator while the tile is still in cache.
 // With a PruneArgs mask (pruned_denoiser_cpu) each tile runs for its active queries only, gathered
-// into the products; tiles are then dealt to the workers round-robin so that the few active tiles
-// of a late, sparse call spread over all of them.
+// into the products; neighbouring prune tiles with the same active queries run as one kernel tile
+// of up to kDenoiserTileRows rows (a fully active call then streams like the dense one), and
+// kernel tiles are dealt to the workers round-robin so that the few active tiles of a late,
+// sparse call spread over all of them.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "diffrepro/api_cpu.h"
@@ -25,6 +28,10 @@ namespace {
 // The second product goes sparse below one non-zero weight in kSparseRatio (a dense GEMM runs
 // several times faster per flop than row-by-row accumulation, so the switch pays off only then).
 constexpr index_t kSparseRatio = 8;
+// Pruned: a tile active for at least (kWholeRatio - 1) / kWholeRatio of the block's queries runs
+// the products over the whole block, the inactive queries' weights zeroed: gathering the active
+// queries and scattering their sums back costs more than the few wasted rows.
+constexpr index_t kWholeRatio = 8;
 
 // One worker's running state for a block of nq queries.
 template <class T>
@@ -37,6 +44,7 @@ struct DenoiserWorker {
   std::vector<T> gathered;    // [TQ, D]  pruned: the tile's active centred queries
   std::vector<T> part;        // [TQ, D]  pruned: their second product
   std::vector<index_t> members;  // pruned: the tile's active queries (block-local)
+  std::vector<std::uint8_t> on;  // pruned: [TQ] is the query active for the tile
   std::vector<SoftmaxState<double>> state;  // [TQ] max kept in score units g
   std::vector<double> lower;        // [TQ] max_n (g_n - error bound): a lower bound of the best
   std::vector<double> best_sqdist;  // [TQ] float64 distance of the nearest candidate
@@ -49,6 +57,7 @@ struct DenoiserWorker {
     scores.resize(nq * TN);
     acc.assign(nq * D, T(0));
     members.resize(nq);
+    on.resize(nq);
     state.assign(nq, softmax_init<double>());
     lower.assign(nq, -INFINITY);
     best_sqdist.assign(nq, INFINITY);
@@ -98,21 +107,28 @@ index_t tile_members(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0,
                      index_t tile) {
   if (c.prune == nullptr) return nq;
   index_t na = 0;
-  for (index_t q = 0; q < nq; ++q)
-    if (c.prune->active[(q0 + q) * c.n_tiles + tile]) w.members[na++] = q;
+  for (index_t q = 0; q < nq; ++q) {
+    w.on[q] = c.prune->active[(q0 + q) * c.n_tiles + tile] != 0;
+    if (w.on[q]) w.members[na++] = q;
+  }
   return na;
 }
 
+// Rows [n0, n0 + nt) as one kernel tile. Dense: `tile` is the kernel tile. Pruned: the rows are
+// prune tiles tile .. tile + n_sub - 1, all with the same active queries (the mask of `tile`).
 template <class T>
 void process_tile(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, index_t nq,
-                  index_t tile, index_t n0, index_t nt) {
+                  index_t tile, index_t n_sub, index_t n0, index_t nt) {
   const index_t na = tile_members(w, c, q0, nq, tile);
   if (na == 0) return;  // not even read
   const index_t D = c.a.D;
   detail::load_centred_rows(c.a.y_type,
                             static_cast<const char*>(c.a.y) + n0 * D * row_bytes(c.a.y_type), nt,
                             D, c.a.center, w.tile.data(), w.tile_norm2.data());
-  const bool all = na == nq;  // every query of the block: no gather, no scatter
+  // all: the products run over every query of the block (no gather, no scatter); the inactive
+  // ones, if any, get zero weights and no softmax update.
+  const bool all = na * kWholeRatio >= nq * (kWholeRatio - 1);
+  const index_t nr = all ? nq : na;  // rows of the products
   auto member = [&](index_t i) { return all ? i : w.members[i]; };
   if (!all) {
     w.gathered.resize(nq * D);
@@ -122,25 +138,32 @@ void process_tile(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, in
   T* s = w.scores.data();
   index_t nonzero = 0;
   // Scores g = <x - c, y - c> - ||y - c||^2 / 2 = logit * sigma^2 + ||x - c||^2 / 2 (per query).
-  detail::gemm(true, na, nt, D, T(1), all ? c.xc + q0 * D : w.gathered.data(), D, w.tile.data(), D,
+  detail::gemm(true, nr, nt, D, T(1), all ? c.xc + q0 * D : w.gathered.data(), D, w.tile.data(), D,
                T(0), s, nt);
   for (index_t j = 0; j < nt; ++j) w.tile_norm[j] = std::sqrt(static_cast<double>(w.tile_norm2[j]));
-  for (index_t i = 0; i < na; ++i) {
+  for (index_t i = 0; i < nr; ++i) {
     const index_t q = member(i);
     T* g = s + i * nt;
+    if (c.prune != nullptr && !w.on[q]) {  // computed over the whole block, but not active
+      std::fill_n(g, nt, T(0));
+      continue;
+    }
     for (index_t j = 0; j < nt; ++j) g[j] -= T(0.5) * w.tile_norm2[j];
-    if (c.prune != nullptr) {  // the tile's two best scores, for the caller's distance bounds
-      T first = -static_cast<T>(INFINITY), second = -static_cast<T>(INFINITY);
-      for (index_t j = 0; j < nt; ++j) {
-        if (g[j] > first) {
-          second = first;
-          first = g[j];
-        } else if (g[j] > second) {
-          second = g[j];
+    if (c.prune != nullptr) {  // each prune tile's two best scores, for the caller's bounds
+      const index_t rows = c.prune->tile_rows;
+      for (index_t sub = 0; sub < n_sub; ++sub) {
+        T first = -static_cast<T>(INFINITY), second = -static_cast<T>(INFINITY);
+        for (index_t j = sub * rows; j < std::min(nt, (sub + 1) * rows); ++j) {
+          if (g[j] > first) {
+            second = first;
+            first = g[j];
+          } else if (g[j] > second) {
+            second = g[j];
+          }
         }
+        c.prune->tile_best[(q0 + q) * c.n_tiles + tile + sub] = first;
+        c.prune->tile_second[(q0 + q) * c.n_tiles + tile + sub] = second;
       }
-      c.prune->tile_best[(q0 + q) * c.n_tiles + tile] = first;
-      c.prune->tile_second[(q0 + q) * c.n_tiles + tile] = second;
     }
     nearest_candidates(w, c, q0, q, g, n0, nt);
     const T r = softmax_push_scores(w.state[q], g, nt, static_cast<T>(c.a.inv_sigma2[q0 + q]), g);
@@ -150,7 +173,7 @@ void process_tile(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, in
   // Small sigma: most weights underflow to exactly 0 and the second product would mostly add
   // zeros; below 1 non-zero in kSparseRatio the weighted rows are added one by one instead.
   if (nonzero * kSparseRatio <= na * nt) {
-    for (index_t i = 0; i < na; ++i)
+    for (index_t i = 0; i < nr; ++i)
       detail::sparse_accumulate(s + i * nt, 1, nt, w.tile.data(), D, w.acc.data() + member(i) * D);
   } else if (all) {
     detail::gemm(false, nq, D, nt, T(1), s, nt, w.tile.data(), D, T(1), w.acc.data(), D);
@@ -162,6 +185,26 @@ void process_tile(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, in
       const T* p = w.part.data() + i * D;
       for (index_t d = 0; d < D; ++d) acc[d] += p[d];
     }
+  }
+}
+
+// Pruned: the kernel tiles of a query block, as (first prune tile, count): runs of up to
+// `per` neighbouring prune tiles whose active queries in the block are the same.
+inline void group_tiles(const std::uint8_t* active, index_t n_tiles, index_t q0, index_t nq,
+                        index_t per, std::vector<index_t>& first, std::vector<index_t>& count) {
+  first.clear();
+  count.clear();
+  auto same = [&](index_t a, index_t b) {
+    for (index_t q = q0; q < q0 + nq; ++q)
+      if ((active[q * n_tiles + a] != 0) != (active[q * n_tiles + b] != 0)) return false;
+    return true;
+  };
+  for (index_t t = 0; t < n_tiles;) {
+    index_t m = 1;
+    while (m < per && t + m < n_tiles && same(t, t + m)) ++m;
+    first.push_back(t);
+    count.push_back(m);
+    t += m;
   }
 }
 
@@ -178,6 +221,8 @@ Status denoise(const DenoiserArgs<T>& a, const PruneArgs<T>* prune, const Tuning
                                       : plan_tile_rows(t.tile_rows, kDenoiserTileRows, N,
                                                        D * index_t(sizeof(T)));
   const index_t n_tiles = (N + TN - 1) / TN;
+  // Pruned: prune tiles per kernel tile at most (rows of the dense kernel's tile, capped by N).
+  const index_t per = prune != nullptr ? std::max<index_t>(1, std::min(kDenoiserTileRows, N) / TN) : 1;
   const int P = static_cast<int>(std::max<index_t>(1, std::min<index_t>(t.workers, n_tiles)));
 
   // Centred queries, and h = ||x - c||^2 / 2 in double-double for the logits (logits.h).
@@ -192,19 +237,27 @@ Status denoise(const DenoiserArgs<T>& a, const PruneArgs<T>* prune, const Tuning
 
   std::vector<DenoiserWorker<T>> pool(P);
   std::vector<double> merged(D);
+  std::vector<index_t> group_first, group_count;
   for (index_t q0 = 0; q0 < Q; q0 += kQueryBlock) {
     const index_t nq = std::min(kQueryBlock, Q - q0);
-    // Dense: workers own contiguous shards of tiles, so shard order is row order. Pruned: tiles
-    // round-robin (the active ones are few and may sit together); ties are decided by index.
+    if (prune != nullptr) group_tiles(prune->active, n_tiles, q0, nq, per, group_first, group_count);
+    // Dense: workers own contiguous shards of tiles, so shard order is row order. Pruned: kernel
+    // tiles round-robin (the active ones are few and may sit together); ties are decided by index.
     detail::parallel_for_workers(P, [&](int w) {
+      DenoiserWorker<T>& wk = pool[w];
+      wk.reset(nq, TN * per, D);
+      if (prune != nullptr) {
+        for (std::size_t g = w; g < group_first.size(); g += P) {
+          const index_t n0 = group_first[g] * TN;
+          process_tile(wk, call, q0, nq, group_first[g], group_count[g], n0,
+                       std::min(TN * group_count[g], N - n0));
+        }
+        return;
+      }
       long long t0, t1;
       detail::worker_range(n_tiles, w, P, t0, t1);
-      const index_t first = prune != nullptr ? w : t0, end = prune != nullptr ? n_tiles : t1;
-      const index_t step = prune != nullptr ? P : 1;
-      DenoiserWorker<T>& wk = pool[w];
-      wk.reset(nq, TN, D);
-      for (index_t tile = first; tile < end; tile += step)
-        process_tile(wk, call, q0, nq, tile, tile * TN, std::min(TN, N - tile * TN));
+      for (index_t tile = t0; tile < t1; ++tile)
+        process_tile(wk, call, q0, nq, tile, 1, tile * TN, std::min(TN, N - tile * TN));
     });
     for (index_t q = 0; q < nq; ++q) {
       const index_t gq = q0 + q;
