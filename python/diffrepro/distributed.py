@@ -29,13 +29,15 @@ import socket
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import pruning
 from .denoisers.base import Denoiser, _class_indices, _per_sample
-from .denoisers.empirical import sha256_rows
+from .denoisers.empirical import RecordedCalls, sha256_rows
 from .errors import RunError
 from .ops import empirical_denoiser_partial, finalize, merge_topk
 
@@ -432,7 +434,26 @@ def claim(lock_path) -> Claim | dict:
 # Sharded training set
 
 
-class ShardedEmpiricalDenoiser(Denoiser):
+class _ShardReductions:
+    """The reductions of :class:`diffrepro.pruning.PrunedRows` across the shards of a
+    :class:`ShardedEmpiricalDenoiser`: element-wise MIN and SUM (float64) and the state merge."""
+
+    def __init__(self, den: ShardedEmpiricalDenoiser):
+        # A weak reference: the denoiser holds these reductions, and a cycle would keep its process
+        # group alive until the interpreter's final teardown, where gloo's threads abort the exit.
+        self.den = weakref.proxy(den)
+
+    def min(self, a: np.ndarray) -> np.ndarray:
+        return self.den._reduce(torch.from_numpy(np.array(a, dtype=np.float64)), "min", "pruning bounds").numpy()
+
+    def sum(self, a: np.ndarray) -> np.ndarray:
+        return self.den._reduce(torch.from_numpy(np.array(a)), "sum", "pruning sums").numpy()
+
+    def merge(self, state):
+        return finalize(self.den._merge(state))
+
+
+class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
     """The empirical optimal denoiser of a training set spread over the ranks of a job.
 
     Each rank holds a contiguous slice of the rows. A call computes the rank's softmax state
@@ -446,6 +467,13 @@ class ShardedEmpiricalDenoiser(Denoiser):
     Class-conditional calls restrict each rank to its rows of the class; a rank holding no row
     of a class contributes an empty state.
 
+    Pruning (on by default, CPU) works as in :class:`diffrepro.denoisers.EmpiricalDenoiser`: each
+    rank keeps the bounds of its own rows, and the certificate's global numbers (the distance
+    ``U`` to the nearest row, the bound on all other rows, the skipped mass) are all-reduced, so
+    every rank skips, commits and releases the same queries and the output is the one-process
+    pruned result up to float rounding. Per-call statistics as
+    :meth:`~diffrepro.denoisers.EmpiricalDenoiser.pop_records`.
+
     Args:
         local_rows: this rank's rows, uint8 ``[n, C, H, W]`` (decoded ``u/127.5 − 1``) or float.
         row_offset: global index of the first local row.
@@ -455,12 +483,13 @@ class ShardedEmpiricalDenoiser(Denoiser):
         label_dim: number of classes over the whole set (required with ``labels``).
         dtype: compute dtype, float32 or float64.
         device: where the rows live and the kernel runs.
+        prune: relative weight below which rows are skipped, with a certificate (0: dense).
     """
 
     sharded = True
 
     def __init__(self, local_rows, row_offset: int, group=None, *, labels=None, label_dim: int | None = None,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
+                 dtype: torch.dtype = torch.float32, device="cpu", prune: float = pruning.DEFAULT_PRUNE):
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         rows = torch.from_numpy(np.ascontiguousarray(local_rows)) if isinstance(local_rows, np.ndarray) \
@@ -472,6 +501,10 @@ class ShardedEmpiricalDenoiser(Denoiser):
         self.context = group if isinstance(group, Context) else None
         self.group = self.context.group if self.context else group
         self.dtype, self.device = dtype, torch.device(device)
+        self.prune = pruning.check_prune(prune)
+        self._pruned: dict = {}
+        self._recorder = pruning.Recorder()
+        self._class_sizes: dict = {}
         self.row_offset = int(row_offset)
         self._rows = (rows if rows.dtype == torch.uint8 else rows.to(dtype)).to(self.device).contiguous()
         self.img_channels, self.img_resolution = int(rows.shape[1]), int(rows.shape[2])
@@ -528,7 +561,7 @@ class ShardedEmpiricalDenoiser(Denoiser):
             self._fingerprint = {"shard_count": len(shards), "shards": shards, "n_train": self.num_rows,
                                  "rows_dtype": str(self._rows.dtype).replace("torch.", ""),
                                  "label_dim": self.label_dim, "dtype": str(self.dtype).replace("torch.", ""),
-                                 "device": self.device.type}
+                                 "device": self.device.type, "prune": self.prune}
         return dict(self._fingerprint)
 
     def _class_block(self, k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -543,14 +576,19 @@ class ShardedEmpiricalDenoiser(Denoiser):
         """The merged state of queries ``q`` over every rank's rows of class ``k``."""
         rows, index = self._class_block(k)
         part = empirical_denoiser_partial(q, rows, sigma, s=s, row_offset=self.row_offset if index is None else 0)
-        nearest = part.nearest_index
         if index is not None and len(rows):
-            nearest = torch.where(nearest >= 0, index.to(nearest.device)[nearest.clamp_min(0)], nearest)
+            nearest = part.nearest_index
+            part.nearest_index = torch.where(nearest >= 0, index.to(nearest.device)[nearest.clamp_min(0)], nearest)
+        return finalize(self._merge(part))
+
+    def _merge(self, part):
+        """This rank's softmax state (nearest row as a global index) merged with every rank's."""
         # The max logit is the pair hi + lo (merge_states): MAX of the hi parts (with the negated
         # nearest distances), then MAX of the lo parts among the ranks at the top hi (with the
         # negated lowest global index among the rows at the smallest distance), then one float64
         # SUM of the rescaled sums.
-        n = len(q)
+        nearest = part.nearest_index
+        n = len(nearest)
         hi = part.max_logit
         lo = part.max_logit_lo if part.max_logit_lo is not None else torch.zeros_like(hi)
         top = self._reduce(torch.cat([hi, -part.nearest_sqdist]), "max", "denoiser call (max)")
@@ -566,29 +604,44 @@ class ShardedEmpiricalDenoiser(Denoiser):
         packed = self._reduce(packed, "sum", "denoiser call (sums)")
         # replace() keeps the fields that hold for every rank (sigma, s, query fingerprint); the rows
         # covered are every rank's, recorded as unknown rather than as this shard's.
-        state = dataclasses.replace(
+        return dataclasses.replace(
             part, max_logit=m_hi, max_logit_lo=m_lo, sum_exp=packed[:, 0].contiguous(),
             sum_exp_sq=packed[:, 1].contiguous(), weighted_sum=packed[:, 2:].to(part.weighted_sum.dtype).contiguous(),
             nearest_index=first, nearest_sqdist=best, rows=None)
-        return finalize(state)
+
+    def _rows_in(self, k: int | None) -> int:
+        """Rows of class ``k`` (all for None) over every rank (a collective the first time)."""
+        if k is None:
+            return self.num_rows
+        if k not in self._class_sizes:
+            self._class_sizes[k] = self.class_count(k)
+        return self._class_sizes[k]
+
+    def _dense(self, q, sigma, k):
+        res, info = self._state(q, sigma, None, k)
+        return res, info["n_eff"], info["nearest_index"]
+
+    def _pruned_rows(self, k: int | None) -> pruning.PrunedRows:
+        """This rank's pruning state of its rows of class ``k`` (None: all rows), built on first
+        use with the rows ordered into tiles of nearby images, as the one-process denoiser."""
+        if k not in self._pruned:
+            rows, index = self._class_block(k)
+            flat = rows.reshape(len(rows), int(np.prod(rows.shape[1:])))  # [0, D] for a class not held here
+            index = np.arange(self.row_offset, self.row_offset + len(rows)) if index is None else index.numpy()
+            order = pruning.cluster_order(flat.cpu().numpy())
+            ordered = flat.index_select(0, torch.from_numpy(order).to(flat.device)).contiguous()
+            self._pruned[k] = pruning.build_rows([(ordered, index[order])], self.dtype, shards=_ShardReductions(self),
+                                                 n_total=self._rows_in(k))
+        return self._pruned[k]
 
     def _groups(self, x, class_labels):
         classes = _class_indices(class_labels, x.shape[0], self.label_dim, "cpu")
         if classes is None:
-            yield slice(None), None
+            yield None, None
             return
         # Every rank sees the same labels, so the groups (and collectives) are in the same order.
         for k in torch.unique(classes).tolist():
-            yield torch.nonzero(classes == k).reshape(-1).to(self.device), k
-
-    def _x0(self, x, sigma, s, class_labels):
-        q = x.reshape(x.shape[0], -1).to(device=self.device, dtype=self.dtype)
-        sigma = sigma.to(self.device)
-        s = torch.ones_like(sigma) if s is None else s.to(self.device)
-        out = torch.empty_like(q)
-        for sel, k in self._groups(x, class_labels):
-            out[sel] = self._state(q[sel], sigma[sel], s[sel], k)[0]
-        return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+            yield torch.nonzero(classes == k).reshape(-1), k
 
     def nearest(self, x: torch.Tensor, sigma, s=1.0, class_labels=None):
         """Global nearest training row (lowest index on ties) and ``n_eff``, as
@@ -600,6 +653,7 @@ class ShardedEmpiricalDenoiser(Denoiser):
         index = torch.empty(b, dtype=torch.int64, device=self.device)
         n_eff = torch.empty(b, dtype=torch.float64, device=self.device)
         for sel, k in self._groups(x, class_labels):
+            sel = slice(None) if sel is None else sel.to(self.device)
             _, info = self._state(q[sel], sigma[sel], s[sel], k)
             index[sel], n_eff[sel] = info["nearest_index"], info["n_eff"].to(torch.float64)
         return index, n_eff

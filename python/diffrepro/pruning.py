@@ -45,7 +45,7 @@ from . import _backend
 from ._validate import ROW_TYPES
 from .ops import DenoiserState, _workers, finalize, merge_states
 
-__all__ = ["PrunedRows", "check_prune", "cluster_order", "straight_line_margin", "DEFAULT_PRUNE",
+__all__ = ["PrunedRows", "OneProcess", "check_prune", "cluster_order", "straight_line_margin", "DEFAULT_PRUNE",
            "batch_fields", "summarize", "plot_commitment", "FIELDS"]
 
 DEFAULT_PRUNE = 1e-12
@@ -183,16 +183,36 @@ class _Chunk:
 
 class _Bounds:
     """Per query slot: lower bounds per tile (stored as bound + drift, so a move only adds to
-    ``drift``), the previous query, the nearest row and the commitment."""
+    ``drift``), the previous query, this shard's nearest computed row and the commitment."""
 
     def __init__(self, b: int, n_tiles: int):
         self.drift = np.zeros(b)
         self.prev: np.ndarray | None = None
         self.lb = np.zeros((b, n_tiles), dtype=np.float32)
-        self.nearest = np.full(b, -1, dtype=np.int64)  # flat position
-        self.commit = np.full(b, -1, dtype=np.int64)   # flat position
-        self.commit_other = np.zeros(b)                # L_other + drift
+        self.nearest = np.full(b, -1, dtype=np.int64)      # flat position (-1: none computed yet)
+        self.commit = np.full(b, -1, dtype=np.int64)       # global row index (-1: not committed)
+        self.commit_pos = np.full(b, -1, dtype=np.int64)   # its flat position (-1: another shard)
+        self.commit_other = np.zeros(b)                    # L_other + drift
         self.commit_sigma = np.full(b, np.nan)
+
+    def release(self, slots) -> None:
+        self.commit[slots], self.commit_pos[slots], self.commit_sigma[slots] = -1, -1, np.nan
+
+
+class OneProcess:
+    """How :class:`PrunedRows` combines its per-query numbers with the other shards of a
+    training set split over processes: here there are none. A sharded denoiser passes its own
+    (element-wise MIN and SUM across the shards, the softmax-state merge), so that every shard
+    takes the same decisions from the same global numbers."""
+
+    def min(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+    def sum(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+    def merge(self, state: DenoiserState):
+        return finalize(state)
 
 
 class PrunedRows:
@@ -205,10 +225,13 @@ class PrunedRows:
         tile_norm: float64 ``[n_tiles]``, ``max ‖y − center‖`` per tile (for the rounding bound).
         dtype: compute dtype.
         tile_rows: rows per tile; each chunk is cut into its own tiles (its last may be shorter).
+        shards: the reductions across the shards of a split training set (:class:`OneProcess`:
+            these rows are the whole set).
+        n_total: rows of the whole set over all shards (default: these rows).
     """
 
     def __init__(self, chunks, center: torch.Tensor, tile_norm: np.ndarray, dtype: torch.dtype,
-                 tile_rows: int = TILE_ROWS):
+                 tile_rows: int = TILE_ROWS, shards=None, n_total: int | None = None):
         self.dtype, self.tile_rows, self.center = dtype, int(tile_rows), center
         self.chunks: list[_Chunk] = []
         first = 0
@@ -216,14 +239,16 @@ class PrunedRows:
             self.chunks.append(_Chunk(rows, np.asarray(index, dtype=np.int64), first))
             first += -(-len(index) // self.tile_rows)
         self.n_tiles = first
-        self.index = np.concatenate([c.index for c in self.chunks])
+        self.index = np.concatenate([c.index for c in self.chunks] + [np.zeros(0, dtype=np.int64)])
         self.n_rows = len(self.index)
+        self.shards = shards if shards is not None else OneProcess()
+        self.n_total = self.n_rows if n_total is None else int(n_total)
         self.starts = np.cumsum([0] + [len(c.index) for c in self.chunks])
         sizes = [np.minimum(self.tile_rows, len(c.index) - self.tile_rows * np.arange(
             -(-len(c.index) // self.tile_rows))) for c in self.chunks]
-        self.tile_size = np.concatenate(sizes).astype(np.float64)
+        self.tile_size = np.concatenate(sizes + [np.zeros(0)]).astype(np.float64)
         self.tile_of = np.concatenate([c.first_tile + np.arange(len(c.index)) // self.tile_rows
-                                       for c in self.chunks])
+                                       for c in self.chunks] + [np.zeros(0, dtype=np.int64)])
         self.tile_norm = np.asarray(tile_norm, dtype=np.float64)
         u = torch.finfo(dtype).eps / 2
         d = center.numel()
@@ -252,6 +277,30 @@ class PrunedRows:
             out[sel] = _decode(rows[flat[sel] - self.starts[c]], self.dtype)
         return out
 
+    def _global(self, flat: np.ndarray) -> np.ndarray:
+        """Global row index of flat positions (-1 stays -1)."""
+        out = np.full(len(flat), -1, dtype=np.int64)
+        out[flat >= 0] = self.index[flat[flat >= 0]]
+        return out
+
+    def _rows_here(self, flat: np.ndarray) -> np.ndarray:
+        """:meth:`rows_at`, zeros where ``flat`` is -1 (a row held by another shard)."""
+        mine = flat >= 0
+        if mine.all():
+            return self.rows_at(flat)
+        out = np.zeros((len(flat), self.center.numel()), dtype=self._np_dtype)
+        if mine.any():
+            out[mine] = self.rows_at(flat[mine])
+        return out
+
+    def _exact_sqdist(self, qd: np.ndarray, slots: np.ndarray, flat: np.ndarray):
+        """``(‖x̃ − y‖² rounded up, y)`` for the queries ``slots`` and the rows at ``flat``, the
+        minimum over the shards (+inf and zero rows where ``flat`` is -1): an exact distance to
+        one row of the whole set."""
+        y = self._rows_here(flat)
+        u2 = np.where(flat >= 0, _sqdist(_take(qd, slots), y) * (1 + 1e-12), np.inf)
+        return self.shards.min(u2), y
+
     # -- one call --------------------------------------------------------------------------
     def __call__(self, q: torch.Tensor, sigma: np.ndarray, prune: float):
         """Pruned denoiser for ``q`` (``[b, D]`` compute dtype, CPU) at float64 ``sigma [b]``.
@@ -259,7 +308,7 @@ class PrunedRows:
         Returns:
             ``(out [b, D] tensor, stats)``; stats holds per query ``nearest`` (global row),
             ``n_eff``, ``skipped_bound``, ``commit_sigma``, ``commit_index`` and
-            ``rows_computed``.
+            ``rows_computed`` (rows of the whole set).
         """
         b = q.shape[0]
         self.kernel_seconds = 0.0
@@ -272,35 +321,40 @@ class PrunedRows:
             st.drift += np.sqrt(_sqdist(qd, st.prev))
             # Slots whose bounds all fell to 0 (a new batch, a far jump) start afresh, so that
             # the drift never grows beyond one trajectory (float32 bounds keep their precision).
-            dead = (st.lb.max(1) <= st.drift) & ((st.commit < 0) | (st.commit_other <= st.drift))
+            # A commitment released here fails its check below anyway (L_other - drift <= 0).
+            dead = (st.lb.max(1, initial=0.0) <= st.drift) & ((st.commit < 0) | (st.commit_other <= st.drift))
             st.lb[dead], st.drift[dead], st.commit_other[dead] = 0, 0.0, 0.0
-            st.commit[dead], st.commit_sigma[dead] = -1, np.nan
+            st.release(dead)
         st.prev = qd
-        thr = 2 * sigma**2 * math.log(self.n_rows / prune)
+        thr = 2 * sigma**2 * math.log(self.n_total / prune)
         out = np.empty_like(qn)
-        stats = {"n_eff": np.ones(b), "skipped_bound": np.zeros(b), "rows_computed": np.ones(b)}
+        stats = {"n_eff": np.ones(b), "skipped_bound": np.zeros(b), "rows_computed": np.ones(b),
+                 "nearest": np.full(b, -1, dtype=np.int64)}
 
         self._last = {"b": b, "held": np.zeros(0, dtype=np.int64), "rest": np.zeros(0, dtype=np.int64)}
-        held = np.flatnonzero(st.commit >= 0)
+        held = np.flatnonzero(self.shards.min((st.commit >= 0).astype(np.float64)) > 0)  # on every shard
+        keep = held[:0]
         if held.size:
-            y = self.rows_at(st.commit[held])
-            u2 = _sqdist(_take(qd, held), y) * (1 + 1e-12)
+            u2, y = self._exact_sqdist(qd, held, st.commit_pos[held])
             lo = np.maximum(st.commit_other[held] - st.drift[held], 0.0)
             ok = lo**2 - u2 > thr[held]
             keep = held[ok]
-            out[keep] = y[ok]
-            st.nearest[keep] = st.commit[keep]
-            stats["skipped_bound"][keep] = (self.n_rows - 1) * np.exp(
+            # The committed row, from the shard that holds it (a sum of it and zeros is exact).
+            out[keep] = y[ok] if isinstance(self.shards, OneProcess) else self.shards.sum(y[ok])
+            mine = st.commit_pos[keep] >= 0
+            st.nearest[keep[mine]] = st.commit_pos[keep[mine]]
+            stats["nearest"][keep] = st.commit[keep]
+            stats["skipped_bound"][keep] = (self.n_total - 1) * np.exp(
                 -(lo[ok] ** 2 - u2[ok]) / (2 * sigma[keep] ** 2))
-            lost = held[~ok]
-            st.commit[lost], st.commit_sigma[lost] = -1, np.nan
-            self._last.update(held=keep, held_rows=st.commit[keep].copy())
+            self._last.update(held=keep[mine], held_rows=st.commit_pos[keep[mine]].copy())
+        lost = np.ones(b, dtype=bool)
+        lost[keep] = False
+        st.release(lost)
 
-        rest = np.flatnonzero(st.commit < 0)
+        rest = np.flatnonzero(lost)
         if rest.size:
             self._compute(qn, qd, sigma, thr, rest, st, out, stats)
-        stats["nearest"] = self.index[st.nearest]
-        stats["commit_index"] = np.where(st.commit >= 0, self.index[np.maximum(st.commit, 0)], -1)
+        stats["commit_index"] = st.commit.copy()
         stats["commit_sigma"] = st.commit_sigma.copy()
         return torch.from_numpy(out), stats
 
@@ -320,16 +374,16 @@ class PrunedRows:
         kernel -> exact tile minima -> new bounds, output, commitment test."""
         drift = st.drift[rest][:, None]
         lb = np.maximum(st.lb[rest].astype(np.float64) - drift, 0.0)
-        known = st.nearest[rest] >= 0
-        u2 = np.full(len(rest), np.inf)
-        if known.any():
-            y = self.rows_at(st.nearest[rest][known])
-            u2[known] = _sqdist(_take(qd, rest[known]), y) * (1 + 1e-12)
+        # U: the exact distance to the previous call's nearest row (+inf on the first call).
+        u2, _ = self._exact_sqdist(qd, rest, st.nearest[rest])
         active = np.square(lb) - u2[:, None] <= thr[rest][:, None]
         self._last.update(rest=rest, active=active)
         qs = np.ascontiguousarray(_take(qn, rest))
         state, best, second = self._kernel(qs, 1.0 / sigma[rest] ** 2, active)
-        res, info = finalize(state)
+        # This shard's nearest computed row (flat position, -1: none), then the global one.
+        here = state.nearest_index.numpy().copy()
+        state.nearest_index = torch.from_numpy(self._global(here))
+        res, info = self.shards.merge(state)
         out[rest] = res.numpy()
         # Exact smallest and second smallest squared distance per computed tile, lowered by the
         # rounding bound: ||x - c||^2 - 2 g - err (||x - c|| + max ||y - c||)^2.
@@ -338,28 +392,30 @@ class PrunedRows:
         d2 = np.maximum(xn2 - 2 * best - err, 0.0)
         d2_second = np.maximum(xn2 - 2 * second - err, 0.0)
         st.lb[rest] = np.where(active, _round_down_f32(np.sqrt(d2) + drift), st.lb[rest])
-        # Nearest row (flat position) and its exact float64 distance: the new U.
+        st.nearest[rest] = np.where(here >= 0, here, st.nearest[rest])
+        # The new U: the global nearest row and its exact float64 distance.
         nearest = info["nearest_index"].numpy()
         u2 = info["nearest_sqdist"].numpy() * (1 + 1e-12)
-        st.nearest[rest] = nearest
+        stats["nearest"][rest] = nearest
         lb2 = np.where(active, d2, np.square(lb))
         gap = lb2 - u2[:, None]
         with np.errstate(over="ignore"):
             skipped = np.where(active, 0.0, self.tile_size[None] * np.exp(-gap / (2 * sigma[rest] ** 2)[:, None]))
-        stats["skipped_bound"][rest] = skipped.sum(1)
+        stats["skipped_bound"][rest] = self.shards.sum(skipped.sum(1))
         stats["n_eff"][rest] = info["n_eff"].numpy()
-        stats["rows_computed"][rest] = (active * self.tile_size[None]).sum(1)
+        stats["rows_computed"][rest] = self.shards.sum((active * self.tile_size[None]).sum(1))
         # Commitment: every row but the nearest certified, its own tile's second smallest too
-        # (the nearest row's tile is always computed).
-        rows, home = np.arange(len(rest)), self.tile_of[nearest]
-        lb2[rows, home] = d2_second[rows, home]
-        l_other2 = lb2.min(1)
-        commit = (l_other2 - u2 > thr[rest]) & (self.n_rows > 1)
+        # (the nearest row's tile is always computed, on the shard that holds it).
+        owner = np.flatnonzero((here >= 0) & (self._global(here) == nearest))
+        home = self.tile_of[here[owner]]
+        lb2[owner, home] = d2_second[owner, home]
+        l_other2 = self.shards.min(lb2.min(1, initial=np.inf))
+        commit = (l_other2 - u2 > thr[rest]) & (self.n_total > 1)
         new = rest[commit]
         st.commit[new] = nearest[commit]
+        st.commit_pos[new] = np.where(np.isin(np.flatnonzero(commit), owner), here[commit], -1)
         st.commit_other[new] = np.sqrt(l_other2[commit]) + st.drift[new]
-        st.commit_sigma[new] = np.where(np.isnan(st.commit_sigma[new]), sigma[new], st.commit_sigma[new])
-        st.commit_sigma[rest[~commit]] = np.nan
+        st.commit_sigma[new] = sigma[new]
 
     def _kernel(self, qs: np.ndarray, inv: np.ndarray, active: np.ndarray):
         """Softmax state over the active (query, tile) pairs, chunk by chunk, and the two best
@@ -401,15 +457,26 @@ class PrunedRows:
             best[:, cols] = np.where(on, cb, best[:, cols])
             second[:, cols] = np.where(on, cs, second[:, cols])
             state = part if state is None else merge_states(state, part)
+        if state is None:  # no tile active here: every candidate is on another shard
+            state = _empty_state(b, d, self._np_dtype)
         return state, best, second
 
 
-def build_rows(chunks, dtype: torch.dtype, tile_rows: int = TILE_ROWS) -> PrunedRows:
-    """:class:`PrunedRows` from ``(rows, global_index)`` chunks: one pass computes the centre
-    (mean of the decoded rows) and the largest centred norm of every tile."""
-    def load(rows):
-        return rows() if callable(rows) else rows
+def _empty_state(b: int, d: int, dtype) -> DenoiserState:
+    """The softmax state over no rows (what the kernel writes for a query with no active tile)."""
+    def full(shape, value, t=np.float64):
+        return torch.from_numpy(np.full(shape, value, dtype=t))
 
+    return DenoiserState(max_logit=full(b, -np.inf), sum_exp=full(b, 0.0), sum_exp_sq=full(b, 0.0),
+                         weighted_sum=full((b, d), 0, dtype), nearest_index=full(b, -1, np.int64),
+                         nearest_sqdist=full(b, np.inf), max_logit_lo=full(b, 0.0))
+
+
+def build_rows(chunks, dtype: torch.dtype, tile_rows: int = TILE_ROWS, shards=None,
+               n_total: int | None = None) -> PrunedRows:
+    """:class:`PrunedRows` from ``(rows, global_index)`` chunks (a shard without rows passes one
+    ``[0, D]`` chunk): one pass computes the centre (mean of the decoded rows) and the largest
+    centred norm of every tile. ``shards`` and ``n_total`` as in :class:`PrunedRows`."""
     block = 4096 - 4096 % tile_rows or tile_rows  # whole tiles per block: a tile's norm in one block
 
     def blocks(rows):
@@ -417,20 +484,21 @@ def build_rows(chunks, dtype: torch.dtype, tile_rows: int = TILE_ROWS) -> Pruned
         for a in range(0, r.shape[0], block):
             yield r[a:a + block]
 
-    total, count = 0.0, 0
+    total, count, dim = 0.0, 0, None
     for rows, _ in chunks:
         for part in blocks(rows):
             total = total + _decode(part, torch.float64).sum(0)
             count += part.shape[0]
+        dim = dim or (None if callable(rows) else int(np.prod(rows.shape[1:])))
     f = np.float32 if dtype == torch.float32 else np.float64
-    center = (total / count).astype(f)
-    norms = []
+    center = (total / count).astype(f) if count else np.zeros(dim, dtype=f)
+    norms = [np.zeros(0)]
     for rows, _ in chunks:
         for part in blocks(rows):
             dist = np.linalg.norm((_decode(part, dtype) - center).astype(np.float64), axis=1)
             norms.append(np.pad(dist, (0, -len(dist) % tile_rows)).reshape(-1, tile_rows).max(1))
     return PrunedRows(chunks, torch.from_numpy(center), np.concatenate(norms) * (1 + 1e-6), dtype,
-                      tile_rows)
+                      tile_rows, shards=shards, n_total=n_total)
 
 
 # -------------------------------------------------------------------------------------------

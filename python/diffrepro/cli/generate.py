@@ -199,14 +199,15 @@ def _denoiser(args, ds, dtype, ctx):
             return GuidedDenoiser.empirical(ds, guidance=args.guidance, dtype=dtype, device=args.device)
         return GuidedDenoiser.gaussian(ds, guidance=args.guidance, device=args.device)
     labels = ds.labels if args.class_idx is not None else None
+    if args.denoiser == "empirical" and args.prune >= 1:
+        raise UsageError(f"--prune: got {args.prune}, expected a number in [0, 1) (0: dense)")
     if args.shard_train:
         lo, hi = distributed.shard_bounds(len(ds), ctx.world_size, ctx.rank)
         return distributed.ShardedEmpiricalDenoiser(
             ds.images[lo:hi], lo, ctx, labels=None if labels is None else labels[lo:hi],
-            label_dim=ds.label_dim if labels is not None else None, dtype=dtype, device=args.device)
+            label_dim=ds.label_dim if labels is not None else None, dtype=dtype, device=args.device,
+            prune=args.prune)
     if args.denoiser == "empirical":
-        if args.prune >= 1:
-            raise UsageError(f"--prune: got {args.prune}, expected a number in [0, 1) (0: dense)")
         return EmpiricalDenoiser(ds.images, labels=labels, dtype=dtype, device=args.device, prune=args.prune)
     return GaussianDenoiser.from_data(ds.images, device=args.device)
 

@@ -43,7 +43,74 @@ def _cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
     return t.to(device=device, dtype=dtype)
 
 
-class EmpiricalDenoiser(Denoiser):
+class RecordedCalls:
+    """The call of the empirical denoisers (one process or a sharded set): for each class group
+    the pruned path (:mod:`diffrepro.pruning`) or the dense one, and a record of the call's
+    statistics for :meth:`pop_records`.
+
+    A subclass provides ``prune``, ``device``, ``dtype``, ``_recorder``, ``_groups(x,
+    class_labels)`` (yields ``(query index tensor or None, class or None)``), ``_rows_in(k)``
+    (rows of class ``k`` in the whole set), ``_pruned_rows(k)`` and ``_dense(q, sigma, k)`` (returns
+    the output, ``n_eff`` and the global nearest row).
+    """
+
+    def _x0(self, x, sigma, s, class_labels):
+        start = time.perf_counter()
+        b = x.shape[0]
+        q = _cast(x.reshape(b, -1), self.device, self.dtype)
+        sigma = sigma.to(self.device)
+        if s is not None and not bool((s == 1).all()):
+            q = q / s.to(device=q.device, dtype=q.dtype)[:, None]  # x~ = x / s, as the kernel forms it
+        record = {"sigma": sigma.cpu().numpy(), "n_eff": np.ones(b), "nearest": np.full(b, -1),
+                  "skipped_bound": np.zeros(b), "commit_sigma": np.full(b, np.nan),
+                  "commit_index": np.full(b, -1), "rows_computed": 0.0, "rows_total": 0.0,
+                  "kernel_seconds": 0.0}
+        out = None
+        for sel, k in self._groups(x, class_labels):
+            idx = np.arange(b) if sel is None else sel.numpy()
+            n_rows = self._rows_in(k)
+            qk = q if sel is None else q[sel.to(self.device)].contiguous()
+            if self.prune > 0 and self.device.type == "cpu":
+                rows = self._pruned_rows(k)
+                res, st = rows(qk, record["sigma"][idx], self.prune)
+                record["kernel_seconds"] += rows.kernel_seconds
+                for key in ("n_eff", "nearest", "skipped_bound", "commit_sigma", "commit_index"):
+                    record[key][idx] = st[key]
+                record["rows_computed"] += float(st["rows_computed"].sum())
+            else:
+                t = time.perf_counter()
+                res, n_eff, nearest = self._dense(qk, sigma if sel is None else sigma[sel.to(sigma.device)], k)
+                record["kernel_seconds"] += time.perf_counter() - t
+                record["n_eff"][idx] = n_eff.cpu().numpy()
+                record["nearest"][idx] = nearest.cpu().numpy()
+                record["rows_computed"] += float(n_rows * len(idx))
+            record["rows_total"] += float(n_rows * len(idx))
+            if sel is None:
+                out = res
+            else:
+                out = torch.empty_like(q) if out is None else out
+                out[sel.to(self.device)] = res
+        record["rows_fraction"] = record.pop("rows_computed") / record.pop("rows_total")
+        out = _cast(out.reshape(x.shape), x.device, x.dtype)
+        record["seconds"] = time.perf_counter() - start
+        self._recorder.add(record)
+        return out
+
+    def pop_records(self) -> list[dict]:
+        """Statistics of every call since the last pop, in call order, and forget them.
+
+        Returns:
+            One dict per call: ``sigma``, ``n_eff`` (``1/Σw²``), ``nearest`` (global row),
+            ``skipped_bound`` (certified skipped mass relative to the largest weight),
+            ``commit_sigma``/``commit_index`` (NaN/−1 unless committed) as ``[B]`` arrays, and
+            ``rows_fraction``, the fraction of (query, row) pairs computed, ``seconds`` (the
+            call) and ``kernel_seconds`` (inside the kernels; the rest is bookkeeping).
+            :func:`diffrepro.pruning.batch_fields` turns a batch's records into its outputs.
+        """
+        return self._recorder.pop()
+
+
+class EmpiricalDenoiser(RecordedCalls, Denoiser):
     """Posterior mean of the empirical training distribution (Zhang et al. 2024, Thm 1; Li, Dai, Qu 2024, eq. 5).
 
     ``D(x̃;σ) = Σ_i softmax_i(−‖x̃ − y_i‖²/(2σ²)) y_i``, computed by
@@ -228,61 +295,12 @@ class EmpiricalDenoiser(Denoiser):
                 raise ValueError(f"class_labels ask for class {k}, which has no training rows")
             yield torch.nonzero(classes == k).reshape(-1), k
 
-    def _x0(self, x, sigma, s, class_labels):
-        start = time.perf_counter()
-        b = x.shape[0]
-        q = _cast(x.reshape(b, -1), self.device, self.dtype)
-        sigma = sigma.to(self.device)
-        s = torch.ones_like(sigma) if s is None else s.to(self.device)
-        if not bool((s == 1).all()):
-            q = q / s.to(q.dtype)[:, None]  # x~ = x / s, as the kernel forms it
-        record = {"sigma": sigma.cpu().numpy(), "n_eff": np.ones(b), "nearest": np.full(b, -1),
-                  "skipped_bound": np.zeros(b), "commit_sigma": np.full(b, np.nan),
-                  "commit_index": np.full(b, -1), "rows_computed": 0.0, "rows_total": 0.0,
-                  "kernel_seconds": 0.0}
-        out = None
-        for sel, k in self._groups(x, class_labels):
-            idx = np.arange(b) if sel is None else sel.numpy()
-            n_rows = self.num_rows if k is None else len(self._class_rows[k])
-            qk = q if sel is None else q[sel.to(self.device)].contiguous()
-            if self.prune > 0 and self.device.type == "cpu":
-                rows = self._pruned_rows(k)
-                res, st = rows(qk, record["sigma"][idx], self.prune)
-                record["kernel_seconds"] += rows.kernel_seconds
-                for key in ("n_eff", "nearest", "skipped_bound", "commit_sigma", "commit_index"):
-                    record[key][idx] = st[key]
-                record["rows_computed"] += float(st["rows_computed"].sum())
-            else:
-                t = time.perf_counter()
-                res, info = self._streamed(qk, sigma if sel is None else sigma[sel.to(sigma.device)], 1.0, k)
-                record["kernel_seconds"] += time.perf_counter() - t
-                record["n_eff"][idx] = info["n_eff"].cpu().numpy()
-                record["nearest"][idx] = self._global_index(info["nearest_index"], k).cpu().numpy()
-                record["rows_computed"] += float(n_rows * len(idx))
-            record["rows_total"] += float(n_rows * len(idx))
-            if sel is None:
-                out = res
-            else:
-                out = torch.empty_like(q) if out is None else out
-                out[sel.to(self.device)] = res
-        record["rows_fraction"] = record.pop("rows_computed") / record.pop("rows_total")
-        out = _cast(out.reshape(x.shape), x.device, x.dtype)
-        record["seconds"] = time.perf_counter() - start
-        self._recorder.add(record)
-        return out
+    def _rows_in(self, k: int | None) -> int:
+        return self.num_rows if k is None else len(self._class_rows[k])
 
-    def pop_records(self) -> list[dict]:
-        """Statistics of every call since the last pop, in call order, and forget them.
-
-        Returns:
-            One dict per call: ``sigma``, ``n_eff`` (``1/Σw²``), ``nearest`` (global row),
-            ``skipped_bound`` (certified skipped mass relative to the largest weight),
-            ``commit_sigma``/``commit_index`` (NaN/−1 unless committed) as ``[B]`` arrays, and
-            ``rows_fraction``, the fraction of (query, row) pairs computed, ``seconds`` (the
-            call) and ``kernel_seconds`` (inside the kernels; the rest is bookkeeping).
-            :func:`diffrepro.pruning.batch_fields` turns a batch's records into its outputs.
-        """
-        return self._recorder.pop()
+    def _dense(self, q, sigma, k):
+        res, info = self._streamed(q, sigma, 1.0, k)
+        return res, info["n_eff"], self._global_index(info["nearest_index"], k)
 
     def _pruned_rows(self, k: int | None) -> pruning.PrunedRows:
         """The pruning state of class ``k``'s rows (None: all rows), built on first use:
