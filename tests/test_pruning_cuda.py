@@ -391,6 +391,56 @@ def _trajectory(sigmas, x0, step):
     return x
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pruned_rows_kernel_over_two_chunks_matches_oracle(emu, dtype):
+    """PrunedRows._kernel on the emulator over two chunks (a resident one and a loader; both with
+    a short last tile, the second at row_offset 50): output, n_eff, nearest flat position and the
+    two best scores of every active tile, against float64 recomputation and the CPU kernel."""
+    gen = torch.Generator().manual_seed(12)
+    n, d, b = 95, 10, 7
+    rows = torch.randint(0, 256, (n, d), generator=gen, dtype=torch.uint8)
+    rows[70] = rows[2]  # a tie across chunks: the lower flat position wins
+    chunks = [(rows[:50].contiguous(), np.arange(50)), (lambda: rows[50:].contiguous(), np.arange(50, n))]
+    emu_rows = pruning.build_rows(chunks, dtype, 16, emulate=True)
+    emu_rows.cuda_config, emu_rows.cuda_splits = TINY, 2
+    cpu_rows = pruning.build_rows(chunks, dtype, 16)
+    assert emu_rows.n_tiles == 7
+    decoded = decode(rows, dtype)
+    x = (decoded[torch.randint(0, n, (b,), generator=gen)] + 0.3 * torch.randn(b, d, generator=gen,
+                                                                                dtype=torch.float64)).to(dtype)
+    x[0] = decoded[2].to(dtype)
+    active = np.random.default_rng(4).random((b, 7)) < 0.5
+    active[0, [emu_rows.tile_of[2], emu_rows.tile_of[70]]] = True
+    active[4] = False
+    active[4, 5] = True  # only the second chunk
+    inv = np.full(b, 1 / 0.4**2)
+    state, best, second = emu_rows._kernel(x.numpy(), inv, active)
+    state_cpu, best_cpu, second_cpu = cpu_rows._kernel(x.numpy(), inv, active)
+    out, info = ops.finalize(state)
+    out_cpu, info_cpu = ops.finalize(state_cpu)
+    on = torch.from_numpy(active)[:, torch.from_numpy(emu_rows.tile_of)]
+    d2 = torch.cdist(x.double(), decoded).square()
+    w = torch.softmax(torch.where(on, -d2 * 0.5 / 0.4**2, -math.inf), 1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert (out.double() - w @ decoded).abs().max().item() < tol
+    assert (out.double() - out_cpu.double()).abs().max().item() < tol
+    assert torch.allclose(info["n_eff"], 1 / w.square().sum(1), rtol=tol)
+    nearest = torch.where(on, d2, math.inf).argmin(1)
+    assert torch.equal(info["nearest_index"], nearest) and torch.equal(info["nearest_index"], info_cpu["nearest_index"])
+    assert info["nearest_index"][0].item() == 2
+    xc = x.double() - emu_rows.center.double()
+    g = xc @ (decoded - emu_rows.center.double()).T - 0.5 * (decoded - emu_rows.center.double()).square().sum(1)
+    for t in range(7):
+        cols = torch.from_numpy(np.flatnonzero(emu_rows.tile_of == t))
+        top = torch.topk(g[:, cols], 2, dim=1).values.numpy()
+        sel = active[:, t]
+        scale = 1e-5 if dtype == torch.float32 else 1e-12
+        np.testing.assert_allclose(best[sel, t], top[sel, 0], atol=scale * (1 + np.abs(top).max()))
+        np.testing.assert_allclose(second[sel, t], top[sel, 1], atol=scale * (1 + np.abs(top).max()))
+        np.testing.assert_allclose(best[sel, t], best_cpu[sel, t], atol=scale * (1 + np.abs(top).max()))
+        assert np.isneginf(best[~sel, t]).all() and np.isneginf(second[~sel, t]).all()
+
+
 def test_pruned_rows_on_the_emulator_match_the_dense_cpu_path(emu, cifar_subset):
     """A short trajectory from sigma = 20 to 0.02 over 96 real CIFAR images (8 x 8): the pruned
     rows with the CUDA kernel under the emulator give the dense CPU output within 1e-5, compute
