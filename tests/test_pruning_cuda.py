@@ -523,3 +523,19 @@ def test_empirical_denoiser_on_cuda_prunes_and_matches_cpu(cifar_subset):
     for a, b in zip(rec_gpu, rec_cpu):
         np.testing.assert_array_equal(a["nearest"], b["nearest"])
         np.testing.assert_array_equal(a["commit_index"], b["commit_index"])
+
+
+@pytest.mark.cuda
+def test_class_conditional_empirical_denoiser_on_cuda_matches_cpu(cifar_subset):
+    """Class-conditional pruning on a GPU: each class's rows gathered on the device."""
+    train, labels = cifar_subset[:300], np.arange(300) % 3
+    gpu = EmpiricalDenoiser(train, labels=labels, device="cuda")
+    dense = EmpiricalDenoiser(train, labels=labels, prune=0)
+    x = 30.0 * torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    classes = torch.tensor([0, 1, 2, 2, 1, 0])
+    for s in (30.0, 3.0, 0.3, 0.03):
+        sigma = torch.full((6,), s, dtype=torch.float64)
+        out = gpu(x.cuda(), sigma, classes).cpu()
+        ref = dense(x, sigma, classes)
+        assert (out - ref).abs().max().item() < 1e-5
+        x = out + (x - out) * 0.3

@@ -298,7 +298,7 @@ class EmpiricalDenoiser(Denoiser):
             base = np.arange(self.num_rows) if k is None else self._class_rows[k]
             if not self._memmap and self.chunk_rows is None:
                 flat = self._train.reshape(self.num_rows, -1)
-                own = flat if k is None else flat.index_select(0, torch.from_numpy(base))
+                own = flat if k is None else flat.index_select(0, torch.from_numpy(base).to(flat.device))
                 order = pruning.cluster_order(own.cpu().numpy())
                 del own
                 rows = flat.index_select(0, torch.from_numpy(base[order]).to(self.device))
