@@ -255,11 +255,11 @@ class PrunedRows:
         """Decoded rows at flat positions, ``[len(flat), D]`` in the compute dtype (numpy)."""
         chunk = np.searchsorted(self.starts, flat, side="right") - 1
         if len(self.chunks) == 1:
-            return _decode(_take(self.chunks[0].load(), flat), self.dtype)
+            return _decode(_rows_from(self.chunks[0].load(), flat), self.dtype)
         out = np.empty((len(flat), self.center.numel()), dtype=self._np_dtype)
         for c in np.unique(chunk):
             sel = np.flatnonzero(chunk == c)
-            out[sel] = _decode(_take(self.chunks[c].load(), flat[sel] - self.starts[c]), self.dtype)
+            out[sel] = _decode(_rows_from(self.chunks[c].load(), flat[sel] - self.starts[c]), self.dtype)
         return out
 
     # -- one call --------------------------------------------------------------------------
@@ -455,7 +455,7 @@ def _alloc(shape, np_dtype, dev: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(np_dtype)], device=dev)
 
 
-def _take(rows, flat: np.ndarray) -> np.ndarray:
+def _rows_from(rows, flat: np.ndarray) -> np.ndarray:
     """Rows at positions ``flat`` of a chunk (numpy, memmap or tensor on any device) as numpy:
     a device tensor is gathered there and only the selected rows cross."""
     if isinstance(rows, torch.Tensor):
