@@ -86,6 +86,18 @@ PruneArgs<T> prune_args(const PruneFields& f) {
                       reinterpret_cast<T*>(f.tile_best), reinterpret_cast<T*>(f.tile_second)};
 }
 
+// Why the pruned CUDA kernel refuses a call (tile_rows no configuration fits), for the message;
+// "" when the configuration is fine. resolved: the backend's pruned_*_config answer.
+inline std::string pruned_refusal(const py::dict& d, const PruneFields& f, int config, int resolved) {
+  if (resolved >= 0) return "";
+  const index_t N = get<index_t>(d, "N");
+  return "tile_rows=" + std::to_string(f.tile_rows) + " with N=" + std::to_string(N) +
+         (config < 0 ? std::string(" fits no tile configuration")
+                     : " does not fit tile configuration " + std::to_string(config)) +
+         ": the CUDA kernel needs tile_rows to be a multiple of its row tile TN (32, 64, 8 for "
+         "configurations 0, 1, 2) or >= N";
+}
+
 inline SearchArgs search_args(const py::dict& d) {
   expect_keys(d, "search args",
               {"queries", "refs", "refs_type", "Q", "N", "D", "k", "inner_product", "center",

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "binding_util.h"
 #include "blas_epilogue_binding.h"
@@ -39,6 +40,24 @@ void empirical_denoiser(const py::dict& args, std::uintptr_t workspace, std::uin
   check(diffrepro::binding::run_denoiser(
             args, [&](const auto& a) { return diffrepro::empirical_denoiser_cuda(a, t, st); }),
         "empirical_denoiser");
+}
+
+void pruned_denoiser(const py::dict& args, const py::dict& prune, std::uintptr_t workspace,
+                     std::uintptr_t stream, int config, int splits) {
+  const Tuning t = cuda_tuning(workspace, config, splits);
+  void* st = reinterpret_cast<void*>(stream);
+  const diffrepro::binding::PruneFields f = diffrepro::binding::prune_fields(prune);
+  const std::string why = diffrepro::binding::pruned_refusal(
+      args, f, config,
+      diffrepro::pruned_denoiser_cuda_config(diffrepro::binding::get<index_t>(args, "Q"),
+                                             diffrepro::binding::get<index_t>(args, "N"),
+                                             f.tile_rows, config));
+  const Status s = diffrepro::binding::run_denoiser(args, [&](const auto& a) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(a.x)>>;
+    return diffrepro::pruned_denoiser_cuda(a, diffrepro::binding::prune_args<T>(f), t, st);
+  });
+  diffrepro::binding::check(s, "_cuda", "pruned_denoiser",
+                            s == Status::kCudaError ? diffrepro::cuda_last_error_message() : why.c_str());
 }
 
 void nn_search(const py::dict& args, std::uintptr_t workspace, std::uintptr_t stream, int config,
@@ -88,6 +107,12 @@ PYBIND11_MODULE(_cuda, m) {
         py::kw_only(), "config"_a = -1, "splits"_a = 0);
   m.def("empirical_denoiser_workspace_bytes", &diffrepro::empirical_denoiser_cuda_workspace_bytes,
         "Q"_a, "N"_a, "D"_a, py::kw_only(), "config"_a = -1, "splits"_a = 0);
+  m.def("pruned_denoiser", &pruned_denoiser, "args"_a, "prune"_a, "workspace"_a, "stream"_a,
+        py::kw_only(), "config"_a = -1, "splits"_a = 0);
+  m.def("pruned_denoiser_workspace_bytes", &diffrepro::pruned_denoiser_cuda_workspace_bytes, "Q"_a,
+        "N"_a, "D"_a, "tile_rows"_a, py::kw_only(), "config"_a = -1, "splits"_a = 0);
+  m.def("pruned_denoiser_config", &diffrepro::pruned_denoiser_cuda_config, "Q"_a, "N"_a,
+        "tile_rows"_a, py::kw_only(), "config"_a = -1);
   m.def("nn_search", &nn_search, "args"_a, "workspace"_a, "stream"_a, py::kw_only(),
         "config"_a = -1, "splits"_a = 0);
   m.def("nn_search_workspace_bytes", &diffrepro::nn_search_cuda_workspace_bytes, "Q"_a, "N"_a,

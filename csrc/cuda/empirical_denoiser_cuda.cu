@@ -15,6 +15,25 @@ Status empirical_denoiser_cuda(const DenoiserArgs<double>& a, const Tuning& t, v
   return detail::denoiser_run<double>(a, t, stream);
 }
 
+Status pruned_denoiser_cuda(const DenoiserArgs<float>& a, const PruneArgs<float>& p, const Tuning& t,
+                            void* stream) {
+  return detail::denoiser_run<float, /*kPrune=*/true>(a, t, stream, p);
+}
+
+Status pruned_denoiser_cuda(const DenoiserArgs<double>& a, const PruneArgs<double>& p,
+                            const Tuning& t, void* stream) {
+  return detail::denoiser_run<double, /*kPrune=*/true>(a, t, stream, p);
+}
+
+std::size_t pruned_denoiser_cuda_workspace_bytes(index_t Q, index_t N, index_t D, index_t tile_rows,
+                                                 int config, int splits) {
+  return detail::denoiser_workspace_bytes(Q, N, D, config, splits, sizeof(double), tile_rows);
+}
+
+int pruned_denoiser_cuda_config(index_t Q, index_t N, index_t tile_rows, int config) {
+  return detail::pruned_config(Q, N, tile_rows, config);
+}
+
 std::size_t empirical_denoiser_cuda_workspace_bytes(index_t Q, index_t N, index_t D, int config,
                                                     int splits) {
   // Sized for double accumulators so one number serves both precisions.

@@ -73,11 +73,12 @@ struct DenoiserPartial {
 //       belongs to one thread, so there are no atomics, and the traffic is O(TQ D) per tile
 //       against O(TQ TN D) flops.
 // ------------------------------------------------------------------------------------------------
-template <class T, RowType R, class Cfg>
+template <class T, RowType R, class Cfg, bool kPrune>
 DR_KERNEL void empirical_denoiser_partial_kernel(
     DenoiserArgs<T> a,          // inputs (outputs unused: the partial states go to `out`)
     index_t rows_per_split,
-    DenoiserPartial<T> out) {   // per-split partial states ([S, Q] / [S, Q, D])
+    DenoiserPartial<T> out,     // per-split partial states ([S, Q] / [S, Q, D])
+    PruneArgs<T> prune) {       // kPrune only: mask and per-(query, prune tile) best scores
   constexpr int TQ = Cfg::TQ, TN = Cfg::TN, TK = Cfg::TK, NT = Cfg::NT;
   constexpr int RQ = Cfg::RQ, RN = Cfg::RN;
   // +1 column of padding: the micro-tile loop reads a column kk of 16/32 different rows at once.
@@ -92,6 +93,10 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
   DR_SHARED index_t st_best_idx[TQ];
   DR_SHARED double x_norm[TQ];       // ||x~ - c|| (for the score error bound)
   DR_SHARED T scale_old[TQ], scale_new[TQ];  // softmax_merge factors of the current tile
+  // Pruned kernel: active flags of the current prune tile (two buffers, alternating per prune
+  // tile, so that a skipped tile needs one barrier only) and its two best scores so far.
+  DR_SHARED unsigned char pr_active[2][TQ];
+  DR_SHARED T pr_best[TQ], pr_second[TQ];
 
   const index_t Q = a.Q, N = a.N, D = a.D;
   const T* center = a.center;
@@ -124,7 +129,31 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
 
   const T* xq = a.x + q0 * D;
   bool first = true;
+  // Pruned: prune tile pt covers rows [pt * tile_rows, (pt + 1) * tile_rows); tile_rows is a
+  // multiple of TN (or >= N: one tile) and splits start on prune-tile boundaries, so every TN
+  // tile lies in one prune tile and one block owns each (query, prune tile) pair.
+  const index_t n_ptiles = kPrune ? (N + prune.tile_rows - 1) / prune.tile_rows : 0;
+  int pbuf = 0;
   for (index_t n0 = n_begin; n0 < n_end; n0 += TN) {  // uniform across the block
+    if constexpr (kPrune) {
+      if (n0 % prune.tile_rows == 0) {  // first TN tile of a prune tile
+        const index_t pt = n0 / prune.tile_rows;
+        pbuf = static_cast<int>(pt & 1);
+        for (int q = tid; q < TQ; q += NT) {
+          pr_active[pbuf][q] = q < q_valid && prune.active[(q0 + q) * n_ptiles + pt] != 0;
+          pr_best[q] = -static_cast<T>(INFINITY);
+          pr_second[q] = -static_cast<T>(INFINITY);
+        }
+        dr_sync();
+        bool any = false;  // the same answer on every thread: the skip is block-uniform
+        for (int q = 0; q < TQ; ++q) any = any || pr_active[pbuf][q] != 0;
+        if (!any) {  // no query of the block wants this prune tile: neither product runs
+          const index_t next = n0 + prune.tile_rows;
+          n0 = (next < n_end ? next : n_end) - TN;  // the loop's += TN lands on `next`
+          continue;
+        }
+      }
+    }
     const int n_valid = n_end - n0 < TN ? static_cast<int>(n_end - n0) : TN;
     T acc[RQ][RN];
     for (int i = 0; i < RQ; ++i)
@@ -159,8 +188,10 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
     // (b) One warp per query row of the tile; lanes stride over the TN columns. Loop bounds
     // depend only on the warp index, so all 32 lanes reach every shuffle together.
     for (int qq = warp; qq < TQ; qq += Cfg::kWarps) {
-      const bool q_ok = qq < q_valid;
-      const double isg = q_ok ? a.inv_sigma2[q0 + qq] : 0.0;
+      // Pruned: an inactive (query, tile) pair is a padding query of this tile: its scores are
+      // -inf, so it adds nothing to the state and no nearest candidate.
+      const bool q_ok = qq < q_valid && (!kPrune || pr_active[pbuf][qq] != 0);
+      const double isg = qq < q_valid ? a.inv_sigma2[q0 + qq] : 0.0;
       double m_loc = neg_inf;
       double lower = st_lower[qq];
       for (int n = lane; n < TN; n += kWarpSize) {
@@ -201,6 +232,40 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
         if (nearest_better(d_o, i_o, best_d, best_i)) {
           best_d = d_o;
           best_i = i_o;
+        }
+      }
+      if constexpr (kPrune) {
+        // The two largest scores of the prune tile (a multiset: a duplicate counts twice, as in
+        // the CPU loop), by the same fixed butterfly; max is exact, so the order is irrelevant.
+        T b1 = -static_cast<T>(INFINITY), b2 = -static_cast<T>(INFINITY);
+        for (int n = lane; q_ok && n < n_valid; n += kWarpSize) {
+          const T g = ws[qq][n];
+          if (g > b1) {
+            b2 = b1;
+            b1 = g;
+          } else if (g > b2) {
+            b2 = g;
+          }
+        }
+        for (int off = kWarpSize / 2; off > 0; off /= 2) {
+          const T o1 = dr_shfl_xor(b1, off);
+          const T o2 = dr_shfl_xor(b2, off);
+          const T hi = o1 > b1 ? o1 : b1, lo = o1 > b1 ? b1 : o1;
+          b2 = lo > b2 ? lo : b2;
+          b2 = o2 > b2 ? o2 : b2;
+          b1 = hi;
+        }
+        if (lane == 0 && q_ok) {
+          const T p1 = pr_best[qq], p2 = pr_second[qq];
+          const T hi = b1 > p1 ? b1 : p1, lo = b1 > p1 ? p1 : b1;
+          T sec = lo > p2 ? lo : p2;
+          sec = b2 > sec ? b2 : sec;
+          pr_best[qq] = hi;
+          pr_second[qq] = sec;
+          // Written at every TN tile of the prune tile; the last write holds the whole tile's.
+          const index_t o = (q0 + qq) * n_ptiles + n0 / prune.tile_rows;
+          prune.tile_best[o] = hi;
+          prune.tile_second[o] = sec;
         }
       }
       double s1 = 0.0, s2 = 0.0;
@@ -245,6 +310,13 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
         const int kk = e % TK;
         const index_t d = d0 + kk;
         if (qq < q_valid && d < D) {
+          if constexpr (kPrune) {
+            // Inactive pair: p = 0, so A stays (fa = 1) or stays 0 (fa = 0, empty state).
+            if (!pr_active[pbuf][qq]) {
+              if (first) out.weighted_sum[(split * Q + q0 + qq) * D + d] = T(0);
+              continue;
+            }
+          }
           T s = T(0);
           for (int n = 0; n < TN; ++n) s += ws[qq][n] * ys[n][kk];  // padding: p = 0, y = 0
           T* acc_out = out.weighted_sum + (split * Q + q0 + qq) * D + d;
@@ -254,6 +326,13 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
       dr_sync();
     }
     first = false;
+  }
+  if constexpr (kPrune) {
+    // Every prune tile of the split was skipped: A was never written (and the workspace is
+    // uninitialised, 0 * NaN in the merge would poison the other splits' sum).
+    if (first)
+      for (index_t e = tid; e < static_cast<index_t>(q_valid) * D; e += NT)
+        out.weighted_sum[(split * Q + q0) * D + e] = T(0);
   }
 
   for (int q = tid; q < q_valid; q += NT) {
@@ -277,7 +356,7 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
 // ------------------------------------------------------------------------------------------------
 inline constexpr int kDenoiserMergeThreads = 128;
 
-template <class T, RowType R>
+template <class T, RowType R, bool kPrune>
 DR_KERNEL void empirical_denoiser_merge_kernel(
     DenoiserArgs<T> a,           // inputs and final outputs
     int S,
@@ -307,7 +386,12 @@ DR_KERNEL void empirical_denoiser_merge_kernel(
     }
     double h_hi, h_lo;
     half_sqnorm_dd(a.x + q * D, a.center, D, h_hi, h_lo);
-    logit_from_score(st.max, h_hi, h_lo, a.inv_sigma2[q], a.max_logit[q], a.max_logit_lo[q]);
+    if (kPrune && st.max == -static_cast<double>(INFINITY)) {  // pruned: no active row
+      a.max_logit[q] = st.max;
+      a.max_logit_lo[q] = 0.0;
+    } else {
+      logit_from_score(st.max, h_hi, h_lo, a.inv_sigma2[q], a.max_logit[q], a.max_logit_lo[q]);
+    }
     a.sum_exp[q] = st.sum;
     a.sum_exp_sq[q] = st.sum_sq;
     a.nearest_index[q] = best_i;
@@ -328,23 +412,56 @@ DR_KERNEL void empirical_denoiser_merge_kernel(
 // Plan and launch (shared by the CUDA launcher and the emulator module).
 // ------------------------------------------------------------------------------------------------
 
-// Workspace for `splits` partial states (zero bytes when one split suffices).
+// Pruned kernel: the configuration that runs it, or -1 when tile_rows does not fit. Every TN tile
+// of the kernel must lie in one prune tile, so tile_rows must be a multiple of TN or cover all N
+// rows (one prune tile). A forced config is taken or refused; automatic: the dense choice, then
+// 0 (TN = 32), then 2 (TN = 8), the first whose TN divides tile_rows.
+inline int pruned_config(index_t Q, index_t N, index_t tile_rows, int config) {
+  if (tile_rows < 1 || config >= kDenoiserConfigs) return -1;
+  auto fits = [&](int c) {
+    int TQ, TN;
+    denoiser_tile_shape(c, TQ, TN);
+    return tile_rows >= N || tile_rows % TN == 0;
+  };
+  if (config >= 0) return fits(config) ? config : -1;
+  for (int c : {denoiser_auto_config(Q), 0, 2})
+    if (fits(c)) return c;
+  return -1;
+}
+
+// Split plan of a launch. Dense: whole TN tiles per split. Pruned (tile_rows > 0): whole prune
+// tiles per split, so that one block owns every (query, prune tile) pair and writes its two best
+// scores without a merge.
+inline SplitPlan denoiser_plan(index_t Q, index_t N, int TQ, int TN, index_t tile_rows,
+                               int forced_splits) {
+  return tile_rows > 0 ? plan_splits(Q, N, TQ, tile_rows, forced_splits)
+                       : plan_splits(Q, N, TQ, TN, forced_splits);
+}
+
+// Workspace for `splits` partial states (zero bytes when one split suffices). tile_rows > 0: the
+// pruned kernel's plan (0 bytes when it refuses tile_rows; the launch then fails anyway).
 inline std::size_t denoiser_workspace_bytes(index_t Q, index_t N, index_t D, int config,
-                                            int forced_splits, std::size_t elem_size) {
+                                            int forced_splits, std::size_t elem_size,
+                                            index_t tile_rows = 0) {
   if (Q <= 0 || N <= 0 || D <= 0) return 0;
-  if (config < 0) config = denoiser_auto_config(Q);
+  if (tile_rows > 0)
+    config = pruned_config(Q, N, tile_rows, config);
+  else if (config < 0)
+    config = denoiser_auto_config(Q);
+  if (config < 0 || config >= kDenoiserConfigs) return 0;
   int TQ, TN;
   denoiser_tile_shape(config, TQ, TN);
-  const SplitPlan p = plan_splits(Q, N, TQ, TN, forced_splits);
+  const SplitPlan p = denoiser_plan(Q, N, TQ, TN, tile_rows, forced_splits);
   if (p.splits <= 1) return 0;
   const std::size_t sq = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(Q);
   return align_up(sq * static_cast<std::size_t>(D) * elem_size) + 4 * align_up(sq * sizeof(double)) +
          align_up(sq * sizeof(index_t));
 }
 
-template <class T, RowType R, class Cfg>
-Status denoiser_launch_cfg(const DenoiserArgs<T>& a, const Tuning& t, void* stream) {
-  const SplitPlan p = plan_splits(a.Q, a.N, Cfg::TQ, Cfg::TN, t.splits);
+template <class T, RowType R, class Cfg, bool kPrune>
+Status denoiser_launch_cfg(const DenoiserArgs<T>& a, const PruneArgs<T>& pr, const Tuning& t,
+                           void* stream) {
+  const SplitPlan p = denoiser_plan(a.Q, a.N, Cfg::TQ, Cfg::TN, kPrune ? pr.tile_rows : 0, t.splits);
   DenoiserPartial<T> part{a.max_logit, a.sum_exp, a.sum_exp_sq, a.nearest_sqdist, a.nearest_index,
                           a.weighted_sum};
   if (p.splits > 1) {
@@ -363,42 +480,52 @@ Status denoiser_launch_cfg(const DenoiserArgs<T>& a, const Tuning& t, void* stre
     w += align_up(sq * sizeof(double));
     part.best_index = reinterpret_cast<index_t*>(w);
   }
-  Status st = launch_kernel(&empirical_denoiser_partial_kernel<T, R, Cfg>,
+  Status st = launch_kernel(&empirical_denoiser_partial_kernel<T, R, Cfg, kPrune>,
                             Dim2{static_cast<unsigned>(p.q_tiles), static_cast<unsigned>(p.splits)},
-                            Dim2{Cfg::NT, 1}, stream, a, p.rows_per_split, part);
+                            Dim2{Cfg::NT, 1}, stream, a, p.rows_per_split, part, pr);
   if (st != Status::kOk) return st;
-  return launch_kernel(&empirical_denoiser_merge_kernel<T, R>,
+  return launch_kernel(&empirical_denoiser_merge_kernel<T, R, kPrune>,
                        Dim2{static_cast<unsigned>(a.Q), 1}, Dim2{kDenoiserMergeThreads, 1}, stream,
                        a, p.splits, part);
 }
 
-template <class T, RowType R>
-Status denoiser_launch_rows(int config, const DenoiserArgs<T>& a, const Tuning& t, void* stream) {
+template <class T, RowType R, bool kPrune>
+Status denoiser_launch_rows(int config, const DenoiserArgs<T>& a, const PruneArgs<T>& pr,
+                            const Tuning& t, void* stream) {
   switch (config) {
-    case 1: return denoiser_launch_cfg<T, R, DenoiserCfgNarrow>(a, t, stream);
-    case 2: return denoiser_launch_cfg<T, R, DenoiserCfgTiny>(a, t, stream);
-    default: return denoiser_launch_cfg<T, R, DenoiserCfgLarge>(a, t, stream);
+    case 1: return denoiser_launch_cfg<T, R, DenoiserCfgNarrow, kPrune>(a, pr, t, stream);
+    case 2: return denoiser_launch_cfg<T, R, DenoiserCfgTiny, kPrune>(a, pr, t, stream);
+    default: return denoiser_launch_cfg<T, R, DenoiserCfgLarge, kPrune>(a, pr, t, stream);
   }
 }
 
 // Validates sizes and dispatches on the row storage type and the tile configuration
-// (t.config < 0: automatic; t.splits <= 0: automatic). Q = 0 is a no-op.
-template <class T>
-Status denoiser_run(const DenoiserArgs<T>& a, const Tuning& t, void* stream) {
+// (t.config < 0: automatic; t.splits <= 0: automatic). Q = 0 is a no-op. kPrune: the pruned
+// kernel with pr (pruned_config decides the configuration; kInvalidArgument when none fits).
+template <class T, bool kPrune = false>
+Status denoiser_run(const DenoiserArgs<T>& a, const Tuning& t, void* stream,
+                    const PruneArgs<T>& pr = PruneArgs<T>{}) {
   if (a.Q < 0 || a.N < 1 || a.D < 1 || a.row_offset < 0) return Status::kInvalidArgument;
   if (t.config >= kDenoiserConfigs || t.splits > kMaxSplits) return Status::kInvalidArgument;
+  if (kPrune && pruned_config(a.Q, a.N, pr.tile_rows, t.config) < 0) return Status::kInvalidArgument;
   if (a.Q == 0) return Status::kOk;
   // gridDim.x (query tiles, and Q merge blocks) must fit CUDA's 2^31 - 1 limit.
   if (a.Q > index_t(0x7fffffff)) return Status::kInvalidArgument;
   if (!a.x || !a.y || !a.center || !a.inv_sigma2 || !a.max_logit || !a.max_logit_lo ||
       !a.sum_exp || !a.sum_exp_sq || !a.weighted_sum || !a.nearest_index || !a.nearest_sqdist)
     return Status::kInvalidArgument;
-  const int config = t.config < 0 ? denoiser_auto_config(a.Q) : t.config;
+  if (kPrune && (!pr.active || !pr.tile_best || !pr.tile_second)) return Status::kInvalidArgument;
+  const int config = kPrune ? pruned_config(a.Q, a.N, pr.tile_rows, t.config)
+                            : (t.config < 0 ? denoiser_auto_config(a.Q) : t.config);
   switch (a.y_type) {
-    case RowType::kFloat32: return denoiser_launch_rows<T, RowType::kFloat32>(config, a, t, stream);
-    case RowType::kFloat64: return denoiser_launch_rows<T, RowType::kFloat64>(config, a, t, stream);
-    case RowType::kUInt8: return denoiser_launch_rows<T, RowType::kUInt8>(config, a, t, stream);
-    case RowType::kFloat16: return denoiser_launch_rows<T, RowType::kFloat16>(config, a, t, stream);
+    case RowType::kFloat32:
+      return denoiser_launch_rows<T, RowType::kFloat32, kPrune>(config, a, pr, t, stream);
+    case RowType::kFloat64:
+      return denoiser_launch_rows<T, RowType::kFloat64, kPrune>(config, a, pr, t, stream);
+    case RowType::kUInt8:
+      return denoiser_launch_rows<T, RowType::kUInt8, kPrune>(config, a, pr, t, stream);
+    case RowType::kFloat16:
+      return denoiser_launch_rows<T, RowType::kFloat16, kPrune>(config, a, pr, t, stream);
   }
   return Status::kInvalidArgument;
 }

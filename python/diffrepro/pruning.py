@@ -54,6 +54,9 @@ DEFAULT_PRUNE = 1e-12
 TILE_ROWS = 128
 # Principal directions used to order the rows into tiles.
 _ORDER_DIMS = 32
+# Kernel output dtypes on a GPU.
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
+                 np.dtype(np.int64): torch.int64}
 # Records of per-call statistics kept (oldest dropped first).
 _MAX_RECORDS = 100_000
 
@@ -225,14 +228,25 @@ class PrunedRows:
         tile_norm: float64 ``[n_tiles]``, ``max ‖y − center‖`` per tile (for the rounding bound).
         dtype: compute dtype.
         tile_rows: rows per tile; each chunk is cut into its own tiles (its last may be shorter).
+        device: where the rows live and the kernel runs: ``cpu`` (the CPU kernel) or a CUDA
+            device (``pruned_denoiser`` of ``diffrepro._cuda``; the bookkeeping stays on the host,
+            only the queries, the mask, the state and the tiles' best scores cross).
+        emulate: run the CUDA kernel under the CPU emulator (``diffrepro._cuda_emu``) on host
+            rows (tests); ``cuda_config`` / ``cuda_splits`` then force its tile configuration and
+            row splits as ops.py's ``_config`` / ``_splits`` do.
         shards: the reductions across the shards of a split training set (:class:`OneProcess`:
             these rows are the whole set).
         n_total: rows of the whole set over all shards (default: these rows).
     """
 
     def __init__(self, chunks, center: torch.Tensor, tile_norm: np.ndarray, dtype: torch.dtype,
-                 tile_rows: int = TILE_ROWS, shards=None, n_total: int | None = None):
+                 tile_rows: int = TILE_ROWS, *, device=None, emulate: bool = False, shards=None,
+                 n_total: int | None = None):
         self.dtype, self.tile_rows, self.center = dtype, int(tile_rows), center
+        self.device = torch.device("cpu" if device is None else device)
+        self.emulate = bool(emulate)
+        self.cuda_config, self.cuda_splits = -1, 0
+        self._center_dev: torch.Tensor | None = None
         self.chunks: list[_Chunk] = []
         first = 0
         for rows, index in chunks:
@@ -267,14 +281,11 @@ class PrunedRows:
         """Decoded rows at flat positions, ``[len(flat), D]`` in the compute dtype (numpy)."""
         chunk = np.searchsorted(self.starts, flat, side="right") - 1
         if len(self.chunks) == 1:
-            rows = self.chunks[0].load()
-            return _decode(rows.numpy()[flat] if isinstance(rows, torch.Tensor) else rows[flat], self.dtype)
+            return _decode(_rows_from(self.chunks[0].load(), flat), self.dtype)
         out = np.empty((len(flat), self.center.numel()), dtype=self._np_dtype)
         for c in np.unique(chunk):
             sel = np.flatnonzero(chunk == c)
-            rows = self.chunks[c].load()
-            rows = rows.numpy() if isinstance(rows, torch.Tensor) else rows
-            out[sel] = _decode(rows[flat[sel] - self.starts[c]], self.dtype)
+            out[sel] = _decode(_rows_from(self.chunks[c].load(), flat[sel] - self.starts[c]), self.dtype)
         return out
 
     def _global(self, flat: np.ndarray) -> np.ndarray:
@@ -419,11 +430,21 @@ class PrunedRows:
 
     def _kernel(self, qs: np.ndarray, inv: np.ndarray, active: np.ndarray):
         """Softmax state over the active (query, tile) pairs, chunk by chunk, and the two best
-        scores of every computed pair (float64, -inf elsewhere)."""
+        scores of every computed pair (float64, -inf elsewhere). On a CUDA device (or the
+        emulator) the same kernel contract runs there; the merged state comes back to the host."""
         b, d = qs.shape
         best = np.full((b, self.n_tiles), -np.inf)
         second = best.copy()
         inv = np.ascontiguousarray(inv, dtype=np.float64)
+        gpu = self.device.type == "cuda" and not self.emulate
+        dev = self.device if gpu else torch.device("cpu")
+        x, inv_t = torch.from_numpy(qs), torch.from_numpy(inv)
+        center = self.center
+        if gpu:  # the query batch crosses once per call, the centre once
+            x, inv_t = x.to(dev), inv_t.to(dev)
+            if self._center_dev is None or self._center_dev.device != dev:
+                self._center_dev = self.center.to(dev)
+            center = self._center_dev
         state = None
         for ci, c in enumerate(self.chunks):
             n = len(c.index)
@@ -436,30 +457,53 @@ class PrunedRows:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     rows = torch.from_numpy(rows)
-            part = DenoiserState(*(torch.from_numpy(np.empty(shape, dtype=t)) for shape, t in (
+            if rows.device != dev:
+                rows = rows.to(dev)
+            part = DenoiserState(*(_alloc(shape, t, dev) for shape, t in (
                 ((b,), np.float64), ((b,), np.float64), ((b,), np.float64), ((b, d), self._np_dtype),
                 ((b,), np.int64), ((b,), np.float64), ((b,), np.float64))))
-            cb = np.empty(act.shape, dtype=self._np_dtype)
-            cs = np.empty(act.shape, dtype=self._np_dtype)
+            cb, cs = _alloc(act.shape, self._np_dtype, dev), _alloc(act.shape, self._np_dtype, dev)
+            act_t = torch.from_numpy(act).to(dev) if gpu else torch.from_numpy(act)
             args = dict(
-                f64=self.dtype == torch.float64, x=qs.ctypes.data, y=rows.data_ptr(), y_type=ROW_TYPES[rows.dtype],
-                Q=b, N=n, D=d, center=self.center.data_ptr(), inv_sigma2=inv.ctypes.data,
+                f64=self.dtype == torch.float64, x=x.data_ptr(), y=rows.data_ptr(), y_type=ROW_TYPES[rows.dtype],
+                Q=b, N=n, D=d, center=center.data_ptr(), inv_sigma2=inv_t.data_ptr(),
                 row_offset=int(self.starts[ci]), max_logit=part.max_logit.data_ptr(),
                 max_logit_lo=part.max_logit_lo.data_ptr(), sum_exp=part.sum_exp.data_ptr(),
                 sum_exp_sq=part.sum_exp_sq.data_ptr(), weighted_sum=part.weighted_sum.data_ptr(),
                 nearest_index=part.nearest_index.data_ptr(), nearest_sqdist=part.nearest_sqdist.data_ptr())
-            prune = dict(active=act.ctypes.data, tile_rows=self.tile_rows, tile_best=cb.ctypes.data,
-                         tile_second=cs.ctypes.data)
+            prune = dict(active=act_t.data_ptr(), tile_rows=self.tile_rows, tile_best=cb.data_ptr(),
+                         tile_second=cs.data_ptr())
             start = time.perf_counter()
-            _backend.cpu.pruned_denoiser(args, prune, workers=_workers(None))
+            self._launch(args, prune, (b, n, d), dev)
+            cb, cs = cb.cpu().numpy(), cs.cpu().numpy()  # on a GPU: waits for the kernel
             self.kernel_seconds += time.perf_counter() - start
             on = act.astype(bool)
             best[:, cols] = np.where(on, cb, best[:, cols])
             second[:, cols] = np.where(on, cs, second[:, cols])
             state = part if state is None else merge_states(state, part)
+        if gpu and state is not None:
+            state = DenoiserState(*(t.cpu() for t in (
+                state.max_logit, state.sum_exp, state.sum_exp_sq, state.weighted_sum, state.nearest_index,
+                state.nearest_sqdist, state.max_logit_lo)))
         if state is None:  # no tile active here: every candidate is on another shard
             state = _empty_state(b, d, self._np_dtype)
         return state, best, second
+
+    def _launch(self, args: dict, prune: dict, sizes: tuple, dev: torch.device) -> None:
+        """One pruned kernel call on the CPU, the CUDA emulator or the GPU (``dev``)."""
+        if dev.type == "cpu" and not self.emulate:
+            _backend.cpu.pruned_denoiser(args, prune, workers=_workers(None))
+            return
+        module = _backend.emu_module() if self.emulate else _backend.cuda_module()
+        knobs = dict(config=self.cuda_config, splits=self.cuda_splits)
+        nbytes = module.pruned_denoiser_workspace_bytes(*sizes, self.tile_rows, **knobs)
+        ws = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=dev)
+        if self.emulate:
+            module.pruned_denoiser(args, prune, ws.data_ptr(), **knobs)
+            return
+        with torch.cuda.device(dev):
+            stream = torch.cuda.current_stream(dev).cuda_stream
+            module.pruned_denoiser(args, prune, ws.data_ptr(), stream, **knobs)
 
 
 def _empty_state(b: int, d: int, dtype) -> DenoiserState:
@@ -472,17 +516,42 @@ def _empty_state(b: int, d: int, dtype) -> DenoiserState:
                          nearest_sqdist=full(b, np.inf), max_logit_lo=full(b, 0.0))
 
 
-def build_rows(chunks, dtype: torch.dtype, tile_rows: int = TILE_ROWS, shards=None,
-               n_total: int | None = None) -> PrunedRows:
+def _alloc(shape, np_dtype, dev: torch.device) -> torch.Tensor:
+    """Uninitialised output of a kernel: numpy-backed on the host (no torch thread pool), torch
+    on a GPU."""
+    if dev.type == "cpu":
+        return torch.from_numpy(np.empty(shape, dtype=np_dtype))
+    return torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(np_dtype)], device=dev)
+
+
+def _rows_from(rows, flat: np.ndarray) -> np.ndarray:
+    """Rows at positions ``flat`` of a chunk (numpy, memmap or tensor on any device) as numpy:
+    a device tensor is gathered there and only the selected rows cross."""
+    if isinstance(rows, torch.Tensor):
+        if rows.device.type != "cpu":
+            idx = torch.from_numpy(np.asarray(flat, dtype=np.int64)).to(rows.device)
+            return rows.index_select(0, idx).cpu().numpy()
+        rows = rows.numpy()
+    return rows[flat]
+
+
+def build_rows(chunks, dtype: torch.dtype, tile_rows: int = TILE_ROWS, *, device=None,
+               emulate: bool = False, shards=None, n_total: int | None = None) -> PrunedRows:
     """:class:`PrunedRows` from ``(rows, global_index)`` chunks (a shard without rows passes one
     ``[0, D]`` chunk): one pass computes the centre (mean of the decoded rows) and the largest
-    centred norm of every tile. ``shards`` and ``n_total`` as in :class:`PrunedRows`."""
+    centred norm of every tile. ``device``: where the rows live (None: the first resident chunk's
+    device, else the CPU); rows on a GPU are read back block by block for this pass. ``emulate``,
+    ``shards`` and ``n_total``: see :class:`PrunedRows`."""
+    if device is None:
+        first = chunks[0][0] if chunks else None
+        device = first.device if isinstance(first, torch.Tensor) else "cpu"
     block = 4096 - 4096 % tile_rows or tile_rows  # whole tiles per block: a tile's norm in one block
 
     def blocks(rows):
         r = rows() if callable(rows) else rows
         for a in range(0, r.shape[0], block):
-            yield r[a:a + block]
+            part = r[a:a + block]
+            yield part.cpu() if isinstance(part, torch.Tensor) else part
 
     total, count, dim = 0.0, 0, None
     for rows, _ in chunks:
@@ -498,7 +567,7 @@ def build_rows(chunks, dtype: torch.dtype, tile_rows: int = TILE_ROWS, shards=No
             dist = np.linalg.norm((_decode(part, dtype) - center).astype(np.float64), axis=1)
             norms.append(np.pad(dist, (0, -len(dist) % tile_rows)).reshape(-1, tile_rows).max(1))
     return PrunedRows(chunks, torch.from_numpy(center), np.concatenate(norms) * (1 + 1e-6), dtype,
-                      tile_rows, shards=shards, n_total=n_total)
+                      tile_rows, device=device, emulate=emulate, shards=shards, n_total=n_total)
 
 
 # -------------------------------------------------------------------------------------------

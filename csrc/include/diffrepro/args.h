@@ -52,6 +52,9 @@ struct DenoiserArgs {
 // g_n = <x_q - c, y_n - c> - ||y_n - c||^2 / 2 of the tile go to tile_best / tile_second (-inf
 // when the tile has one row), so the caller has the tile's two smallest squared distances
 // ||x_q - c||^2 - 2 g (up to score_error_gamma); other entries are left untouched.
+// The CUDA kernel (pruned_denoiser_cuda, and its emulator) needs tile_rows to be a multiple of its
+// row tile TN (8, 32 or 64 by configuration) or >= N, and keeps splits on tile boundaries; it
+// returns kInvalidArgument otherwise (api_cuda.h). The CPU path takes any tile_rows >= 1.
 template <class T>
 struct PruneArgs {
   const std::uint8_t* active;  // [Q, n_tiles]

@@ -70,9 +70,12 @@ class RecordedCalls:
             idx = np.arange(b) if sel is None else sel.numpy()
             n_rows = self._rows_in(k)
             qk = q if sel is None else q[sel.to(self.device)].contiguous()
-            if self.prune > 0 and self.device.type == "cpu":
+            if self.prune > 0:
                 rows = self._pruned_rows(k)
-                res, st = rows(qk, record["sigma"][idx], self.prune)
+                # The certificate's bookkeeping runs on the host (PrunedRows moves what the
+                # kernel needs); the result goes back to the device.
+                res, st = rows(qk.cpu(), record["sigma"][idx], self.prune)
+                res = res.to(self.device)
                 record["kernel_seconds"] += rows.kernel_seconds
                 for key in ("n_eff", "nearest", "skipped_bound", "commit_sigma", "commit_index"):
                     record[key][idx] = st[key]
@@ -127,13 +130,15 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
     :func:`diffrepro.merge_states` and :func:`diffrepro.finalize` (memmap chunks are read per
     call; the result equals the in-memory one up to float rounding).
 
-    Pruning (on by default, CPU): rows whose weight is certified below ``prune`` relative to the
-    largest, all skipped rows together, are skipped, and a query left with one row is committed
-    to it (O(D) per later call); see :mod:`diffrepro.pruning` for the certificate. ``prune=0``
-    is the dense path. Each call's statistics (σ, ``n_eff``, nearest row, certified skipped
-    mass, fraction of rows computed, commitment σ and row per query) are kept for
-    :meth:`pop_records`. On CUDA devices the dense kernel runs for now (no pruning, no
-    commitment): the pruned CUDA kernel plugs in at :meth:`diffrepro.pruning.PrunedRows._kernel`.
+    Pruning (on by default, CPU and CUDA): rows whose weight is certified below ``prune``
+    relative to the largest, all skipped rows together, are skipped, and a query left with one
+    row is committed to it (O(D) per later call); see :mod:`diffrepro.pruning` for the
+    certificate. ``prune=0`` is the dense path. Each call's statistics (σ, ``n_eff``, nearest
+    row, certified skipped mass, fraction of rows computed, commitment σ and row per query) are
+    kept for :meth:`pop_records`. On a CUDA device the pruned CUDA kernel skips the inactive
+    (query, tile) pairs on the GPU (``pruned_denoiser_cuda``, docs/cuda.md); the certificate's
+    bookkeeping stays on the host, so each call moves the query batch, the tile mask, the state
+    and the tiles' best scores between host and device.
 
     Args:
         train: uint8 ``[N, C, H, W]`` (numpy, np.memmap or tensor), float in [-1, 1], or a
@@ -311,7 +316,7 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
             base = np.arange(self.num_rows) if k is None else self._class_rows[k]
             if not self._memmap and self.chunk_rows is None:
                 flat = self._train.reshape(self.num_rows, -1)
-                own = flat if k is None else flat.index_select(0, torch.from_numpy(base))
+                own = flat if k is None else flat.index_select(0, torch.from_numpy(base).to(flat.device))
                 order = pruning.cluster_order(own.cpu().numpy())
                 del own
                 rows = flat.index_select(0, torch.from_numpy(base[order]).to(self.device))
@@ -321,7 +326,7 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
                     return lambda: self._load(k, lo, hi).reshape(hi - lo, -1)
 
                 chunks = [(loader(lo, hi), base[lo:hi]) for lo, hi in self._spans(k)]
-            self._pruned[k] = pruning.build_rows(chunks, self.dtype)
+            self._pruned[k] = pruning.build_rows(chunks, self.dtype, device=self.device)
         return self._pruned[k]
 
     def _jvp(self, x, sigma, v, class_labels):
