@@ -41,7 +41,9 @@ def _call_worker(rank, world, store, n, d, q, rounds, queue):
     ctx = distributed.init(init_method=f"file://{store}", rank=rank, world_size=world, timeout=300)
     train = benchmarks.synthetic_train(n, d).reshape(n, 3, 32, 32)
     lo, hi = distributed.shard_bounds(n, world, rank)
-    den = distributed.ShardedEmpiricalDenoiser(train[lo:hi], lo, ctx)
+    # Dense (prune=0): the same call repeated at one point would be pruned from the second time on,
+    # and this measures the state merge against the partial kernel it wraps.
+    den = distributed.ShardedEmpiricalDenoiser(train[lo:hi], lo, ctx, prune=0)
     x = benchmarks.noisy_queries(train.reshape(n, d), q, SIGMA)
     den(x.reshape(q, 3, 32, 32), SIGMA)  # warm-up
     full, part = [], []
