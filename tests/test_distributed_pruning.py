@@ -47,10 +47,13 @@ def _worker(rank, world, store, outdir, queue):
     images, labels, start, noise = _setup()
     lo, hi = distributed.shard_bounds(N_ROWS, world, rank)
     den = distributed.ShardedEmpiricalDenoiser(images[lo:hi], lo, ctx, labels=labels[lo:hi], label_dim=10)
+    dense = distributed.ShardedEmpiricalDenoiser(images[lo:hi], lo, ctx, labels=labels[lo:hi], label_dim=10,
+                                                 prune=0)
     got = {}
     for name, cl in (("uncond", None), ("class9", torch.full((4,), 9))):
         out, records = _calls(den, start, noise, cl)
-        got[name] = {"out": out, "commit_index": np.stack([r["commit_index"] for r in records]),
+        got[name] = {"out": out, "dense": _calls(dense, start, noise, cl)[0],
+                     "commit_index": np.stack([r["commit_index"] for r in records]),
                      "commit_sigma": np.stack([r["commit_sigma"] for r in records]),
                      "nearest": np.stack([r["nearest"] for r in records]),
                      "rows_fraction": np.array([r["rows_fraction"] for r in records]),
@@ -82,6 +85,7 @@ def test_sharded_pruning_equals_one_process(tmp_path, one_thread, world):
         out, records = _calls(one, start, noise, cl)
         dense, _ = _calls(EmpiricalDenoiser(images, labels=labels, label_dim=10, prune=0), start, noise, cl)
         g = got[name]
+        assert np.abs(g["dense"] - dense).max() <= 1e-5, name  # the sharded dense path (prune=0)
         assert np.abs(g["out"] - dense).max() <= 1e-5, name
         assert np.abs(g["out"] - out).max() <= 1e-5, name
         # The same decisions as one process: nearest rows, commitments and their σ.

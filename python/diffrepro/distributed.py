@@ -618,7 +618,7 @@ class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
         return self._class_sizes[k]
 
     def _dense(self, q, sigma, k):
-        res, info = self._state(q, sigma, None, k)
+        res, info = self._state(q, sigma, 1.0, k)  # q is x / s already
         return res, info["n_eff"], info["nearest_index"]
 
     def _pruned_rows(self, k: int | None) -> pruning.PrunedRows:
