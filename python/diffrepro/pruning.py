@@ -29,6 +29,12 @@ a certificate:
 
 Rows are ordered once by a principal-direction tree (tiles of nearby images), so a query's
 candidates fall into few tiles; the order is a permutation and changes no result.
+
+* **Shards.** When the training set is split over processes, each keeps the bounds of its own
+  rows and the numbers of the certificate that span the whole set are reduced across them (``U``
+  by MIN over each shard's previous nearest row, ``L_other`` by MIN, the skipped mass and the
+  rows computed by SUM, the softmax states by the merge of :mod:`diffrepro.distributed`), with
+  ``N`` the size of the whole set: every shard then skips, commits and releases the same queries.
 """
 from __future__ import annotations
 
