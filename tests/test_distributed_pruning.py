@@ -46,7 +46,7 @@ def _worker(rank, world, store, outdir, queue):
     ctx = distributed.init(init_method=f"file://{store}", rank=rank, world_size=world, timeout=60)
     images, labels, start, noise = _setup()
     lo, hi = distributed.shard_bounds(N_ROWS, world, rank)
-    den = distributed.ShardedEmpiricalDenoiser(images[lo:hi], lo, ctx, labels=labels[lo:hi], label_dim=10)
+    den = distributed.ShardedEmpiricalDenoiser(images[lo:hi], lo, ctx, labels=labels[lo:hi], label_dim=11)
     dense = distributed.ShardedEmpiricalDenoiser(images[lo:hi], lo, ctx, labels=labels[lo:hi], label_dim=10,
                                                  prune=0)
     got = {}
@@ -58,6 +58,11 @@ def _worker(rank, world, store, outdir, queue):
                      "nearest": np.stack([r["nearest"] for r in records]),
                      "rows_fraction": np.array([r["rows_fraction"] for r in records]),
                      "skipped_bound": np.stack([r["skipped_bound"] for r in records])}
+    try:  # class 10 has no row on any shard: the same clear error on every rank
+        den(start.float(), 1.0, torch.full((4,), 10))
+        got["empty_class"] = None
+    except ValueError as exc:
+        got["empty_class"] = str(exc)
     got["same_on_all_ranks"] = all(np.array_equal(o, got["uncond"]["out"])
                                    for o in ctx.all_gather_object(got["uncond"]["out"]))
     # Two batches of 4 seeds: the bounds of the first batch must not leak into the second.
@@ -78,6 +83,7 @@ def test_sharded_pruning_equals_one_process(tmp_path, one_thread, world):
     while not procs.join(timeout=120):
         pass
     assert got["same_on_all_ranks"]
+    assert got["empty_class"] == "class_labels ask for class 10, which has no training rows"
 
     images, labels, start, noise = _setup()
     for name, cl in (("uncond", None), ("class9", torch.full((4,), 9))):

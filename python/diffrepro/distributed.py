@@ -467,7 +467,7 @@ class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
     Class-conditional calls restrict each rank to its rows of the class; a rank holding no row
     of a class contributes an empty state.
 
-    Pruning (on by default, CPU) works as in :class:`diffrepro.denoisers.EmpiricalDenoiser`: each
+    Pruning (on by default) works as in :class:`diffrepro.denoisers.EmpiricalDenoiser`: each
     rank keeps the bounds of its own rows, and the certificate's global numbers (the distance
     ``U`` to the nearest row, the bound on all other rows, the skipped mass) are all-reduced, so
     every rank skips, commits and releases the same queries and the output is the one-process
@@ -641,6 +641,8 @@ class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
             return
         # Every rank sees the same labels, so the groups (and collectives) are in the same order.
         for k in torch.unique(classes).tolist():
+            if self._rows_in(k) == 0:  # on every rank alike
+                raise ValueError(f"class_labels ask for class {k}, which has no training rows")
             yield torch.nonzero(classes == k).reshape(-1), k
 
     def nearest(self, x: torch.Tensor, sigma, s=1.0, class_labels=None):
