@@ -58,6 +58,11 @@ def _worker(rank, world, store, outdir, queue):
                      "nearest": np.stack([r["nearest"] for r in records]),
                      "rows_fraction": np.array([r["rows_fraction"] for r in records]),
                      "skipped_bound": np.stack([r["skipped_bound"] for r in records])}
+    try:  # a different prune on one rank: refused on every rank
+        distributed.ShardedEmpiricalDenoiser(images[lo:hi], lo, ctx, prune=1e-12 if rank == 0 else 1e-6)
+        got["mixed_prune"] = None
+    except ValueError as exc:
+        got["mixed_prune"] = str(exc)
     try:  # class 10 has no row on any shard: the same clear error on every rank
         den(start.float(), 1.0, torch.full((4,), 10))
         got["empty_class"] = None
@@ -83,6 +88,7 @@ def test_sharded_pruning_equals_one_process(tmp_path, one_thread, world):
     while not procs.join(timeout=120):
         pass
     assert got["same_on_all_ranks"]
+    assert got["mixed_prune"] == "prune must be the same on every rank, got values from 1e-12 to 1e-06"
     assert got["empty_class"] == "class_labels ask for class 10, which has no training rows"
 
     images, labels, start, noise = _setup()

@@ -523,6 +523,11 @@ class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
         self._class_blocks: dict[int, torch.Tensor] = {}
         self._fingerprint = None
         self.num_rows = int(self._reduce(torch.tensor([len(rows)], dtype=torch.float64), "sum", "row count")[0])
+        # Every rank must certify with the same prune: otherwise their decisions (and outputs) differ.
+        lo_hi = self._reduce(torch.tensor([-self.prune, self.prune], dtype=torch.float64), "max", "prune")
+        if -lo_hi[0] != lo_hi[1]:
+            raise ValueError(f"prune must be the same on every rank, got values from {-float(lo_hi[0]):g} to "
+                             f"{float(lo_hi[1]):g}")
 
     def _reduce(self, t: torch.Tensor, op: str, what: str) -> torch.Tensor:
         import torch.distributed as dist
