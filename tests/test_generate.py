@@ -416,7 +416,7 @@ def test_plan_of_1e8_seeds_is_fast_and_small(tmp_path):
 
     out = tmp_path / "out"
     (out / "batches").mkdir(parents=True)
-    (out / "batches" / "batch-000512.npz").write_bytes(b"")  # recognised by name: batch 2 of 256
+    np.savez(out / "batches" / "batch-000512.npz", seeds=np.arange(512, 768))  # read without images: batch 2
     tracemalloc.start()
     t = time.perf_counter()
     work = generation.plan_work("0-99999999", out, batch=256)
@@ -426,7 +426,7 @@ def test_plan_of_1e8_seeds_is_fast_and_small(tmp_path):
     assert seconds < 5 and peak < 1 << 20, (seconds, peak)
     assert len(work["seeds"]) == 10**8 and len(work["plan"]) == 390625
     assert work["compute_batches"] == 390624 and work["compute_seeds"] == 10**8 - 256
-    assert work["missing_png"] == 10**8
+    assert work["new_seeds"] == 10**8 - 256 and work["missing_png"] == 10**8
 
 
 def test_cli_dry_run_1e8_seeds_in_a_subprocess(edm_zip, tmp_path):
@@ -527,7 +527,7 @@ def test_empty_class_leaves_nothing_and_a_no_batch_manifest_is_replaced(real, tm
     with pytest.raises(KeyboardInterrupt):
         generation.generate(den, "0-1", tmp_path / "out", class_idx=5, steps=3, progress=False)
     monkeypatch.undo()
-    with pytest.warns(UserWarning, match=r"replacing the manifest of a run that wrote no batch .*class_idx: "
+    with pytest.warns(UserWarning, match=r"replacing the settings of a run that wrote no batch .*class_idx: "
                                          r"got 4, existing 5"):
         m = generation.generate(den, "0-1", tmp_path / "out", class_idx=4, steps=3, progress=False)
     assert m["status"] == "complete" and m["config"]["class_idx"] == 4

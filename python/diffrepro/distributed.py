@@ -42,7 +42,7 @@ from .errors import RunError
 from .ops import empirical_denoiser_partial, finalize, merge_topk
 
 __all__ = ["Claim", "Context", "ShardedEmpiricalDenoiser", "all_gather_topk", "all_reduce", "claim", "current",
-           "init", "parse_part", "shard_bounds", "single"]
+           "held_by_another", "init", "parse_part", "shard_bounds", "single"]
 
 # A heartbeat every min(1 s, timeout / 10); a rank is declared lost after `timeout` seconds without one.
 _BEAT_SECONDS = 1.0
@@ -383,19 +383,31 @@ def _me() -> dict:
     return _MY_OWNER
 
 
-def claim(lock_path) -> Claim | dict:
+def held_by_another(owner: dict) -> bool:
+    """Whether a lock's owner (as :func:`claim` records it) may still run and is another process:
+    False for an empty or unreadable owner, a provably dead one (same host) and this process."""
+    me = _me()
+    mine = owner.get("pid") == me["pid"] and owner.get("host") == me["host"]
+    return bool(owner) and _alive(owner) and not mine
+
+
+def claim(lock_path, info: dict | None = None) -> Claim | dict:
     """Claim an output by creating ``lock_path`` atomically (write a temporary file, then
     ``os.link``, which fails if the lock exists, also on NFS).
 
     A lock whose owner is provably dead (same host, process gone or pid reused) is broken and
     taken over; a lock of this very process is taken over too.
 
+    Args:
+        lock_path: the lock file.
+        info: extra JSON fields recorded in the lock beside the owner (e.g. what it covers).
+
     Returns:
-        A :class:`Claim` on success, else the owner ``{"pid", "host", "start", "since"}`` of the
-        live claim that blocks it.
+        A :class:`Claim` on success, else the owner ``{"pid", "host", "start", "since", ...}`` of
+        the live claim that blocks it.
     """
     lock_path = Path(lock_path)
-    me = {**_me(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    me = {**_me(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})}
     fd, tmp = tempfile.mkstemp(dir=lock_path.parent, prefix=f".{lock_path.name}.", suffix=".claim")
     try:
         with os.fdopen(fd, "w") as f:
@@ -412,8 +424,7 @@ def claim(lock_path) -> Claim | dict:
                 continue  # released meanwhile: try again
             except (OSError, ValueError):
                 owner = {}
-            mine = owner.get("pid") == me["pid"] and owner.get("host") == me["host"]
-            if owner and _alive(owner) and not mine:
+            if held_by_another(owner):
                 return owner
             # Break the dead owner's lock: rename it away first, so that of two processes breaking
             # it at once only one removes it (the other's rename fails and it retries).

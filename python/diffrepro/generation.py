@@ -28,6 +28,8 @@ Output folder::
 from __future__ import annotations
 
 import bisect
+import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -35,6 +37,8 @@ import math
 import os
 import platform
 import re
+import socket
+import tempfile
 import time
 import warnings
 import zipfile
@@ -258,18 +262,24 @@ def _check_part(part):
 
 
 # ------------------------------------------------------------------------------------------------
-# Output folder: listing, records, PNG checks, temporaries
+# Output folder: identity file, folder lock, batch records and claims
 
 # diffrepro's own temporaries: data's atomic writes (".<name>.XXXXXXXX.tmp") and claims (".claim").
 _TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.(?:tmp|claim)$")
 _PNG_RE = re.compile(r"^(\d+)\.png$")
 _RECORD_RE = re.compile(r"^batch-(\d+)\.npz$")
+_CLAIM_RE = re.compile(r"^\.(batch-(\d+)\.npz)\.lock$")
+_JOB_RE = re.compile(r"^\.job-.+\.lock$")
+_IDENTITY = "run.json"  # the settings that own the folder, created once (os.link) by the first job
+_FOLDER_LOCK = ".generate.lock"  # held for milliseconds: while claiming seeds or publishing the manifest
+_LOCK_WAIT_SECONDS = 300.0
 _STALE_SECONDS = 60.0  # manifest/grid temporaries live milliseconds; older ones are left by a killed run
+_LAYOUT_KEYS = ("seeds", "subdirs")
 
 
 def _scan(folder: Path):
-    """``(names, temps)``: the entries of ``folder`` and its temporaries by target name."""
-    names, temps = [], {}
+    """``(entries, temps)``: the entries of ``folder`` (name -> inode) and its temporaries by target."""
+    names, temps = {}, {}
     try:
         with os.scandir(folder) as it:
             for e in it:
@@ -277,41 +287,29 @@ def _scan(folder: Path):
                 if m:
                     temps.setdefault(m.group("target"), []).append(Path(e.path))
                 else:
-                    names.append(e.name)
+                    names[e.name] = e.inode()
     except FileNotFoundError:
         pass
     return names, temps
 
 
-def _png_folders(outdir: Path, subdirs: bool, names: list[str]) -> list[tuple[Path, str]]:
-    if not subdirs:
-        return [(outdir, "")]
-    return [(outdir / n, n + "/") for n in names if len(n) == 6 and n.isdigit()]
-
-
-def _listing(outdir: Path, plan: BatchPlan, subdirs: bool):
-    """``(record batch indices, PNG seeds present, temps by relative target)`` of an output folder,
-    in time proportional to the files present (never to the seeds requested)."""
+def _png_listing(outdir: Path, subdirs: bool):
+    """``(PNG seeds present, temps by relative target)`` of an output folder, in time proportional
+    to the files present (never to the seeds requested)."""
     names, temps = _scan(outdir)
+    folders = ([(outdir / n, n + "/") for n in names if len(n) == 6 and n.isdigit()] if subdirs
+               else [(outdir, "")])
     pngs = set()
-    for folder, rel in _png_folders(outdir, subdirs, names):
+    for folder, rel in folders:
         sub, sub_temps = (names, {}) if not rel else _scan(folder)
         temps.update({rel + t: p for t, p in sub_temps.items()})
         for n in sub:
             m = _PNG_RE.match(n)
             if m and noise.seed_filename(int(m.group(1)), subdirs) == rel + n:
                 pngs.add(int(m.group(1)))
-    rec_names, rec_temps = _scan(outdir / _BATCH_DIR)
+    rec_temps = _scan(outdir / _BATCH_DIR)[1]
     temps.update({f"{_BATCH_DIR}/{t}": p for t, p in rec_temps.items()})
-    records = {}
-    for n in rec_names:
-        m = _RECORD_RE.match(n)
-        if not m:
-            continue
-        pos = plan.seeds.index(int(m.group(1)))
-        i = None if pos is None else plan.batch_of(pos)
-        records[n] = i if i is not None and plan.bounds(i)[0] == pos else None
-    return records, pngs, temps
+    return pngs, temps
 
 
 def _digest(obj) -> str:
@@ -328,21 +326,37 @@ def _differences(new, old, prefix: str = "") -> list[str]:
     return [f"{prefix.rstrip('.')}: got {json.dumps(new)}, existing {json.dumps(old)}"]
 
 
-def _read_record(path: Path, run_id: str, identity: dict, seeds: list[int], shape) -> np.ndarray | None:
-    """The float64 images of a batch record of this run; None when absent.
+def _unreadable(path: Path, exc: BaseException) -> RunError:
+    return RunError(f"batch file {str(path)!r} is unreadable ({type(exc).__name__}: {exc}); delete it "
+                    "to recompute the batch")
+
+
+def _record_header(path: Path) -> tuple[list[int] | None, str | None, str | None]:
+    """``(seeds, run_id, run JSON)`` of a batch record, read without its images."""
+    try:
+        with np.load(path) as z:
+            seeds = z["seeds"].tolist() if "seeds" in z.files else None
+            run_id = str(z["run_id"]) if "run_id" in z.files else None
+            run = str(z["run"]) if "run" in z.files and run_id is not None else None
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise _unreadable(path, exc) from exc
+    return seeds, run_id, run
+
+
+def _read_record(path: Path, run_id: str, identity: dict, seeds: list[int], shape) -> np.ndarray:
+    """The float64 images of a batch record of this run holding ``seeds``.
 
     Raises:
-        UsageError: the file belongs to another run (naming what differs) or other seeds.
-        RunError: the file is unreadable.
+        UsageError: the file belongs to another run (naming what differs) or holds other seeds.
+        RunError: the file is unreadable or gone.
     """
     try:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise RunError(f"batch file {str(path)!r} is unreadable ({type(exc).__name__}: {exc}); delete it "
-                       "to recompute the batch") from exc
+        raise _unreadable(path, exc) from exc
     if "run_id" not in arrays or "run" not in arrays:
         raise UsageError(f"batch file {str(path)!r} has no run fingerprint (written by another program or an "
                          "older diffrepro); use another outdir or delete it")
@@ -353,7 +367,7 @@ def _read_record(path: Path, run_id: str, identity: dict, seeds: list[int], shap
     images = arrays.get("images")
     if arrays["seeds"].tolist() != seeds or images is None or images.shape != (len(seeds), *shape) \
             or images.dtype != np.float64:
-        raise UsageError(f"batch file {str(path)!r} does not hold this run's seeds {format_seeds(seeds)} "
+        raise UsageError(f"batch file {str(path)!r} does not hold the seeds {format_seeds(seeds)} "
                          f"as float64 {(len(seeds), *shape)} images; use another outdir or delete it")
     return images
 
@@ -388,13 +402,205 @@ def _remove(paths) -> None:
             pass
 
 
+def _owner_text(owner: dict) -> str:
+    return f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')} since {owner.get('since', '?')}"
+
+
+def _create_exclusive(path: Path, payload: bytes) -> bool:
+    """Create ``path`` holding ``payload`` unless it exists (a whole file appears at once: written
+    to a temporary, then ``os.link``, which fails on an existing name, also on NFS)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+@dataclasses.dataclass
+class _View:
+    """The batch records and claims of an output folder at one moment (read under its lock).
+
+    A record holds the seeds it was computed for, disjoint from every other record's; a claim
+    (``batches/.batch-<first seed>.npz.lock``) covers the seeds a job is computing or checking.
+    A seed is finished when a record holds it and no claim covers it: its PNG is then written.
+    """
+
+    records: dict[str, list[int]]  # record name -> its seeds
+    record_of: dict[int, str]  # seed -> the record holding it
+    claims: dict[str, dict]  # lock name -> owner with "seeds" (list) and "live" (another process, running)
+    jobs: dict[str, dict]  # job lock name -> owner with "live"
+
+    def claimed(self) -> set[int]:
+        return {s for c in self.claims.values() for s in c["seeds"]}
+
+    def finished(self) -> set[int]:
+        claimed = self.claimed()
+        return {s for s in self.record_of if s not in claimed}
+
+    def live_others(self) -> list[dict]:
+        """Owners of the claims and job locks of other running processes."""
+        return [c for c in (*self.claims.values(), *self.jobs.values()) if c["live"]]
+
+
+class _Folder:
+    """A generate output folder: the identity file that says which run owns it, the folder lock,
+    the batch records (indexed by seed, headers cached: records never change in place) and the
+    claims of the jobs working in it."""
+
+    def __init__(self, outdir, subdirs: bool = False):
+        self.outdir, self.subdirs = Path(outdir), bool(subdirs)
+        self.batches = self.outdir / _BATCH_DIR
+        self._headers: dict[str, tuple] = {}  # record name -> (inode, seeds, run_id, run JSON)
+
+    # -- identity --------------------------------------------------------------------------------
+
+    def owner(self) -> dict | None:
+        """``{"config", ...}`` of the run that owns the folder: its identity file, else (a folder
+        of an older diffrepro) its manifest's configuration without the seeds; None: no owner."""
+        path = self.outdir / _IDENTITY
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            manifest = _read_manifest(self.outdir)
+            if manifest is None:
+                return None
+            return {"config": {k: v for k, v in manifest["config"].items() if k != "seeds"}, "legacy": True}
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{str(path)!r} is unreadable ({exc}); use another outdir or delete it") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+            raise UsageError(f"{str(path)!r} is not a diffrepro generate run file; use another outdir")
+        return doc
+
+    def create_identity(self, doc: dict) -> bool:
+        return _create_exclusive(self.outdir / _IDENTITY, json.dumps(doc, indent=1).encode())
+
+    # -- lock ------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the folder lock: claims, the identity file and the manifest change only under it."""
+        path = self.outdir / _FOLDER_LOCK
+        deadline, delay = time.monotonic() + _LOCK_WAIT_SECONDS, 0.001
+        while not isinstance(got := distributed.claim(path), distributed.Claim):
+            if time.monotonic() > deadline:
+                raise RunError(f"outdir {str(self.outdir)!r} has been locked for {_LOCK_WAIT_SECONDS:.0f} s by "
+                               f"another job ({_owner_text(got)}); delete {str(path)!r} if that job is dead")
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
+        try:
+            yield
+        finally:
+            got.release()
+
+    def claim_job(self) -> distributed.Claim:
+        """A lock held for the whole job: the folder's settings are never replaced under it."""
+        host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+        got = distributed.claim(self.batches / f".job-{host}-{os.getpid()}.lock")
+        assert isinstance(got, distributed.Claim), got  # the name is this process's own
+        return got
+
+    # -- records and claims ----------------------------------------------------------------------
+
+    def view(self, run_id: str | None = None, identity: dict | None = None, plan: BatchPlan | None = None) -> _View:
+        """The records and claims present. With ``run_id``, a record of another run is refused;
+        ``plan`` gives the seeds of a claim written without its seed list (older diffrepro)."""
+        entries, _ = _scan(self.batches)
+        records: dict[str, list[int]] = {}
+        record_of: dict[int, str] = {}
+        claims, jobs = {}, {}
+        for name in sorted(entries):
+            if _RECORD_RE.match(name):
+                seeds = self._header(name, entries[name], run_id, identity)
+                if seeds is None:
+                    continue
+                for s in seeds:
+                    if s in record_of:
+                        raise UsageError(f"batch files {str(self.batches / record_of[s])!r} and {name!r} both hold "
+                                         f"seed {s}; delete one of them")
+                    record_of[s] = name
+                records[name] = seeds
+            elif m := _CLAIM_RE.match(name):
+                owner = self._lock_owner(name)
+                if owner is not None:
+                    owner["seeds"] = _claim_seeds(owner, int(m.group(2)), plan)
+                    claims[name] = owner
+            elif _JOB_RE.match(name):
+                owner = self._lock_owner(name)
+                if owner is not None:
+                    jobs[name] = owner
+        return _View(records, record_of, claims, jobs)
+
+    def _header(self, name: str, inode: int, run_id, identity) -> list[int] | None:
+        """The seeds of record ``name`` (None if it vanished), checked against the run."""
+        path = self.batches / name
+        cached = self._headers.get(name)
+        if cached is None or cached[0] != inode:
+            try:
+                cached = (inode, *_record_header(path))
+            except FileNotFoundError:
+                return None
+            self._headers[name] = cached
+        _, seeds, rid, run = cached
+        if run_id is not None:
+            if rid is None or run is None:
+                raise UsageError(f"batch file {str(path)!r} has no run fingerprint (written by another program or "
+                                 "an older diffrepro); use another outdir or delete it")
+            if rid != run_id:
+                diffs = _differences(identity, json.loads(run))
+                raise UsageError(f"batch file {str(path)!r} belongs to another run (" + "; ".join(diffs)
+                                 + "); use another outdir or delete it")
+        if not seeds or name != f"batch-{seeds[0]:06d}.npz":
+            raise UsageError(f"batch file {str(path)!r} does not hold seeds starting with its name's (got "
+                             f"{format_seeds(seeds or [])!r}); use another outdir or delete it")
+        return seeds
+
+    def _lock_owner(self, name: str) -> dict | None:
+        try:
+            owner = json.loads((self.batches / name).read_text() or "{}")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            owner = {}
+        owner = owner if isinstance(owner, dict) else {}
+        owner["live"] = distributed.held_by_another(owner)
+        return owner
+
+    def remove_dead_locks(self, view: _View, names) -> None:
+        """Remove the locks ``names`` of dead processes (and of this one) from the folder and the view."""
+        for name in names:
+            _remove([self.batches / name])
+            view.claims.pop(name, None)
+            view.jobs.pop(name, None)
+
+
+def _claim_seeds(owner: dict, first: int, plan: BatchPlan | None) -> list[int]:
+    """The seeds a claim covers: its list, else (older diffrepro: one lock per batch of its split)
+    the batch of ``plan`` starting with the seed in its name, else that seed alone."""
+    if isinstance(owner.get("seeds"), str):
+        try:
+            runs = SeedRanges.parse(owner["seeds"])
+            return runs.slice(0, len(runs))
+        except ValueError:
+            pass
+    pos = None if plan is None else plan.seeds.index(first)
+    if pos is not None and plan.bounds(plan.batch_of(pos))[0] == pos:
+        return plan.seeds_of(plan.batch_of(pos))
+    return [first]
+
+
 def plan_work(seeds, outdir, *, sampler: str = "heun", steps: int = 18, batch: int = 256,
               subdirs: bool = False, part=None, flow: dict | None = None) -> dict:
     """The batches EDM's split gives and how many of them still need computing or PNG writes.
 
     Planning costs time proportional to the number of seed ranges and files present, never to
-    the number of seeds (``"0-99999999"`` plans in milliseconds); records are recognised by
-    name here and checked when a run reuses them.
+    the number of seeds (``"0-99999999"`` plans in milliseconds); records are read without their
+    images here (a seed held by any record of the folder counts as done) and checked when a run
+    reuses them.
 
     Args:
         seeds: seed list, EDM seed string or :class:`SeedRanges`.
@@ -408,8 +614,9 @@ def plan_work(seeds, outdir, *, sampler: str = "heun", steps: int = 18, batch: i
         flow: ``{"shift", "grid"}`` of a flow-matching run (:func:`generate`); None: EDM.
 
     Returns:
-        ``{"seeds" (SeedRanges), "plan" (BatchPlan), "job" (range of batch indices), "done" (set of
-        job batches whose record exists), "compute_batches", "compute_seeds", "missing_png", "width"
+        ``{"seeds" (SeedRanges), "plan" (BatchPlan), "job" (range of batch indices),
+        "compute_batches", "compute_seeds" (the seeds of those batches: a batch with a new seed is
+        sampled whole), "new_seeds" (requested seeds no record holds), "missing_png", "width"
         (largest batch), "nfe", "evaluations"}``; ``evaluations`` is the number of batched
         denoiser calls still to run.
     """
@@ -419,16 +626,21 @@ def plan_work(seeds, outdir, *, sampler: str = "heun", steps: int = 18, batch: i
     seeds = SeedRanges.parse(seeds)
     plan = BatchPlan(seeds, batch)
     job = _job_batches(plan, _check_part(part))
-    records, pngs, _ = _listing(Path(outdir), plan, subdirs)
-    done = {i for i in records.values() if i is not None and i % job.step == job.start % job.step}
-    in_job = sum(1 for s in pngs if (p := seeds.index(s)) is not None
-                 and plan.batch_of(p) % job.step == job.start % job.step)
-    compute = len(job) - len(done)
+    in_job = (lambda s: (p := seeds.index(s)) is not None
+              and plan.batch_of(p) % job.step == job.start % job.step)
+    done: dict[int, int] = {}  # job batch -> its seeds that a record holds
+    for s in _Folder(outdir, subdirs).view(plan=plan).record_of:
+        if in_job(s):
+            i = plan.batch_of(seeds.index(s))
+            done[i] = done.get(i, 0) + 1
+    whole = [i for i, n in done.items() if n == len(range(*plan.bounds(i)))]
+    compute = len(job) - len(whole)
     n = nfe(sampler, steps) if flow is None else samplers.flow_nfe(sampler, _flow_times(steps, flow))
-    return {"seeds": seeds, "plan": plan, "job": job, "done": done, "compute_batches": compute,
-            "compute_seeds": plan.seeds_in(job) - sum(len(range(*plan.bounds(i))) for i in done),
-            "missing_png": plan.seeds_in(job) - in_job, "width": plan.bounds(0)[1],
-            "nfe": n, "evaluations": compute * n}
+    return {"seeds": seeds, "plan": plan, "job": job, "compute_batches": compute,
+            "compute_seeds": plan.seeds_in(job) - sum(len(range(*plan.bounds(i))) for i in whole),
+            "new_seeds": plan.seeds_in(job) - sum(done.values()),
+            "missing_png": plan.seeds_in(job) - sum(1 for s in _png_listing(Path(outdir), subdirs)[0] if in_job(s)),
+            "width": plan.bounds(0)[1], "nfe": n, "evaluations": compute * n}
 
 
 def _versions() -> dict:
@@ -451,50 +663,63 @@ def _read_manifest(outdir: Path) -> dict | None:
     return manifest
 
 
-def _check_folder(outdir: Path, config: dict, work: dict, run_id: str, identity: dict, shape) -> bool:
-    """Refuse a folder that holds another run's outputs; returns True when the manifest must be
-    (re)written (absent, or of a run that produced no batch record)."""
-    manifest = _read_manifest(outdir)
-    records, _, _ = _listing(outdir, work["plan"], config["subdirs"])
-    if manifest is not None:
-        diffs = _differences(config, manifest["config"])
-        if not diffs:
-            return False
-        if records:
-            raise UsageError(f"outdir {str(outdir)!r} holds outputs of a different run (" + "; ".join(diffs)
-                             + "); use another outdir or delete it")
-        warnings.warn(f"replacing the manifest of a run that wrote no batch in {str(outdir)!r} ("
-                      + "; ".join(diffs) + ")", stacklevel=3)
-    for name, i in sorted(records.items()):
-        path = outdir / _BATCH_DIR / name
-        if i is None:
-            raise UsageError(f"batch file {str(path)!r} is not a batch of this run (seeds "
-                             f"{config['seeds']}, batch {config['batch']}); use another outdir or delete it")
-        _read_record(path, run_id, identity, work["plan"].seeds_of(i), shape)
-    return True
-
-
 def _write_manifest(outdir: Path, manifest: dict) -> None:
     data.atomic_write_bytes(outdir / _MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-def _save_grid(outdir: Path, plan: BatchPlan, run_id: str, identity: dict, shape) -> None:
+def _read_seeds(folder: _Folder, view: _View, seeds: list[int], run_id: str, identity: dict, shape) -> np.ndarray:
+    """The float64 images of ``seeds`` (in that order) from the records holding them."""
+    out = np.empty((len(seeds), *shape), np.float64)
+    wanted: dict[str, list[tuple[int, int]]] = {}  # record -> (position in seeds, seed)
+    for k, s in enumerate(seeds):
+        name = view.record_of.get(s)
+        if name is None:
+            raise FileNotFoundError(f"seed {s} has no batch record in {str(folder.batches)!r}; rerun generate "
+                                    "to finish the run")
+        wanted.setdefault(name, []).append((k, s))
+    for name, items in wanted.items():
+        held = view.records[name]
+        images = _read_record(folder.batches / name, run_id, identity, held, shape)
+        where = {s: j for j, s in enumerate(held)}
+        for k, s in items:
+            out[k] = images[where[s]]
+    return out
+
+
+def _save_grid(folder: _Folder, view: _View, seeds: list[int], run_id: str, identity: dict, shape) -> None:
     """8×8 row-major grid of the first 64 seeds (fewer seeds: 8 columns, white padding), read
     back from the batch records."""
-    shown = min(_GRID_SEEDS, len(plan.seeds))
-    parts, i = [], 0
-    while sum(len(p) for p in parts) < shown:
-        parts.append(_read_record(outdir / _BATCH_DIR / plan.name(i), run_id, identity, plan.seeds_of(i), shape))
-        i += 1
-    images = torch.from_numpy(np.concatenate(parts)[:shown])
-    cols = min(8, shown)
-    rows = -(-shown // cols)
-    pad = torch.ones((rows * cols - shown, *images.shape[1:]), dtype=images.dtype)
-    data.save_grid_png(outdir / "grid.png", torch.cat([images, pad]), rows, cols)
+    shown = seeds[:_GRID_SEEDS]
+    images = torch.from_numpy(_read_seeds(folder, view, shown, run_id, identity, shape))
+    cols = min(8, len(shown))
+    rows = -(-len(shown) // cols)
+    pad = torch.ones((rows * cols - len(shown), *images.shape[1:]), dtype=images.dtype)
+    data.save_grid_png(folder.outdir / "grid.png", torch.cat([images, pad]), rows, cols)
+
+
+def _commitment_fields(folder: _Folder, view: _View, finished: set[int]) -> list[dict]:
+    """The commitment fields (:func:`diffrepro.pruning.batch_fields`) of the finished seeds, from
+    every record that has them, in seed order of the records."""
+    out = []
+    for name, seeds in sorted(view.records.items(), key=lambda kv: kv[1][0]):
+        cols = [j for j, s in enumerate(seeds) if s in finished]
+        if not cols:
+            continue
+        with np.load(folder.batches / name) as z:
+            if "commit_sigma" in z.files:
+                out.append(_field_columns({k: z[k] for k in pruning.FIELDS}, cols))
+    return out
+
+
+def _field_columns(fields: dict, cols: list[int]) -> dict:
+    """The commitment fields of the samples ``cols`` of a batch (per-evaluation fields: whole)."""
+    return {**fields, "commit_sigma": fields["commit_sigma"][cols], "commit_index": fields["commit_index"][cols],
+            "eval_n_eff": fields["eval_n_eff"][:, cols]}
 
 
 def load_outputs(outdir) -> tuple[np.ndarray, np.ndarray]:
-    """Read the float outputs of a finished :func:`generate` run, in its seed order.
+    """Read the float outputs of a :func:`generate` run: exactly the seeds its manifest lists, in
+    that (ascending) order.
 
     Args:
         outdir: the run's output folder.
@@ -503,7 +728,7 @@ def load_outputs(outdir) -> tuple[np.ndarray, np.ndarray]:
         ``(seeds int64 [S], images float64 [S, C, H, W])``.
 
     Raises:
-        FileNotFoundError: the manifest or a batch file is missing (the run is incomplete).
+        FileNotFoundError: no manifest, no finished seed, or a listed seed without its record.
         UsageError: a batch file belongs to another run.
     """
     outdir = Path(outdir)
@@ -511,31 +736,19 @@ def load_outputs(outdir) -> tuple[np.ndarray, np.ndarray]:
     if manifest is None or "run_id" not in manifest:
         raise FileNotFoundError(f"outdir {str(outdir)!r} has no {_MANIFEST} of a generate() run")
     config = manifest["config"]
+    if not config.get("seeds"):
+        raise FileNotFoundError(f"outdir {str(outdir)!r} lists no finished seed yet; rerun generate to finish it")
     identity = {k: v for k, v in config.items() if k not in _LAYOUT_KEYS}
-    plan = BatchPlan(SeedRanges.parse(config["seeds"]), config["batch"])
-    parts = []
-    for i in range(len(plan)):
-        path = outdir / _BATCH_DIR / plan.name(i)
-        if not path.is_file():
-            raise FileNotFoundError(f"batch file {str(path)!r} is missing; rerun generate to finish the run")
-        parts.append(_read_record(path, manifest["run_id"], identity, plan.seeds_of(i), tuple(manifest["shape"])))
-    seeds = np.asarray(plan.seeds.slice(0, len(plan.seeds)), dtype=np.int64)
-    return seeds, np.concatenate(parts)
+    runs = SeedRanges.parse(config["seeds"])
+    seeds = runs.slice(0, len(runs))
+    folder = _Folder(outdir, bool(config.get("subdirs")))
+    view = folder.view(manifest["run_id"], identity)
+    images = _read_seeds(folder, view, seeds, manifest["run_id"], identity, tuple(manifest["shape"]))
+    return np.asarray(seeds, dtype=np.int64), images
 
 
 # ------------------------------------------------------------------------------------------------
 # Run identity
-
-
-def _commitment_fields(outdir: Path, plan, subdirs: bool) -> list[dict]:
-    """The commitment fields (:func:`diffrepro.pruning.batch_fields`) of every batch record that
-    has them, in batch order."""
-    out = []
-    for i in range(len(plan)):
-        with np.load(_batch_paths(outdir, plan, i, subdirs)[0]) as z:
-            if "commit_sigma" in z.files:
-                out.append({k: z[k] for k in pruning.FIELDS})
-    return out
 
 
 def _fingerprint(den) -> dict | None:
@@ -606,20 +819,402 @@ def _latent_source(latents, seeds: SeedRanges, shape: tuple, noise_device: torch
             f"noise bank ({len(latents)} seeds, sha256 {h.hexdigest()[:16]}...)")
 
 
-_LAYOUT_KEYS = ("seeds", "subdirs")
+
+# ------------------------------------------------------------------------------------------------
+# generate(): settings, the folder claim, the batches, the manifest
 
 
-def _batch_paths(outdir: Path, plan: BatchPlan, i: int, subdirs: bool) -> tuple[Path, Path, list[str]]:
-    """Record, lock and the relative targets (record, lock, PNGs) of batch ``i``."""
-    name = plan.name(i)
-    seeds = plan.seeds_of(i)
-    targets = [f"{_BATCH_DIR}/{name}", f"{_BATCH_DIR}/.{name}.lock"] + \
-        [noise.seed_filename(s, subdirs) for s in seeds]
-    return outdir / _BATCH_DIR / name, outdir / _BATCH_DIR / f".{name}.lock", targets
+def _check_batch(batch) -> int:
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    return int(batch)
 
 
-def _owner_text(owner: dict) -> str:
-    return f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')} since {owner.get('since', '?')}"
+def _check_class(den, class_idx) -> int:
+    """The denoiser's ``label_dim``, after checking ``class_idx`` against it."""
+    label_dim = int(getattr(den, "label_dim", 0))
+    if class_idx is not None and not (label_dim > 0 and 0 <= class_idx < label_dim):
+        raise ValueError(f"class_idx must be in [0, label_dim={label_dim}) for this denoiser, "
+                         f"got {class_idx!r}")
+    class_count = getattr(den, "class_count", None)
+    if class_idx is not None and callable(class_count) and class_count(class_idx) == 0:
+        raise ValueError(f"class_idx: class {class_idx} has no training rows in this denoiser")
+    return label_dim
+
+
+def _sampling(den, sampler, steps, sigma_min, sigma_max, rho, flow, times) -> tuple[dict, list, str]:
+    """``(identity of the sampling, its σ or t grid, what the grid means)``."""
+    if flow is not None:
+        # the σ grid does not enter a flow run: its identity is the solver, steps, shift and time grid
+        return ({"sampler": sampler, "steps": int(steps), "flow": flow}, times.tolist(),
+                "flow time grid t_0 = 1 .. t_N = 0 of x_t = (1 - t) x0 + t eps")
+    grid = samplers.evaluation_sigmas(den, sampler, steps, sigma_min, sigma_max, rho)
+    meaning = "σ of each denoiser evaluation, in order" if sampler == "dpm" else "EDM step grid t_0..t_{N-1}, 0"
+    return ({"sampler": sampler, "steps": int(steps), "sigma_min": float(sigma_min),
+             "sigma_max": float(sigma_max), "rho": float(rho)}, grid, meaning)
+
+
+class _Ticking(TimedDenoiser):
+    """A timed denoiser that reports each call: the progress bar moves once per sampler step."""
+
+    def __init__(self, inner, tick):
+        super().__init__(inner)
+        self.tick = tick
+
+    def _timed(self, fn, x, *args):
+        out = super()._timed(fn, x, *args)
+        self.tick()
+        return out
+
+
+@dataclasses.dataclass
+class _Claimed:
+    """Seeds of one batch this job holds: ``todo`` to compute, ``checked`` already recorded
+    (their PNGs are checked against their records)."""
+
+    claim: distributed.Claim
+    todo: list[int]
+    checked: list[int]
+    adopted: int  # seeds of a dead job's claim outside the batch, taken over to check them
+    view: _View
+
+
+class _Job:
+    """One :func:`generate` call: its checked settings and run identity, and the steps of its work."""
+
+    def __init__(self, denoiser, seeds, outdir, *, sampler, steps, sigma_min, sigma_max, rho, batch, latents,
+                 noise_device, class_idx, subdirs, info, notes, part, context, flow):
+        self.ctx = ctx = context if context is not None else distributed.current()
+        self.den = den = getattr(denoiser, "inner", denoiser)
+        self.flow = flow = _check_flow(sampler, flow)
+        if flow is None:
+            samplers.check_sampler(sampler, steps, den)
+        self.label_dim = _check_class(den, class_idx)
+        self.part = part = _check_part(part)
+        self.seeds = SeedRanges.parse(seeds)
+        self.plan = BatchPlan(self.seeds, _check_batch(batch))
+        self.job = _job_batches(self.plan, part)
+        self.folder = _Folder(outdir, subdirs)
+        self.shape = (den.img_channels, den.img_resolution, den.img_resolution)
+        self.device = torch.device(getattr(den, "device", "cpu"))
+        noise_device = self.device if noise_device is None else torch.device(noise_device)
+        self.get_latents, latents_id, latents_desc = _latent_source(latents, self.seeds, self.shape, noise_device)
+        fingerprint = _fingerprint(den)
+        if fingerprint is None and not info:
+            raise ValueError(f"denoiser {type(den).__name__} has nothing to fingerprint (no fingerprint() method, "
+                             "tensor or module); pass info={...} identifying it, e.g. a checkpoint sha256")
+        self.sample_args = {"sampler": sampler, "steps": steps, "sigma_min": sigma_min, "sigma_max": sigma_max,
+                            "rho": rho}
+        self.class_idx = class_idx
+        self.closed = flow is None and has_closed_form(den, sampler)
+        self.times = _flow_times(steps, flow)
+        self.nfe = nfe(sampler, steps) if flow is None else samplers.flow_nfe(sampler, self.times)
+        sampling, grid, grid_meaning = _sampling(den, sampler, steps, sigma_min, sigma_max, rho, flow, self.times)
+        self.identity = {
+            "denoiser": {**(fingerprint or {"class": type(den).__name__}), **(info or {})},
+            **sampling, "class_idx": class_idx, "latents": latents_id, "batch": self.plan.batch,
+        }
+        self.run_id = _digest(self.identity)
+        self.config = {"subdirs": bool(subdirs), **self.identity}  # the folder's settings: all but the seeds
+        dpm = {"order": 3, "method": "singlestep", "skip_type": "logSNR", "family": "edm",
+               "denoise_to_zero": True}
+        self.manifest = {
+            "config": {"seeds": "", **self.config}, "run_id": self.run_id, "shape": list(self.shape),
+            "status": "running", "notes": notes or {}, "latents_detail": latents_desc,
+            "sampler_detail": {"nfe": self.nfe, "closed_form": self.closed, "sigmas": grid,
+                               "sigmas_meaning": grid_meaning, "state_dtype": "float64",
+                               "dpm": dpm if sampler == "dpm" else None},
+            "processes": {"world_size": ctx.world_size, "part": None if part is None else f"{part[0]}/{part[1]}",
+                          "sharded_training_set": bool(getattr(den, "sharded", False))},
+            "build_info": build_info(), "versions": _versions(),
+        }
+        self.sharded = bool(getattr(den, "sharded", False))
+        self.writer = ctx.rank == 0 or not self.sharded
+        self.timed = _Ticking(den, self._tick)
+        self.stats = {"computed": 0, "reused": 0, "rewritten": 0, "sampled": 0, "others": []}
+        self.sample_seconds = 0.0
+        self.commit_fields: dict[int, dict] = {}  # batch -> pruning.batch_fields of its evaluations
+        self.job_lock: distributed.Claim | None = None
+        self.temps: dict = {}
+        self._bar, self._round_end = None, 0
+
+    # -- the folder ------------------------------------------------------------------------------
+
+    def claim_folder(self) -> None:
+        """Rank 0 makes this run the folder's owner (or refuses, before writing anything) and tells
+        the others, so that every rank stops on the same error."""
+        outcome = None
+        if self.ctx.rank == 0:
+            try:
+                self.job_lock = self._claim_folder()
+            except (UsageError, RunError) as exc:
+                outcome = exc
+        outcome = self.ctx.broadcast_object(outcome, what="output-folder check")
+        if isinstance(outcome, BaseException):
+            raise outcome
+        self.ctx.barrier("start")
+        self.temps = _png_listing(self.folder.outdir, self.folder.subdirs)[1]
+        if self.ctx.rank == 0:
+            _remove(p for t in (_MANIFEST, "grid.png", _IDENTITY) for p in self.temps.get(t, [])
+                    if _age(p) > _STALE_SECONDS)
+
+    def _claim_folder(self) -> distributed.Claim:
+        """The first job to create the identity file owns the folder's settings; a job with other
+        settings is refused, unless the owner wrote no batch and no job of it still runs."""
+        folder = self.folder
+        for _ in range(3):
+            owner = folder.owner()
+            replace = owner is not None and owner["config"] != self.config
+            if replace:
+                self._check_replaceable(owner)
+            else:
+                folder.view(self.run_id, self.identity, self.plan)  # another run's records are refused here
+            folder.outdir.mkdir(parents=True, exist_ok=True)
+            with folder.locked():
+                if folder.owner() != owner:
+                    continue  # another job claimed the folder meanwhile: look again
+                if replace:
+                    diffs = self._check_replaceable(owner)
+                    warnings.warn(f"replacing the settings of a run that wrote no batch in {str(folder.outdir)!r} ("
+                                  + "; ".join(diffs) + ")", stacklevel=4)
+                    _remove([folder.outdir / _IDENTITY])
+                doc = {"run_id": self.run_id, "config": self.config, "shape": list(self.shape)}
+                if not (folder.outdir / _IDENTITY).exists() and not folder.create_identity(doc):
+                    continue
+                folder.batches.mkdir(exist_ok=True)
+                view = folder.view(self.run_id, self.identity, self.plan)
+                folder.remove_dead_locks(view, [n for n, o in view.jobs.items() if not o["live"]])
+                job_lock = folder.claim_job()
+                if replace or owner is None or owner.get("legacy") or not (folder.outdir / _MANIFEST).exists():
+                    self._write_manifest(view.finished(), "running")
+                return job_lock
+        raise RunError(f"outdir {str(folder.outdir)!r} changed owner three times while this job claimed it; rerun")
+
+    def _check_replaceable(self, owner: dict) -> list[str]:
+        """The differences from the folder's settings when its run can be replaced, else refuse."""
+        diffs = _differences(self.config, owner["config"])
+        view = self.folder.view(plan=self.plan)
+        if view.records:
+            raise UsageError(f"outdir {str(self.folder.outdir)!r} holds outputs of a different run ("
+                             + "; ".join(diffs) + "); use another outdir or delete it")
+        live = view.live_others()
+        if live:
+            raise UsageError(f"outdir {str(self.folder.outdir)!r} is claimed by a running job with other settings ("
+                             + "; ".join(diffs) + f"; {_owner_text(live[0])}); use another outdir")
+        return diffs
+
+    def release(self) -> None:
+        if self.job_lock is not None:
+            self.job_lock.release()
+            self.job_lock = None
+
+    # -- the batches -----------------------------------------------------------------------------
+
+    def run_batches(self, progress: bool) -> None:
+        """Every batch of this job, in rounds of one batch per rank; the bar moves per sampler step."""
+        ctx = self.ctx
+        width = 1 if self.sharded else ctx.world_size
+        rounds = -(-len(self.job) // width)
+        per = 1 if self.closed else self.nfe  # the closed-form trajectory makes no denoiser call
+        self._bar = bar = tqdm(total=rounds * per, unit="step", desc="generate",
+                               disable=not (progress and ctx.rank == 0))
+        try:
+            for j in range(rounds):
+                self._round_end = (j + 1) * per
+                k = j * width + (0 if self.sharded else ctx.rank)
+                if k < len(self.job):
+                    self.run_batch(self.job[k])
+                if not self.sharded:  # a sharded run is in step already: every call is a collective
+                    ctx.barrier(f"batch round {j}")
+                bar.set_postfix_str(f"{self.plan.seeds_in(self.job[:(j + 1) * width])} img", refresh=False)
+                bar.update(self._round_end - bar.n)
+        except BaseException as exc:
+            ctx.fail(exc)
+            raise
+        finally:
+            bar.close()
+
+    def _tick(self) -> None:
+        if self._bar is not None and self._bar.n < self._round_end:
+            self._bar.update(1)
+
+    def run_batch(self, i: int) -> None:
+        """One batch on this rank: seed-parallel, or every rank of a sharded denoiser."""
+        got = self.claim_batch(i) if self.writer else None
+        try:
+            todo = got is not None and bool(got.todo)
+            if self.sharded:  # every rank must take part in the same denoiser calls
+                todo = self.ctx.broadcast_object(todo, what=f"batch {self.plan.name(i)}")
+            images = self.compute(i) if todo else None
+            if got is not None:
+                self.write_batch(i, got, images)
+        finally:
+            if got is not None:
+                got.claim.release()
+
+    def claim_batch(self, i: int) -> _Claimed | None:
+        """Writer: under the folder lock, claim the seeds of batch ``i`` that no running job holds,
+        taking over the claims of dead jobs that overlap it; None when others hold them all."""
+        b = self.plan.seeds_of(i)
+        inside = set(b)
+        folder = self.folder
+        with folder.locked():
+            view = folder.view(self.run_id, self.identity, self.plan)
+            held = {s: c for c in view.claims.values() if c["live"] for s in c["seeds"]}
+            mine = [s for s in b if s not in held]
+            if len(mine) < len(b):
+                self.stats["others"].append(next(held[s] for s in b if s in held))
+            if not mine:
+                return None
+            dead = [n for n, c in view.claims.items() if not c["live"] and not inside.isdisjoint(c["seeds"])]
+            adopted = list(dict.fromkeys(s for n in dead for s in view.claims[n]["seeds"]
+                                         if s not in inside and s not in held and s in view.record_of))
+            folder.remove_dead_locks(view, dead)
+            cover = mine + adopted
+            got = distributed.claim(folder.batches / f".batch-{cover[0]:06d}.npz.lock",
+                                    info={"seeds": format_seeds(cover)})
+        if not isinstance(got, distributed.Claim):  # a lock written by another program
+            self.stats["others"].append(got)
+            return None
+        todo = [s for s in mine if s not in view.record_of]
+        targets = [f"{_BATCH_DIR}/{got.path.name}", *(f"{_BATCH_DIR}/batch-{s:06d}.npz" for s in todo[:1]),
+                   *(noise.seed_filename(s, folder.subdirs) for s in cover)]
+        _remove(p for t in targets for p in self.temps.get(t, []))
+        return _Claimed(got, todo, [s for s in cover if s in view.record_of], len(adopted), view)
+
+    def compute(self, i: int) -> np.ndarray:
+        """The float64 samples of the whole batch ``i`` (new seeds are computed in the batches of
+        the requested list's split, whatever is already recorded)."""
+        b = self.plan.seeds_of(i)
+        records = getattr(self.den, "pop_records", None)
+        if records is not None:
+            records()  # keep only this batch's evaluations
+        lat = self.get_latents(b).to(self.device)
+        labels = None
+        if self.class_idx is not None:
+            labels = torch.zeros(len(b), self.label_dim, device=self.device)
+            labels[:, self.class_idx] = 1
+        t = time.perf_counter()
+        if self.flow is not None:
+            images = sample_flow(self.timed, lat, labels, solver=self.sample_args["sampler"], times=self.times)
+        else:
+            images = sample(self.timed, lat, labels, **self.sample_args)
+        images = images.cpu().numpy()
+        self.sample_seconds += time.perf_counter() - t
+        self.stats["sampled"] += len(b)
+        if records is not None and not self.closed and (evaluations := records()):
+            self.commit_fields[i] = pruning.batch_fields(evaluations)
+        return images
+
+    def write_batch(self, i: int, got: _Claimed, images: np.ndarray | None) -> None:
+        """Writer: the record of the new seeds, then the PNGs of every claimed seed (the new ones
+        written, the recorded ones checked against their records and rewritten if they differ)."""
+        folder, fields = self.folder, self.commit_fields.pop(i, None)
+        if got.todo:
+            where = {s: j for j, s in enumerate(self.plan.seeds_of(i))}
+            cols = [where[s] for s in got.todo]
+            data.atomic_save_npz(folder.batches / f"batch-{got.todo[0]:06d}.npz",
+                                 seeds=np.asarray(got.todo, np.int64), images=images[cols],
+                                 run_id=np.array(self.run_id), run=np.array(json.dumps(self.identity)),
+                                 **({} if fields is None else _field_columns(fields, cols)))
+            for s, q in zip(got.todo, data.quantize(images[cols])):
+                png = folder.outdir / noise.seed_filename(s, folder.subdirs)
+                png.parent.mkdir(exist_ok=True)
+                data.save_png(png, q)
+        if got.checked:
+            expected = data.quantize(_read_seeds(folder, got.view, got.checked, self.run_id, self.identity,
+                                                 self.shape))
+            for s, q in zip(got.checked, expected):
+                png = folder.outdir / noise.seed_filename(s, folder.subdirs)
+                if _png_matches(png, q):
+                    continue
+                self.stats["rewritten"] += png.exists()
+                png.parent.mkdir(exist_ok=True)
+                data.save_png(png, q)
+        self.stats["computed"] += len(got.todo)
+        self.stats["reused"] += len(got.checked) - got.adopted
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def finish(self, elapsed: float) -> dict:
+        """Gather the ranks' counts; rank 0 publishes the manifest (and at completion the grid and
+        the commitment summary). Returns the manifest."""
+        gathered = self.ctx.all_gather_object(self.stats, what="end of run")
+        self.manifest["timing"] = self._timing(gathered, elapsed)
+        others = [o for s in gathered for o in s["others"]]
+        self.manifest["status"] = "complete" if self.part is None and not others else "running"
+        if self.ctx.rank == 0:
+            rewritten = sum(s["rewritten"] for s in gathered)
+            if rewritten:
+                warnings.warn(f"rewrote {rewritten} PNG(s) in {str(self.folder.outdir)!r} that did not match their "
+                              "batch record (truncated, foreign or of another run)", stacklevel=3)
+            self.manifest["cuda_engines"] = _engine.report()  # which GPU engine ran (pin it for a bit-exact rerun)
+            self._publish(others)
+        # No barrier after the end-of-run gather: rank 0 may host the job's store, and the other ranks
+        # must not need it once rank 0 leaves.
+        return self.manifest
+
+    def _publish(self, others: list[dict]) -> None:
+        """Rank 0, under the folder lock: the manifest lists every finished seed of the folder (this
+        job's and any other's); ``complete`` when this job's seeds are all finished and no other
+        job still works in the folder."""
+        folder = self.folder
+        with folder.locked():
+            view = folder.view(self.run_id, self.identity, self.plan)
+            finished = view.finished()
+            requested = sum(1 for s in finished if self.seeds.index(s) is not None) == len(self.seeds)
+            live = view.live_others()
+            complete = self.part is None and requested and not live
+            if others and not requested:
+                warnings.warn(f"{len(others)} batch(es) in {str(folder.outdir)!r} are claimed by another job ("
+                              + "; ".join(sorted({_owner_text(o) for o in others}))
+                              + "); left to it: rerun when it has finished to check and assemble the run "
+                              "(delete a batches/.*.lock file only if its job is dead)", stacklevel=4)
+            elif self.part is None and live:
+                warnings.warn(f"another job still works in {str(folder.outdir)!r} ({_owner_text(live[0])}); the "
+                              "manifest says 'complete' once the last job has finished", stacklevel=4)
+            if complete:
+                self._write_summaries(view, finished)
+            self._write_manifest(finished, "complete" if complete else "running")
+
+    def _write_summaries(self, view: _View, finished: set[int]) -> None:
+        """The grid of the first 64 finished seeds and the commitment summary and plot."""
+        folder = self.folder
+        _save_grid(folder, view, sorted(finished), self.run_id, self.identity, self.shape)
+        fields = _commitment_fields(folder, view, finished)
+        if not fields:
+            return
+        self.manifest["commitment"] = pruning.summarize(fields, getattr(self.den, "prune", None))
+        if plots.available():
+            (folder.outdir / "plots").mkdir(exist_ok=True)
+            pruning.plot_commitment(fields, folder.outdir / "plots" / "commitment.png")
+        else:
+            warnings.warn("matplotlib is not installed: plots/commitment.png was skipped (the "
+                          "commitment fields are in the batch records and the manifest)", stacklevel=5)
+
+    def _write_manifest(self, finished: set[int], status: str) -> None:
+        self.manifest["config"] = {"seeds": format_seeds(sorted(finished)), **self.config}
+        self.manifest["status"] = status
+        _write_manifest(self.folder.outdir, self.manifest)
+
+    def _timing(self, gathered: list[dict], elapsed: float) -> dict:
+        stats, timed = self.stats, self.timed
+        generated = sum(s["computed"] for s in gathered)
+        flops = _flops_per_sample(self.den, self.nfe, self.closed, self.class_idx)
+        # The closed-form Gaussian path makes no denoiser calls: its "kernel" is the whole sampling.
+        kernel = self.sample_seconds if self.closed else timed.seconds
+        return {
+            "seconds": elapsed, "generated": generated, "reused": sum(s["reused"] for s in gathered),
+            "images_per_second": generated / elapsed if generated and elapsed > 0 else None,
+            # this process (rank 0 in the manifest): time and calls of its own batches
+            "sampling_seconds": self.sample_seconds, "denoiser_seconds": timed.seconds,
+            "denoiser_calls": timed.calls,
+            "denoiser_gflops_per_second": (flops * stats["sampled"] / kernel / 1e9
+                                           if flops is not None and stats["sampled"] and kernel > 0 else None),
+            # sampler + Python time outside the denoiser, relative to the time inside it (no I/O)
+            "sampler_overhead_fraction": ((self.sample_seconds - timed.seconds) / timed.seconds
+                                          if timed.seconds > 0 else None),
+        }
 
 
 def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
@@ -633,24 +1228,32 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     rows and labels, dtype and device of an :class:`~diffrepro.denoisers.EmpiricalDenoiser`), the
     sampler settings (with ``flow``: the solver, steps, shift and grid), the latents (per-seed noise
     and its device, or the bank's sha256), the class and the batch size; a guided denoiser's
-    identity holds its weight and both of its denoisers. Each batch record
-    ``batches/batch-<first seed>.npz`` carries the run's fingerprint; a folder holding another
-    run's manifest or records is refused with an error naming what differs (a manifest of a run
-    that wrote no record is replaced). Batches follow EDM's split (:class:`BatchPlan`). For each
-    batch the float64 samples are written first, then the PNGs; every write is atomic. A rerun
-    reuses a record only when its fingerprint and seeds match, checks every PNG against it
-    (decoded and compared with the quantised images; a truncated or foreign PNG is rewritten), and
-    computes the rest, so an interrupted run loses at most the batches in flight and finishes
-    byte-identical to an uninterrupted one.
+    identity holds its weight and both of its denoisers. The seeds are the samples of a run, not
+    its identity: a run grows by new seeds and reuses the finished ones.
+
+    The first job to claim a folder owns its settings: it creates ``run.json`` atomically before
+    anything else is written; a job with other settings is refused with an error naming what
+    differs before it writes anything (unless the owner wrote no batch and none of its jobs still
+    runs: then its settings are replaced, with a warning). Each batch record
+    ``batches/batch-<first seed>.npz`` carries the run's fingerprint and holds seeds no other
+    record holds. Batches follow EDM's split of the requested seeds (:class:`BatchPlan`); a batch
+    with new seeds is sampled whole (so that they are computed in the batch a fresh run of the
+    list would use) and its record holds only the new seeds. For each batch the float64 samples
+    are written first, then the PNGs; every write is atomic. A finished seed is never recomputed:
+    its PNG is checked against its record (decoded and compared with the quantised image; a
+    truncated or foreign PNG is rewritten), so an interrupted run loses at most the batches in
+    flight and finishes byte-identical to an uninterrupted one.
 
     Several processes: with a ``context`` of ``k`` ranks (:func:`diffrepro.distributed.init`,
     e.g. under ``torchrun``) rank ``r`` computes batches ``r, r + k, ...`` of the same split and
     writes only their files; rank 0 alone writes the manifest, the grid and the progress bar.
     With a sharded denoiser (``sharded = True``, e.g.
     :class:`~diffrepro.distributed.ShardedEmpiricalDenoiser`) every rank takes part in every
-    batch and rank 0 writes. Independent jobs (``part``, or two jobs on one folder) claim each
-    batch with a lock file and leave batches claimed by a live job to it. The outputs are
-    byte-identical for every world size and part split.
+    batch and rank 0 writes. Independent jobs (``part``, SLURM arrays, or two jobs with
+    overlapping seed lists on one folder) claim seeds under a folder lock; seeds claimed by a
+    live job are left to it. The manifest lists every finished seed of the folder, whichever job
+    wrote it (merged under the lock). The outputs are byte-identical for every world size and
+    part split.
 
     Args:
         denoiser: EDM-style denoiser, e.g. :class:`~diffrepro.denoisers.EmpiricalDenoiser` or
@@ -682,237 +1285,29 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
             velocity (:func:`diffrepro.samplers.sample_flow`, from pure noise at ``t = 1`` on
             :func:`diffrepro.schedules.flow_times`; rectified flow, SD3/Flux samplers) instead of
             EDM's PF-ODE in σ; ``sigma_min``, ``sigma_max`` and ``rho`` are then unused. None: EDM.
-        progress: show a tqdm progress bar (rank 0).
+        progress: show a tqdm progress bar (rank 0), moving once per sampler step.
 
     Returns:
-        The manifest (written to ``outdir/manifest.json`` by rank 0); ``status`` is
-        ``"complete"`` when every batch and PNG of the run is present and checked.
+        The manifest (written to ``outdir/manifest.json`` by rank 0): ``config["seeds"]`` lists
+        every finished seed of the folder in ascending order; ``status`` is ``"complete"`` when
+        every requested seed is finished and checked and no other job works in the folder.
 
     Raises:
-        UsageError: bad settings, or the folder holds another run (the message names what differs).
+        UsageError: bad settings, or the folder belongs to another run (the message names what differs).
         RunError: an unreadable record, or a lost process (named).
     """
-    ctx = context if context is not None else distributed.current()
-    den = getattr(denoiser, "inner", denoiser)
-    flow = _check_flow(sampler, flow)
-    if flow is None:
-        samplers.check_sampler(sampler, steps, den)
-    label_dim = int(getattr(den, "label_dim", 0))
-    if class_idx is not None and not (label_dim > 0 and 0 <= class_idx < label_dim):
-        raise ValueError(f"class_idx must be in [0, label_dim={label_dim}) for this denoiser, "
-                         f"got {class_idx!r}")
-    class_count = getattr(den, "class_count", None)
-    if class_idx is not None and callable(class_count) and class_count(class_idx) == 0:
-        raise ValueError(f"class_idx: class {class_idx} has no training rows in this denoiser")
-    part = _check_part(part)
-    outdir = Path(outdir)
-    work = plan_work(seeds, outdir, sampler=sampler, steps=steps, batch=batch, subdirs=subdirs, part=part,
-                     flow=flow)
-    seeds, plan, job = work["seeds"], work["plan"], work["job"]
-    shape = (den.img_channels, den.img_resolution, den.img_resolution)
-    device = torch.device(getattr(den, "device", "cpu"))
-    noise_device = device if noise_device is None else torch.device(noise_device)
-    get_latents, latents_id, latents_desc = _latent_source(latents, seeds, shape, noise_device)
-    fingerprint = _fingerprint(den)
-    if fingerprint is None and not info:
-        raise ValueError(f"denoiser {type(den).__name__} has nothing to fingerprint (no fingerprint() method, "
-                         "tensor or module); pass info={...} identifying it, e.g. a checkpoint sha256")
-
-    closed = flow is None and has_closed_form(den, sampler)
-    times = _flow_times(steps, flow)
-    if flow is not None:
-        grid, grid_meaning = times.tolist(), "flow time grid t_0 = 1 .. t_N = 0 of x_t = (1 - t) x0 + t eps"
-        # the σ grid does not enter a flow run: its identity is the solver, steps, shift and time grid
-        sampling = {"sampler": sampler, "steps": int(steps), "flow": flow}
-    else:
-        grid = samplers.evaluation_sigmas(den, sampler, steps, sigma_min, sigma_max, rho)
-        grid_meaning = ("σ of each denoiser evaluation, in order" if sampler == "dpm"
-                        else "EDM step grid t_0..t_{N-1}, 0")
-        sampling = {"sampler": sampler, "steps": int(steps), "sigma_min": float(sigma_min),
-                    "sigma_max": float(sigma_max), "rho": float(rho)}
-    identity = {
-        "denoiser": {**(fingerprint or {"class": type(den).__name__}), **(info or {})},
-        **sampling, "class_idx": class_idx, "latents": latents_id, "batch": int(batch),
-    }
-    run_id = _digest(identity)
-    config = {"seeds": seeds.format(), "subdirs": bool(subdirs), **identity}
-    dpm = {"order": 3, "method": "singlestep", "skip_type": "logSNR", "family": "edm",
-           "denoise_to_zero": True}
-    manifest = {
-        "config": config, "run_id": run_id, "shape": list(shape), "status": "running", "notes": notes or {},
-        "latents_detail": latents_desc,
-        "sampler_detail": {"nfe": work["nfe"], "closed_form": closed, "sigmas": grid,
-                           "sigmas_meaning": grid_meaning, "state_dtype": "float64",
-                           "dpm": dpm if sampler == "dpm" else None},
-        "processes": {"world_size": ctx.world_size, "part": None if part is None else f"{part[0]}/{part[1]}",
-                      "sharded_training_set": bool(getattr(den, "sharded", False))},
-        "build_info": build_info(), "versions": _versions(),
-    }
-    # Rank 0 checks the folder and tells the others, so that every rank stops on the same error.
-    outcome = None
-    if ctx.rank == 0:
-        try:
-            outcome = _check_folder(outdir, config, work, run_id, identity, shape)
-        except (UsageError, RunError) as exc:
-            outcome = exc
-    outcome = ctx.broadcast_object(outcome, what="output-folder check")
-    if isinstance(outcome, BaseException):
-        raise outcome
-    if ctx.rank == 0:
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / _BATCH_DIR).mkdir(exist_ok=True)
-        if outcome:
-            _write_manifest(outdir, manifest)
-    ctx.barrier("start")
-    _, _, temps = _listing(outdir, plan, subdirs)
-    if ctx.rank == 0:
-        _remove(p for t in (_MANIFEST, "grid.png") for p in temps.get(t, []) if _age(p) > _STALE_SECONDS)
-
-    timed = TimedDenoiser(den)
-    sharded = bool(getattr(den, "sharded", False))
-    writer = ctx.rank == 0 or not sharded
-    stats = {"computed": 0, "reused": 0, "rewritten": 0, "others": []}
-    sample_seconds = 0.0
-
-    def prepare(i):
-        """Writer: claim batch i, drop its stale temporaries, read its record."""
-        record, lock, targets = _batch_paths(outdir, plan, i, subdirs)
-        got = distributed.claim(lock)
-        if not isinstance(got, distributed.Claim):
-            stats["others"].append(got)
-            return None, None
-        try:
-            _remove(p for t in targets for p in temps.get(t, []))
-            return got, _read_record(record, run_id, identity, plan.seeds_of(i), shape)
-        except BaseException:
-            got.release()
-            raise
-
-    commit_fields: dict[int, dict] = {}  # batch -> pruning.batch_fields of its evaluations
-
-    def compute(i):
-        nonlocal sample_seconds
-        b = plan.seeds_of(i)
-        records = getattr(den, "pop_records", None)
-        if records is not None:
-            records()  # keep only this batch's evaluations
-        lat = get_latents(b).to(device)
-        labels = None
-        if class_idx is not None:
-            labels = torch.zeros(len(b), label_dim, device=device)
-            labels[:, class_idx] = 1
-        t = time.perf_counter()
-        if flow is not None:
-            images = sample_flow(timed, lat, labels, solver=sampler, times=times).cpu().numpy()
-        else:
-            images = sample(timed, lat, labels, sampler=sampler, steps=steps, sigma_min=sigma_min,
-                            sigma_max=sigma_max, rho=rho).cpu().numpy()
-        sample_seconds += time.perf_counter() - t
-        if records is not None and not closed and (evaluations := records()):
-            commit_fields[i] = pruning.batch_fields(evaluations)
-        return images
-
-    def finish(i, claim, images, computed):
-        """Writer: the record (if computed), then the PNGs checked against it."""
-        b = plan.seeds_of(i)
-        try:
-            if computed:
-                data.atomic_save_npz(_batch_paths(outdir, plan, i, subdirs)[0], seeds=np.asarray(b, np.int64),
-                                     images=images, run_id=np.array(run_id), run=np.array(json.dumps(identity)),
-                                     **commit_fields.pop(i, {}))
-            quantized = data.quantize(images)
-            for j, s in enumerate(b):
-                png = outdir / noise.seed_filename(s, subdirs)
-                if not computed and _png_matches(png, quantized[j]):
-                    continue
-                stats["rewritten"] += png.exists() and not computed
-                png.parent.mkdir(exist_ok=True)
-                data.save_png(png, quantized[j])
-            stats["computed" if computed else "reused"] += len(b)
-        finally:
-            claim.release()
-
-    def run_batch(i):
-        """One batch on this rank: seed-parallel, or every rank of a sharded denoiser."""
-        claim, images = prepare(i) if writer else (None, None)
-        try:
-            todo = claim is not None and images is None
-            if sharded:  # every rank must take part in the same denoiser calls
-                todo = ctx.broadcast_object(todo, what=f"batch {plan.name(i)}")
-            if todo:
-                images = compute(i)
-        except BaseException:
-            if claim is not None:
-                claim.release()
-            raise
-        if claim is not None:
-            finish(i, claim, images, todo)
-
-    start = time.perf_counter()
-    width = 1 if sharded else ctx.world_size
-    rounds = -(-len(job) // width)
-    bar = tqdm(total=plan.seeds_in(job), unit="img", desc="generate", disable=not (progress and ctx.rank == 0))
+    job = _Job(denoiser, seeds, outdir, sampler=sampler, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max,
+               rho=rho, batch=batch, latents=latents, noise_device=noise_device, class_idx=class_idx,
+               subdirs=subdirs, info=info, notes=notes, part=part, context=context, flow=flow)
     try:
-        for j in range(rounds):
-            k = j * width + (0 if sharded else ctx.rank)
-            if k < len(job):
-                run_batch(job[k])
-            if not sharded:  # a sharded run is in step already: every call is a collective
-                ctx.barrier(f"batch round {j}")
-            bar.update(plan.seeds_in(job[j * width:(j + 1) * width]))
-    except BaseException as exc:
-        ctx.fail(exc)
-        raise
+        job.claim_folder()
+        start = time.perf_counter()
+        job.run_batches(progress)
+        return job.finish(time.perf_counter() - start)
     finally:
-        bar.close()
-    gathered = ctx.all_gather_object(stats, what="end of run")
-    elapsed = time.perf_counter() - start
-    others = [o for s in gathered for o in s["others"]]
-    generated = sum(s["computed"] for s in gathered)
-    rewritten = sum(s["rewritten"] for s in gathered)
-    complete = part is None and not others
-    flops = _flops_per_sample(den, work["nfe"], closed, class_idx)
-    # The closed-form Gaussian path makes no denoiser calls: its "kernel" is the whole sampling.
-    kernel = sample_seconds if closed else timed.seconds
-    manifest["status"] = "complete" if complete else "running"
-    manifest["timing"] = {
-        "seconds": elapsed, "generated": generated, "reused": sum(s["reused"] for s in gathered),
-        "images_per_second": generated / elapsed if generated and elapsed > 0 else None,
-        # this process (rank 0 in the manifest): time and calls of its own batches
-        "sampling_seconds": sample_seconds, "denoiser_seconds": timed.seconds,
-        "denoiser_calls": timed.calls,
-        "denoiser_gflops_per_second": (flops * stats["computed"] / kernel / 1e9
-                                       if flops is not None and stats["computed"] and kernel > 0 else None),
-        # sampler + Python time outside the denoiser, relative to the time inside it (no I/O)
-        "sampler_overhead_fraction": ((sample_seconds - timed.seconds) / timed.seconds
-                                      if timed.seconds > 0 else None),
-    }
-    if ctx.rank == 0:
-        if rewritten:
-            warnings.warn(f"rewrote {rewritten} PNG(s) in {str(outdir)!r} that did not match their batch record "
-                          "(truncated, foreign or of another run)", stacklevel=2)
-        if others:
-            warnings.warn(f"{len(others)} batch(es) in {str(outdir)!r} are claimed by another job ("
-                          + "; ".join(sorted({_owner_text(o) for o in others}))
-                          + "); left to it: rerun when it has finished to check and assemble the run "
-                          "(delete a batches/.*.lock file only if its job is dead)", stacklevel=2)
-        manifest["cuda_engines"] = _engine.report()  # which GPU engine ran (pin it for a bit-exact rerun)
-        if complete:
-            _save_grid(outdir, plan, run_id, identity, shape)
-            fields = _commitment_fields(outdir, plan, subdirs)
-            if fields:
-                manifest["commitment"] = pruning.summarize(fields, getattr(den, "prune", None))
-                if plots.available():
-                    (outdir / "plots").mkdir(exist_ok=True)
-                    pruning.plot_commitment(fields, outdir / "plots" / "commitment.png")
-                else:
-                    warnings.warn("matplotlib is not installed: plots/commitment.png was skipped (the "
-                                  "commitment fields are in the batch records and the manifest)", stacklevel=2)
-        if part is None:
-            _write_manifest(outdir, manifest)
-    # No barrier after the end-of-run gather: rank 0 may host the job's store, and the other ranks
-    # must not need it once rank 0 leaves.
-    return manifest
+        job.release()
+
+
 # ------------------------------------------------------------------------------------------------
 # Dry run
 
