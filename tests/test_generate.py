@@ -711,3 +711,149 @@ def test_prune_is_part_of_the_run_identity(edm_zip, tmp_path, capsys):
     except SystemExit as exc:
         code = exc.code
     assert code == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Run identity, growth and concurrent jobs: the seeds are a run's samples, not its identity
+
+
+def _two_jobs(out, first: list[str], second: list[str]) -> list[tuple[int, str, str]]:
+    """Two real ``diffrepro generate`` processes started together on one folder."""
+    import subprocess
+    import sys
+
+    from helpers import finish_processes
+
+    common = ["generate", "--max-train", "60", "--batch", "3", "--no-progress", "--outdir", str(out)]
+    procs = [subprocess.Popen([sys.executable, "-m", "diffrepro", *common, *extra], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for extra in (first, second)]
+    return finish_processes(procs, timeout=180)
+
+
+def _records(out) -> dict[str, list[int]]:
+    return {p.name: np.load(p)["seeds"].tolist() for p in sorted((out / "batches").glob("batch-*.npz"))}
+
+
+def test_two_jobs_with_other_settings_at_once_leave_the_first_ones_run(tmp_path):
+    """The first job to create run.json owns the folder; the other is refused with one line before it
+    writes anything, and the owner's rerun reuses everything (before: both wrote, every rerun refused)."""
+    out = tmp_path / "out"
+    (a, a_out, a_err), (b, b_out, b_err) = _two_jobs(out, ["--seeds", "0-11", "--steps", "6"],
+                                                    ["--seeds", "0-11", "--steps", "4"])
+    assert sorted([a, b]) == [0, 2], (a_err, b_err)
+    winner, loser_err = ("6", b_err) if a == 0 else ("4", a_err)
+    lines = loser_err.strip().splitlines()
+    assert len(lines) == 1 and f"existing {winner}" in lines[0] and repr(str(out)) in lines[0], loser_err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["config"]["steps"] == int(winner) and m["config"]["seeds"] == "0-11"
+    assert json.loads((out / "run.json").read_text())["run_id"] == m["run_id"]
+    for name in _records(out):
+        assert str(np.load(out / "batches" / name)["run_id"]) == m["run_id"]
+    seeds, images = generation.load_outputs(out)
+    assert seeds.tolist() == list(range(12))
+    assert all(np.array_equal(_png(out / f"{s:06d}.png"), q) for s, q in zip(seeds, data.quantize(images)))
+    common = ["--max-train", "60", "--batch", "3", "--seeds", "0-11", "--no-progress", "--outdir", out]
+    other = "4" if winner == "6" else "6"
+    assert _cli(*common, "--steps", winner) == 0
+    assert json.loads((out / "manifest.json").read_text())["timing"]["reused"] == 12
+    assert _cli(*common, "--steps", other) == 2
+
+
+def test_two_jobs_with_overlapping_seeds_at_once_list_every_seed(tmp_path):
+    """0-29 and 15-44 at once (the issue's 0-99 and 50-149, smaller): every seed is recorded exactly
+    once, and the manifest (and so every reader) lists all 45 (before: both said complete and the
+    manifest listed one job's seeds)."""
+    out = tmp_path / "out"
+    results = _two_jobs(out, ["--seeds", "0-29", "--steps", "6"], ["--seeds", "15-44", "--steps", "6"])
+    assert [r[0] for r in results] == [0, 0], [r[2] for r in results]
+    records = _records(out)
+    held = sorted(s for seeds in records.values() for s in seeds)
+    assert held == list(range(45))  # each seed in exactly one record
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"]["seeds"] == "0-44" and m["status"] == "complete"
+    assert data.load_dataset(out).names == [f"{s:06d}.png" for s in range(45)]  # what `features` reads
+    seeds, images = generation.load_outputs(out)
+    assert seeds.tolist() == list(range(45))
+    assert all(np.array_equal(_png(out / f"{s:06d}.png"), q) for s, q in zip(seeds, data.quantize(images)))
+    # the same samples as one job over 0-44 (float32 kernel: equal up to its rounding)
+    ref = generation.generate(EmpiricalDenoiser(data.default_dataset().images[:60]), "0-44", tmp_path / "ref",
+                              steps=6, batch=3, progress=False)
+    assert ref["status"] == "complete"
+    np.testing.assert_allclose(images, generation.load_outputs(tmp_path / "ref")[1], rtol=0, atol=1e-5)
+
+
+def test_a_run_grows_by_new_seeds_and_reuses_the_finished_ones(edm_zip, tmp_path, capsys):
+    """--seeds 0-9, then 0-19 on the same folder: 10 new images, the first 10 untouched; the new
+    ones are those of a fresh 0-19 run (the same batch); a smaller list then reuses everything
+    and the manifest still lists all 20 (before: the second run was refused)."""
+    out = tmp_path / "out"
+    common = ("--train", edm_zip, "--steps", 6, "--no-progress")
+    assert _cli(*common, "--seeds", "0-9", "--outdir", out) == 0
+    first = output_tree(out)
+    assert _cli(*common, "--seeds", "0-19", "--outdir", out) == 0
+    assert "20 images in" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["timing"]["generated"], m["timing"]["reused"]) == (10, 10)
+    assert m["status"] == "complete" and m["config"]["seeds"] == "0-19"
+    grown = output_tree(out)
+    assert all(grown[f"{s:06d}.png"] == first[f"{s:06d}.png"] for s in range(10))
+    assert _cli(*common, "--seeds", "0-19", "--outdir", tmp_path / "fresh") == 0
+    fresh = output_tree(tmp_path / "fresh")
+    assert all(grown[f"{s:06d}.png"] == fresh[f"{s:06d}.png"] for s in range(20))
+    assert _records(out) == {"batch-000000.npz": list(range(10)), "batch-000010.npz": list(range(10, 20))}
+    assert _cli(*common, "--seeds", "5-7", "--outdir", out) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["timing"]["generated"], m["timing"]["reused"]) == (0, 3) and m["config"]["seeds"] == "0-19"
+    assert m["status"] == "complete" and len(data.load_dataset(out)) == 20
+    assert output_tree(out) == grown
+    assert _cli(*common, "--seeds", "0-19", "--batch", 4, "--outdir", out) == 2  # the batch split is identity
+    assert "batch: got 4, existing 256" in capsys.readouterr().err
+
+
+def test_seeds_claimed_by_a_live_job_are_left_to_it_and_the_rest_recorded(real, tmp_path):
+    """A live job (another process) holds seeds 4-7 of batch 0-9: this run computes the batch, records
+    only 0-3 and 8-9, leaves the manifest 'running' listing those; once that job is gone a rerun
+    adds 4-7 and the folder equals a single run's PNGs."""
+    import socket
+    import subprocess
+    import sys
+
+    den = EmpiricalDenoiser(real.images[:40])
+    kw = {"steps": 4, "batch": 10, "progress": False}
+    (tmp_path / "out" / "batches").mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = tmp_path / "out" / "batches" / ".batch-000004.npz.lock"
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "since": "earlier",
+                                    "seeds": "4-7"}))
+        with pytest.warns(UserWarning, match=r"1 batch\(es\) .* claimed by another job .*left to it"):
+            m = generation.generate(den, "0-9", tmp_path / "out", **kw)
+        assert m["status"] == "running" and m["config"]["seeds"] == "0-3,8-9"
+        assert _records(tmp_path / "out") == {"batch-000000.npz": [0, 1, 2, 3, 8, 9]}
+        assert not (tmp_path / "out" / "000005.png").exists()
+    finally:
+        other.kill()
+        other.wait()
+    m = generation.generate(den, "0-9", tmp_path / "out", **kw)
+    assert m["status"] == "complete" and (m["timing"]["generated"], m["timing"]["reused"]) == (4, 6)
+    generation.generate(den, "0-9", tmp_path / "ref", **kw)
+    got, ref = output_tree(tmp_path / "out"), output_tree(tmp_path / "ref")
+    assert all(got[f"{s:06d}.png"] == ref[f"{s:06d}.png"] for s in range(10))
+    assert not [p for p in (tmp_path / "out").rglob(".*")]  # the dead job's lock is gone
+
+
+def test_progress_moves_once_per_sampler_step(real, tmp_path, monkeypatch):
+    """3 batches of Heun 4 (7 denoiser calls each): 21 steps, each its own update (before: one update
+    per batch of seeds)."""
+    from tqdm import tqdm
+
+    seen = []
+
+    class Recording(tqdm):
+        def update(self, n=1):
+            seen.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(generation, "tqdm", Recording)
+    generation.generate(EmpiricalDenoiser(real.images[:30]), "0-8", tmp_path, steps=4, batch=3, progress=True)
+    assert sum(seen) == 21 and seen.count(1) >= 21

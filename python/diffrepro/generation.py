@@ -456,6 +456,7 @@ class _Folder:
         self.outdir, self.subdirs = Path(outdir), bool(subdirs)
         self.batches = self.outdir / _BATCH_DIR
         self._headers: dict[str, tuple] = {}  # record name -> (inode, seeds, run_id, run JSON)
+        self._record_of: dict[int, str] = {}  # seed -> record name, kept in step with _headers
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -510,21 +511,19 @@ class _Folder:
         """The records and claims present. With ``run_id``, a record of another run is refused;
         ``plan`` gives the seeds of a claim written without its seed list (older diffrepro)."""
         entries, _ = _scan(self.batches)
-        records: dict[str, list[int]] = {}
-        record_of: dict[int, str] = {}
+        names = {n: inode for n, inode in entries.items() if _RECORD_RE.match(n)}
+        try:
+            self._update_index(names)
+            if run_id is not None:
+                for name in sorted(self._headers):
+                    self._check_run(name, run_id, identity)
+        except BaseException:
+            self._headers.clear()
+            self._record_of.clear()
+            raise
         claims, jobs = {}, {}
-        for name in sorted(entries):
-            if _RECORD_RE.match(name):
-                seeds = self._header(name, entries[name], run_id, identity)
-                if seeds is None:
-                    continue
-                for s in seeds:
-                    if s in record_of:
-                        raise UsageError(f"batch files {str(self.batches / record_of[s])!r} and {name!r} both hold "
-                                         f"seed {s}; delete one of them")
-                    record_of[s] = name
-                records[name] = seeds
-            elif m := _CLAIM_RE.match(name):
+        for name in entries:
+            if m := _CLAIM_RE.match(name):
                 owner = self._lock_owner(name)
                 if owner is not None:
                     owner["seeds"] = _claim_seeds(owner, int(m.group(2)), plan)
@@ -533,31 +532,43 @@ class _Folder:
                 owner = self._lock_owner(name)
                 if owner is not None:
                     jobs[name] = owner
-        return _View(records, record_of, claims, jobs)
+        return _View({n: h[1] for n, h in self._headers.items()}, self._record_of, claims, jobs)
 
-    def _header(self, name: str, inode: int, run_id, identity) -> list[int] | None:
-        """The seeds of record ``name`` (None if it vanished), checked against the run."""
-        path = self.batches / name
-        cached = self._headers.get(name)
-        if cached is None or cached[0] != inode:
+    def _update_index(self, names: dict[str, int]) -> None:
+        """Index the records ``names`` (name -> inode): read the headers of new ones only (work in
+        proportion to what changed), checking that each names its first seed and that no two hold
+        the same seed."""
+        for name in [n for n, h in self._headers.items() if names.get(n) != h[0]]:  # gone or replaced
+            for s in self._headers.pop(name)[1]:
+                if self._record_of.get(s) == name:
+                    del self._record_of[s]
+        for name in sorted(n for n in names if n not in self._headers):
+            path = self.batches / name
             try:
-                cached = (inode, *_record_header(path))
+                header = (names[name], *_record_header(path))
             except FileNotFoundError:
-                return None
-            self._headers[name] = cached
-        _, seeds, rid, run = cached
-        if run_id is not None:
-            if rid is None or run is None:
-                raise UsageError(f"batch file {str(path)!r} has no run fingerprint (written by another program or "
-                                 "an older diffrepro); use another outdir or delete it")
-            if rid != run_id:
-                diffs = _differences(identity, json.loads(run))
-                raise UsageError(f"batch file {str(path)!r} belongs to another run (" + "; ".join(diffs)
-                                 + "); use another outdir or delete it")
-        if not seeds or name != f"batch-{seeds[0]:06d}.npz":
-            raise UsageError(f"batch file {str(path)!r} does not hold seeds starting with its name's (got "
-                             f"{format_seeds(seeds or [])!r}); use another outdir or delete it")
-        return seeds
+                continue
+            seeds = header[1]
+            if not seeds or name != f"batch-{seeds[0]:06d}.npz":
+                raise UsageError(f"batch file {str(path)!r} does not hold seeds starting with its name's (got "
+                                 f"{format_seeds(seeds or [])!r}); use another outdir or delete it")
+            for s in seeds:
+                if s in self._record_of:
+                    raise UsageError(f"batch files {str(self.batches / self._record_of[s])!r} and {name!r} both "
+                                     f"hold seed {s}; delete one of them")
+            self._headers[name] = header
+            self._record_of.update(dict.fromkeys(seeds, name))
+
+    def _check_run(self, name: str, run_id: str, identity: dict) -> None:
+        _, _, rid, run = self._headers[name]
+        path = self.batches / name
+        if rid is None or run is None:
+            raise UsageError(f"batch file {str(path)!r} has no run fingerprint (written by another program or "
+                             "an older diffrepro); use another outdir or delete it")
+        if rid != run_id:
+            diffs = _differences(identity, json.loads(run))
+            raise UsageError(f"batch file {str(path)!r} belongs to another run (" + "; ".join(diffs)
+                             + "); use another outdir or delete it")
 
     def _lock_owner(self, name: str) -> dict | None:
         try:
