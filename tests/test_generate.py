@@ -808,6 +808,8 @@ def test_a_run_grows_by_new_seeds_and_reuses_the_finished_ones(edm_zip, tmp_path
     assert output_tree(out) == grown
     assert _cli(*common, "--seeds", "0-19", "--batch", 4, "--outdir", out) == 2  # the batch split is identity
     assert "batch: got 4, existing 256" in capsys.readouterr().err
+    assert _cli(*common, "--seeds", "0-29", "--outdir", out, "--dry-run") == 0  # a batch with new seeds: whole
+    assert "to compute: 30 seeds in 1 batches (10 new)" in capsys.readouterr().out
 
 
 def test_seeds_claimed_by_a_live_job_are_left_to_it_and_the_rest_recorded(real, tmp_path):

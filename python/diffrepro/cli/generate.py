@@ -22,7 +22,9 @@ def add_commands(sub) -> None:
         formatter_class=HelpFormatter,
         description="One PNG per seed from the empirical (optimal) or Gaussian denoiser of a training set, "
                     "quantised as EDM does, plus the float outputs per batch (batches/*.npz), an 8x8 grid and "
-                    "manifest.json. Resumable: a rerun with the same settings continues where it stopped. "
+                    "manifest.json. Resumable: a rerun with the same settings continues where it stopped, and a rerun "
+                    "with more seeds adds them (the first job on a folder owns its settings; jobs with overlapping "
+                    "seeds may share it). "
                     "Runs under torchrun (torchrun --nproc_per_node=K -m diffrepro generate ...) with the same "
                     "flags and the same outputs.")
     g.add_argument("--train", metavar="DATA", help="CIFAR-10 python archive/folder, EDM zip, image folder, npz "
@@ -39,7 +41,8 @@ def add_commands(sub) -> None:
                    help="the papers' sampler settings: p1_optimal (Zhang et al., Euler 18), p1_net (Heun 18), "
                         "p2_euler10 (Li et al., Euler 10 to sigma 0.002), p2_euler10_net (to 0.02); "
                         "explicit flags override them")
-    g.add_argument("--seeds", default="0-63", help="EDM syntax, e.g. 0-49999 or 1,5,10-20")
+    g.add_argument("--seeds", default="0-63", help="EDM syntax, e.g. 0-49999 or 1,5,10-20; on an existing --outdir "
+                   "of the same settings, new seeds are added and finished ones reused")
     g.add_argument("--batch", type=int_at_least(1), default=256, help="seeds per batch")
     g.add_argument("--outdir", required=True, help="output folder (created; reused to resume)")
     g.add_argument("--subdirs", action="store_true", help="PNGs in thousand-subdirectories, as EDM")
@@ -237,7 +240,8 @@ def _dry_run(args, r, dtype, work) -> int:
           + (" (closed-form trajectory: 2 GEMMs per batch)" if closed else ""))
     print(f"seeds    {len(seeds)} ({seeds.format()[:60]}) in {len(work['plan'])} batches of <= {args.batch}"
           + (f"; part {args.part}: {len(job)} batches" if args.part else "")
-          + f"; to compute: {work['compute_seeds']} seeds in {work['compute_batches']} batches; "
+          + f"; to compute: {work['compute_seeds']} seeds in {work['compute_batches']} batches "
+          f"({work['new_seeds']} new); "
           f"PNGs missing: {work['missing_png']}")
     if world > 1:
         print(f"procs    {world} (" + ("training rows split over them" if args.shard_train
@@ -275,9 +279,12 @@ def _cmd_generate(args) -> int:
         tm = manifest["timing"]
         what = "complete" if manifest["status"] == "complete" else (
             f"part {args.part} done" if args.part else "incomplete (see the warning above)")
+        held = manifest["config"]["seeds"]
+        held = len(generation.SeedRanges.parse(held)) if held else 0
         print(f"{len(work['seeds'])} images in {args.outdir}: {what} ({tm['generated']} generated, "
               f"{tm['reused']} reused) in {tm['seconds']:.2f} s" + (f" on {ctx.world_size} processes"
-                                                                    if ctx.world_size > 1 else ""))
+                                                                    if ctx.world_size > 1 else "")
+              + (f"; the folder holds {held} finished seeds" if held != len(work["seeds"]) else ""))
     return 0
 
 
