@@ -859,3 +859,16 @@ def test_progress_moves_once_per_sampler_step(real, tmp_path, monkeypatch):
     monkeypatch.setattr(generation, "tqdm", Recording)
     generation.generate(EmpiricalDenoiser(real.images[:30]), "0-8", tmp_path, steps=4, batch=3, progress=True)
     assert sum(seen) == 21 and seen.count(1) >= 21
+
+
+def test_a_record_misnamed_or_sharing_a_seed_is_refused(real, tmp_path):
+    den = EmpiricalDenoiser(real.images[:30])
+    kw = {"steps": 3, "batch": 3, "progress": False}
+    generation.generate(den, "0-5", tmp_path, **kw)
+    rec = dict(np.load(tmp_path / "batches" / "batch-000003.npz"))
+    np.savez(tmp_path / "batches" / "batch-000002.npz", **{**rec, "seeds": np.array([2, 6, 7])})
+    with pytest.raises(ValueError, match=r"batch files .*batch-000000\.npz' and 'batch-000002\.npz' both hold seed 2"):
+        generation.generate(den, "0-5", tmp_path, **kw)
+    os.rename(tmp_path / "batches" / "batch-000002.npz", tmp_path / "batches" / "batch-000009.npz")
+    with pytest.raises(ValueError, match=r"batch-000009\.npz' does not hold seeds starting with its name's"):
+        generation.load_outputs(tmp_path)

@@ -6,23 +6,30 @@ noise (:func:`diffrepro.noise.seed_latents`) or a noise bank, EDM's batch split
 (:func:`diffrepro.noise.split_seeds`), a deterministic sampler (Heun 18 by default,
 :func:`diffrepro.samplers.sample`) and one PNG per seed quantised as EDM does
 (:func:`diffrepro.data.quantize`). diffrepro also writes the float64 outputs (one ``.npz`` per
-batch), a JSON manifest and an 8×8 grid, and resumes after an interruption: a batch whose record
-belongs to the run (same content fingerprint) is not recomputed, and its PNGs are checked against
-it. Several processes (``torchrun``), independent parts (SLURM arrays) and sharded training sets
-are supported through :mod:`diffrepro.distributed`; the outputs do not depend on how the work
-was split.
+batch), a JSON manifest and an 8×8 grid, and resumes after an interruption: a seed whose record
+belongs to the run (same content fingerprint) is not recomputed, and its PNG is checked against
+it. The seeds are the samples of a run, not its identity: a rerun with more seeds adds them.
+Several processes (``torchrun``), independent parts (SLURM arrays), independent jobs with
+overlapping seed lists and sharded training sets are supported (:mod:`diffrepro.distributed`);
+the outputs do not depend on how the work was split.
 
 Output folder::
 
+    outdir/run.json                 the settings that own the folder (all but the seeds), run_id, shape:
+                                    created once, atomically, by the first job
     outdir/000123.png               (or outdir/000000/000123.png with subdirs=True)
-    outdir/batches/batch-000000.npz seeds int64 [B], images float64 [B, C, H, W] (first seed in name),
+    outdir/batches/batch-000000.npz seeds int64 [B], images float64 [B, C, H, W] (first seed in name; no
+                                    seed in two records),
                                     run_id (sha256 of the run identity) and run (its JSON); with the
                                     empirical denoiser also commit_sigma [B], commit_index [B],
                                     eval_sigma [E], eval_n_eff [E, B], eval_rows_fraction [E] and
                                     eval_skipped_bound [E] (diffrepro.pruning.batch_fields)
     outdir/plots/commitment.png     σ at commitment and n_eff quartiles against σ (empirical)
     outdir/grid.png                 the first 64 seeds, row-major 8×8
-    outdir/manifest.json            run identity (configuration), σ grid, build and timing
+    outdir/manifest.json            run identity (configuration; config.seeds: every finished seed of the
+                                    folder, ascending), σ grid, build and timing
+    outdir/batches/.*.lock          claims of running jobs (their seeds), and outdir/.generate.lock,
+                                    held for milliseconds while a job claims seeds or writes the manifest
 """
 
 from __future__ import annotations
@@ -1183,7 +1190,8 @@ class _Job:
                               "(delete a batches/.*.lock file only if its job is dead)", stacklevel=4)
             elif self.part is None and live:
                 warnings.warn(f"another job still works in {str(folder.outdir)!r} ({_owner_text(live[0])}); the "
-                              "manifest says 'complete' once the last job has finished", stacklevel=4)
+                              "manifest says 'complete' once the last job has finished (delete its batches/.*.lock "
+                              "files only if that job is dead)", stacklevel=4)
             if complete:
                 self._write_summaries(view, finished)
             self._write_manifest(finished, "complete" if complete else "running")
