@@ -872,3 +872,23 @@ def test_a_record_misnamed_or_sharing_a_seed_is_refused(real, tmp_path):
     os.rename(tmp_path / "batches" / "batch-000002.npz", tmp_path / "batches" / "batch-000009.npz")
     with pytest.raises(ValueError, match=r"batch-000009\.npz' does not hold seeds starting with its name's"):
         generation.load_outputs(tmp_path)
+
+
+def test_a_dead_jobs_claim_outside_the_request_is_named_not_listed(real, tmp_path):
+    """A job that died holding seeds 10-11 (its record written, its PNGs maybe not): a run over 0-3
+    leaves that claim alone, does not list those seeds, and says so."""
+    import socket
+    import subprocess
+    import sys
+
+    den = EmpiricalDenoiser(real.images[:30])
+    generation.generate(den, "10-11", tmp_path, steps=3, progress=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "batches" / ".batch-000010.npz.lock").write_text(
+        json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "earlier", "seeds": "10-11"}))
+    with pytest.warns(UserWarning, match=rf"2 seed\(s\) .* claimed by a job that died \(pid {dead.pid} .*not listed"):
+        m = generation.generate(den, "0-3", tmp_path, steps=3, progress=False)
+    assert m["status"] == "complete" and m["config"]["seeds"] == "0-3"
+    m = generation.generate(den, "10-11", tmp_path, steps=3, progress=False)  # its rerun takes the claim over
+    assert m["config"]["seeds"] == "0-3,10-11" and (m["timing"]["generated"], m["timing"]["reused"]) == (0, 2)

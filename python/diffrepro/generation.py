@@ -44,8 +44,8 @@ import math
 import os
 import platform
 import re
+import secrets
 import socket
-import tempfile
 import time
 import warnings
 import zipfile
@@ -416,16 +416,15 @@ def _owner_text(owner: dict) -> str:
 def _create_exclusive(path: Path, payload: bytes) -> bool:
     """Create ``path`` holding ``payload`` unless it exists (a whole file appears at once: written
     to a temporary, then ``os.link``, which fails on an existing name, also on NFS)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    data.atomic_write_bytes(tmp, payload)  # the mode the umask gives, as every output
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
         os.link(tmp, path)
         return True
     except FileExistsError:
         return False
     finally:
-        os.unlink(tmp)
+        _remove([tmp])
 
 
 @dataclasses.dataclass
@@ -973,7 +972,7 @@ class _Job:
         self.ctx.barrier("start")
         self.temps = _png_listing(self.folder.outdir, self.folder.subdirs)[1]
         if self.ctx.rank == 0:
-            _remove(p for t in (_MANIFEST, "grid.png", _IDENTITY) for p in self.temps.get(t, [])
+            _remove(p for t in (_MANIFEST, "grid.png", _IDENTITY, _FOLDER_LOCK) for p in self.temps.get(t, [])
                     if _age(p) > _STALE_SECONDS)
 
     def _claim_folder(self) -> distributed.Claim:
@@ -1192,6 +1191,11 @@ class _Job:
                 warnings.warn(f"another job still works in {str(folder.outdir)!r} ({_owner_text(live[0])}); the "
                               "manifest says 'complete' once the last job has finished (delete its batches/.*.lock "
                               "files only if that job is dead)", stacklevel=4)
+            dead = [c for c in view.claims.values() if not c["live"]]
+            if dead:
+                warnings.warn(f"{sum(len(c['seeds']) for c in dead)} seed(s) in {str(folder.outdir)!r} are claimed by "
+                              f"a job that died ({_owner_text(dead[0])}) and are not listed; rerun its command to "
+                              "finish them", stacklevel=4)
             if complete:
                 self._write_summaries(view, finished)
             self._write_manifest(finished, "complete" if complete else "running")
