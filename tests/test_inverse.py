@@ -2,6 +2,7 @@
 """Jacobian products of the denoisers and the inverse-problem solvers against float64 oracles:
 finite differences, autograd of the dense reference, the Gaussian posterior in closed form."""
 import json
+import re
 import subprocess
 import sys
 
@@ -217,6 +218,92 @@ def test_posterior_denoiser_validation(small):
         inverse.PosteriorDenoiser(lambda x, s: x, op, op(train[:1]))
 
 
+class _Scale(inverse.LinearOperator):
+    """A diagonal operator with given weights (a user-defined operator)."""
+
+    name = "scale"
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def forward(self, x):
+        return x * self.weights
+
+    adjoint = forward
+
+
+@pytest.mark.parametrize("likelihood", ["moment", "dps"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_measurement_is_refused(small, likelihood, bad):
+    """A NaN or Inf anywhere in y used to stop the conjugate gradients at once (or zero the DPS step)
+    and return exactly the prior's samples, reported as a complete run."""
+    u8, train, _ = small
+    den, op = EmpiricalDenoiser(u8, dtype=F64), inverse.make_operator("inpaint-box", 8)
+    for where in [(0, 0, 0, 0), (0, 2, 7, 5)]:
+        y = op(train[:1])
+        y[where] = bad
+        with pytest.raises(ValueError, match=rf"^measurement: got 1 non-finite entries .*{re.escape(str(where))}"):
+            inverse.PosteriorDenoiser(den, op, y, likelihood=likelihood)
+    if likelihood == "moment":  # the closed form checks alike
+        with pytest.raises(ValueError, match="^measurement: got 1 non-finite"):
+            inverse.gaussian_posterior_mean(GaussianDenoiser.from_data(train), op, y)
+
+
+def test_operators_with_non_finite_entries_are_refused(small):
+    u8, train, _ = small
+    den = EmpiricalDenoiser(u8, dtype=F64)
+    mask = torch.ones(8, 8, dtype=F64)
+    mask[3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"^mask must hold only 0 and 1, got 1 other entries \(e.g. nan\)"):
+        inverse.Inpainting(mask)
+    weights = torch.ones(3, 8, 8, dtype=F64)
+    weights[1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"^operator 'scale': A x of a finite image .* 1 non-finite entries"):
+        inverse.PosteriorDenoiser(den, _Scale(weights), train[:1])
+
+
+@pytest.mark.parametrize("case,message", [
+    ("one-channel measurement", r"^measurement: got shape \(1, 1, 8, 8\), expected \[B, 3, 8, 8\]"),
+    ("small mask", r"^mask: got shape \(4, 4\), expected \(8, 8\) or \(3, 8, 8\) for images of shape "
+                   r"\(3, 8, 8\)"),
+    ("low-resolution measurement", r"^measurement: got shape \(1, 3, 4, 4\), expected \[B, 3, 8, 8\]"),
+    ("sr factor", r"^factor: got 3, expected a divisor of the image height and width \(8 x 8"),
+    ("sr measurement size", r"^measurement: got shape \(1, 3, 8, 8\), expected \[B, 3, 4, 4\]"),
+    ("blur measurement size", r"^measurement: got shape \(1, 3, 4, 4\), expected \[B, 3, 8, 8\]"),
+    ("user operator", r"^operator 'scale' does not apply to images of shape \(3, 8, 8\)"),
+])
+def test_shapes_are_checked_before_any_file_is_written(small, tmp_path, case, message):
+    """Each operator's shapes against the images, in the constructor: a one-channel measurement of RGB
+    images used to broadcast silently into another problem, and a 4x4 mask or a [1, 3, 4, 4]
+    inpainting measurement failed inside torch after generate had written its manifest."""
+    u8, train, _ = small
+    den = EmpiricalDenoiser(u8, dtype=F64)
+    box, x = inverse.make_operator("inpaint-box", 8), train[:1]
+    op, y = {
+        "one-channel measurement": (box, box(x)[:, :1]),
+        "small mask": (inverse.Inpainting(torch.ones(4, 4)), x[..., :4, :4]),
+        "low-resolution measurement": (box, x[..., :4, :4]),
+        "sr factor": (inverse.AveragePool(3), F.avg_pool2d(x, 3)),
+        "sr measurement size": (inverse.AveragePool(2), x),
+        "blur measurement size": (inverse.GaussianBlur(1.0), x[..., ::2, ::2]),
+        "user operator": (_Scale(torch.ones(3, 4, 4, dtype=F64)), x[..., :4, :4]),
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        post = inverse.PosteriorDenoiser(den, op, y)
+        generation.generate(post, "0", tmp_path / "out", steps=2, info={"case": case}, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_measurement_per_sample_must_match_the_batch(small):
+    u8, train, _ = small
+    den, op = EmpiricalDenoiser(u8, dtype=F64), inverse.make_operator("sr2", 8)
+    post = inverse.PosteriorDenoiser(den, op, op(train[:3]), cg_iters=2)
+    assert post(train[:3], 0.5).shape == (3, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"^measurement: holds 3 measurements, expected 1 or one per sample of the "
+                                         r"batch \(2\)"):
+        post(train[:2], 0.5)
+
+
 # ------------------------------------------------------------------------------------------------
 # diffrepro inverse (real subprocesses)
 
@@ -272,3 +359,14 @@ def test_cli_usage_errors(tmp_path, args, message):
 
 def test_cli_choices_match_the_library():
     assert cli_inverse.TASK_CHOICES == inverse.TASKS and cli_inverse.LIKELIHOOD_CHOICES == inverse.LIKELIHOODS
+
+
+def test_cli_refuses_images_the_operator_cannot_measure_before_writing(tmp_path):
+    """Non-square training images: one line naming --train, exit 2, no output folder (was a traceback)."""
+    np.save(tmp_path / "wide.npy", np.random.default_rng(0).integers(0, 256, (6, 3, 8, 4), dtype=np.uint8))
+    run = _run("--task", "sr2", "--train", tmp_path / "wide.npy", "--outdir", tmp_path / "out", "--seeds", "0",
+               "--no-progress")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "diffrepro inverse: error: --train: train must have N >= 1 square images, got shape (6, 3, 8, 4)"]
+    assert not (tmp_path / "out").exists()

@@ -103,16 +103,19 @@ def _cmd_inverse(args) -> int:
         op = inverse.make_operator(args.task, shape[1], seed=args.mask_seed, missing=args.missing,
                                    blur_std=args.blur_std)
     dtype = torch.float64 if args.dtype == "float64" or args.denoiser == "gaussian" else torch.float32
-    if args.denoiser == "empirical":
-        den = EmpiricalDenoiser(ds.images, dtype=dtype, device=args.device)
-    else:
-        den = GaussianDenoiser.from_data(ds.images, device=args.device)
-    target = data.decode(torch.from_numpy(np.asarray(target_ds.images[args.target_index:args.target_index + 1])))
-    clean = op(target)
-    gen = torch.Generator().manual_seed(args.measurement_seed)
-    measurement = clean + args.noise_std * torch.randn(clean.shape, generator=gen, dtype=torch.float64)
-    post = inverse.PosteriorDenoiser(den, op, measurement, likelihood=args.likelihood, zeta=args.zeta,
-                                     noise_std=args.noise_std, cg_iters=args.cg_iters)
+    with usage_errors("--train"):
+        if args.denoiser == "empirical":
+            den = EmpiricalDenoiser(ds.images, dtype=dtype, device=args.device)
+        else:
+            den = GaussianDenoiser.from_data(ds.images, device=args.device)
+    target = data.decode(torch.from_numpy(np.array(target_ds.images[args.target_index:args.target_index + 1])))
+    with usage_errors(f"--task {args.task}"):  # the operator, the shapes and a finite measurement: before any write
+        op.measurement_shape(shape)
+        clean = op(target)
+        gen = torch.Generator().manual_seed(args.measurement_seed)
+        measurement = clean + args.noise_std * torch.randn(clean.shape, generator=gen, dtype=torch.float64)
+        post = inverse.PosteriorDenoiser(den, op, measurement, likelihood=args.likelihood, zeta=args.zeta,
+                                         noise_std=args.noise_std, cg_iters=args.cg_iters)
     info = {"kind": args.denoiser, "train": ds.source, "train_hash": data.dataset_hash(ds.images),
             "n_train": len(ds), "dtype": str(dtype).replace("torch.", ""), "device": args.device,
             "inverse": {**post.describe(), "target": target_ds.source, "target_index": args.target_index,
