@@ -315,6 +315,7 @@ def _listing(outdir: Path, plan: BatchPlan, subdirs: bool):
 
 
 def _digest(obj) -> str:
+    # a hash, not a file: Python's text (with its bare Infinity) is kept so that earlier runs resume
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
@@ -347,7 +348,7 @@ def _read_record(path: Path, run_id: str, identity: dict, seeds: list[int], shap
         raise UsageError(f"batch file {str(path)!r} has no run fingerprint (written by another program or an "
                          "older diffrepro); use another outdir or delete it")
     if str(arrays["run_id"]) != run_id:
-        diffs = _differences(identity, json.loads(str(arrays["run"])))
+        diffs = _differences(data.jsonable(identity), json.loads(str(arrays["run"])))
         raise UsageError(f"batch file {str(path)!r} belongs to another run (" + "; ".join(diffs)
                          + "); use another outdir or delete it")
     images = arrays.get("images")
@@ -457,7 +458,7 @@ def _check_folder(outdir: Path, config: dict, work: dict, run_id: str, identity:
     manifest = _read_manifest(outdir)
     records, _, _ = _listing(outdir, work["plan"], config["subdirs"])
     if manifest is not None:
-        diffs = _differences(config, manifest["config"])
+        diffs = _differences(data.jsonable(config), manifest["config"])  # as written: infinities are null
         if not diffs:
             return False
         if records:
@@ -475,7 +476,7 @@ def _check_folder(outdir: Path, config: dict, work: dict, run_id: str, identity:
 
 
 def _write_manifest(outdir: Path, manifest: dict) -> None:
-    data.atomic_write_bytes(outdir / _MANIFEST, json.dumps(manifest, indent=1).encode())
+    data.atomic_write_json(outdir / _MANIFEST, manifest)
 
 
 def _save_grid(outdir: Path, plan: BatchPlan, run_id: str, identity: dict, shape) -> None:
@@ -818,7 +819,7 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
         try:
             if computed:
                 data.atomic_save_npz(_batch_paths(outdir, plan, i, subdirs)[0], seeds=np.asarray(b, np.int64),
-                                     images=images, run_id=np.array(run_id), run=np.array(json.dumps(identity)),
+                                     images=images, run_id=np.array(run_id), run=np.array(data.strict_json(identity)),
                                      **commit_fields.pop(i, {}))
             quantized = data.quantize(images)
             for j, s in enumerate(b):
@@ -1047,7 +1048,7 @@ def demo(outdir="demo_out", seeds="0-255", steps: int = 18, *, batch: int = 256,
     real_sscd = _real_sscd_scores(heun, euler, ds.images, progress)
     if real_sscd is not None:
         summary["sscd"] = real_sscd
-    data.atomic_write_bytes(outdir / "summary.json", json.dumps(summary, indent=1).encode())
+    data.atomic_write_json(outdir / "summary.json", summary)
     for name, m in runs.items():
         tm = m["timing"]
         rate = tm["images_per_second"]
