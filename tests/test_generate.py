@@ -711,3 +711,30 @@ def test_prune_is_part_of_the_run_identity(edm_zip, tmp_path, capsys):
     except SystemExit as exc:
         code = exc.code
     assert code == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Estimates and progress as a person reads them
+
+
+@pytest.mark.parametrize("seconds,text", [(0.04, "< 0.1 s"), (4.24, "4.2 s"), (59.94, "59.9 s"), (200, "3 min 20 s"),
+                                          (3599.4, "59 min 59 s"), (7500, "2 h 05 min"),
+                                          (1167556.0, "13.5 days"), (float("inf"), "unknown")])
+def test_durations_print_in_h_min_s(seconds, text):
+    assert generation.duration_text(seconds) == text
+
+
+def test_progress_without_a_terminal_moves_with_every_denoiser_call(tmp_path, capsys, monkeypatch):
+    """Piped stderr (pytest's capture is no terminal): lines instead of a bar, moving within the one
+    batch (Heun 3 steps: 5 calls of 2 rows, 0.4 images each), then a closing line."""
+    monkeypatch.setattr(generation, "_PROGRESS_SECONDS", 0.0)
+    den = EmpiricalDenoiser(data.default_dataset().images[:20])
+    generation.generate(den, "0-1", tmp_path / "out", steps=3, batch=2, progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" (")[0] for line in lines[:4]] == ["generate: 0/2 images", "generate: 0/2 images",
+                                                            "generate: 1/2 images", "generate: 1/2 images"]
+    assert [re.search(r"\((\d+)%\)", line).group(1) for line in lines[:4]] == ["20", "40", "60", "80"]
+    assert all("spent, about" in line and "left" in line for line in lines[:4])
+    assert len(lines) == 5 and lines[4].startswith("generate: 2/2 images in ")
+    generation.generate(den, "0-1", tmp_path / "quiet", steps=3, batch=2, progress=False)
+    assert capsys.readouterr().err == ""

@@ -370,3 +370,48 @@ def test_cli_refuses_images_the_operator_cannot_measure_before_writing(tmp_path)
     assert run.stderr.strip().splitlines() == [
         "diffrepro inverse: error: --train: train must have N >= 1 square images, got shape (6, 3, 8, 4)"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("denoiser,likelihood,products", [("empirical", "moment", 2 * 7 + 1),
+                                                          ("empirical", "dps", 1), ("gaussian", "moment", 15)])
+def test_cli_dry_run_prints_the_plan_and_cost_and_writes_nothing(tmp_path, denoiser, likelihood, products):
+    """The plan of generate (seeds, batches, NFE) plus the posterior's Jacobian products in the
+    estimate: 4 N d flops per denoiser call and 6 N d per product (empirical), 4 d² per call or
+    product plus the fit and the exact posterior mean (Gaussian); nothing is written."""
+    out = tmp_path / "inv"
+    run = _run("--task", "sr2", "--outdir", out, "--max-train", 30, "--seeds", "0-9", "--batch", 4, "--steps", 5,
+               "--cg-iters", 7, "--denoiser", denoiser, "--likelihood", likelihood, "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+    lines = dict(line.split(None, 1) for line in run.stdout.strip().splitlines() if " " in line)
+    assert lines["seeds"].startswith("10 (0-9) in 3 batches of <= 4; to compute: 10 seeds in 3 batches")
+    assert lines["NFE"].startswith(f"9 per sample, each 1 denoiser call + {products} Jacobian products")
+    n, d, nfe, todo = 30, 3 * 32 * 32, 9, 10
+    if denoiser == "empirical":
+        flops = (4 * n * d + 6 * n * d * products) * nfe * todo
+    else:
+        r, m = min(n, d), 3 * 16 * 16
+        flops = 2 * n * r * d + 9 * r**3 + 4 * d * d * (1 + products) * nfe * todo + 2 * r * r * m + 9 * r**3
+    assert lines["estimate"].startswith(f"{flops / 1e9:.1f} GFLOP at ")
+    assert re.search(r"\): (< 0\.1 s|\d+\.\d s|\d+ min \d\d s|\d+ h \d\d min|\d+\.\d days); memory", lines["estimate"])
+    assert run.stdout.strip().endswith("dry run: nothing written")
+
+
+def test_cli_dry_run_refuses_what_the_run_would_refuse(tmp_path):
+    run = _run("--task", "sr4", "--outdir", tmp_path / "x", "--target-index", 999, "--dry-run")
+    assert run.returncode == 2 and "--target-index: got 999" in run.stderr and not (tmp_path / "x").exists()
+
+
+def test_cli_progress_without_a_terminal(tmp_path):
+    """stderr is a pipe: progress lines (here every call: the interval set to 0), none with --no-progress."""
+    wrapper = ("import sys\nfrom diffrepro import generation\ngeneration._PROGRESS_SECONDS = 0.0\n"
+               "from diffrepro.cli import main\nsys.exit(main(sys.argv[1:]))")
+    args = ["inverse", "--task", "sr2", "--max-train", 20, "--seeds", "0-1", "--steps", 3, "--cg-iters", 2]
+    runs = [subprocess.run([sys.executable, "-c", wrapper, *map(str, args), "--outdir", tmp_path / name, *extra],
+                           capture_output=True, text=True, timeout=600)
+            for name, extra in (("shown", []), ("quiet", ["--no-progress"]))]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    lines = runs[0].stderr.strip().splitlines()
+    assert [re.search(r"\((\d+)%\)", line).group(1) for line in lines[:-1]] == ["20", "40", "60", "80"], lines
+    assert lines[-1].startswith("generate: 2/2 images in ")
+    assert runs[1].stderr == ""

@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import re
+import sys
 import time
 import warnings
 import zipfile
@@ -51,7 +52,8 @@ from .denoisers import Denoiser, EmpiricalDenoiser, GaussianDenoiser, TimedDenoi
 from .errors import RunError, UsageError
 from .samplers import has_closed_form, nfe, sample, sample_flow
 
-__all__ = ["BatchPlan", "SeedRanges", "demo", "estimate_cost", "format_seeds", "generate", "load_outputs", "plan_work"]
+__all__ = ["BatchPlan", "SeedRanges", "demo", "duration_text", "estimate_cost", "format_seeds", "generate",
+           "load_outputs", "plan_work"]
 
 _GRID_SEEDS = 64
 _MANIFEST = "manifest.json"
@@ -77,6 +79,84 @@ def _flops_per_sample(denoiser, evaluations: int, closed: bool, class_idx) -> fl
     if isinstance(den, EmpiricalDenoiser) and class_idx is None:
         return 4.0 * den.num_rows * d * evaluations  # logits GEMM + weighted-sum GEMM
     return None
+
+
+def duration_text(seconds: float) -> str:
+    """``"2 h 05 min"``, ``"3 min 20 s"``, ``"4.2 s"``, ``"< 0.1 s"``: estimates and progress as a person
+    reads them (``"1167556.0 s"`` is 13 days)."""
+    if not math.isfinite(seconds):
+        return "unknown"
+    if seconds < 0.1:
+        return "< 0.1 s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours < 48 else f"{hours / 24:.1f} days"
+
+
+_PROGRESS_SECONDS = 30.0  # without a terminal: at most one progress line per this many seconds
+
+
+class _Progress:
+    """Progress of a run in images. On a terminal a tqdm bar; elsewhere (a log file, a pipe, a batch
+    job) a line at most every ``_PROGRESS_SECONDS`` with the images done, the time spent and the
+    time left, and a last line if there was one, so that a long run never looks hung and a short
+    one stays quiet. ``advance`` moves it within a batch (per denoiser call), ``update`` at the end
+    of a batch round (exact counts)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.every = total, desc, _PROGRESS_SECONDS
+        self.done, self.partial, self.shown, self.printed = 0, 0.0, 0, False
+        self.start = self.last = time.perf_counter()
+        tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="img", desc=desc) if tty else None
+        self.lines = enabled and not tty
+
+    def _line(self, text: str) -> None:
+        print(f"{self.desc}: {text}", file=sys.stderr, flush=True)
+        self.printed = True
+
+    def _show(self) -> None:
+        now = min(self.total, int(self.done + self.partial))
+        if self.bar is not None and now > self.shown:
+            self.bar.update(now - self.shown)
+        self.shown = max(self.shown, now)
+        t = time.perf_counter()
+        frac = min(1.0, (self.done + self.partial) / max(1, self.total))
+        if self.lines and t - self.last >= self.every and 0 < frac < 1:
+            self.last, spent = t, t - self.start
+            self._line(f"{self.shown}/{self.total} images ({100 * frac:.0f}%), {duration_text(spent)} spent, "
+                       f"about {duration_text(spent * (1 - frac) / frac)} left")
+
+    def advance(self, images: float) -> None:
+        self.partial += images
+        self._show()
+
+    def update(self, images: int) -> None:
+        self.done, self.partial = self.done + images, 0.0
+        self._show()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.printed:
+            self._line(f"{self.done}/{self.total} images in {duration_text(time.perf_counter() - self.start)}")
+
+
+class _CountedDenoiser(TimedDenoiser):
+    """:class:`TimedDenoiser` that also reports the query rows of each call (progress within a batch)."""
+
+    def __init__(self, inner, on_rows):
+        super().__init__(inner)
+        self.on_rows = on_rows
+
+    def _timed(self, fn, x, *args):
+        out = super()._timed(fn, x, *args)
+        self.on_rows(x.shape[0])
+        return out
 
 
 def _check_flow(sampler: str, flow) -> dict | None:
@@ -683,7 +763,8 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
             velocity (:func:`diffrepro.samplers.sample_flow`, from pure noise at ``t = 1`` on
             :func:`diffrepro.schedules.flow_times`; rectified flow, SD3/Flux samplers) instead of
             EDM's PF-ODE in σ; ``sigma_min``, ``sigma_max`` and ``rho`` are then unused. None: EDM.
-        progress: show a tqdm progress bar (rank 0).
+        progress: report progress (rank 0), moving with every denoiser call: a tqdm bar when
+            stderr is a terminal, else a line at most every 30 s (images done, time spent and left).
 
     Returns:
         The manifest (written to ``outdir/manifest.json`` by rank 0); ``status`` is
@@ -769,7 +850,9 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     if ctx.rank == 0:
         _remove(p for t in (_MANIFEST, "grid.png") for p in temps.get(t, []) if _age(p) > _STALE_SECONDS)
 
-    timed = TimedDenoiser(den)
+    bar = _Progress(plan.seeds_in(job), "generate", progress and ctx.rank == 0)
+    # each sample makes work["nfe"] calls: a call on k rows is k / nfe images of progress
+    timed = _CountedDenoiser(den, lambda rows: bar.advance(rows / work["nfe"]))
     sharded = bool(getattr(den, "sharded", False))
     writer = ctx.rank == 0 or not sharded
     stats = {"computed": 0, "reused": 0, "rewritten": 0, "others": []}
@@ -852,7 +935,6 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     start = time.perf_counter()
     width = 1 if sharded else ctx.world_size
     rounds = -(-len(job) // width)
-    bar = tqdm(total=plan.seeds_in(job), unit="img", desc="generate", disable=not (progress and ctx.rank == 0))
     try:
         for j in range(rounds):
             k = j * width + (0 if sharded else ctx.rank)
@@ -919,7 +1001,7 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
 
 
 def estimate_cost(kind: str, n_train: int, shape, work: dict, *, batch: int, dtype=torch.float32,
-                  device="cpu", probe=None) -> dict:
+                  device="cpu", probe=None, jacobian_products: int = 0, extra_flops: float = 0.0) -> dict:
     """Flops, time and memory of a planned run, from a short timed probe.
 
     Args:
@@ -932,41 +1014,59 @@ def estimate_cost(kind: str, n_train: int, shape, work: dict, *, batch: int, dty
         device: where the work runs.
         probe: for ``"empirical"``, the denoiser to time on ``min(batch, 64)`` queries; for
             ``"gaussian"`` a float64 ``[min(batch, 256), d] × [d, d]`` GEMM is timed.
+        jacobian_products: Jacobian–vector products made with every denoiser evaluation (the
+            posterior denoiser of an inverse problem, :class:`diffrepro.inverse.PosteriorDenoiser`);
+            then the Gaussian model is sampled step by step instead of in closed form, and for
+            ``"empirical"`` the probe's ``jvp`` is timed on ``min(batch, 8)`` queries (6 N d flops each).
+        extra_flops: work outside the sampler, at the probe's rate (e.g. a closed-form posterior).
 
     Returns:
-        ``{"flops", "gflops_per_second" (probe), "seconds", "memory_bytes", "probe"}``.
+        ``{"flops", "gflops_per_second" (all the work over the estimated time), "seconds",
+        "memory_bytes", "probe"}``.
     """
     d = math.prod(shape)
     todo, width = work["compute_seeds"], work["width"]
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
+    products = work["nfe"] * todo * jacobian_products
     if kind == "empirical":
         flops = 4.0 * n_train * d * work["nfe"] * todo
         q = min(batch, 64)
         x = torch.randn(q, *shape, generator=gen, dtype=torch.float64).to(device)
         probe(x[:1], 1.0)  # warm-up
-        t = time.perf_counter()
-        probe(x, 1.0)
-        seconds = time.perf_counter() - t
-        rate = 4.0 * n_train * d * q / seconds
+        rate = 4.0 * n_train * d * q / _timed_seconds(lambda: probe(x, 1.0), device)
+        seconds = flops / rate
         described = f"one denoiser call, {q} queries x {n_train} rows"
+        if products:
+            qj = min(batch, 8)
+            jvp_seconds = _timed_seconds(lambda: probe.jvp(x[:qj], 1.0, x[:qj]), device)
+            flops, seconds = flops + 6.0 * n_train * d * products, seconds + jvp_seconds / qj * products
+            described += f"; one float64 jvp, {qj} queries"
+        seconds += extra_flops / rate
         resident = n_train * d + 6 * width * d * 8 + width * d * torch.finfo(dtype).bits // 8
     else:
         fit = (2.0 * n_train * min(n_train, d) * d) + _EIGH_FLOPS_PER_D3 * min(n_train, d) ** 3
-        flops = fit + 4.0 * d * d * todo
+        per_sample = 4.0 * d * d * (work["nfe"] * (1 + jacobian_products) if jacobian_products else 1)
+        flops = fit + per_sample * todo
         q = min(batch, 256)
         a = torch.randn(q, d, generator=gen, dtype=torch.float64).to(device)
         m = torch.randn(d, d, generator=gen, dtype=torch.float64).to(device)
-        t = time.perf_counter()
-        a @ m
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t
-        rate = 2.0 * q * d * d / seconds
+        rate = 2.0 * q * d * d / _timed_seconds(lambda: a @ m, device)
+        seconds = (flops + extra_flops) / rate
         described = f"float64 GEMM [{q}, {d}] x [{d}, {d}] (eigh assumed at this rate: optimistic)"
         resident = n_train * d + 4 * d * d * 8 + 4 * width * d * 8
-    return {"flops": flops, "gflops_per_second": rate / 1e9, "seconds": flops / rate,
-                "memory_bytes": resident, "probe": described}
+    flops += extra_flops
+    resident += 6 * width * d * 8 if jacobian_products else 0  # conjugate-gradient vectors
+    return {"flops": flops, "gflops_per_second": flops / seconds / 1e9, "seconds": seconds,
+            "memory_bytes": resident, "probe": described}
+
+
+def _timed_seconds(fn, device) -> float:
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return max(time.perf_counter() - t, 1e-9)
 
 
 # ------------------------------------------------------------------------------------------------
