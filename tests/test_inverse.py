@@ -415,3 +415,18 @@ def test_cli_progress_without_a_terminal(tmp_path):
     assert [re.search(r"\((\d+)%\)", line).group(1) for line in lines[:-1]] == ["20", "40", "60", "80"], lines
     assert lines[-1].startswith("generate: 2/2 images in ")
     assert runs[1].stderr == ""
+
+
+def test_blur_kernels_wider_than_the_images_can_use_are_refused(small):
+    """A 3-std kernel wider than 2 x side - 1 pixels (taps that never reach a pixel; --blur-std 1e6 built a
+    6e6 x 6e6 kernel): refused naming blur_std (make_operator) or the kernel size (any GaussianBlur)."""
+    u8, train, _ = small
+    assert inverse.make_operator("deblur", 8, blur_std=7 / 3).size == 15  # the widest that fits 8x8: 2 x 8 - 1
+    with pytest.raises(ValueError, match=r"^blur_std: got 2.4, expected a std in \(0, 2.333\] for 8x8 images"):
+        inverse.make_operator("deblur", 8, blur_std=2.4)
+    with pytest.raises(ValueError, match=r"^kernel size: got 17 \(std 1.0\), expected at most 15 for images of shape "
+                                         r"\(3, 8, 8\)"):
+        inverse.PosteriorDenoiser(EmpiricalDenoiser(u8, dtype=F64), inverse.GaussianBlur(1.0, size=17), train[:1])
+    run = _run("--task", "deblur", "--blur-std", 1e6, "--outdir", "unused", "--dry-run")
+    assert run.returncode == 2
+    assert run.stderr.startswith("diffrepro inverse: error: --blur-std: blur_std: got 1000000.0")

@@ -199,7 +199,11 @@ class GaussianBlur(LinearOperator):
         return {"name": self.name, "std": self.std, "size": self.size}
 
     def measurement_shape(self, image_shape: tuple) -> tuple:
-        return tuple(image_shape)  # zero padding keeps the size for every kernel size
+        widest = 2 * max(image_shape[1:]) - 1  # wider taps never reach a pixel: the blur is not this one
+        if self.size > widest:
+            raise ValueError(f"kernel size: got {self.size} (std {self.std}), expected at most {widest} for images of "
+                             f"shape {tuple(image_shape)} (2 x side - 1)")
+        return tuple(image_shape)  # zero padding keeps the size
 
 
 def make_operator(task: str, resolution: int, *, seed: int = 0, missing: float = 0.7,
@@ -216,6 +220,10 @@ def make_operator(task: str, resolution: int, *, seed: int = 0, missing: float =
             raise ValueError(f"task {task!r} needs a resolution divisible by {factor}, got {resolution}")
         return AveragePool(factor)
     if task == "deblur":
+        if not (math.isfinite(blur_std) and blur_std > 0 and math.ceil(3 * blur_std) <= resolution - 1):
+            raise ValueError(f"blur_std: got {blur_std!r}, expected a std in (0, {(resolution - 1) / 3:.4g}] for "
+                             f"{resolution}x{resolution} images (its 3-std kernel must fit in 2 x {resolution} - 1 "
+                             "pixels)")
         return GaussianBlur(blur_std)
     raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
 

@@ -145,7 +145,7 @@ def _cmd_inverse(args) -> int:
     if tuple(target_ds.images.shape[1:]) != shape:
         raise UsageError(f"--target: images of shape {tuple(target_ds.images.shape[1:])}, expected the training "
                          f"images' {shape}")
-    with usage_errors("--task"):
+    with usage_errors("--blur-std" if args.task == "deblur" else "--task"):
         op = inverse.make_operator(args.task, shape[1], seed=args.mask_seed, missing=args.missing,
                                    blur_std=args.blur_std)
     dtype = torch.float64 if args.dtype == "float64" or args.denoiser == "gaussian" else torch.float32
