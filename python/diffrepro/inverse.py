@@ -332,7 +332,9 @@ class PosteriorDenoiser(Denoiser):
     Args:
         denoiser: the prior's denoiser (its ``jvp``/``vjp`` are used).
         operator: the measurement operator ``A``.
-        measurement: ``y`` (``[1, ...]`` or ``[B, ...]``, as ``operator.forward`` returns).
+        measurement: ``y`` (``[1, ...]`` or ``[B, ...]``, as ``operator.forward`` returns), finite;
+            checked against the operator and the images by :func:`check_problem` here, before
+            any sampling.
         likelihood: ``"moment"`` or ``"dps"``.
         zeta: DPS step size ``ζ`` (≥ 0; ``"dps"`` only).
         noise_std: measurement noise ``s_y`` of the likelihood (> 0 recommended; ``"moment"`` only).
