@@ -844,21 +844,13 @@ def test_seeds_claimed_by_a_live_job_are_left_to_it_and_the_rest_recorded(real, 
     assert not [p for p in (tmp_path / "out").rglob(".*")]  # the dead job's lock is gone
 
 
-def test_progress_moves_once_per_sampler_step(real, tmp_path, monkeypatch):
-    """3 batches of Heun 4 (7 denoiser calls each): 21 steps, each its own update (before: one update
-    per batch of seeds)."""
-    from tqdm import tqdm
-
-    seen = []
-
-    class Recording(tqdm):
-        def update(self, n=1):
-            seen.append(n)
-            return super().update(n)
-
-    monkeypatch.setattr(generation, "tqdm", Recording)
+def test_progress_moves_once_per_sampler_step(real, tmp_path, capsys, monkeypatch):
+    """3 batches of Heun 4 (7 denoiser calls each): the progress moves with each of the 21 calls
+    (before: one update per batch of seeds, 3 in all)."""
+    monkeypatch.setattr(generation, "_PROGRESS_SECONDS", 0.0)
     generation.generate(EmpiricalDenoiser(real.images[:30]), "0-8", tmp_path, steps=4, batch=3, progress=True)
-    assert sum(seen) == 21 and seen.count(1) >= 21
+    lines = [line for line in capsys.readouterr().err.splitlines() if "spent, about" in line]
+    assert len(lines) >= 20
 
 
 def test_a_record_misnamed_or_sharing_a_seed_is_refused(real, tmp_path):
@@ -892,3 +884,29 @@ def test_a_dead_jobs_claim_outside_the_request_is_named_not_listed(real, tmp_pat
     assert m["status"] == "complete" and m["config"]["seeds"] == "0-3"
     m = generation.generate(den, "10-11", tmp_path, steps=3, progress=False)  # its rerun takes the claim over
     assert m["config"]["seeds"] == "0-3,10-11" and (m["timing"]["generated"], m["timing"]["reused"]) == (0, 2)
+
+
+# Estimates and progress as a person reads them
+
+
+@pytest.mark.parametrize("seconds,text", [(0.04, "< 0.1 s"), (4.24, "4.2 s"), (59.94, "59.9 s"), (200, "3 min 20 s"),
+                                          (3599.4, "59 min 59 s"), (7500, "2 h 05 min"),
+                                          (1167556.0, "13.5 days"), (float("inf"), "unknown")])
+def test_durations_print_in_h_min_s(seconds, text):
+    assert generation.duration_text(seconds) == text
+
+
+def test_progress_without_a_terminal_moves_with_every_denoiser_call(tmp_path, capsys, monkeypatch):
+    """Piped stderr (pytest's capture is no terminal): lines instead of a bar, moving within the one
+    batch (Heun 3 steps: 5 calls of 2 rows, 0.4 images each), then a closing line."""
+    monkeypatch.setattr(generation, "_PROGRESS_SECONDS", 0.0)
+    den = EmpiricalDenoiser(data.default_dataset().images[:20])
+    generation.generate(den, "0-1", tmp_path / "out", steps=3, batch=2, progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" (")[0] for line in lines[:4]] == ["generate: 0/2 images", "generate: 0/2 images",
+                                                            "generate: 1/2 images", "generate: 1/2 images"]
+    assert [re.search(r"\((\d+)%\)", line).group(1) for line in lines[:4]] == ["20", "40", "60", "80"]
+    assert all("spent, about" in line and "left" in line for line in lines[:4])
+    assert len(lines) == 5 and lines[4].startswith("generate: 2/2 images in ")
+    generation.generate(den, "0-1", tmp_path / "quiet", steps=3, batch=2, progress=False)
+    assert capsys.readouterr().err == ""

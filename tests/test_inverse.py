@@ -2,6 +2,7 @@
 """Jacobian products of the denoisers and the inverse-problem solvers against float64 oracles:
 finite differences, autograd of the dense reference, the Gaussian posterior in closed form."""
 import json
+import re
 import subprocess
 import sys
 
@@ -217,6 +218,92 @@ def test_posterior_denoiser_validation(small):
         inverse.PosteriorDenoiser(lambda x, s: x, op, op(train[:1]))
 
 
+class _Scale(inverse.LinearOperator):
+    """A diagonal operator with given weights (a user-defined operator)."""
+
+    name = "scale"
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def forward(self, x):
+        return x * self.weights
+
+    adjoint = forward
+
+
+@pytest.mark.parametrize("likelihood", ["moment", "dps"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_measurement_is_refused(small, likelihood, bad):
+    """A NaN or Inf anywhere in y used to stop the conjugate gradients at once (or zero the DPS step)
+    and return exactly the prior's samples, reported as a complete run."""
+    u8, train, _ = small
+    den, op = EmpiricalDenoiser(u8, dtype=F64), inverse.make_operator("inpaint-box", 8)
+    for where in [(0, 0, 0, 0), (0, 2, 7, 5)]:
+        y = op(train[:1])
+        y[where] = bad
+        with pytest.raises(ValueError, match=rf"^measurement: got 1 non-finite entries .*{re.escape(str(where))}"):
+            inverse.PosteriorDenoiser(den, op, y, likelihood=likelihood)
+    if likelihood == "moment":  # the closed form checks alike
+        with pytest.raises(ValueError, match="^measurement: got 1 non-finite"):
+            inverse.gaussian_posterior_mean(GaussianDenoiser.from_data(train), op, y)
+
+
+def test_operators_with_non_finite_entries_are_refused(small):
+    u8, train, _ = small
+    den = EmpiricalDenoiser(u8, dtype=F64)
+    mask = torch.ones(8, 8, dtype=F64)
+    mask[3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"^mask must hold only 0 and 1, got 1 other entries \(e.g. nan\)"):
+        inverse.Inpainting(mask)
+    weights = torch.ones(3, 8, 8, dtype=F64)
+    weights[1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"^operator 'scale': A x of a finite image .* 1 non-finite entries"):
+        inverse.PosteriorDenoiser(den, _Scale(weights), train[:1])
+
+
+@pytest.mark.parametrize("case,message", [
+    ("one-channel measurement", r"^measurement: got shape \(1, 1, 8, 8\), expected \[B, 3, 8, 8\]"),
+    ("small mask", r"^mask: got shape \(4, 4\), expected \(8, 8\) or \(3, 8, 8\) for images of shape "
+                   r"\(3, 8, 8\)"),
+    ("low-resolution measurement", r"^measurement: got shape \(1, 3, 4, 4\), expected \[B, 3, 8, 8\]"),
+    ("sr factor", r"^factor: got 3, expected a divisor of the image height and width \(8 x 8"),
+    ("sr measurement size", r"^measurement: got shape \(1, 3, 8, 8\), expected \[B, 3, 4, 4\]"),
+    ("blur measurement size", r"^measurement: got shape \(1, 3, 4, 4\), expected \[B, 3, 8, 8\]"),
+    ("user operator", r"^operator 'scale' does not apply to images of shape \(3, 8, 8\)"),
+])
+def test_shapes_are_checked_before_any_file_is_written(small, tmp_path, case, message):
+    """Each operator's shapes against the images, in the constructor: a one-channel measurement of RGB
+    images used to broadcast silently into another problem, and a 4x4 mask or a [1, 3, 4, 4]
+    inpainting measurement failed inside torch after generate had written its manifest."""
+    u8, train, _ = small
+    den = EmpiricalDenoiser(u8, dtype=F64)
+    box, x = inverse.make_operator("inpaint-box", 8), train[:1]
+    op, y = {
+        "one-channel measurement": (box, box(x)[:, :1]),
+        "small mask": (inverse.Inpainting(torch.ones(4, 4)), x[..., :4, :4]),
+        "low-resolution measurement": (box, x[..., :4, :4]),
+        "sr factor": (inverse.AveragePool(3), F.avg_pool2d(x, 3)),
+        "sr measurement size": (inverse.AveragePool(2), x),
+        "blur measurement size": (inverse.GaussianBlur(1.0), x[..., ::2, ::2]),
+        "user operator": (_Scale(torch.ones(3, 4, 4, dtype=F64)), x[..., :4, :4]),
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        post = inverse.PosteriorDenoiser(den, op, y)
+        generation.generate(post, "0", tmp_path / "out", steps=2, info={"case": case}, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_measurement_per_sample_must_match_the_batch(small):
+    u8, train, _ = small
+    den, op = EmpiricalDenoiser(u8, dtype=F64), inverse.make_operator("sr2", 8)
+    post = inverse.PosteriorDenoiser(den, op, op(train[:3]), cg_iters=2)
+    assert post(train[:3], 0.5).shape == (3, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"^measurement: holds 3 measurements, expected 1 or one per sample of the "
+                                         r"batch \(2\)"):
+        post(train[:2], 0.5)
+
+
 # ------------------------------------------------------------------------------------------------
 # diffrepro inverse (real subprocesses)
 
@@ -272,3 +359,74 @@ def test_cli_usage_errors(tmp_path, args, message):
 
 def test_cli_choices_match_the_library():
     assert cli_inverse.TASK_CHOICES == inverse.TASKS and cli_inverse.LIKELIHOOD_CHOICES == inverse.LIKELIHOODS
+
+
+def test_cli_refuses_images_the_operator_cannot_measure_before_writing(tmp_path):
+    """Non-square training images: one line naming --train, exit 2, no output folder (was a traceback)."""
+    np.save(tmp_path / "wide.npy", np.random.default_rng(0).integers(0, 256, (6, 3, 8, 4), dtype=np.uint8))
+    run = _run("--task", "sr2", "--train", tmp_path / "wide.npy", "--outdir", tmp_path / "out", "--seeds", "0",
+               "--no-progress")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "diffrepro inverse: error: --train: train must have N >= 1 square images, got shape (6, 3, 8, 4)"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("denoiser,likelihood,products", [("empirical", "moment", 2 * 7 + 1),
+                                                          ("empirical", "dps", 1), ("gaussian", "moment", 15)])
+def test_cli_dry_run_prints_the_plan_and_cost_and_writes_nothing(tmp_path, denoiser, likelihood, products):
+    """The plan of generate (seeds, batches, NFE) plus the posterior's Jacobian products in the
+    estimate: 4 N d flops per denoiser call and 6 N d per product (empirical), 4 d² per call or
+    product plus the fit and the exact posterior mean (Gaussian); nothing is written."""
+    out = tmp_path / "inv"
+    run = _run("--task", "sr2", "--outdir", out, "--max-train", 30, "--seeds", "0-9", "--batch", 4, "--steps", 5,
+               "--cg-iters", 7, "--denoiser", denoiser, "--likelihood", likelihood, "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+    lines = dict(line.split(None, 1) for line in run.stdout.strip().splitlines() if " " in line)
+    assert lines["seeds"].startswith("10 (0-9) in 3 batches of <= 4; to compute: 10 seeds in 3 batches")
+    assert lines["NFE"].startswith(f"9 per sample, each 1 denoiser call + {products} Jacobian products")
+    n, d, nfe, todo = 30, 3 * 32 * 32, 9, 10
+    if denoiser == "empirical":
+        flops = (4 * n * d + 6 * n * d * products) * nfe * todo
+    else:
+        r, m = min(n, d), 3 * 16 * 16
+        flops = 2 * n * r * d + 9 * r**3 + 4 * d * d * (1 + products) * nfe * todo + 2 * r * r * m + 9 * r**3
+    assert lines["estimate"].startswith(f"{flops / 1e9:.1f} GFLOP at ")
+    assert re.search(r"\): (< 0\.1 s|\d+\.\d s|\d+ min \d\d s|\d+ h \d\d min|\d+\.\d days); memory", lines["estimate"])
+    assert run.stdout.strip().endswith("dry run: nothing written")
+
+
+def test_cli_dry_run_refuses_what_the_run_would_refuse(tmp_path):
+    run = _run("--task", "sr4", "--outdir", tmp_path / "x", "--target-index", 999, "--dry-run")
+    assert run.returncode == 2 and "--target-index: got 999" in run.stderr and not (tmp_path / "x").exists()
+
+
+def test_cli_progress_without_a_terminal(tmp_path):
+    """stderr is a pipe: progress lines (here every call: the interval set to 0), none with --no-progress."""
+    wrapper = ("import sys\nfrom diffrepro import generation\ngeneration._PROGRESS_SECONDS = 0.0\n"
+               "from diffrepro.cli import main\nsys.exit(main(sys.argv[1:]))")
+    args = ["inverse", "--task", "sr2", "--max-train", 20, "--seeds", "0-1", "--steps", 3, "--cg-iters", 2]
+    runs = [subprocess.run([sys.executable, "-c", wrapper, *map(str, args), "--outdir", tmp_path / name, *extra],
+                           capture_output=True, text=True, timeout=600)
+            for name, extra in (("shown", []), ("quiet", ["--no-progress"]))]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    lines = runs[0].stderr.strip().splitlines()
+    assert [re.search(r"\((\d+)%\)", line).group(1) for line in lines[:-1]] == ["20", "40", "60", "80"], lines
+    assert lines[-1].startswith("generate: 2/2 images in ")
+    assert runs[1].stderr == ""
+
+
+def test_blur_kernels_wider_than_the_images_can_use_are_refused(small):
+    """A 3-std kernel wider than 2 x side - 1 pixels (taps that never reach a pixel; --blur-std 1e6 built a
+    6e6 x 6e6 kernel): refused naming blur_std (make_operator) or the kernel size (any GaussianBlur)."""
+    u8, train, _ = small
+    assert inverse.make_operator("deblur", 8, blur_std=7 / 3).size == 15  # the widest that fits 8x8: 2 x 8 - 1
+    with pytest.raises(ValueError, match=r"^blur_std: got 2.4, expected a std in \(0, 2.333\] for 8x8 images"):
+        inverse.make_operator("deblur", 8, blur_std=2.4)
+    with pytest.raises(ValueError, match=r"^kernel size: got 17 \(std 1.0\), expected at most 15 for images of shape "
+                                         r"\(3, 8, 8\)"):
+        inverse.PosteriorDenoiser(EmpiricalDenoiser(u8, dtype=F64), inverse.GaussianBlur(1.0, size=17), train[:1])
+    run = _run("--task", "deblur", "--blur-std", 1e6, "--outdir", "unused", "--dry-run")
+    assert run.returncode == 2
+    assert run.stderr.startswith("diffrepro inverse: error: --blur-std: blur_std: got 1000000.0")

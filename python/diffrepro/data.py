@@ -19,9 +19,11 @@ import hashlib
 import importlib.resources
 import io
 import json
+import math
 import os
 import pickle
 import struct
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -47,7 +49,10 @@ __all__ = [
     "write_edm_zip",
     "write_cifar_batches",
     "atomic_write_bytes",
+    "atomic_write_json",
     "atomic_save_npz",
+    "jsonable",
+    "strict_json",
     "reading_file",
 ]
 
@@ -675,7 +680,7 @@ def write_edm_zip(path: str | os.PathLike, images, labels=None) -> None:
             z.writestr(name, _png_bytes(image, f"images[{idx}]", 0))
             if labels is not None:
                 entries.append([name, int(labels[idx])])
-        z.writestr("dataset.json", json.dumps({"labels": entries if labels is not None else None}))
+        z.writestr("dataset.json", strict_json({"labels": entries if labels is not None else None}))
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -730,6 +735,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     read it where the umask allows.
     """
     _atomic_write(path, lambda f: f.write(data))
+
+
+def jsonable(obj):
+    """``obj`` in plain JSON types (dicts with string keys, lists, str, int, float, bool, None):
+    arrays, tensors and numpy scalars become lists and numbers, paths strings, and every
+    non-finite float (NaN, ±infinity) None, i.e. JSON's ``null``: JSON has no NaN or infinity, and a
+    strict parser rejects the bare ``NaN``/``Infinity`` that Python's ``json`` writes by default.
+    A ``null`` where a number is expected reads "undefined or unbounded" (e.g. the ``sigma_max`` of a
+    guided or posterior denoiser, which accepts every σ)."""
+    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def strict_json(obj, *, indent: int | None = None, sort_keys: bool = False, default=None) -> str:
+    """The strict JSON text of :func:`jsonable` ``(obj)``: the one encoder of every JSON diffrepro
+    writes (files, and JSON stored inside ``.npz`` files). ``allow_nan=False`` makes a non-finite
+    float that escaped :func:`jsonable` (e.g. through ``default``) an error, never a bare ``NaN``."""
+    return json.dumps(jsonable(obj), indent=indent, sort_keys=sort_keys, default=default, allow_nan=False)
+
+
+def atomic_write_json(path: str | os.PathLike, obj, *, default=None) -> None:
+    """:func:`strict_json` (indent 1, trailing newline) written atomically (:func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, (strict_json(obj, indent=1, default=default) + "\n").encode())
 
 
 def atomic_save_npz(path: str | os.PathLike, /, **arrays) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import pruning
+from . import data, pruning
 from .denoisers.base import Denoiser, _class_indices, _per_sample
 from .denoisers.empirical import RecordedCalls, sha256_rows
 from .errors import RunError
@@ -411,7 +411,7 @@ def claim(lock_path, info: dict | None = None) -> Claim | dict:
     fd, tmp = tempfile.mkstemp(dir=lock_path.parent, prefix=f".{lock_path.name}.", suffix=".claim")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+            f.write(data.strict_json(me))
         for _ in range(3):
             try:
                 os.link(tmp, lock_path)

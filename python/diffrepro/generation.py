@@ -46,6 +46,7 @@ import platform
 import re
 import secrets
 import socket
+import sys
 import time
 import warnings
 import zipfile
@@ -62,7 +63,8 @@ from .denoisers import Denoiser, EmpiricalDenoiser, GaussianDenoiser, TimedDenoi
 from .errors import RunError, UsageError
 from .samplers import has_closed_form, nfe, sample, sample_flow
 
-__all__ = ["BatchPlan", "SeedRanges", "demo", "estimate_cost", "format_seeds", "generate", "load_outputs", "plan_work"]
+__all__ = ["BatchPlan", "SeedRanges", "demo", "duration_text", "estimate_cost", "format_seeds", "generate",
+           "load_outputs", "plan_work"]
 
 _GRID_SEEDS = 64
 _MANIFEST = "manifest.json"
@@ -88,6 +90,84 @@ def _flops_per_sample(denoiser, evaluations: int, closed: bool, class_idx) -> fl
     if isinstance(den, EmpiricalDenoiser) and class_idx is None:
         return 4.0 * den.num_rows * d * evaluations  # logits GEMM + weighted-sum GEMM
     return None
+
+
+def duration_text(seconds: float) -> str:
+    """``"2 h 05 min"``, ``"3 min 20 s"``, ``"4.2 s"``, ``"< 0.1 s"``: estimates and progress as a person
+    reads them (``"1167556.0 s"`` is 13 days)."""
+    if not math.isfinite(seconds):
+        return "unknown"
+    if seconds < 0.1:
+        return "< 0.1 s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours < 48 else f"{hours / 24:.1f} days"
+
+
+_PROGRESS_SECONDS = 30.0  # without a terminal: at most one progress line per this many seconds
+
+
+class _Progress:
+    """Progress of a run in images. On a terminal a tqdm bar; elsewhere (a log file, a pipe, a batch
+    job) a line at most every ``_PROGRESS_SECONDS`` with the images done, the time spent and the
+    time left, and a last line if there was one, so that a long run never looks hung and a short
+    one stays quiet. ``advance`` moves it within a batch (per denoiser call), ``update`` at the end
+    of a batch round (exact counts)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.every = total, desc, _PROGRESS_SECONDS
+        self.done, self.partial, self.shown, self.printed = 0, 0.0, 0, False
+        self.start = self.last = time.perf_counter()
+        tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="img", desc=desc) if tty else None
+        self.lines = enabled and not tty
+
+    def _line(self, text: str) -> None:
+        print(f"{self.desc}: {text}", file=sys.stderr, flush=True)
+        self.printed = True
+
+    def _show(self) -> None:
+        now = min(self.total, int(self.done + self.partial))
+        if self.bar is not None and now > self.shown:
+            self.bar.update(now - self.shown)
+        self.shown = max(self.shown, now)
+        t = time.perf_counter()
+        frac = min(1.0, (self.done + self.partial) / max(1, self.total))
+        if self.lines and t - self.last >= self.every and 0 < frac < 1:
+            self.last, spent = t, t - self.start
+            self._line(f"{self.shown}/{self.total} images ({100 * frac:.0f}%), {duration_text(spent)} spent, "
+                       f"about {duration_text(spent * (1 - frac) / frac)} left")
+
+    def advance(self, images: float) -> None:
+        self.partial += images
+        self._show()
+
+    def update(self, images: int) -> None:
+        self.done, self.partial = self.done + images, 0.0
+        self._show()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.printed:
+            self._line(f"{self.done}/{self.total} images in {duration_text(time.perf_counter() - self.start)}")
+
+
+class _CountedDenoiser(TimedDenoiser):
+    """:class:`TimedDenoiser` that also reports the query rows of each call (progress within a batch)."""
+
+    def __init__(self, inner, on_rows):
+        super().__init__(inner)
+        self.on_rows = on_rows
+
+    def _timed(self, fn, x, *args):
+        out = super()._timed(fn, x, *args)
+        self.on_rows(x.shape[0])
+        return out
 
 
 def _check_flow(sampler: str, flow) -> dict | None:
@@ -320,6 +400,7 @@ def _png_listing(outdir: Path, subdirs: bool):
 
 
 def _digest(obj) -> str:
+    # a hash, not a file: Python's text (with its bare Infinity) is kept so that earlier runs resume
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
@@ -368,7 +449,7 @@ def _read_record(path: Path, run_id: str, identity: dict, seeds: list[int], shap
         raise UsageError(f"batch file {str(path)!r} has no run fingerprint (written by another program or an "
                          "older diffrepro); use another outdir or delete it")
     if str(arrays["run_id"]) != run_id:
-        diffs = _differences(identity, json.loads(str(arrays["run"])))
+        diffs = _differences(data.jsonable(identity), json.loads(str(arrays["run"])))
         raise UsageError(f"batch file {str(path)!r} belongs to another run (" + "; ".join(diffs)
                          + "); use another outdir or delete it")
     images = arrays.get("images")
@@ -484,7 +565,7 @@ class _Folder:
         return doc
 
     def create_identity(self, doc: dict) -> bool:
-        return _create_exclusive(self.outdir / _IDENTITY, json.dumps(doc, indent=1).encode())
+        return _create_exclusive(self.outdir / _IDENTITY, data.strict_json(doc, indent=1).encode())
 
     # -- lock ------------------------------------------------------------------------------------
 
@@ -572,7 +653,7 @@ class _Folder:
             raise UsageError(f"batch file {str(path)!r} has no run fingerprint (written by another program or "
                              "an older diffrepro); use another outdir or delete it")
         if rid != run_id:
-            diffs = _differences(identity, json.loads(run))
+            diffs = _differences(data.jsonable(identity), json.loads(run))
             raise UsageError(f"batch file {str(path)!r} belongs to another run (" + "; ".join(diffs)
                              + "); use another outdir or delete it")
 
@@ -681,7 +762,7 @@ def _read_manifest(outdir: Path) -> dict | None:
 
 
 def _write_manifest(outdir: Path, manifest: dict) -> None:
-    data.atomic_write_bytes(outdir / _MANIFEST, json.dumps(manifest, indent=1).encode())
+    data.atomic_write_json(outdir / _MANIFEST, manifest)
 
 
 def _read_seeds(folder: _Folder, view: _View, seeds: list[int], run_id: str, identity: dict, shape) -> np.ndarray:
@@ -871,19 +952,6 @@ def _sampling(den, sampler, steps, sigma_min, sigma_max, rho, flow, times) -> tu
              "sigma_max": float(sigma_max), "rho": float(rho)}, grid, meaning)
 
 
-class _Ticking(TimedDenoiser):
-    """A timed denoiser that reports each call: the progress bar moves once per sampler step."""
-
-    def __init__(self, inner, tick):
-        super().__init__(inner)
-        self.tick = tick
-
-    def _timed(self, fn, x, *args):
-        out = super()._timed(fn, x, *args)
-        self.tick()
-        return out
-
-
 @dataclasses.dataclass
 class _Claimed:
     """Seeds of one batch this job holds: ``todo`` to compute, ``checked`` already recorded
@@ -947,13 +1015,13 @@ class _Job:
         }
         self.sharded = bool(getattr(den, "sharded", False))
         self.writer = ctx.rank == 0 or not self.sharded
-        self.timed = _Ticking(den, self._tick)
+        self.timed = _CountedDenoiser(den, self._advance)
         self.stats = {"computed": 0, "reused": 0, "rewritten": 0, "sampled": 0, "others": []}
         self.sample_seconds = 0.0
         self.commit_fields: dict[int, dict] = {}  # batch -> pruning.batch_fields of its evaluations
         self.job_lock: distributed.Claim | None = None
         self.temps: dict = {}
-        self._bar, self._round_end = None, 0
+        self._bar: _Progress | None = None
 
     # -- the folder ------------------------------------------------------------------------------
 
@@ -981,7 +1049,7 @@ class _Job:
         folder = self.folder
         for _ in range(3):
             owner = folder.owner()
-            replace = owner is not None and owner["config"] != self.config
+            replace = owner is not None and owner["config"] != data.jsonable(self.config)
             if replace:
                 self._check_replaceable(owner)
             else:
@@ -1009,7 +1077,7 @@ class _Job:
 
     def _check_replaceable(self, owner: dict) -> list[str]:
         """The differences from the folder's settings when its run can be replaced, else refuse."""
-        diffs = _differences(self.config, owner["config"])
+        diffs = _differences(data.jsonable(self.config), owner["config"])  # as written: infinities are null
         view = self.folder.view(plan=self.plan)
         if view.records:
             raise UsageError(f"outdir {str(self.folder.outdir)!r} holds outputs of a different run ("
@@ -1028,32 +1096,29 @@ class _Job:
     # -- the batches -----------------------------------------------------------------------------
 
     def run_batches(self, progress: bool) -> None:
-        """Every batch of this job, in rounds of one batch per rank; the bar moves per sampler step."""
+        """Every batch of this job, in rounds of one batch per rank; progress moves per sampler step."""
         ctx = self.ctx
         width = 1 if self.sharded else ctx.world_size
         rounds = -(-len(self.job) // width)
-        per = 1 if self.closed else self.nfe  # the closed-form trajectory makes no denoiser call
-        self._bar = bar = tqdm(total=rounds * per, unit="step", desc="generate",
-                               disable=not (progress and ctx.rank == 0))
+        self._bar = bar = _Progress(self.plan.seeds_in(self.job), "generate", progress and ctx.rank == 0)
         try:
             for j in range(rounds):
-                self._round_end = (j + 1) * per
                 k = j * width + (0 if self.sharded else ctx.rank)
                 if k < len(self.job):
                     self.run_batch(self.job[k])
                 if not self.sharded:  # a sharded run is in step already: every call is a collective
                     ctx.barrier(f"batch round {j}")
-                bar.set_postfix_str(f"{self.plan.seeds_in(self.job[:(j + 1) * width])} img", refresh=False)
-                bar.update(self._round_end - bar.n)
+                bar.update(self.plan.seeds_in(self.job[j * width:(j + 1) * width]))
         except BaseException as exc:
             ctx.fail(exc)
             raise
         finally:
             bar.close()
 
-    def _tick(self) -> None:
-        if self._bar is not None and self._bar.n < self._round_end:
-            self._bar.update(1)
+    def _advance(self, rows: int) -> None:
+        """A denoiser call on ``rows`` queries: each sample makes ``nfe`` calls."""
+        if self._bar is not None:
+            self._bar.advance(rows / self.nfe)
 
     def run_batch(self, i: int) -> None:
         """One batch on this rank: seed-parallel, or every rank of a sharded denoiser."""
@@ -1132,7 +1197,7 @@ class _Job:
             cols = [where[s] for s in got.todo]
             data.atomic_save_npz(folder.batches / f"batch-{got.todo[0]:06d}.npz",
                                  seeds=np.asarray(got.todo, np.int64), images=images[cols],
-                                 run_id=np.array(self.run_id), run=np.array(json.dumps(self.identity)),
+                                 run_id=np.array(self.run_id), run=np.array(data.strict_json(self.identity)),
                                  **({} if fields is None else _field_columns(fields, cols)))
             for s, q in zip(got.todo, data.quantize(images[cols])):
                 png = folder.outdir / noise.seed_filename(s, folder.subdirs)
@@ -1308,7 +1373,9 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
             velocity (:func:`diffrepro.samplers.sample_flow`, from pure noise at ``t = 1`` on
             :func:`diffrepro.schedules.flow_times`; rectified flow, SD3/Flux samplers) instead of
             EDM's PF-ODE in σ; ``sigma_min``, ``sigma_max`` and ``rho`` are then unused. None: EDM.
-        progress: show a tqdm progress bar (rank 0), moving once per sampler step.
+        progress: report progress (rank 0), moving with every denoiser call (once per sampler
+            step): a tqdm bar when stderr is a terminal, else a line at most every 30 s (images
+            done, time spent and left).
 
     Returns:
         The manifest (written to ``outdir/manifest.json`` by rank 0): ``config["seeds"]`` lists
@@ -1336,7 +1403,7 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
 
 
 def estimate_cost(kind: str, n_train: int, shape, work: dict, *, batch: int, dtype=torch.float32,
-                  device="cpu", probe=None) -> dict:
+                  device="cpu", probe=None, jacobian_products: int = 0, extra_flops: float = 0.0) -> dict:
     """Flops, time and memory of a planned run, from a short timed probe.
 
     Args:
@@ -1349,41 +1416,59 @@ def estimate_cost(kind: str, n_train: int, shape, work: dict, *, batch: int, dty
         device: where the work runs.
         probe: for ``"empirical"``, the denoiser to time on ``min(batch, 64)`` queries; for
             ``"gaussian"`` a float64 ``[min(batch, 256), d] × [d, d]`` GEMM is timed.
+        jacobian_products: Jacobian–vector products made with every denoiser evaluation (the
+            posterior denoiser of an inverse problem, :class:`diffrepro.inverse.PosteriorDenoiser`);
+            then the Gaussian model is sampled step by step instead of in closed form, and for
+            ``"empirical"`` the probe's ``jvp`` is timed on ``min(batch, 8)`` queries (6 N d flops each).
+        extra_flops: work outside the sampler, at the probe's rate (e.g. a closed-form posterior).
 
     Returns:
-        ``{"flops", "gflops_per_second" (probe), "seconds", "memory_bytes", "probe"}``.
+        ``{"flops", "gflops_per_second" (all the work over the estimated time), "seconds",
+        "memory_bytes", "probe"}``.
     """
     d = math.prod(shape)
     todo, width = work["compute_seeds"], work["width"]
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
+    products = work["nfe"] * todo * jacobian_products
     if kind == "empirical":
         flops = 4.0 * n_train * d * work["nfe"] * todo
         q = min(batch, 64)
         x = torch.randn(q, *shape, generator=gen, dtype=torch.float64).to(device)
         probe(x[:1], 1.0)  # warm-up
-        t = time.perf_counter()
-        probe(x, 1.0)
-        seconds = time.perf_counter() - t
-        rate = 4.0 * n_train * d * q / seconds
+        rate = 4.0 * n_train * d * q / _timed_seconds(lambda: probe(x, 1.0), device)
+        seconds = flops / rate
         described = f"one denoiser call, {q} queries x {n_train} rows"
+        if products:
+            qj = min(batch, 8)
+            jvp_seconds = _timed_seconds(lambda: probe.jvp(x[:qj], 1.0, x[:qj]), device)
+            flops, seconds = flops + 6.0 * n_train * d * products, seconds + jvp_seconds / qj * products
+            described += f"; one float64 jvp, {qj} queries"
+        seconds += extra_flops / rate
         resident = n_train * d + 6 * width * d * 8 + width * d * torch.finfo(dtype).bits // 8
     else:
         fit = (2.0 * n_train * min(n_train, d) * d) + _EIGH_FLOPS_PER_D3 * min(n_train, d) ** 3
-        flops = fit + 4.0 * d * d * todo
+        per_sample = 4.0 * d * d * (work["nfe"] * (1 + jacobian_products) if jacobian_products else 1)
+        flops = fit + per_sample * todo
         q = min(batch, 256)
         a = torch.randn(q, d, generator=gen, dtype=torch.float64).to(device)
         m = torch.randn(d, d, generator=gen, dtype=torch.float64).to(device)
-        t = time.perf_counter()
-        a @ m
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t
-        rate = 2.0 * q * d * d / seconds
+        rate = 2.0 * q * d * d / _timed_seconds(lambda: a @ m, device)
+        seconds = (flops + extra_flops) / rate
         described = f"float64 GEMM [{q}, {d}] x [{d}, {d}] (eigh assumed at this rate: optimistic)"
         resident = n_train * d + 4 * d * d * 8 + 4 * width * d * 8
-    return {"flops": flops, "gflops_per_second": rate / 1e9, "seconds": flops / rate,
-                "memory_bytes": resident, "probe": described}
+    flops += extra_flops
+    resident += 6 * width * d * 8 if jacobian_products else 0  # conjugate-gradient vectors
+    return {"flops": flops, "gflops_per_second": flops / seconds / 1e9, "seconds": seconds,
+            "memory_bytes": resident, "probe": described}
+
+
+def _timed_seconds(fn, device) -> float:
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return max(time.perf_counter() - t, 1e-9)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1465,7 +1550,7 @@ def demo(outdir="demo_out", seeds="0-255", steps: int = 18, *, batch: int = 256,
     real_sscd = _real_sscd_scores(heun, euler, ds.images, progress)
     if real_sscd is not None:
         summary["sscd"] = real_sscd
-    data.atomic_write_bytes(outdir / "summary.json", json.dumps(summary, indent=1).encode())
+    data.atomic_write_json(outdir / "summary.json", summary)
     for name, m in runs.items():
         tm = m["timing"]
         rate = tm["images_per_second"]

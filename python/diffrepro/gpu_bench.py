@@ -17,7 +17,6 @@ Run ``python -m diffrepro.gpu_bench --sizes paper --json out.json`` (or bench/be
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _blas_engine, _engine, _gpu_dispatch, benchmarks, ops
+from . import _blas_engine, _engine, _gpu_dispatch, benchmarks, data, ops
 
 __all__ = ["PEAKS", "device_peaks", "SIZES", "run_table", "format_table"]
 
@@ -227,8 +226,7 @@ def main(argv=None) -> int:
     table["wall_seconds"] = time.perf_counter() - t
     print(format_table(table))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(table, f, indent=1, default=str)
+        data.atomic_write_json(a.json, table, default=str)
     return 0
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "LIKELIHOODS",
     "LinearOperator",
     "PosteriorDenoiser",
+    "check_problem",
     "conjugate_gradient",
     "gaussian_posterior_mean",
     "make_operator",
@@ -69,6 +70,19 @@ class LinearOperator:
         """JSON-able parameters (recorded in manifests)."""
         return {"name": self.name}
 
+    def measurement_shape(self, image_shape: tuple) -> tuple:
+        """The shape of ``A x`` for one image of shape ``(C, H, W)``.
+
+        Raises:
+            ValueError: the operator does not apply to such images (the operators here name
+                their argument, what it got and what the images need).
+        """
+        try:
+            return tuple(self.forward(torch.zeros(1, *image_shape, dtype=torch.float64)).shape[1:])
+        except RuntimeError as exc:
+            raise ValueError(f"operator {self.name!r} does not apply to images of shape {tuple(image_shape)} "
+                             f"({exc})") from exc
+
 
 class Inpainting(LinearOperator):
     """Keeps the pixels where ``mask`` is 1: ``A x = mask ⊙ x`` (self-adjoint).
@@ -80,8 +94,12 @@ class Inpainting(LinearOperator):
 
     def __init__(self, mask, name: str = "inpaint"):
         mask = torch.as_tensor(mask, dtype=torch.float64)
-        if mask.ndim not in (2, 3) or not bool(((mask == 0) | (mask == 1)).all()):
+        if mask.ndim not in (2, 3):
             raise ValueError(f"mask must be a [H, W] or [C, H, W] array of 0/1, got shape {tuple(mask.shape)}")
+        other = ~((mask == 0) | (mask == 1))
+        if bool(other.any()):
+            raise ValueError(f"mask must hold only 0 and 1, got {int(other.sum())} other entries (e.g. "
+                             f"{float(mask[other][0])!r})")
         self.mask, self.name = mask, name
 
     @classmethod
@@ -113,6 +131,13 @@ class Inpainting(LinearOperator):
     def describe(self) -> dict:
         return {"name": self.name, "observed_fraction": float(self.mask.mean())}
 
+    def measurement_shape(self, image_shape: tuple) -> tuple:
+        c, h, w = image_shape
+        if tuple(self.mask.shape) not in ((h, w), (1, h, w), (c, h, w)):
+            raise ValueError(f"mask: got shape {tuple(self.mask.shape)}, expected {(h, w)} or {(c, h, w)} for "
+                             f"images of shape {tuple(image_shape)}")
+        return tuple(image_shape)
+
 
 class AveragePool(LinearOperator):
     """``factor×`` super-resolution measurement: ``factor × factor`` average pooling.
@@ -136,6 +161,13 @@ class AveragePool(LinearOperator):
 
     def describe(self) -> dict:
         return {"name": self.name, "factor": self.factor}
+
+    def measurement_shape(self, image_shape: tuple) -> tuple:
+        c, h, w = image_shape
+        if h % self.factor or w % self.factor:
+            raise ValueError(f"factor: got {self.factor}, expected a divisor of the image height and width "
+                             f"({h} x {w}; average pooling would drop the remainder)")
+        return (c, h // self.factor, w // self.factor)
 
 
 class GaussianBlur(LinearOperator):
@@ -166,6 +198,13 @@ class GaussianBlur(LinearOperator):
     def describe(self) -> dict:
         return {"name": self.name, "std": self.std, "size": self.size}
 
+    def measurement_shape(self, image_shape: tuple) -> tuple:
+        widest = 2 * max(image_shape[1:]) - 1  # wider taps never reach a pixel: the blur is not this one
+        if self.size > widest:
+            raise ValueError(f"kernel size: got {self.size} (std {self.std}), expected at most {widest} for images of "
+                             f"shape {tuple(image_shape)} (2 x side - 1)")
+        return tuple(image_shape)  # zero padding keeps the size
+
 
 def make_operator(task: str, resolution: int, *, seed: int = 0, missing: float = 0.7,
                   blur_std: float = 1.0) -> LinearOperator:
@@ -181,6 +220,10 @@ def make_operator(task: str, resolution: int, *, seed: int = 0, missing: float =
             raise ValueError(f"task {task!r} needs a resolution divisible by {factor}, got {resolution}")
         return AveragePool(factor)
     if task == "deblur":
+        if not (math.isfinite(blur_std) and blur_std > 0 and math.ceil(3 * blur_std) <= resolution - 1):
+            raise ValueError(f"blur_std: got {blur_std!r}, expected a std in (0, {(resolution - 1) / 3:.4g}] for "
+                             f"{resolution}x{resolution} images (its 3-std kernel must fit in 2 x {resolution} - 1 "
+                             "pixels)")
         return GaussianBlur(blur_std)
     raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
 
@@ -222,6 +265,47 @@ def conjugate_gradient(matvec, b: torch.Tensor, *, iters: int = 50, tol: float =
     return z
 
 
+def check_problem(operator: LinearOperator, measurement, image_shape: tuple) -> torch.Tensor:
+    """The measurement as float64 ``[B, ...]``, checked against the operator and the images.
+
+    Before any sampling (and any file written): the operator applies to images of ``image_shape``
+    (:meth:`LinearOperator.measurement_shape`), gives finite values of that shape on a finite image
+    and its adjoint maps them back to the image shape; the measurement is finite and has that
+    shape, with B = 1 or one measurement per sample. A non-finite measurement would otherwise stop
+    the conjugate gradients at once and return the prior's samples, and a one-channel measurement
+    of RGB images would broadcast into another problem.
+
+    Raises:
+        TypeError: ``operator`` is not a :class:`LinearOperator`.
+        ValueError: one line naming the argument, what it got and what was expected.
+    """
+    if not isinstance(operator, LinearOperator):
+        raise TypeError(f"operator must be a LinearOperator, got {type(operator).__name__}")
+    image_shape = tuple(int(v) for v in image_shape)
+    expected = operator.measurement_shape(image_shape)
+    probe = torch.randn(1, *image_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    try:
+        forward = operator.forward(probe)
+        backward = operator.adjoint(forward)
+    except RuntimeError as exc:
+        raise ValueError(f"operator {operator.name!r} does not apply to images of shape {image_shape} ({exc})") from exc
+    for what, out, want in (("A x", forward, (1, *expected)), ("Aᵀ A x", backward, (1, *image_shape))):
+        if tuple(out.shape) != want or not bool(torch.isfinite(out).all()):
+            raise ValueError(f"operator {operator.name!r}: {what} of a finite image of shape {(1, *image_shape)} "
+                             f"has shape {tuple(out.shape)} with {int((~torch.isfinite(out)).sum())} non-finite "
+                             f"entries, expected finite values of shape {want}")
+    y = torch.as_tensor(measurement, dtype=torch.float64)
+    if y.ndim != len(expected) + 1 or tuple(y.shape[1:]) != expected or y.shape[0] < 1:
+        raise ValueError(f"measurement: got shape {tuple(y.shape)}, expected [B, {', '.join(map(str, expected))}] "
+                         f"with B >= 1 ({operator.name!r} of images of shape {image_shape})")
+    bad = ~torch.isfinite(y)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"measurement: got {int(bad.sum())} non-finite entries (NaN or Inf; the first at index "
+                         f"{first}: {float(y[first])}), expected finite values")
+    return y
+
+
 LIKELIHOODS = ("moment", "dps")
 
 
@@ -248,7 +332,9 @@ class PosteriorDenoiser(Denoiser):
     Args:
         denoiser: the prior's denoiser (its ``jvp``/``vjp`` are used).
         operator: the measurement operator ``A``.
-        measurement: ``y`` (``[1, ...]`` or ``[B, ...]``, as ``operator.forward`` returns).
+        measurement: ``y`` (``[1, ...]`` or ``[B, ...]``, as ``operator.forward`` returns), finite;
+            checked against the operator and the images by :func:`check_problem` here, before
+            any sampling.
         likelihood: ``"moment"`` or ``"dps"``.
         zeta: DPS step size ``ζ`` (≥ 0; ``"dps"`` only).
         noise_std: measurement noise ``s_y`` of the likelihood (> 0 recommended; ``"moment"`` only).
@@ -270,7 +356,8 @@ class PosteriorDenoiser(Denoiser):
             raise ValueError(f"cg_iters must be a positive integer, got {cg_iters!r}")
         self.base, self.operator, self.likelihood = denoiser, operator, likelihood
         self.zeta, self.noise_std, self.cg_iters, self.cg_tol = float(zeta), float(noise_std), int(cg_iters), cg_tol
-        self.measurement = torch.as_tensor(measurement, dtype=torch.float64)
+        shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+        self.measurement = check_problem(operator, measurement, shape)
         for name in ("img_channels", "img_resolution", "label_dim", "sigma_min", "sigma_max"):
             setattr(self, name, getattr(denoiser, name))
         self.round_sigma = denoiser.round_sigma
@@ -288,6 +375,9 @@ class PosteriorDenoiser(Denoiser):
         if self.likelihood == "dps" and self.zeta == 0:
             return den
         xt = x if s is None else x / _bcast(s, x)
+        if self.measurement.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"measurement: holds {self.measurement.shape[0]} measurements, expected 1 or one per "
+                             f"sample of the batch ({x.shape[0]})")
         r = self.measurement.to(device=x.device, dtype=x.dtype) - self.operator.forward(den)
         r = r.expand(x.shape[0], *r.shape[1:])
         op, var = self.operator, _bcast(sigma**2, x)
@@ -324,10 +414,10 @@ def gaussian_posterior_mean(gaussian: GaussianDenoiser, operator: LinearOperator
     if not (math.isfinite(noise_std) and noise_std >= 0):
         raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
     shape = (gaussian.img_channels, gaussian.img_resolution, gaussian.img_resolution)
+    y = check_problem(operator, measurement, shape).to(gaussian.device)
     keep = gaussian.lam_eff > 0
     root = gaussian.U[:, keep] * gaussian.lam_eff[keep].sqrt()  # Σ = root rootᵀ, [d, r]
     b = operator.forward(root.T.reshape(-1, *shape)).reshape(root.shape[1], -1)  # Bᵀ, [r, m]
-    y = torch.as_tensor(measurement, dtype=torch.float64, device=gaussian.device)
     resid = y.reshape(y.shape[0], -1) - operator.forward(gaussian.mu.reshape(1, *shape)).reshape(1, -1)
     lam, vec = torch.linalg.eigh(b @ b.T + noise_std**2 * torch.eye(len(b), dtype=torch.float64,
                                                                     device=gaussian.device))

@@ -73,7 +73,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import atomic_save_npz
+from .data import atomic_save_npz, strict_json
 from .errors import RunError
 
 __all__ = [
@@ -157,7 +157,7 @@ def save_features(
         path,
         features=feats.astype(np.float32, copy=False),
         ids=ids_arr,
-        meta=np.array(json.dumps(meta or {}, sort_keys=True)),
+        meta=np.array(strict_json(meta or {}, sort_keys=True)),
     )
 
 

@@ -23,7 +23,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -154,27 +153,6 @@ def out_path(args, inputs: list[str], tag: str, explicit: str | None = None) -> 
     return folder / f"{'__'.join(stem(p) for p in inputs)}.{tag}.json"
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain JSON types; NaN and infinities become None (JSON has no NaN)."""
-    import torch
-
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, torch.Tensor):
-        return jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, np.generic):
-        return jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return os.fspath(obj)
-    return obj
-
-
 # Keys of the .npz files the commands write: per generation (score rp, gl-sscd, gl-nn) and the linear models
 # of distill (diffrepro.denoisers.linear).
 _OWN_NPZ_KEYS = ({"ids", "sim"}, {"ids", "nn_index", "max_sim"}, {"ids", "nn_index", "dist", "ratio"},
@@ -225,10 +203,11 @@ def refuse_overwrite(*outputs: tuple[str, Path]) -> None:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    from ..data import atomic_write_bytes
+    """Strict JSON (non-finite floats as null: :func:`diffrepro.data.jsonable`), atomically."""
+    from ..data import atomic_write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n").encode())
+    atomic_write_json(path, obj)
 
 
 def ci_text(ci) -> str:

@@ -248,7 +248,8 @@ def _dry_run(args, r, dtype, work) -> int:
                                        else "batch i on process i mod " + str(world)) + ")")
     print(f"NFE      {work['nfe']} per sample; {0 if closed else work['evaluations']} batched denoiser calls")
     print(f"estimate {est['flops'] / 1e9:.1f} GFLOP at {est['gflops_per_second']:.1f} GFLOP/s "
-          f"({est['probe']}): {est['seconds']:.1f} s; memory ~{est['memory_bytes'] / 2**30:.2f} GiB")
+          f"({est['probe']}): {generation.duration_text(est['seconds'])}; memory "
+          f"~{est['memory_bytes'] / 2**30:.2f} GiB")
     return 0
 
 
@@ -273,7 +274,7 @@ def _cmd_generate(args) -> int:
     manifest = generation.generate(den, r["seeds"], args.outdir, sampler=sampler, steps=steps, batch=args.batch,
                                    latents=args.latents, class_idx=args.class_idx, subdirs=args.subdirs,
                                    notes=notes, part=r["part"], context=ctx, flow=r["flow"],
-                                   progress=progress_enabled(args) and ctx.rank == 0, **r["grid"])
+                                   progress=not args.no_progress and ctx.rank == 0, **r["grid"])
     ctx.close()
     if ctx.rank == 0:
         tm = manifest["timing"]

@@ -53,7 +53,10 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="empirical denoiser compute dtype (default float32; the Jacobian products are float64)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the denoiser runs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything, print the work and its estimated flops/time/memory, and exit")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (a bar on a terminal, else a line at most every 30 s)")
     p.set_defaults(fn=_cmd_inverse)
 
 
@@ -68,6 +71,49 @@ def _dataset(arg: str, path: str | None, max_images: int | None, progress: bool)
     require_path(arg, path, "a CIFAR-10 archive or folder, EDM zip, image folder, .npz or .npy")
     with usage_errors(arg):
         return data.load_dataset(path, max_images=max_images, progress=progress)
+
+
+def _jacobian_products(args) -> int:
+    """Jacobian–vector products per posterior evaluation (at most: the conjugate gradients stop at
+    their tolerance)."""
+    return {"moment": 2 * args.cg_iters + 1, "dps": int(args.zeta > 0)}.get(args.likelihood, 0)
+
+
+def _dry_run(args, ds, target_ds, op, seeds, dtype) -> int:
+    """The plan and its cost (generate's planner and estimate, with the posterior's Jacobian
+    products); loads the data, checks the problem, writes nothing."""
+    import math
+
+    from .. import data, generation
+    from ..denoisers import EmpiricalDenoiser
+
+    shape = tuple(int(v) for v in ds.images.shape[1:])
+    with usage_errors("--outdir"):
+        work = generation.plan_work(seeds, args.outdir, sampler=args.sampler, steps=args.steps, batch=args.batch)
+    products = _jacobian_products(args)
+    extra = 0.0
+    if args.denoiser == "gaussian":  # the exact posterior mean: B = A R (r operator images), B Bᵀ, eigh
+        r, m = min(len(ds), math.prod(shape)), math.prod(op.measurement_shape(shape))
+        extra = 2.0 * r * r * m + 9.0 * r**3
+    probe = EmpiricalDenoiser(ds.images, dtype=dtype, device=args.device) if args.denoiser == "empirical" else None
+    est = generation.estimate_cost(args.denoiser, len(ds), shape, work, batch=args.batch, dtype=dtype,
+                                   device=args.device, probe=probe, jacobian_products=products, extra_flops=extra)
+    likelihood = {"moment": f"moment projection (<= {args.cg_iters} CG iterations, s_y {args.noise_std})",
+                  "dps": f"DPS (zeta {args.zeta})"}.get(args.likelihood, args.likelihood)
+    print(f"data     {ds.source} ({len(ds)} images {shape}, sha256 {data.dataset_hash(ds.images)[:16]}...)")
+    print(f"problem  {op.name} of row {args.target_index} of {target_ds.source}, measurement "
+          f"{list(op.measurement_shape(shape))} + noise {args.noise_std} (seed {args.measurement_seed})")
+    print(f"solver   {args.denoiser} prior ({str(dtype).replace('torch.', '')}, {args.device}), {likelihood}; "
+          f"sampler {args.sampler}, {args.steps} steps, sigma [{args.sigma_min}, {args.sigma_max}], rho {args.rho}")
+    print(f"seeds    {len(work['seeds'])} ({work['seeds'].format()[:60]}) in {len(work['plan'])} batches of <= "
+          f"{args.batch}; to compute: {work['compute_seeds']} seeds in {work['compute_batches']} batches; "
+          f"PNGs missing: {work['missing_png']}")
+    print(f"NFE      {work['nfe']} per sample, each 1 denoiser call + {products} Jacobian products (at most); "
+          f"{work['evaluations']} batched evaluations")
+    print(f"estimate {est['flops'] / 1e9:.1f} GFLOP at {est['gflops_per_second']:.1f} GFLOP/s ({est['probe']}): "
+          f"{generation.duration_text(est['seconds'])}; memory ~{est['memory_bytes'] / 2**30:.2f} GiB")
+    print("dry run: nothing written")
+    return 0
 
 
 def _cmd_inverse(args) -> int:
@@ -99,20 +145,27 @@ def _cmd_inverse(args) -> int:
     if tuple(target_ds.images.shape[1:]) != shape:
         raise UsageError(f"--target: images of shape {tuple(target_ds.images.shape[1:])}, expected the training "
                          f"images' {shape}")
-    with usage_errors("--task"):
+    with usage_errors("--blur-std" if args.task == "deblur" else "--task"):
         op = inverse.make_operator(args.task, shape[1], seed=args.mask_seed, missing=args.missing,
                                    blur_std=args.blur_std)
     dtype = torch.float64 if args.dtype == "float64" or args.denoiser == "gaussian" else torch.float32
-    if args.denoiser == "empirical":
-        den = EmpiricalDenoiser(ds.images, dtype=dtype, device=args.device)
-    else:
-        den = GaussianDenoiser.from_data(ds.images, device=args.device)
-    target = data.decode(torch.from_numpy(np.asarray(target_ds.images[args.target_index:args.target_index + 1])))
-    clean = op(target)
-    gen = torch.Generator().manual_seed(args.measurement_seed)
-    measurement = clean + args.noise_std * torch.randn(clean.shape, generator=gen, dtype=torch.float64)
-    post = inverse.PosteriorDenoiser(den, op, measurement, likelihood=args.likelihood, zeta=args.zeta,
-                                     noise_std=args.noise_std, cg_iters=args.cg_iters)
+    target = data.decode(torch.from_numpy(np.array(target_ds.images[args.target_index:args.target_index + 1])))
+    with usage_errors(f"--task {args.task}"):  # the operator, the shapes and a finite measurement: before any write
+        op.measurement_shape(shape)
+        clean = op(target)
+        gen = torch.Generator().manual_seed(args.measurement_seed)
+        measurement = clean + args.noise_std * torch.randn(clean.shape, generator=gen, dtype=torch.float64)
+        inverse.check_problem(op, measurement, shape)
+    if args.dry_run:
+        return _dry_run(args, ds, target_ds, op, seeds, dtype)
+    with usage_errors("--train"):
+        if args.denoiser == "empirical":
+            den = EmpiricalDenoiser(ds.images, dtype=dtype, device=args.device)
+        else:
+            den = GaussianDenoiser.from_data(ds.images, device=args.device, progress=progress)
+    with usage_errors(f"--task {args.task}"):
+        post = inverse.PosteriorDenoiser(den, op, measurement, likelihood=args.likelihood, zeta=args.zeta,
+                                         noise_std=args.noise_std, cg_iters=args.cg_iters)
     info = {"kind": args.denoiser, "train": ds.source, "train_hash": data.dataset_hash(ds.images),
             "n_train": len(ds), "dtype": str(dtype).replace("torch.", ""), "device": args.device,
             "inverse": {**post.describe(), "target": target_ds.source, "target_index": args.target_index,
@@ -121,7 +174,7 @@ def _cmd_inverse(args) -> int:
     with usage_errors("--outdir"):
         manifest = generation.generate(post, seeds, args.outdir, sampler=args.sampler, steps=args.steps,
                                        sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-                                       batch=args.batch, info=info, progress=progress)
+                                       batch=args.batch, info=info, progress=not args.no_progress)
     extra = {"target": target.numpy(), "measurement": measurement.numpy(), "preview": op.preview(measurement).numpy()}
     if args.denoiser == "gaussian":
         extra["posterior_mean"] = inverse.gaussian_posterior_mean(den, op, measurement, args.noise_std).cpu().numpy()

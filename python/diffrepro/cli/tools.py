@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ._common import HelpFormatter, int_at_least, refuse_overwrite, write_json
@@ -30,8 +29,9 @@ def add_commands(sub) -> None:
 
 def _cmd_info(args) -> int:
     from .._backend import build_info
+    from ..data import strict_json
 
-    print(json.dumps(build_info(), indent=1))
+    print(strict_json(build_info(), indent=1))
     return 0
 
 
