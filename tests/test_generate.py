@@ -257,7 +257,10 @@ def test_gaussian_closed_form_equals_step_by_step(real, tmp_path, sampler):
     (["--latents", "/nonexistent/bank.npz"], ("--latents: got '/nonexistent/bank.npz', expected "
                                              "an existing noise-bank .npz")),
     (["--guidance", "2"], "--guidance: got 2.0 without --class, expected --class N"),
-    (["--class", "3", "--guidance", "nan"], "--guidance: got nan, expected a finite number"),
+    (["--class", "3", "--guidance", "nan"], "--guidance: got nan, expected a number in [-1e+06, 1e+06]"),
+    # (1e308 passed as finite, overflowed the guided prediction and ended in a traceback)
+    (["--class", "3", "--guidance", "1e308"], "--guidance: got 1e+308, expected a number in [-1e+06, 1e+06]"),
+    (["--class", "3", "--guidance", "-2000000"], "--guidance: got -2e+06, expected a number in [-1e+06, 1e+06]"),
     (["--class", "3", "--guidance", "2", "--shard-train"], "--guidance: got it with --shard-train"),
     (["--class", "3", "--guidance", "2", "--denoiser", "gaussian", "--sampler", "exact"],
      "--sampler: got 'exact' with --guidance 2.0, expected heun, euler or dpm"),

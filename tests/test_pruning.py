@@ -247,3 +247,34 @@ def test_pruned_kernel_restricted_to_active_tiles_matches_oracle(dtype, tile_row
             got2 = torch.from_numpy(xc2.numpy() - 2 * second[:, t:t + 1])
             assert torch.allclose(got2[sel, 0], top[sel, 1], rtol=1e-4, atol=1e-3)
         assert np.isneginf(best[~active[:, t], t]).all()
+
+
+@pytest.mark.parametrize("prune", [0.0, PRUNE])
+def test_bad_query_is_one_clear_error_and_the_denoiser_still_works(cifar_subset, prune):
+    # Issue 17: a NaN query to the pruned path said "state has queries that saw no training
+    # rows" and poisoned the bounds, so that every later call failed the same way. Both paths
+    # now refuse it before touching any state, with the same message, and recover; a query
+    # that fails inside the kernel (its distances overflow float32) leaves no state either.
+    train = cifar_subset[:96]
+    den, fresh = EmpiricalDenoiser(train, prune=prune), EmpiricalDenoiser(train, prune=prune)
+    x = _latents(3, seed=7).double() * 0.3
+    nan, inf, huge, far = x.clone(), x.clone(), x.clone(), x.clone()
+    nan[1, 0, 0, 0] = float("nan")
+    inf[2] = float("inf")
+    huge[0, 1, 2, 3] = 1e300
+    far[1] = 1e38
+    errors = [(nan, r"^x must be finite, got 1 NaN/Inf values in a torch.float64 tensor of shape \[3, 3, 32, 32\]"),
+              (inf, r"^x must be finite, got 3072 NaN/Inf values"),
+              (huge, r"^x / s must be finite in torch.float32, got x up to 1e\+300"),
+              (far, r"^x and train are finite but their squared distances overflow torch.float32")]
+    assert torch.equal(den(x, 0.5), fresh(x, 0.5))
+    for bad, message in errors:
+        with pytest.raises(ValueError, match=message):
+            den(bad, 0.2)
+        with pytest.raises(ValueError, match=message):
+            den.x0(bad, 0.2, s=2.0)
+    for sigma in (0.2, 0.05):
+        out = den(x, sigma)  # (a reset bounds state may compute more tiles than fresh's)
+        assert torch.allclose(out, fresh(x, sigma), rtol=0, atol=1e-6)
+        ref = empirical_denoiser_reference(x.float(), train, sigma)
+        assert (out.reshape(3, -1) - ref).abs().max().item() < 1e-5

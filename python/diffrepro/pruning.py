@@ -49,7 +49,7 @@ import torch
 
 from . import _backend
 from ._validate import ROW_TYPES
-from .ops import DenoiserState, _workers, finalize, merge_states
+from .ops import DenoiserState, _check_state_finite, _workers, finalize, merge_states
 
 __all__ = ["PrunedRows", "OneProcess", "check_prune", "cluster_order", "straight_line_margin", "DEFAULT_PRUNE",
            "batch_fields", "summarize", "plot_commitment", "FIELDS"]
@@ -327,6 +327,18 @@ class PrunedRows:
             ``n_eff``, ``skipped_bound``, ``commit_sigma``, ``commit_index`` and
             ``rows_computed`` (rows of the whole set).
         """
+        if not bool(torch.isfinite(q).all()):
+            raise ValueError(f"q must be finite, got {int((~torch.isfinite(q)).sum())} NaN/Inf values "
+                             f"in a {q.dtype} tensor of shape {list(q.shape)}")
+        try:
+            return self._call(q, sigma, prune)
+        except BaseException:
+            # A call stopped half way leaves bounds and commitments of a query it never finished;
+            # forget them all, so that the next call starts afresh (as a first call, always valid).
+            self._bounds = None
+            raise
+
+    def _call(self, q: torch.Tensor, sigma: np.ndarray, prune: float):
         b = q.shape[0]
         self.kernel_seconds = 0.0
         st = self._bounds
@@ -483,6 +495,7 @@ class PrunedRows:
             self._launch(args, prune, (b, n, d), dev)
             cb, cs = cb.cpu().numpy(), cs.cpu().numpy()  # on a GPU: waits for the kernel
             self.kernel_seconds += time.perf_counter() - start
+            _check_state_finite(part, x, rows)
             on = act.astype(bool)
             best[:, cols] = np.where(on, cb, best[:, cols])
             second[:, cols] = np.where(on, cs, second[:, cols])

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import pruning
+from .._validate import check_finite
 from ..data import Dataset
 from ..ops import empirical_denoiser_partial, finalize, merge_states
 from .base import Denoiser, _class_indices, _per_sample, _torch_dtype
@@ -39,8 +40,19 @@ def _cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
     if t.device.type == "cpu" and torch.device(device).type == "cpu":
         if t.dtype == dtype:
             return t
-        return torch.from_numpy(t.detach().numpy().astype(torch.empty(0, dtype=dtype).numpy().dtype))
+        with np.errstate(over="ignore"):  # an overflow becomes inf, which _check_query names
+            return torch.from_numpy(t.detach().numpy().astype(torch.empty(0, dtype=dtype).numpy().dtype))
     return t.to(device=device, dtype=dtype)
+
+
+def _check_query(x: torch.Tensor, q: torch.Tensor) -> None:
+    """Refuses a NaN/Inf query before any state is touched, with the same message on the dense
+    and pruned paths (the pruning bounds and commitments persist from call to call)."""
+    if bool(torch.isfinite(q).all()):
+        return
+    check_finite("x", x)
+    raise ValueError(f"x / s must be finite in {q.dtype}, got x up to {float(x.abs().max()):.3g} "
+                     f"(shape {list(x.shape)}), which overflows it")
 
 
 class RecordedCalls:
@@ -61,6 +73,7 @@ class RecordedCalls:
         sigma = sigma.to(self.device)
         if s is not None and not bool((s == 1).all()):
             q = q / s.to(device=q.device, dtype=q.dtype)[:, None]  # x~ = x / s, as the kernel forms it
+        _check_query(x, q)
         record = {"sigma": sigma.cpu().numpy(), "n_eff": np.ones(b), "nearest": np.full(b, -1),
                   "skipped_bound": np.zeros(b), "commit_sigma": np.full(b, np.nan),
                   "commit_index": np.full(b, -1), "rows_computed": 0.0, "rows_total": 0.0,
