@@ -53,11 +53,15 @@ def _check_query(x: torch.Tensor, q: torch.Tensor) -> None:
     """Refuses a NaN/Inf query before any state is touched, with the same message on the dense
     and pruned paths (the pruning bounds and commitments persist from call to call)."""
     on_host = q.device.type == "cpu"  # numpy there: torch would wake its thread pool (see _cast)
-    if bool(np.isfinite(q.detach().numpy()).all() if on_host else torch.isfinite(q).all()):
-        return
-    check_finite("x", x)
-    raise ValueError(f"x / s must be finite in {q.dtype}, got x up to {float(x.abs().max()):.3g} "
-                     f"(shape {list(x.shape)}), which overflows it")
+    if not bool(np.isfinite(q.detach().numpy()).all() if on_host else torch.isfinite(q).all()):
+        check_finite("x", x)
+        raise ValueError(f"x / s must be finite in {q.dtype}, got x up to {float(x.abs().max()):.3g} "
+                         f"(shape {list(x.shape)}), which overflows it")
+    with np.errstate(over="ignore"):
+        sq = np.square(q.detach().cpu().numpy().astype(np.float64)).sum(1)
+    if not np.isfinite(sq).all():  # the logits and the pruning bounds need ||x/s||^2 in float64
+        raise ValueError(f"x / s must have a squared norm finite in float64, got x up to "
+                         f"{float(x.abs().max()):.3g} (shape {list(x.shape)})")
 
 
 class RecordedCalls:
@@ -256,8 +260,9 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
         # numpy, single-threaded (see _cast): a check on every call must not wake torch's pool
         q = x.reshape(x.shape[0], -1).detach().cpu().numpy().astype(np.float64)
         q = q if s is None else q / s.cpu().numpy()[:, None]
-        err = (2 * (d + 8) + 8) * 2.0**-24 * (np.linalg.norm(q - center, axis=1) + spread) ** 2
-        return bool((err / (2 * sigma.cpu().numpy() ** 2) > _NEAR_TIE_LOGIT_ERROR).any())
+        with np.errstate(over="ignore", invalid="ignore"):  # a NaN query stays float32 and is refused there
+            err = (2 * (d + 8) + 8) * 2.0**-24 * (np.linalg.norm(q - center, axis=1) + spread) ** 2
+            return bool((err / (2 * sigma.cpu().numpy() ** 2) > _NEAR_TIE_LOGIT_ERROR).any())
 
     def _row_spread(self) -> tuple[np.ndarray, float]:
         """``(c, max_i |y_i - c|)`` with c the mean decoded row, one pass, computed once."""
