@@ -50,15 +50,19 @@ def _cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
 
 
 def _check_query(x: torch.Tensor, q: torch.Tensor) -> None:
-    """Refuses a NaN/Inf query before any state is touched, with the same message on the dense
-    and pruned paths (the pruning bounds and commitments persist from call to call)."""
+    """Refuses a NaN/Inf query (or one whose squared norm overflows float64) before any state is
+    touched, with the same message on the dense and pruned paths (the pruning bounds and
+    commitments persist from call to call)."""
     on_host = q.device.type == "cpu"  # numpy there: torch would wake its thread pool (see _cast)
     if not bool(np.isfinite(q.detach().numpy()).all() if on_host else torch.isfinite(q).all()):
         check_finite("x", x)
         raise ValueError(f"x / s must be finite in {q.dtype}, got x up to {float(x.abs().max()):.3g} "
                          f"(shape {list(x.shape)}), which overflows it")
-    with np.errstate(over="ignore"):
-        sq = np.square(q.detach().cpu().numpy().astype(np.float64)).sum(1)
+    if on_host:
+        with np.errstate(over="ignore"):
+            sq = np.square(q.detach().numpy().astype(np.float64)).sum(1)
+    else:
+        sq = q.double().square().sum(1).cpu().numpy()
     if not np.isfinite(sq).all():  # the logits and the pruning bounds need ||x/s||^2 in float64
         raise ValueError(f"x / s must have a squared norm finite in float64, got x up to "
                          f"{float(x.abs().max()):.3g} (shape {list(x.shape)})")
