@@ -272,6 +272,66 @@ def test_extreme_query_norm_same_answer_for_any_workers_splits_and_chunks(backen
         assert torch.allclose(got, d2.min(1).values, rtol=1e-14, atol=0), variant
 
 
+@pytest.mark.parametrize("dtype, far", [(torch.float32, 3e7), (torch.float64, 3e15)])
+def test_far_real_queries_every_chunking_returns_the_one_shot_row(backend, cifar_subset, dtype, far):
+    # Issue 17: each chunk centres on its own mean c and formed ||x - c||^2 from x - c rounded to
+    # the compute dtype, so at |x| ~ 3e7 per pixel (float32) the chunks' max logits disagreed by
+    # ~u |x|^2, more than the rows' gaps: merged chunks returned another training image than
+    # their own finalize's nearest (max |out - ref| ~ 1.99). Far from the data the softmax is
+    # one-hot on the row maximising x.y - ||y||^2 / 2 (the limit of -||x - y||^2 / 2 sigma^2,
+    # with no ||x||^2 to round): the oracle, where its gap exceeds the kernels' error bound.
+    n, d = (200, 3072) if backend.name != "emu" else (120, 256)
+    y = (torch.from_numpy(cifar_subset[:n]).reshape(n, -1)[:, :d].double() / 127.5 - 1).to(dtype)
+    gen = torch.Generator().manual_seed(5)
+    x = (y[:16].double() + far * torch.randn(16, d, generator=gen, dtype=torch.float64)).to(dtype)
+    score = x.double() @ y.double().T - 0.5 * y.double().square().sum(1)
+    top2 = score.topk(2, dim=1).values
+    bound = (d + 8) * torch.finfo(dtype).eps * x.double().norm(dim=1) * y.double().norm(dim=1).max()
+    clear = top2[:, 0] - top2[:, 1] > 4 * bound  # (elsewhere float rounding may pick either row)
+    assert int(clear.sum()) >= 12
+    x, want = x[clear], score.argmax(1)[clear]
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    variant = backend.variants[1]
+    thirds = [(0, n // 3), (n // 3, 3 * n // 4), (3 * n // 4, n)]
+    for chunks in ([(0, n)], thirds, [(0, 1), (1, n)], [(a, min(a + 37, n)) for a in range(0, n, 37)]):
+        parts = [dr.empirical_denoiser_partial(*backend.put(x, y[a:b]), 1.0, row_offset=a, **backend.kw, **variant)
+                 for a, b in chunks]
+        state = parts[0]
+        for part in parts[1:]:
+            state = dr.merge_states(part, state)
+        out, info = dr.finalize(state)
+        assert torch.allclose(out.cpu(), y[want], rtol=0, atol=tol), chunks
+        if dtype == torch.float32:  # (float64 distances resolve rows at 3e15 only to ~u |x|^2)
+            assert torch.equal(info["nearest_index"].cpu(), want), chunks
+
+
+def test_far_query_weights_of_near_duplicates_in_two_chunks(cifar_subset):
+    # The float64 side of the same defect, where it shows: two real images one level apart in
+    # one pixel, in different chunks, and a query 1e14 away at sigma where their logits differ
+    # by about 1. The chunks' centres differ, and their max logits disagreed by ~u |x|^2 / sigma^2
+    # ~ 1e2, so the merge gave one row all the weight. The oracle forms the logit differences
+    # from x - (y_n + y_a) / 2 and y_n - y_a, which stay small (no ||x||^2 anywhere).
+    y = torch.from_numpy(cifar_subset[:60]).reshape(60, -1).double() / 127.5 - 1
+    a, b, pixel = 3, 45, 100
+    y[b] = y[a]
+    y[b, pixel] += 2 / 255 if y[a, pixel] < 0 else -2 / 255
+    direction = y[a] - y.mean(0)
+    x = (y[a] + 1e14 * direction / direction.norm())[None]
+    diff = ((x - 0.5 * (y + y[a])) * (y - y[a])).sum(1)  # logit_n - logit_a, times sigma^2
+    sigma = float(diff[b].abs().sqrt())
+    w = torch.softmax(diff / sigma**2, 0)
+    assert 0.2 < w[a] / (w[a] + w[b]) < 0.8 and float(w[a] + w[b]) > 1 - 1e-12
+    want = (w[:, None] * y).sum(0)
+    for chunks in ([(0, 60)], [(0, 30), (30, 60)], [(30, 60), (0, 10), (10, 30)]):
+        parts = [dr.empirical_denoiser_partial(x, y[lo:hi], sigma, row_offset=lo) for lo, hi in chunks]
+        state = parts[0]
+        for part in parts[1:]:
+            state = dr.merge_states(state, part)
+        out, info = dr.finalize(state)
+        assert (out[0] - want).abs().max().item() < 1e-9, chunks
+        assert float(info["n_eff"][0]) == pytest.approx(1 / float(w.square().sum()), rel=1e-6)
+
+
 def test_extreme_scale_partial_weights_merge_exactly():
     # Two chunks whose best rows are at nearly the same distance from a far query: the merged
     # weights must be their softmax, which needs the logits' low digits (max_logit_lo).

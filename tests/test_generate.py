@@ -257,7 +257,10 @@ def test_gaussian_closed_form_equals_step_by_step(real, tmp_path, sampler):
     (["--latents", "/nonexistent/bank.npz"], ("--latents: got '/nonexistent/bank.npz', expected "
                                              "an existing noise-bank .npz")),
     (["--guidance", "2"], "--guidance: got 2.0 without --class, expected --class N"),
-    (["--class", "3", "--guidance", "nan"], "--guidance: got nan, expected a finite number"),
+    (["--class", "3", "--guidance", "nan"], "--guidance: got nan, expected a number in [-1e+06, 1e+06]"),
+    # (1e308 passed as finite, overflowed the guided prediction and ended in a traceback)
+    (["--class", "3", "--guidance", "1e308"], "--guidance: got 1e+308, expected a number in [-1e+06, 1e+06]"),
+    (["--class", "3", "--guidance", "-2000000"], "--guidance: got -2e+06, expected a number in [-1e+06, 1e+06]"),
     (["--class", "3", "--guidance", "2", "--shard-train"], "--guidance: got it with --shard-train"),
     (["--class", "3", "--guidance", "2", "--denoiser", "gaussian", "--sampler", "exact"],
      "--sampler: got 'exact' with --guidance 2.0, expected heun, euler or dpm"),
@@ -699,6 +702,28 @@ def test_pruned_run_equals_dense_and_records_commitment(edm_zip, real, tmp_path)
     assert summary["prune"] == 1e-12 and summary["seeds"] == 8 and summary["committed"] == int(done.sum())
     assert 0 < summary["rows_computed_fraction"] <= 1 and summary["max_skipped_bound"] < 1e-12
     assert (tmp_path / "pruned" / "plots" / "commitment.png").is_file()
+
+
+def test_pruned_and_dense_copy_the_same_near_duplicate(real, tmp_path):
+    # Issue 17: 60 real images and a copy of each one level apart in one pixel. At small sigma
+    # float32 rounding decided which copy a seed landed on, and the pruned and dense paths
+    # rounded differently (24 of 48 seeds differed); float32 calls whose rounding could decide
+    # now run in float64 on both paths, so both copy the image float64 copies.
+    base = real.images[:60]
+    twin = base.copy()
+    first = twin.reshape(60, -1)[:, 0]
+    twin.reshape(60, -1)[:, 0] = np.where(first < 255, first + 1, first - 1)
+    path = tmp_path / "near_duplicates.npz"
+    np.savez(path, images=np.concatenate([base, twin]))
+    args = ("--train", path, "--seeds", "0-23", "--batch", 24, "--steps", 12)
+    outs = {}
+    for name, extra in (("pruned", ()), ("dense", ("--prune", 0)), ("float64", ("--prune", 0, "--dtype", "float64"))):
+        assert _cli(*args, *extra, "--outdir", tmp_path / name) == 0
+        outs[name] = output_tree(tmp_path / name)
+    pngs = sorted(k for k in outs["dense"] if re.fullmatch(r"\d{6}\.png", k))
+    assert len(pngs) == 24
+    for name in ("pruned", "dense"):
+        assert [k for k in pngs if outs[name][k] != outs["float64"][k]] == [], name
 
 
 def test_prune_is_part_of_the_run_identity(edm_zip, tmp_path, capsys):

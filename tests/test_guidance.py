@@ -122,5 +122,12 @@ def test_guidance_errors(labelled):
         GuidedDenoiser(GaussianDenoiser.from_data(train))
     with pytest.raises(ValueError, match="labels are required"):
         GuidedDenoiser.empirical(train)
-    with pytest.raises(ValueError, match="guidance must be"):
-        GuidedDenoiser(den.cond, guidance=float("nan"))
+    for bad in (float("nan"), float("inf"), 1e308, -1.5e6):
+        with pytest.raises(ValueError, match=r"^guidance must be a finite number in \[-1e\+06, 1e\+06\], got "):
+            GuidedDenoiser(den.cond, guidance=bad)
+    for bad in ("2", True, None):
+        with pytest.raises(TypeError, match=r"^guidance must be a real number, got "):
+            GuidedDenoiser(den.cond, guidance=bad)
+    with pytest.raises(ValueError, match="got 1e\\+308"):
+        den.with_guidance(1e308)
+    assert GuidedDenoiser(den.cond, guidance=-1e6).guidance == -1e6

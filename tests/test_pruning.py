@@ -150,13 +150,16 @@ def test_float64_and_streaming_chunks_and_memmap(cifar_subset, tmp_path, monkeyp
 
 
 def test_prune_zero_is_the_dense_kernel_bit_for_bit(cifar_subset):
+    # (float32 below the near-tie switch: the float64 kernel, see the near-duplicates test)
     import diffrepro as dr
 
     train = cifar_subset[:200]
+    rows = torch.from_numpy(train).reshape(200, -1)
     x = torch.randn(7, 3, 32, 32, dtype=torch.float64)
     den = EmpiricalDenoiser(train, prune=0)
-    want = dr.empirical_denoiser(x.reshape(7, -1).float(), torch.from_numpy(train).reshape(200, -1), 0.7)
-    assert torch.equal(den(x, 0.7).reshape(7, -1), want.double())
+    for sigma, q in ((30.0, x.reshape(7, -1).float()), (0.7, x.reshape(7, -1))):
+        want = dr.empirical_denoiser(q, rows, sigma)
+        assert torch.equal(den(x, sigma).reshape(7, -1), want.double())
 
 
 def test_committed_query_stays_committed_on_its_straight_line(cifar_subset):
@@ -247,3 +250,64 @@ def test_pruned_kernel_restricted_to_active_tiles_matches_oracle(dtype, tile_row
             got2 = torch.from_numpy(xc2.numpy() - 2 * second[:, t:t + 1])
             assert torch.allclose(got2[sel, 0], top[sel, 1], rtol=1e-4, atol=1e-3)
         assert np.isneginf(best[~active[:, t], t]).all()
+
+
+@pytest.mark.parametrize("prune", [0.0, PRUNE])
+@pytest.mark.parametrize("storage", ["uint8", "float32"])
+def test_bad_query_is_one_clear_error_and_the_denoiser_still_works(cifar_subset, prune, storage):
+    # Issue 17: a NaN query to the pruned path said "state has queries that saw no training
+    # rows" and poisoned the bounds, so that every later call failed the same way. Both paths
+    # now refuse it before touching any state, with the same message, and recover; a query
+    # that fails inside the kernel (float32 rows: its distances overflow float32) leaves no
+    # state either.
+    train = cifar_subset[:96]
+    rows = train if storage == "uint8" else (train / np.float32(127.5) - 1).astype(np.float32)
+    den, fresh = EmpiricalDenoiser(rows, prune=prune), EmpiricalDenoiser(rows, prune=prune)
+    x = _latents(3, seed=7).double() * 0.3
+    nan, inf, huge, far = x.clone(), x.clone(), x.clone(), x.clone()
+    nan[1, 0, 0, 0] = float("nan")
+    inf[2] = float("inf")
+    huge[0, 1, 2, 3] = 1e300
+    far[1] = 1e38
+    errors = [(nan, r"^x must be finite, got 1 NaN/Inf values in a torch.float64 tensor of shape \[3, 3, 32, 32\]"),
+              (inf, r"^x must be finite, got 3072 NaN/Inf values")]
+    if storage == "uint8":  # (calls this far run in float64: see the near-duplicates test)
+        errors.append((huge, r"^x / s must have a squared norm finite in float64, got x up to 1e\+300"))
+    else:
+        errors += [(huge, r"^x / s must be finite in torch.float32, got x up to 1e\+300"),
+                   (far, r"^x and train are finite but their squared distances overflow torch.float32")]
+    assert torch.equal(den(x, 0.5), fresh(x, 0.5))
+    for bad, message in errors:
+        with pytest.raises(ValueError, match=message):
+            den(bad, 0.2)
+        with pytest.raises(ValueError, match=message):
+            den.x0(bad, 0.2, s=2.0)
+    for sigma in (0.2, 0.05):
+        out = den(x, sigma)  # (a reset bounds state may compute more tiles than fresh's)
+        assert torch.allclose(out, fresh(x, sigma), rtol=0, atol=1e-6)
+        ref = empirical_denoiser_reference(x.float(), train, sigma)
+        assert (out.reshape(3, -1) - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("prune", [0.0, PRUNE])
+def test_float32_weights_of_near_duplicates_at_small_sigma_are_the_float64_oracles(cifar_subset, prune):
+    # Issue 17: real images and a copy of each one level apart in one pixel, queries whose two
+    # copies' logits differ by -2..2. At these sigma the float32 scores' rounding (~1e-3 / sigma^2
+    # in logits) decided the copies' weights, differently on the dense and pruned paths; such
+    # calls now run in float64 on both (the float32 error bound exceeds one logit there).
+    base = cifar_subset[:50]
+    twin = base.copy()
+    first = twin.reshape(50, -1)[:, 0]
+    twin.reshape(50, -1)[:, 0] = np.where(first < 255, first + 1, first - 1)
+    train = np.concatenate([base, twin])
+    y = torch.from_numpy(train).reshape(100, -1).double() / 127.5 - 1
+    den = EmpiricalDenoiser(train, prune=prune)
+    gen = torch.Generator().manual_seed(4)
+    errors = {}
+    for sigma in (0.3, 0.05, 0.01, 0.003):
+        x = y[:8] + 0.3 * sigma * torch.randn(8, y.shape[1], generator=gen, dtype=torch.float64)
+        gap = y[50:58, 0] - y[:8, 0]  # one level, either sign
+        x[:, 0] = 0.5 * (y[:8, 0] + y[50:58, 0]) + torch.linspace(-2, 2, 8, dtype=torch.float64) * sigma**2 / gap
+        out = den(x.reshape(8, 3, 32, 32), sigma).reshape(8, -1)
+        errors[sigma] = (out - empirical_denoiser_reference(x, y, sigma)).abs().max().item()
+    assert max(errors.values()) < 1e-6, errors

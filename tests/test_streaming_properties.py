@@ -105,3 +105,32 @@ def test_topk_any_chunking_and_merge_tree_equals_one_shot(case, k, metric, seed)
     exact = q.double() @ r.double().T if metric == "ip" else ((q.double()[:, None] - r.double()[None]) ** 2).sum(-1)
     assert torch.allclose(exact.gather(1, state.indices[:, :kk]), rv, rtol=1e-6, atol=1e-6)
     assert (state.indices[:, kk:] == -1).all()
+
+
+@PROPERTY
+@given(case=chunkings(), far=st.sampled_from([1e3, 3e7, 1e9]), seed=st.integers(0, 2**16))
+def test_far_queries_any_chunking_and_merge_tree_give_the_one_hot_row(case, far, seed):
+    # Issue 17: chunks centre on their own means; ||x - c||^2 formed from x - c rounded to
+    # float32 made their max logits disagree by ~u |x|^2 at |x| ~ 3e7, and the merge returned
+    # another row. Far from the data the softmax is one-hot on the row maximising
+    # x.y - ||y||^2 / 2 (no ||x||^2 to round), lowest index among exact duplicates.
+    n, chunks, picks = case
+    gen = torch.Generator().manual_seed(seed)
+    D = 13
+    y = rows_with_duplicate(gen, n, D, torch.float32)
+    x = (y[torch.randint(0, n, (5,), generator=gen)].double()
+         + far * torch.randn(5, D, generator=gen, dtype=torch.float64)).float()
+    score = x.double() @ y.double().T - 0.5 * y.double().square().sum(1)
+    top = score.max(1, keepdim=True).values
+    bound = (D + 8) * torch.finfo(torch.float32).eps * x.double().norm(dim=1) * y.double().norm(dim=1).max()
+    # Queries whose best row (or exact duplicates of it) clears every other row by the bound
+    # and by 40 (logits at sigma = 1: the others' weights < 1e-16).
+    runner_up = torch.where(score == top, -float("inf"), score).max(1).values
+    clear = top[:, 0] - runner_up > torch.clamp(4 * bound, min=40.0)
+    want = (score == top).to(torch.int64).argmax(1)  # the lowest index of the best rows
+    parts = [dr.empirical_denoiser_partial(x, y[a:b], 1.0, row_offset=a) for a, b in chunks]
+    out, info = dr.finalize(merge_tree(parts, picks, dr.merge_states))
+    one, one_info = dr.finalize(dr.empirical_denoiser_partial(x, y, 1.0))
+    for got, got_info in ((out, info), (one, one_info)):
+        assert torch.allclose(got[clear], y[want][clear], rtol=0, atol=1e-6)
+        assert torch.equal(got_info["nearest_index"][clear], want[clear])

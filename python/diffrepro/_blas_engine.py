@@ -153,7 +153,7 @@ def denoiser_state(xs: torch.Tensor, y2: torch.Tensor, inv_sigma2: torch.Tensor,
     unit = UNIT_ROUNDOFF["float64" if T == torch.float64 else product]
     f64 = dict(dtype=torch.float64, device=xs.device)
     xc = xs - center
-    h_hi, h_lo = _half_sqnorm_dd(xc)
+    h_hi, h_lo = _half_sqnorm_dd(xs, center)
     isg = inv_sigma2.to(**f64).contiguous()
     st = dict(max_score=torch.full((Q,), -float("inf"), **f64), sum_exp=torch.zeros(Q, **f64),
               sum_exp_sq=torch.zeros(Q, **f64), nearest_sqdist=torch.full((Q,), float("inf"), **f64),
@@ -209,11 +209,13 @@ def _two_prod(a, b):
     return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
 
 
-def _half_sqnorm_dd(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``|x'|^2 / 2`` per row as hi + lo: exact squares (TwoProd for float64 inputs; a float32
-    square is exact in float64), summed by a pairwise TwoSum tree that keeps every error."""
-    v = xc.double()
-    s, err = _two_prod(v, v) if xc.dtype == torch.float64 else (v * v, torch.zeros_like(v))
+def _half_sqnorm_dd(xs: torch.Tensor, center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``|x - c|^2 / 2`` per row as hi + lo, from the exact differences (TwoSum), not the ones
+    rounded to xs's dtype that the products use (logits.h's half_sqnorm_dd says why): exact
+    squares (TwoProd), summed by a pairwise TwoSum tree that keeps every error."""
+    dv, de = _two_sum(xs.double(), -center.double())
+    s, err = _two_prod(dv, dv)
+    err = err + (2 * dv + de) * de
     while s.shape[1] > 1:
         if s.shape[1] % 2:
             s, err = torch.nn.functional.pad(s, (0, 1)), torch.nn.functional.pad(err, (0, 1))

@@ -294,6 +294,12 @@ def _denoiser_state(xs, y2, sig, row_offset, knobs: _Knobs) -> DenoiserState:
             state = DenoiserState(**fields)
     else:
         _launch("empirical_denoiser", args, (Q, N, D), xs.device, knobs)
+    _check_state_finite(state, xs, y2)
+    return state
+
+
+def _check_state_finite(state: DenoiserState, xs: torch.Tensor, y2: torch.Tensor) -> None:
+    """One clear error for a kernel state poisoned by NaN/Inf (finite x assumed)."""
     if not bool(torch.isfinite(state.sum_exp).all()):
         # A NaN/Inf training value poisons every weight; name it without a pass over train
         # on the common path.
@@ -303,7 +309,6 @@ def _denoiser_state(xs, y2, sig, row_offset, knobs: _Knobs) -> DenoiserState:
             f"(largest |x| = {float(xs.abs().max()):.3g}, largest |train| = "
             f"{float(_decode_abs_max(y2)):.3g}); rescale the data or use float64"
         )
-    return state
 
 
 def _decode_abs_max(y2: torch.Tensor) -> float:

@@ -49,7 +49,7 @@ import torch
 
 from . import _backend
 from ._validate import ROW_TYPES
-from .ops import DenoiserState, _workers, finalize, merge_states
+from .ops import DenoiserState, _check_state_finite, _workers, finalize, merge_states
 
 __all__ = ["PrunedRows", "OneProcess", "check_prune", "cluster_order", "straight_line_margin", "DEFAULT_PRUNE",
            "batch_fields", "summarize", "plot_commitment", "FIELDS"]
@@ -276,11 +276,33 @@ class PrunedRows:
         # centring, the norms and the subtraction: (2 gamma_D + 8u) (|a| + |b|)^2 bounds the
         # error of a squared distance formed as ||x - c||^2 - 2 g.
         self._err = 2 * d * u / (1 - d * u) + 8 * u
-        self._bounds: _Bounds | None = None
+        self._slot: list[_Bounds | None] = [None]  # the bounds, shared with in_float64's twin
+        self._float64: PrunedRows | None = None
         self._last: dict = {"b": 0, "held": np.zeros(0, dtype=np.int64), "rest": np.zeros(0, dtype=np.int64)}
         self.kernel_seconds = 0.0  # inside the kernel during the last call
         self._np_dtype = np.float32 if dtype == torch.float32 else np.float64
         self._center_np = center.numpy()
+
+    @property
+    def _bounds(self) -> _Bounds | None:
+        return self._slot[0]
+
+    @_bounds.setter
+    def _bounds(self, value: _Bounds | None) -> None:
+        self._slot[0] = value
+
+    def in_float64(self) -> "PrunedRows":
+        """These rows with the kernel in float64 (uint8 or float64 rows), sharing the tiles, the
+        bounds and the commitments: a trajectory may switch precision at any call."""
+        if self.dtype == torch.float64:
+            return self
+        if self._float64 is None:
+            twin = PrunedRows([(c.rows, c.index) for c in self.chunks], self.center.double(), self.tile_norm,
+                              torch.float64, self.tile_rows, device=self.device, emulate=self.emulate,
+                              shards=self.shards, n_total=self.n_total)
+            twin.cuda_config, twin.cuda_splits, twin._slot = self.cuda_config, self.cuda_splits, self._slot
+            self._float64 = twin
+        return self._float64
 
     # -- rows ------------------------------------------------------------------------------
     def rows_at(self, flat: np.ndarray) -> np.ndarray:
@@ -327,6 +349,19 @@ class PrunedRows:
             ``n_eff``, ``skipped_bound``, ``commit_sigma``, ``commit_index`` and
             ``rows_computed`` (rows of the whole set).
         """
+        finite = np.isfinite(q.numpy())
+        if not finite.all():
+            raise ValueError(f"q must be finite, got {int((~finite).sum())} NaN/Inf values "
+                             f"in a {q.dtype} tensor of shape {list(q.shape)}")
+        try:
+            return self._call(q, sigma, prune)
+        except BaseException:
+            # A call stopped half way leaves bounds and commitments of a query it never finished;
+            # forget them all, so that the next call starts afresh (as a first call, always valid).
+            self._bounds = None
+            raise
+
+    def _call(self, q: torch.Tensor, sigma: np.ndarray, prune: float):
         b = q.shape[0]
         self.kernel_seconds = 0.0
         st = self._bounds
@@ -483,6 +518,7 @@ class PrunedRows:
             self._launch(args, prune, (b, n, d), dev)
             cb, cs = cb.cpu().numpy(), cs.cpu().numpy()  # on a GPU: waits for the kernel
             self.kernel_seconds += time.perf_counter() - start
+            _check_state_finite(part, x, rows)
             on = act.astype(bool)
             best[:, cols] = np.where(on, cb, best[:, cols])
             second[:, cols] = np.where(on, cs, second[:, cols])

@@ -21,17 +21,22 @@ DR_HD void two_sum(double a, double b, double& s, double& e) {
   e = (a - (s - bb)) + (b - bb);
 }
 
-// h = ||x - c||^2 / 2 as hi + lo. For float inputs each square is exact in float64 (24-bit
-// mantissas), so only the additions round and TwoSum keeps their error; for double inputs the
-// product error comes from an FMA. Relative error ~1e-32: far below the float scores' own.
+// h = ||x - c||^2 / 2 as hi + lo, from the exact differences x - c (TwoSum: each is the pair
+// dv + de), not from the differences rounded to T that the products use. The products then see
+// the query x' = c + fl(x - c), off x by at most half an ulp of x - c per coordinate; within a
+// call that shifts every row's score by <x - x', y_n - c>, inside the scores' own error bound
+// (score_error). But h from the rounded differences would be off by <x - c, x - x'> ~ u |x - c|^2,
+// a query-only term that chunks with different centres c round differently: at |x| ~ 3e7 in
+// float32 their merged softmax picked another row. Relative error of h ~1e-32.
 template <class T>
 DR_HD void half_sqnorm_dd(const T* x, const T* center, index_t D, double& hi, double& lo) {
   double s = 0.0, e = 0.0;
   for (index_t d = 0; d < D; ++d) {
-    const T v = x[d] - center[d];
-    const double p = static_cast<double>(v) * static_cast<double>(v);
-    double pe = 0.0;
-    if constexpr (sizeof(T) > 4) pe = fma(static_cast<double>(v), static_cast<double>(v), -p);
+    double dv, de;
+    two_sum(static_cast<double>(x[d]), -static_cast<double>(center[d]), dv, de);
+    // (dv + de)^2 = dv^2 + (2 dv + de) de; dv^2 = p + pe exactly (FMA).
+    const double p = dv * dv;
+    const double pe = fma(dv, dv, -p) + (2.0 * dv + de) * de;
     double t, te;
     two_sum(s, p, t, te);
     s = t;

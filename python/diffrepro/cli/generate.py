@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -103,6 +102,7 @@ def _resolve(args) -> dict:
     import torch
 
     from .. import data, distributed, generation, samplers
+    from ..denoisers.guidance import MAX_GUIDANCE
 
     flow = _flow_settings(args)
     preset = samplers.PRESETS[args.preset or "p1_net"]  # EDM's own default is the p1_net setting
@@ -143,8 +143,9 @@ def _resolve(args) -> dict:
     if args.guidance is not None and args.class_idx is None:
         raise UsageError(f"--guidance: got {args.guidance} without --class, expected --class N "
                          "(guidance moves towards a class)")
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance: got {args.guidance}, expected a finite number")
+    if args.guidance is not None and not abs(args.guidance) <= MAX_GUIDANCE:
+        raise UsageError(f"--guidance: got {args.guidance:g}, expected a number in [-{MAX_GUIDANCE:g}, "
+                         f"{MAX_GUIDANCE:g}] (images lie in [-1, 1], the guided prediction within 1 + 2|W|)")
     if args.guidance is not None and args.shard_train:
         raise UsageError("--guidance: got it with --shard-train, expected no --shard-train (the guided "
                          "denoiser's two terms are not sharded)")

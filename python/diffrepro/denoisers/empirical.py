@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import pruning
+from .._validate import check_finite
 from ..data import Dataset
 from ..ops import empirical_denoiser_partial, finalize, merge_states
 from .base import Denoiser, _class_indices, _per_sample, _torch_dtype
@@ -19,6 +20,10 @@ from .jacobian import empirical_jvp
 _RESIDENT_LIMIT_BYTES = 1 << 30
 # Default chunk size (bytes of training rows) when streaming.
 _STREAM_CHUNK_BYTES = 256 << 20
+# A float32 call whose logits may be off by more than this (the worst-case rounding bound of the
+# squared distances over 2 sigma^2) runs in float64: at small sigma float32 rounding otherwise
+# decides between near-duplicate training images, and the dense and pruned paths round differently.
+_NEAR_TIE_LOGIT_ERROR = 1.0
 
 def sha256_rows(rows) -> str:
     """SHA-256 of the C-contiguous bytes of an array or tensor of rows, read in 64 MiB chunks (for
@@ -39,8 +44,28 @@ def _cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
     if t.device.type == "cpu" and torch.device(device).type == "cpu":
         if t.dtype == dtype:
             return t
-        return torch.from_numpy(t.detach().numpy().astype(torch.empty(0, dtype=dtype).numpy().dtype))
+        with np.errstate(over="ignore"):  # an overflow becomes inf, which _check_query names
+            return torch.from_numpy(t.detach().numpy().astype(torch.empty(0, dtype=dtype).numpy().dtype))
     return t.to(device=device, dtype=dtype)
+
+
+def _check_query(x: torch.Tensor, q: torch.Tensor) -> None:
+    """Refuses a NaN/Inf query (or one whose squared norm overflows float64) before any state is
+    touched, with the same message on the dense and pruned paths (the pruning bounds and
+    commitments persist from call to call)."""
+    on_host = q.device.type == "cpu"  # numpy there: torch would wake its thread pool (see _cast)
+    if not bool(np.isfinite(q.detach().numpy()).all() if on_host else torch.isfinite(q).all()):
+        check_finite("x", x)
+        raise ValueError(f"x / s must be finite in {q.dtype}, got x up to {float(x.abs().max()):.3g} "
+                         f"(shape {list(x.shape)}), which overflows it")
+    if on_host:
+        with np.errstate(over="ignore"):
+            sq = np.square(q.detach().numpy().astype(np.float64)).sum(1)
+    else:
+        sq = q.double().square().sum(1).cpu().numpy()
+    if not np.isfinite(sq).all():  # the logits and the pruning bounds need ||x/s||^2 in float64
+        raise ValueError(f"x / s must have a squared norm finite in float64, got x up to "
+                         f"{float(x.abs().max()):.3g} (shape {list(x.shape)})")
 
 
 class RecordedCalls:
@@ -57,10 +82,12 @@ class RecordedCalls:
     def _x0(self, x, sigma, s, class_labels):
         start = time.perf_counter()
         b = x.shape[0]
-        q = _cast(x.reshape(b, -1), self.device, self.dtype)
+        exact = self._near_tie(x, sigma, s)
+        q = _cast(x.reshape(b, -1), self.device, torch.float64 if exact else self.dtype)
         sigma = sigma.to(self.device)
         if s is not None and not bool((s == 1).all()):
             q = q / s.to(device=q.device, dtype=q.dtype)[:, None]  # x~ = x / s, as the kernel forms it
+        _check_query(x, q)
         record = {"sigma": sigma.cpu().numpy(), "n_eff": np.ones(b), "nearest": np.full(b, -1),
                   "skipped_bound": np.zeros(b), "commit_sigma": np.full(b, np.nan),
                   "commit_index": np.full(b, -1), "rows_computed": 0.0, "rows_total": 0.0,
@@ -72,6 +99,7 @@ class RecordedCalls:
             qk = q if sel is None else q[sel.to(self.device)].contiguous()
             if self.prune > 0:
                 rows = self._pruned_rows(k)
+                rows = rows.in_float64() if exact else rows
                 # The certificate's bookkeeping runs on the host (PrunedRows moves what the
                 # kernel needs); the result goes back to the device.
                 res, st = rows(qk.cpu(), record["sigma"][idx], self.prune)
@@ -98,6 +126,10 @@ class RecordedCalls:
         record["seconds"] = time.perf_counter() - start
         self._recorder.add(record)
         return out
+
+    def _near_tie(self, x, sigma, s) -> bool:
+        """Whether this call runs in float64 to keep float32 rounding out of near-ties (no here)."""
+        return False
 
     def pop_records(self) -> list[dict]:
         """Statistics of every call since the last pop, in call order, and forget them.
@@ -202,6 +234,7 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
             self._class_rows = [np.flatnonzero(labels == k) for k in range(self.label_dim)]
         self._labels_sha256 = None if labels is None else hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()
         self._fingerprint = None
+        self._spread: tuple[np.ndarray, float] | None = None
 
     def fingerprint(self) -> dict:
         """Content identity for run records: sha256 of the training rows as stored (for uint8 rows
@@ -216,6 +249,39 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
                 "dtype": str(self.dtype).replace("torch.", ""), "device": self.device.type,
                 "chunk_rows": self.chunk_rows, "prune": self.prune}
         return dict(self._fingerprint)
+
+    def _near_tie(self, x, sigma, s) -> bool:
+        """Float32 calls over uint8 rows run in float64 (dense and pruned alike, so both give
+        the float64 answer) where the float32 logits' rounding bound exceeds
+        _NEAR_TIE_LOGIT_ERROR for some query: ``(2 (D + 8) + 8) u (|x/s - c| + max|y - c|)^2 /
+        2 sigma^2`` (Higham's dot-product bound, as pruning's certificate uses it), with c the
+        mean row. There the float32 scores cannot order rows whose weights differ by a factor e:
+        near-duplicate images, between which float32 rounding would choose."""
+        if self.dtype != torch.float32 or _torch_dtype(self._train) != torch.uint8:
+            return False
+        center, spread = self._row_spread()
+        d = center.size
+        # numpy, single-threaded (see _cast): a check on every call must not wake torch's pool
+        q = x.reshape(x.shape[0], -1).detach().cpu().numpy().astype(np.float64)
+        q = q if s is None else q / s.cpu().numpy()[:, None]
+        with np.errstate(over="ignore", invalid="ignore"):  # a NaN query stays float32 and is refused there
+            err = (2 * (d + 8) + 8) * 2.0**-24 * (np.linalg.norm(q - center, axis=1) + spread) ** 2
+            return bool((err / (2 * sigma.cpu().numpy() ** 2) > _NEAR_TIE_LOGIT_ERROR).any())
+
+    def _row_spread(self) -> tuple[np.ndarray, float]:
+        """``(c, max_i |y_i - c|)`` with c the mean decoded row, one pass, computed once."""
+        if self._spread is None:
+            rows = self._train.reshape(self.num_rows, -1)
+
+            def block(a):
+                part = rows[a:a + 4096]
+                return (part.cpu().numpy() if isinstance(part, torch.Tensor) else np.asarray(part)) / 127.5 - 1
+
+            step = range(0, self.num_rows, 4096)
+            center = sum(block(a).sum(0) for a in step) / self.num_rows
+            spread = max(float(np.linalg.norm(block(a) - center, axis=1).max()) for a in step)
+            self._spread = (center, spread)
+        return self._spread
 
     def class_count(self, k: int) -> int:
         """Number of training rows of class ``k`` (0 for a class outside ``[0, label_dim)``)."""

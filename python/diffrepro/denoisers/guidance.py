@@ -12,7 +12,7 @@ of per-class :class:`~diffrepro.denoisers.GaussianDenoiser`).
 
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,7 +24,23 @@ from .base import Denoiser, _class_indices
 from .empirical import EmpiricalDenoiser
 from .gaussian import GaussianDenoiser
 
-__all__ = ["ClassConditionalDenoiser", "GuidedDenoiser", "guidance_commitment"]
+__all__ = ["ClassConditionalDenoiser", "GuidedDenoiser", "guidance_commitment", "MAX_GUIDANCE", "check_guidance"]
+
+# Largest |w| accepted. The guided prediction of images in [-1, 1] lies within 1 + 2|w| of 0, so
+# beyond 1e6 it is a million times outside the image range (no sampler result is an image
+# then), and near 1e308 it overflows to inf and the next denoiser call sees a NaN query.
+MAX_GUIDANCE = 1e6
+
+
+def check_guidance(guidance) -> float:
+    """``guidance`` as a float: a real number with ``|w| <= MAX_GUIDANCE``."""
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
+        raise TypeError(f"guidance must be a real number, got {guidance!r} ({type(guidance).__name__})")
+    w = float(guidance)
+    if not abs(w) <= MAX_GUIDANCE:
+        raise ValueError(f"guidance must be a finite number in [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}], "
+                         f"got {w:g}")
+    return w
 
 
 def _split(train, labels):
@@ -121,7 +137,7 @@ class GuidedDenoiser(Denoiser):
             :class:`~diffrepro.denoisers.EmpiricalDenoiser` with ``labels``.
         uncond: unconditional denoiser (default: ``cond`` called without class labels, which for
             the empirical denoiser is the softmax over all rows).
-        guidance: the weight ``w`` (finite; any sign).
+        guidance: the weight ``w`` (any sign, ``|w| <= MAX_GUIDANCE``).
     """
 
     def __init__(self, cond: Denoiser, uncond: Denoiser | None = None, guidance: float = 1.0):
@@ -130,9 +146,7 @@ class GuidedDenoiser(Denoiser):
             raise ValueError("cond must be class-conditional (label_dim > 0)")
         if (cond.img_channels, cond.img_resolution) != (uncond.img_channels, uncond.img_resolution):
             raise ValueError("cond and uncond must share one image shape")
-        if isinstance(guidance, bool) or not math.isfinite(float(guidance)):
-            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
-        self.cond, self.uncond, self.guidance = cond, uncond, float(guidance)
+        self.cond, self.uncond, self.guidance = cond, uncond, check_guidance(guidance)
         self.img_channels, self.img_resolution = cond.img_channels, cond.img_resolution
         self.label_dim = cond.label_dim
         self.device = torch.device(getattr(cond, "device", "cpu"))  # where generate() draws the noise
