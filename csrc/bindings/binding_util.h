@@ -58,14 +58,15 @@ DenoiserArgs<T> denoiser_args(const py::dict& d) {
   expect_keys(d, "denoiser args",
               {"f64", "x", "y", "y_type", "Q", "N", "D", "center", "inv_sigma2", "row_offset",
                "max_logit", "max_logit_lo", "sum_exp", "sum_exp_sq", "weighted_sum",
-               "nearest_index", "nearest_sqdist"});
+               "nearest_index", "nearest_sqdist", "log_weights"});
   return DenoiserArgs<T>{ptr<const T>(d, "x"), ptr<const void>(d, "y"), row_type(d, "y_type"),
                          get<index_t>(d, "Q"), get<index_t>(d, "N"), get<index_t>(d, "D"),
                          ptr<const T>(d, "center"), ptr<const double>(d, "inv_sigma2"),
                          get<index_t>(d, "row_offset"), ptr<double>(d, "max_logit"),
                          ptr<double>(d, "max_logit_lo"), ptr<double>(d, "sum_exp"),
                          ptr<double>(d, "sum_exp_sq"), ptr<T>(d, "weighted_sum"),
-                         ptr<index_t>(d, "nearest_index"), ptr<double>(d, "nearest_sqdist")};
+                         ptr<index_t>(d, "nearest_index"), ptr<double>(d, "nearest_sqdist"),
+                         ptr<const double>(d, "log_weights")};
 }
 
 // The pruning fields of pruned_denoiser (PruneArgs), read with the GIL held.

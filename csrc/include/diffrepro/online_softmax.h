@@ -67,6 +67,10 @@ DR_HD T softmax_push_scores(SoftmaxState<T>& st, const S* g, index_t n, S scale,
   S tile_max = g[0];
   for (index_t j = 1; j < n; ++j) tile_max = g[j] > tile_max ? g[j] : tile_max;
   const S new_max = static_cast<T>(tile_max) > st.max ? tile_max : static_cast<S>(st.max);
+  if (new_max == -static_cast<S>(INFINITY)) {  // every row so far has weight 0 (log-weight -inf)
+    for (index_t j = 0; j < n; ++j) p[j] = S(0);
+    return T(1);
+  }
   const T r = st.max == -static_cast<T>(INFINITY)
                   ? T(0)
                   : static_cast<T>(exp(static_cast<T>(static_cast<S>(st.max) - new_max) * scale));
