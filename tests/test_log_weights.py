@@ -19,10 +19,11 @@ N = 150
 SIGMAS = [0.08, 0.3, 1.0, 4.0, 20.0, 0.15]
 
 
-def _problem(cifar_subset, seed=0, excluded=True):
-    """Real CIFAR rows (uint8), queries near some of them, log-weights in [-4, 4] with some -inf."""
+def _problem(cifar_subset, seed=0, excluded=True, side=32):
+    """Real CIFAR rows (uint8; side < 32: crops, for fast float64 checks), queries near some of
+    them, log-weights in [-4, 4] with some -inf."""
     gen = torch.Generator().manual_seed(seed)
-    rows = torch.from_numpy(cifar_subset[:N].copy())
+    rows = torch.from_numpy(cifar_subset[:N, :, :side, :side].copy())
     y = rows.reshape(N, -1).double() / 127.5 - 1
     pick = torch.tensor([3, 40, 77, 120, 9, 141])
     x = y[pick] + 0.2 * torch.randn(len(pick), y.shape[1], generator=gen, dtype=torch.float64)
@@ -43,7 +44,7 @@ def test_log_weights_match_oracle(backend, cifar_subset):
     rows, x, sigma, lw = _problem(cifar_subset)
     oracle = reference.empirical_denoiser_reference(x, rows, sigma, log_weights=lw)
     naive = _naive_f32(x, rows.double() / 127.5 - 1, sigma, lw)
-    for variant in backend.variants:
+    for variant in backend.variants[:2]:
         kw = {**backend.kw, **variant}
         out32 = diffrepro.empirical_denoiser(*backend.put(x.float(), rows), sigma, log_weights=lw.float(), **kw)
         assert_f32_accuracy(out32.cpu(), oracle, naive)
@@ -54,7 +55,7 @@ def test_log_weights_match_oracle(backend, cifar_subset):
 def test_log_weights_info_and_chunk_merges(backend, cifar_subset):
     """Partial states over three chunks merge to the oracle's output, log-normaliser, n_eff and
     nearest row (the row of largest weight: never an excluded row), in every merge order."""
-    rows, x, sigma, lw = _problem(cifar_subset, seed=1)
+    rows, x, sigma, lw = _problem(cifar_subset, seed=1, side=16)
     oracle = reference.empirical_denoiser_reference(x, rows, sigma, log_weights=lw)
     info = reference.empirical_denoiser_info_reference(x, rows, sigma, log_weights=lw)
     unweighted = reference.empirical_denoiser_info_reference(x, rows, sigma)
@@ -82,7 +83,8 @@ def test_duplicate_counts_equal_duplicated_rows(backend, cifar_subset):
     """A weighted training set with integer counts c_i (log-weights log c_i, 0 excluded) is the
     training set with each row repeated c_i times (the oracle runs on the repeated rows)."""
     rows, x, sigma, _ = _problem(cifar_subset, seed=2)
-    counts = torch.from_numpy(np.random.default_rng(5).integers(0, 4, N))
+    rows = rows[:60]
+    counts = torch.from_numpy(np.random.default_rng(5).integers(0, 4, len(rows)))
     repeated = rows.repeat_interleave(counts, 0)
     oracle = reference.empirical_denoiser_reference(x, repeated, sigma)
     naive = _naive_f32(x, repeated.double() / 127.5 - 1, sigma, torch.zeros(len(repeated)))
@@ -215,25 +217,25 @@ def test_empirical_denoiser_log_weights_refused():
 
 
 def test_pruned_log_weights_through_the_cuda_kernel_emulated(cifar_subset):
-    """The pruned path with log-weights on the emulated CUDA kernel (as on a GPU) equals the dense
-    CPU path and takes the same decisions as the CPU pruned kernel."""
+    """The pruned path with log-weights on the emulated CUDA kernel (as on a GPU), in float64:
+    within 1e-10 of the oracle, and the same decisions as the CPU pruned kernel."""
     pytest.importorskip("diffrepro._cuda_emu")
-    images = cifar_subset[:300]
+    images = cifar_subset[:300, :, :16, :16].copy()
     rng = np.random.default_rng(4)
     lw = rng.uniform(-5, 1, 300)
     lw[rng.random(300) < 0.25] = -np.inf
-    emulated = EmpiricalDenoiser(images, log_weights=lw)
+    emulated = EmpiricalDenoiser(images, dtype=torch.float64, log_weights=lw)
     rows = emulated._pruned_rows(None)
     rows.emulate, rows.cuda_config = True, 2
-    on_cpu = EmpiricalDenoiser(images, log_weights=lw)
-    dense = EmpiricalDenoiser(images, log_weights=lw, prune=0)
+    on_cpu = EmpiricalDenoiser(images, dtype=torch.float64, log_weights=lw)
     start = data.decode(torch.from_numpy(images[[10, 200]]))
     noise = torch.randn(start.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for s in (10.0, 2.0, 0.5, 0.1):
-        x = (start + s * noise).float()
+        x = start + s * noise
         out = emulated(x, s)
-        assert (out - dense(x, s)).abs().max().item() < 1e-5
-        assert (out - on_cpu(x, s)).abs().max().item() < 1e-5
+        oracle = reference.empirical_denoiser_reference(x, images, s, log_weights=lw)
+        assert (out.reshape(oracle.shape) - oracle).abs().max().item() <= 1e-10
+        assert (out - on_cpu(x, s)).abs().max().item() <= 1e-10
     for a, b in zip(emulated.pop_records(), on_cpu.pop_records()):
         np.testing.assert_array_equal(a["nearest"], b["nearest"])
         assert a["rows_fraction"] == b["rows_fraction"]
