@@ -450,7 +450,8 @@ def finalize(state: DenoiserState) -> tuple[torch.Tensor, dict]:
         (out [Q, D] in the state's dtype, info) with info["log_normalizer"] [Q] float64
         (logsumexp_i l_i, including the ||x||^2 term), info["nearest_index"] [Q] int64,
         info["nearest_sqdist"] [Q] float64 and info["n_eff"] [Q] float64 = 1 / sum_i w_i^2.
-        With log-weights, l_i includes them and the nearest row is the one of largest weight.
+        With log-weights, l_i includes them, the nearest row is the one of largest weight, and
+        info["nearest_key"] [Q] float64 is its key ||x/s - y||^2 / (2 sigma^2) - lw.
     """
     if bool((state.max_logit == -float("inf")).any()):
         raise ValueError("state has queries that saw no training rows (or only rows of log-weight -inf); "
