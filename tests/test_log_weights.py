@@ -117,6 +117,13 @@ def test_log_weights_refused(cifar_subset):
     out, _ = diffrepro.finalize(diffrepro.merge_states(empty, rest))
     w = torch.cat([torch.full((10,), -math.inf, dtype=torch.float64), lw[10:]])
     assert_f64_accuracy(out, reference.empirical_denoiser_reference(x, rows, sigma, log_weights=w))
+    # A NaN training value next to excluded rows is still named (its score must not be skipped).
+    bad = rows[:8].reshape(8, -1).double() / 127.5 - 1
+    bad[1, 5] = float("nan")
+    w = torch.zeros(8, dtype=torch.float64)
+    w[0] = -math.inf
+    with pytest.raises(ValueError, match="train must be finite, got 1 NaN/Inf values"):
+        diffrepro.empirical_denoiser(x, bad, sigma, log_weights=w, _tile=1)
     plain = diffrepro.empirical_denoiser_partial(x, rows[10:], sigma, row_offset=10)
     with pytest.raises(ValueError, match="computed with log_weights and one without"):
         diffrepro.merge_states(empty, plain)
