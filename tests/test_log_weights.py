@@ -321,3 +321,16 @@ def test_sharded_log_weights_equal_one_process(tmp_path, monkeypatch):
         assert np.isfinite(lw[nearest]).all()
         if cl is not None:
             assert set(nearest.ravel()) <= set(np.flatnonzero((labels == 3) & np.isfinite(lw)))
+
+
+def test_fingerprints_record_the_log_weights():
+    """Runs resumed with other log-weights are not mistaken for the same run."""
+    from diffrepro import distributed
+
+    images = data.default_dataset().images[:20]
+    lw = np.linspace(-1, 1, 20)
+    plain, a, b = (EmpiricalDenoiser(images, log_weights=w).fingerprint() for w in (None, lw, lw + 1))
+    assert "log_weights_sha256" not in plain and a["log_weights_sha256"] != b["log_weights_sha256"]
+    shard = [distributed.ShardedEmpiricalDenoiser(images, 0, log_weights=w).fingerprint()["shards"][0]
+             for w in (lw, lw + 1)]
+    assert shard[0]["log_weights_sha256"] != shard[1]["log_weights_sha256"]

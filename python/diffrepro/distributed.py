@@ -578,6 +578,8 @@ class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
         if self._fingerprint is None:
             local = {"rows": len(self._rows), "row_offset": self.row_offset, "sha256": sha256_rows(self._rows),
                      "labels_sha256": self._labels_sha256}
+            if self._log_weights is not None:
+                local["log_weights_sha256"] = hashlib.sha256(self._log_weights.cpu().numpy().tobytes()).hexdigest()
             shards = self._gather(local, "fingerprint")
             # The merge's float rounding depends on the shard layout: a run resumes with the same one.
             self._fingerprint = {"shard_count": len(shards), "shards": shards, "n_train": self.num_rows,
