@@ -28,12 +28,16 @@ inline void check(Status s, const char* module, const char* op, const char* deta
 
 // The dict must hold exactly these keys: a misspelt or forgotten field is a ValueError naming
 // it, never a null pointer inside a kernel.
-inline void expect_keys(const py::dict& d, const char* what, std::initializer_list<const char*> keys) {
+// `optional` fields may be absent (their pointer is then null).
+inline void expect_keys(const py::dict& d, const char* what, std::initializer_list<const char*> keys,
+                        std::initializer_list<const char*> optional = {}) {
   for (const char* k : keys)
     if (!d.contains(k)) throw py::value_error(std::string(what) + " is missing the field '" + k + "'");
-  if (py::len(d) != keys.size())
+  std::size_t present = keys.size();
+  for (const char* k : optional) present += d.contains(k) ? 1 : 0;
+  if (py::len(d) != present)
     throw py::value_error(std::string(what) + " has " + std::to_string(py::len(d)) +
-                          " fields, expected " + std::to_string(keys.size()));
+                          " fields, expected " + std::to_string(present));
 }
 
 template <class T>
@@ -58,14 +62,16 @@ DenoiserArgs<T> denoiser_args(const py::dict& d) {
   expect_keys(d, "denoiser args",
               {"f64", "x", "y", "y_type", "Q", "N", "D", "center", "inv_sigma2", "row_offset",
                "max_logit", "max_logit_lo", "sum_exp", "sum_exp_sq", "weighted_sum",
-               "nearest_index", "nearest_sqdist"});
+               "nearest_index", "nearest_sqdist"},
+              {"log_weights"});
   return DenoiserArgs<T>{ptr<const T>(d, "x"), ptr<const void>(d, "y"), row_type(d, "y_type"),
                          get<index_t>(d, "Q"), get<index_t>(d, "N"), get<index_t>(d, "D"),
                          ptr<const T>(d, "center"), ptr<const double>(d, "inv_sigma2"),
                          get<index_t>(d, "row_offset"), ptr<double>(d, "max_logit"),
                          ptr<double>(d, "max_logit_lo"), ptr<double>(d, "sum_exp"),
                          ptr<double>(d, "sum_exp_sq"), ptr<T>(d, "weighted_sum"),
-                         ptr<index_t>(d, "nearest_index"), ptr<double>(d, "nearest_sqdist")};
+                         ptr<index_t>(d, "nearest_index"), ptr<double>(d, "nearest_sqdist"),
+                         d.contains("log_weights") ? ptr<const double>(d, "log_weights") : nullptr};
 }
 
 // The pruning fields of pruned_denoiser (PruneArgs), read with the GIL held.

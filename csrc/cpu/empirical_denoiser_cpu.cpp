@@ -43,11 +43,13 @@ struct DenoiserWorker {
   std::vector<T> acc;         // [TQ, D]  sum_n w_n (y_n - c)
   std::vector<T> gathered;    // [TQ, D]  pruned: the tile's active centred queries
   std::vector<T> part;        // [TQ, D]  pruned: their second product
+  std::vector<double> adjusted;  // [TN] log-weights: one query's scores g + sigma^2 lw (float64)
   std::vector<index_t> members;  // pruned: the tile's active queries (block-local)
   std::vector<std::uint8_t> on;  // pruned: [TQ] is the query active for the tile
   std::vector<SoftmaxState<double>> state;  // [TQ] max kept in score units g
   std::vector<double> lower;        // [TQ] max_n (g_n - error bound): a lower bound of the best
   std::vector<double> best_sqdist;  // [TQ] float64 distance of the nearest candidate
+  std::vector<double> best_key;     // [TQ] its nearest_rank_key (= best_sqdist without log-weights)
   std::vector<index_t> best_index;  // [TQ] its global index (-1: none yet)
 
   void reset(index_t nq, index_t TN, index_t D) {
@@ -55,12 +57,14 @@ struct DenoiserWorker {
     tile_norm2.resize(TN);
     tile_norm.resize(TN);
     scores.resize(nq * TN);
+    adjusted.resize(TN);
     acc.assign(nq * D, T(0));
     members.resize(nq);
     on.resize(nq);
     state.assign(nq, softmax_init<double>());
     lower.assign(nq, -INFINITY);
     best_sqdist.assign(nq, INFINITY);
+    best_key.assign(nq, INFINITY);
     best_index.assign(nq, -1);
   }
 };
@@ -80,24 +84,55 @@ struct DenoiserCall {
 // apart (exact duplicates at different positions of a GEMM tile get different roundings), so
 // every row whose score may still be the best is a candidate, and candidates are ranked by their
 // float64 distance and then by index (nearest_better). Few rows pass the bound in practice: a row
-// must be within the float rounding of the best score seen so far.
-template <class T>
+// must be within the float rounding of the best score seen so far. With log-weights, g holds the
+// weighted scores g + sigma^2 lw (float64), rows of log-weight -inf are never candidates, and
+// candidates are ranked by nearest_rank_key (the largest weight).
+template <class T, class S>
 void nearest_candidates(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, index_t q,
-                        const T* g, index_t n0, index_t nt) {
+                        const S* g, index_t n0, index_t nt) {
   const DenoiserArgs<T>& a = c.a;
   const index_t gq = q0 + q;
+  const double sigma2 = 1.0 / a.inv_sigma2[gq];
   for (index_t j = 0; j < nt; ++j) {
-    const double err = score_error(c.gamma, c.x_norm[gq], w.tile_norm[j], w.tile_norm2[j]);
+    double err = score_error(c.gamma, c.x_norm[gq], w.tile_norm[j], w.tile_norm2[j]);
     const double gj = static_cast<double>(g[j]);
+    if (a.log_weights != nullptr) {
+      const double lw = a.log_weights[n0 + j];
+      if (lw == -INFINITY) continue;  // weight 0: never the mode
+      err += weighted_score_error(gj, lw, sigma2);
+    }
     if (gj + err < w.lower[q]) continue;  // provably farther than a row already seen
     if (gj - err > w.lower[q]) w.lower[q] = gj - err;
     const double d2 = row_sqdist_f64<T>(a.x + gq * a.D, a.y_type, a.y, n0 + j, a.D);
+    const double key = nearest_rank_key(d2, a.log_weights, n0 + j, a.inv_sigma2[gq]);
     const index_t gi = a.row_offset + n0 + j;
-    if (nearest_better(d2, gi, w.best_sqdist[q], w.best_index[q])) {
+    if (nearest_better(key, gi, w.best_key[q], w.best_index[q])) {
+      w.best_key[q] = key;
       w.best_sqdist[q] = d2;
       w.best_index[q] = gi;
     }
   }
+}
+
+// One query's tile of scores g (centred products minus half norms) into the softmax state:
+// nearest candidates, then the weights written over g. Returns the factor of the accumulator.
+// Log-weights: the scores are shifted by sigma^2 lw in float64 first (weighted_score).
+template <class T>
+T push_query_tile(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, index_t q, T* g,
+                  index_t n0, index_t nt) {
+  const double inv_sigma2 = c.a.inv_sigma2[q0 + q];
+  if (c.a.log_weights == nullptr) {
+    nearest_candidates(w, c, q0, q, g, n0, nt);
+    return softmax_push_scores(w.state[q], g, nt, static_cast<T>(inv_sigma2), g);
+  }
+  double* adj = w.adjusted.data();
+  const double sigma2 = 1.0 / inv_sigma2;
+  for (index_t j = 0; j < nt; ++j)
+    adj[j] = weighted_score(static_cast<double>(g[j]), c.a.log_weights[n0 + j], sigma2);
+  nearest_candidates(w, c, q0, q, adj, n0, nt);
+  const double r = softmax_push_scores(w.state[q], adj, nt, inv_sigma2, adj);
+  for (index_t j = 0; j < nt; ++j) g[j] = static_cast<T>(adj[j]);
+  return static_cast<T>(r);
 }
 
 // The queries of the block that tile `tile` is computed for: all of them (dense), or those the
@@ -165,8 +200,7 @@ void process_tile(DenoiserWorker<T>& w, const DenoiserCall<T>& c, index_t q0, in
         c.prune->tile_second[(q0 + q) * c.n_tiles + tile + sub] = second;
       }
     }
-    nearest_candidates(w, c, q0, q, g, n0, nt);
-    const T r = softmax_push_scores(w.state[q], g, nt, static_cast<T>(c.a.inv_sigma2[q0 + q]), g);
+    const T r = push_query_tile(w, c, q0, q, g, n0, nt);
     if (r != T(1)) detail::scale(w.acc.data() + q * D, r, D);
     for (index_t j = 0; j < nt; ++j) nonzero += g[j] != T(0);
   }
@@ -265,14 +299,15 @@ Status denoise(const DenoiserArgs<T>& a, const PruneArgs<T>* prune, const Tuning
       // workers, however large ||x - c||^2 is.
       SoftmaxState<double> total = softmax_init<double>();
       std::fill(merged.begin(), merged.end(), 0.0);
-      double best_sqdist = INFINITY;
+      double best_sqdist = INFINITY, best_key = INFINITY;
       index_t best_index = -1;
       for (int w = 0; w < P; ++w) {
         const DenoiserWorker<T>& wk = pool[w];
         const MergeScales<double> f = softmax_merge(total, wk.state[q], a.inv_sigma2[gq]);
         const T* acc = wk.acc.data() + q * D;
         for (index_t d = 0; d < D; ++d) merged[d] = merged[d] * f.a + f.b * acc[d];
-        if (nearest_better(wk.best_sqdist[q], wk.best_index[q], best_sqdist, best_index)) {
+        if (nearest_better(wk.best_key[q], wk.best_index[q], best_key, best_index)) {
+          best_key = wk.best_key[q];
           best_sqdist = wk.best_sqdist[q];
           best_index = wk.best_index[q];
         }

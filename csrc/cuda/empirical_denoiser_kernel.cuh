@@ -43,7 +43,8 @@ inline void denoiser_tile_shape(int config, int& TQ, int& TN) {
 // Partial state of one split (a contiguous range of training rows) for every query, with maxima
 // in score units g (logits.h). The layout equals the final outputs', so a single-split launch
 // writes straight into them (max_score then lives in max_logit until the merge kernel converts
-// it; best_sqdist is already final).
+// it; best_sqdist is already final; best_key, the nearest row's nearest_rank_key, is then unused
+// and may be null).
 template <class T>
 struct DenoiserPartial {
   double* max_score;    // [S, Q] running max m of the scores g
@@ -51,6 +52,7 @@ struct DenoiserPartial {
   double* sum_exp_sq;   // [S, Q] Z2 relative to m
   double* best_sqdist;  // [S, Q] float64 squared distance of the nearest candidate
   index_t* best_index;  // [S, Q] its global row index (-1: none yet)
+  double* best_key;     // [S, Q] its nearest_rank_key (logits.h), or null when S = 1
   T* weighted_sum;      // [S, Q, D] A relative to m, uncentred rows
 };
 
@@ -90,6 +92,7 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
   DR_SHARED double st_max[TQ], st_sum[TQ], st_sum_sq[TQ];
   DR_SHARED double st_lower[TQ];     // max_n (g_n - error bound): a lower bound of the best score
   DR_SHARED double st_best_d[TQ];    // float64 distance of the nearest candidate so far
+  DR_SHARED double st_best_key[TQ];  // its nearest_rank_key (= st_best_d without log-weights)
   DR_SHARED index_t st_best_idx[TQ];
   DR_SHARED double x_norm[TQ];       // ||x~ - c|| (for the score error bound)
   DR_SHARED T scale_old[TQ], scale_new[TQ];  // softmax_merge factors of the current tile
@@ -120,6 +123,7 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
     st_sum_sq[q] = s0.sum_sq;
     st_lower[q] = neg_inf;
     st_best_d[q] = static_cast<double>(INFINITY);
+    st_best_key[q] = static_cast<double>(INFINITY);
     st_best_idx[q] = -1;
     double h_hi = 0.0, h_lo = 0.0;
     if (q < q_valid) half_sqnorm_dd(a.x + (q0 + q) * D, center, D, h_hi, h_lo);
@@ -192,15 +196,27 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
       // -inf, so it adds nothing to the state and no nearest candidate.
       const bool q_ok = qq < q_valid && (!kPrune || pr_active[pbuf][qq] != 0);
       const double isg = qq < q_valid ? a.inv_sigma2[q0 + qq] : 0.0;
+      const double sigma2 = qq < q_valid ? 1.0 / isg : 0.0;
+      // Padding columns (rows past the split) and padding queries get g = -inf; they then
+      // weigh exactly 0 below, because softmax_rescale maps -inf to 0 without forming
+      // -inf - (-inf). Log-weights shift the scores by sigma^2 lw in float64 (weighted_score);
+      // a row of log-weight -inf gets -inf too.
+      auto score = [&](int n) -> double {
+        if (!(q_ok && n < n_valid)) return neg_inf;
+        const double g = static_cast<double>(ws[qq][n]);
+        return a.log_weights ? weighted_score(g, a.log_weights[n0 + n], sigma2) : g;
+      };
+      // The score's rounding bound (+inf for an excluded row, which is never a candidate).
+      auto bound = [&](int n, double g) -> double {
+        const double e = score_error(gamma, x_norm[qq], y_norm[n], 2.0 * y_half_sq[n]);
+        return a.log_weights ? e + weighted_score_error(g, a.log_weights[n0 + n], sigma2) : e;
+      };
       double m_loc = neg_inf;
       double lower = st_lower[qq];
       for (int n = lane; n < TN; n += kWarpSize) {
-        // Padding columns (rows past the split) and padding queries get g = -inf; they then
-        // weigh exactly 0 below, because softmax_rescale maps -inf to 0 without forming
-        // -inf - (-inf).
-        const double g = (q_ok && n < n_valid) ? static_cast<double>(ws[qq][n]) : neg_inf;
+        const double g = score(n);
         m_loc = g > m_loc ? g : m_loc;
-        const double lo = g - score_error(gamma, x_norm[qq], y_norm[n], 2.0 * y_half_sq[n]);
+        const double lo = g == neg_inf ? neg_inf : g - bound(n, g);
         lower = lo > lower ? lo : lower;
       }
       for (int off = kWarpSize / 2; off > 0; off /= 2) {
@@ -214,22 +230,27 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
       // every row whose score may still be the best is a candidate, ranked by its float64
       // distance (row_sqdist_f64, summed in the CPU's order) and then by index. Typically one
       // candidate per query and tile that improves the best.
-      double best_d = static_cast<double>(INFINITY);
+      // With log-weights, candidates are ranked by nearest_rank_key (the largest weight).
+      double best_d = static_cast<double>(INFINITY), best_k = static_cast<double>(INFINITY);
       index_t best_i = -1;
       for (int n = lane; q_ok && n < n_valid; n += kWarpSize) {
-        const double g = static_cast<double>(ws[qq][n]);
-        if (g + score_error(gamma, x_norm[qq], y_norm[n], 2.0 * y_half_sq[n]) < lower) continue;
+        const double g = score(n);
+        if (g == neg_inf || g + bound(n, g) < lower) continue;
         const double d2 = row_sqdist_f64<T>(a.x + (q0 + qq) * D, R, a.y, n0 + n, D);
+        const double key = nearest_rank_key(d2, a.log_weights, n0 + n, isg);
         const index_t gi = a.row_offset + n0 + n;
-        if (nearest_better(d2, gi, best_d, best_i)) {
+        if (nearest_better(key, gi, best_k, best_i)) {
+          best_k = key;
           best_d = d2;
           best_i = gi;
         }
       }
       for (int off = kWarpSize / 2; off > 0; off /= 2) {
         const double d_o = dr_shfl_xor(best_d, off);
+        const double k_o = dr_shfl_xor(best_k, off);
         const index_t i_o = dr_shfl_xor(best_i, off);
-        if (nearest_better(d_o, i_o, best_d, best_i)) {
+        if (nearest_better(k_o, i_o, best_k, best_i)) {
+          best_k = k_o;
           best_d = d_o;
           best_i = i_o;
         }
@@ -270,7 +291,7 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
       }
       double s1 = 0.0, s2 = 0.0;
       for (int n = lane; n < TN; n += kWarpSize) {
-        const double g = (q_ok && n < n_valid) ? static_cast<double>(ws[qq][n]) : neg_inf;
+        const double g = score(n);
         const double p = softmax_rescale(g, m_loc, isg);  // in [0, 1]: m_loc is the tile max
         ws[qq][n] = static_cast<T>(p);
         s1 += p;
@@ -289,7 +310,8 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
         scale_old[qq] = static_cast<T>(f.a);
         scale_new[qq] = static_cast<T>(f.b);
         st_lower[qq] = lower;
-        if (nearest_better(best_d, best_i, st_best_d[qq], st_best_idx[qq])) {
+        if (nearest_better(best_k, best_i, st_best_key[qq], st_best_idx[qq])) {
+          st_best_key[qq] = best_k;
           st_best_d[qq] = best_d;
           st_best_idx[qq] = best_i;
         }
@@ -342,6 +364,7 @@ DR_KERNEL void empirical_denoiser_partial_kernel(
     out.sum_exp_sq[o] = st_sum_sq[q];
     out.best_sqdist[o] = st_best_d[q];
     out.best_index[o] = st_best_idx[q];
+    if (out.best_key) out.best_key[o] = st_best_key[q];
   }
 }
 
@@ -370,6 +393,7 @@ DR_KERNEL void empirical_denoiser_merge_kernel(
   if (tid == 0) {
     SoftmaxState<double> st{part.max_score[q], part.sum_exp[q], part.sum_exp_sq[q]};
     double best_d = part.best_sqdist[q];
+    double best_k = S > 1 ? part.best_key[q] : best_d;
     index_t best_i = part.best_index[q];
     coef[0] = 1.0;
     for (int s = 1; s < S; ++s) {
@@ -379,7 +403,8 @@ DR_KERNEL void empirical_denoiser_merge_kernel(
           a.inv_sigma2[q]);
       for (int j = 0; j < s; ++j) coef[j] *= f.a;  // A = fa A + fb A_s, unrolled
       coef[s] = f.b;
-      if (nearest_better(part.best_sqdist[o], part.best_index[o], best_d, best_i)) {
+      if (nearest_better(part.best_key[o], part.best_index[o], best_k, best_i)) {
+        best_k = part.best_key[o];
         best_d = part.best_sqdist[o];
         best_i = part.best_index[o];
       }
@@ -454,7 +479,7 @@ inline std::size_t denoiser_workspace_bytes(index_t Q, index_t N, index_t D, int
   const SplitPlan p = denoiser_plan(Q, N, TQ, TN, tile_rows, forced_splits);
   if (p.splits <= 1) return 0;
   const std::size_t sq = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(Q);
-  return align_up(sq * static_cast<std::size_t>(D) * elem_size) + 4 * align_up(sq * sizeof(double)) +
+  return align_up(sq * static_cast<std::size_t>(D) * elem_size) + 5 * align_up(sq * sizeof(double)) +
          align_up(sq * sizeof(index_t));
 }
 
@@ -462,8 +487,8 @@ template <class T, RowType R, class Cfg, bool kPrune>
 Status denoiser_launch_cfg(const DenoiserArgs<T>& a, const PruneArgs<T>& pr, const Tuning& t,
                            void* stream) {
   const SplitPlan p = denoiser_plan(a.Q, a.N, Cfg::TQ, Cfg::TN, kPrune ? pr.tile_rows : 0, t.splits);
-  DenoiserPartial<T> part{a.max_logit, a.sum_exp, a.sum_exp_sq, a.nearest_sqdist, a.nearest_index,
-                          a.weighted_sum};
+  DenoiserPartial<T> part{a.max_logit, a.sum_exp,       a.sum_exp_sq, a.nearest_sqdist,
+                          a.nearest_index, nullptr, a.weighted_sum};
   if (p.splits > 1) {
     if (t.workspace == nullptr) return Status::kInvalidArgument;
     const std::size_t sq = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(a.Q);
@@ -477,6 +502,8 @@ Status denoiser_launch_cfg(const DenoiserArgs<T>& a, const PruneArgs<T>& pr, con
     part.sum_exp_sq = reinterpret_cast<double*>(w);
     w += align_up(sq * sizeof(double));
     part.best_sqdist = reinterpret_cast<double*>(w);
+    w += align_up(sq * sizeof(double));
+    part.best_key = reinterpret_cast<double*>(w);
     w += align_up(sq * sizeof(double));
     part.best_index = reinterpret_cast<index_t*>(w);
   }

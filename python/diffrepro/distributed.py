@@ -39,7 +39,7 @@ from . import data, pruning
 from .denoisers.base import Denoiser, _class_indices, _per_sample
 from .denoisers.empirical import RecordedCalls, sha256_rows
 from .errors import RunError
-from .ops import empirical_denoiser_partial, finalize, merge_topk
+from .ops import _log_weights, empirical_denoiser_partial, finalize, merge_topk
 
 __all__ = ["Claim", "Context", "ShardedEmpiricalDenoiser", "all_gather_topk", "all_reduce", "claim", "current",
            "held_by_another", "init", "parse_part", "shard_bounds", "single"]
@@ -495,12 +495,15 @@ class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
         dtype: compute dtype, float32 or float64.
         device: where the rows live and the kernel runs.
         prune: relative weight below which rows are skipped, with a certificate (0: dense).
+        log_weights: optional float ``[n]`` log-weights of the local rows (as
+            :class:`~diffrepro.denoisers.EmpiricalDenoiser`'s; given on every rank or on none).
     """
 
     sharded = True
 
     def __init__(self, local_rows, row_offset: int, group=None, *, labels=None, label_dim: int | None = None,
-                 dtype: torch.dtype = torch.float32, device="cpu", prune: float = pruning.DEFAULT_PRUNE):
+                 dtype: torch.dtype = torch.float32, device="cpu", prune: float = pruning.DEFAULT_PRUNE,
+                 log_weights=None):
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         rows = torch.from_numpy(np.ascontiguousarray(local_rows)) if isinstance(local_rows, np.ndarray) \
@@ -539,6 +542,20 @@ class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
         if -lo_hi[0] != lo_hi[1]:
             raise ValueError(f"prune must be the same on every rank, got values from {-float(lo_hi[0]):g} to "
                              f"{float(lo_hi[1]):g}")
+        self._log_weights = _log_weights(log_weights, len(rows), self.device)
+        self._check_log_weights()
+
+    def _check_log_weights(self) -> None:
+        """Log-weights on every rank or on none, and a finite one somewhere (collectives: every
+        rank raises the same error)."""
+        lw = self._log_weights
+        top = float(lw.max()) if lw is not None and len(lw) else -float("inf")
+        given = 0.0 if lw is None else 1.0
+        got = self._reduce(torch.tensor([given, -given, top], dtype=torch.float64), "max", "log_weights")
+        if float(got[0]) != -float(got[1]):
+            raise ValueError("log_weights must be given on every rank or on none, got them on some ranks only")
+        if given and float(got[2]) == -float("inf"):
+            raise ValueError("log_weights are -inf for every row on every rank: no row has a finite weight")
 
     def _reduce(self, t: torch.Tensor, op: str, what: str) -> torch.Tensor:
         import torch.distributed as dist
@@ -572,6 +589,8 @@ class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
         if self._fingerprint is None:
             local = {"rows": len(self._rows), "row_offset": self.row_offset, "sha256": sha256_rows(self._rows),
                      "labels_sha256": self._labels_sha256}
+            if self._log_weights is not None:
+                local["log_weights_sha256"] = hashlib.sha256(self._log_weights.cpu().numpy().tobytes()).hexdigest()
             shards = self._gather(local, "fingerprint")
             # The merge's float rounding depends on the shard layout: a run resumes with the same one.
             self._fingerprint = {"shard_count": len(shards), "shards": shards, "n_train": self.num_rows,
@@ -588,10 +607,17 @@ class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
             self._class_blocks[k] = self._rows.index_select(0, torch.from_numpy(self._class_rows[k]).to(self.device))
         return self._class_blocks[k], torch.from_numpy(self._class_rows[k] + self.row_offset)
 
+    def _class_log_weights(self, k: int | None):
+        """Log-weights of the local rows of class ``k`` (all for None), None without them."""
+        if self._log_weights is None or k is None:
+            return self._log_weights
+        return self._log_weights[torch.from_numpy(self._class_rows[k]).to(self.device)]
+
     def _state(self, q, sigma, s, k):
         """The merged state of queries ``q`` over every rank's rows of class ``k``."""
         rows, index = self._class_block(k)
-        part = empirical_denoiser_partial(q, rows, sigma, s=s, row_offset=self.row_offset if index is None else 0)
+        part = empirical_denoiser_partial(q, rows, sigma, s=s, row_offset=self.row_offset if index is None else 0,
+                                          log_weights=self._class_log_weights(k))
         if index is not None and len(rows):
             nearest = part.nearest_index
             part.nearest_index = torch.where(nearest >= 0, index.to(nearest.device)[nearest.clamp_min(0)], nearest)
@@ -603,27 +629,35 @@ class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
         # nearest distances), then MAX of the lo parts among the ranks at the top hi (with the
         # negated lowest global index among the rows at the smallest distance), then one float64
         # SUM of the rescaled sums.
+        # With log-weights the nearest row is ranked by its key (ops.merge_states), and its
+        # distance travels in the sums (one rank holds that row: a sum with zeros is exact).
         nearest = part.nearest_index
         n = len(nearest)
         hi = part.max_logit
         lo = part.max_logit_lo if part.max_logit_lo is not None else torch.zeros_like(hi)
-        top = self._reduce(torch.cat([hi, -part.nearest_sqdist]), "max", "denoiser call (max)")
+        key = part.nearest_sqdist if part.nearest_key is None else part.nearest_key
+        top = self._reduce(torch.cat([hi, -key]), "max", "denoiser call (max)")
         m_hi, best = top[:n], -top[n:]
         at_top = (hi == m_hi) & (hi > -float("inf"))
-        cand = torch.where((nearest >= 0) & (part.nearest_sqdist == best), nearest, torch.iinfo(torch.int64).max)
+        cand = torch.where((nearest >= 0) & (key == best), nearest, torch.iinfo(torch.int64).max)
         second = self._reduce(torch.cat([torch.where(at_top, lo, -float("inf")), -cand.to(torch.float64)]), "max",
                               "denoiser call (nearest)")
         m_lo, first = second[:n], (-second[n:]).to(torch.int64)  # indices < 2^53: exact in float64
         f = torch.where(hi == -float("inf"), 0.0, torch.exp((hi - m_hi) + (lo - m_lo)))
+        mine = (nearest == first) & (nearest >= 0)
         packed = torch.cat([(part.sum_exp * f)[:, None], (part.sum_exp_sq * f * f)[:, None],
+                            torch.where(mine, part.nearest_sqdist, 0.0)[:, None],
                             part.weighted_sum.double() * f[:, None]], 1)
         packed = self._reduce(packed, "sum", "denoiser call (sums)")
+        found = first != torch.iinfo(torch.int64).max
+        sqdist = best if part.nearest_key is None else torch.where(found, packed[:, 2], float("inf"))
         # replace() keeps the fields that hold for every rank (sigma, s, query fingerprint); the rows
         # covered are every rank's, recorded as unknown rather than as this shard's.
         return dataclasses.replace(
             part, max_logit=m_hi, max_logit_lo=m_lo, sum_exp=packed[:, 0].contiguous(),
-            sum_exp_sq=packed[:, 1].contiguous(), weighted_sum=packed[:, 2:].to(part.weighted_sum.dtype).contiguous(),
-            nearest_index=first, nearest_sqdist=best, rows=None)
+            sum_exp_sq=packed[:, 1].contiguous(), weighted_sum=packed[:, 3:].to(part.weighted_sum.dtype).contiguous(),
+            nearest_index=first, nearest_sqdist=sqdist.contiguous(), rows=None,
+            nearest_key=None if part.nearest_key is None else best)
 
     def _rows_in(self, k: int | None) -> int:
         """Rows of class ``k`` (all for None) over every rank (a collective the first time)."""
@@ -646,8 +680,10 @@ class ShardedEmpiricalDenoiser(RecordedCalls, Denoiser):
             index = np.arange(self.row_offset, self.row_offset + len(rows)) if index is None else index.numpy()
             order = pruning.cluster_order(flat.cpu().numpy())
             ordered = flat.index_select(0, torch.from_numpy(order).to(flat.device)).contiguous()
+            lw = self._class_log_weights(k)
             self._pruned[k] = pruning.build_rows([(ordered, index[order])], self.dtype, shards=_ShardReductions(self),
-                                                 n_total=self._rows_in(k))
+                                                 n_total=self._rows_in(k),
+                                                 log_weights=None if lw is None else [lw.cpu().numpy()[order]])
         return self._pruned[k]
 
     def _groups(self, x, class_labels):

@@ -6,7 +6,12 @@ A measurement ``y = A x0 + s_y n`` of an image ``x0`` through a linear operator 
 (:class:`Inpainting` with box or random masks, :class:`AveragePool` super-resolution,
 :class:`GaussianBlur` deblurring) is inverted by sampling the EDM probability-flow ODE with the
 posterior denoiser ``E[x0 | x̃, y] = D + σ² ∇_x̃ log p(y | x̃)`` (Tweedie's formula applied to the
-posterior), :class:`PosteriorDenoiser`. Its likelihood is either diffusion posterior sampling's
+posterior), :class:`PosteriorDenoiser`. For the analytic priors it is exact (``"exact"``, the
+default): the empirical prior's posterior given ``y`` is again an empirical distribution, the
+training rows reweighted by ``exp(−‖y − A y_i‖²/(2 s_y²))``, so its posterior denoiser is one
+weighted empirical-denoiser call (:meth:`~diffrepro.denoisers.EmpiricalDenoiser.reweighted`);
+the Gaussian prior's posterior is Gaussian (:func:`gaussian_posterior`). Otherwise the likelihood
+is either diffusion posterior sampling's
 (DPS; Chung et al. 2023, Algorithm 1: ``p(y | x̃) ≈ p(y | x0 = D)`` with the step size
 ``ζ/‖y − A D‖``) or the Tweedie moment projection (Boys et al. 2023), which uses the exact
 posterior covariance ``Cov[x0 | x̃] = σ² ∂D/∂x̃`` and is exact for Gaussian priors. Both need
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .denoisers.base import Denoiser, _bcast
+from .denoisers.empirical import EmpiricalDenoiser
 from .denoisers.gaussian import GaussianDenoiser
 
 __all__ = [
@@ -41,6 +47,8 @@ __all__ = [
     "PosteriorDenoiser",
     "check_problem",
     "conjugate_gradient",
+    "exact_log_weights",
+    "gaussian_posterior",
     "gaussian_posterior_mean",
     "make_operator",
 ]
@@ -306,14 +314,100 @@ def check_problem(operator: LinearOperator, measurement, image_shape: tuple) -> 
     return y
 
 
-LIKELIHOODS = ("moment", "dps")
+LIKELIHOODS = ("exact", "moment", "dps")
+# Residual blocks: training rows pushed through the operator at a time (float64).
+_RESIDUAL_ROWS = 1024
+
+
+def _single_measurement(measurement) -> torch.Tensor:
+    """The measurement as float64 ``[1, ...]``: the exact posteriors condition the prior on one
+    ``y`` (a batch of identical rows is accepted)."""
+    y = torch.as_tensor(measurement, dtype=torch.float64)
+    if y.ndim < 2 or not bool((y == y[:1]).all()):
+        raise ValueError(f"likelihood 'exact' conditions on one measurement, got shape {tuple(y.shape)} with "
+                         "different rows; solve each measurement with its own PosteriorDenoiser")
+    return y[:1]
+
+
+def exact_log_weights(denoiser, operator: LinearOperator, measurement, noise_std: float) -> torch.Tensor:
+    """Log-weights of the empirical prior's exact posterior given ``y = A x0 + s_y n``.
+
+    Bayes' rule on ``x0 ~ (1/N) Σ_i δ_{y_i}`` gives the posterior ``Σ_i w_i δ_{y_i}`` with
+    ``log w_i = −‖y − A y_i‖²/(2 s_y²)`` (+ a constant), and noising it by σ gives the posterior
+    denoiser ``Σ_i softmax_i(−‖x̃ − y_i‖²/(2σ²) + log w_i) y_i``. The residuals are computed in
+    float64. For a noise-free measurement (``s_y = 0``) the posterior is the limit ``s_y → 0``:
+    uniform over the rows of smallest residual, where "smallest" means within the float64
+    rounding of the residuals, ``r_i ≤ r_min + 16 m u (‖y‖² + ‖A y_i‖²)`` (``m`` measured values,
+    ``u = 2⁻⁵³``); the others get −inf.
+
+    Args:
+        denoiser: an :class:`~diffrepro.denoisers.EmpiricalDenoiser` (its rows, in index order).
+        operator: the measurement operator ``A``.
+        measurement: ``y`` (``[1, ...]``).
+        noise_std: ``s_y ≥ 0``.
+
+    Returns:
+        float64 ``[N]`` on the CPU.
+    """
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
+    y = _single_measurement(measurement)
+    resid, scale = [], []
+    for rows in denoiser.float64_rows(_RESIDUAL_ROWS):
+        ay = operator.forward(rows.cpu())
+        if tuple(ay.shape[1:]) != tuple(y.shape[1:]):
+            raise ValueError(f"measurement has shape {tuple(y.shape)}, but the operator maps a training image to "
+                             f"{tuple(ay.shape[1:])}")
+        resid.append((y - ay).reshape(len(ay), -1).square().sum(1))
+        scale.append(ay.reshape(len(ay), -1).square().sum(1))
+    r, a2 = torch.cat(resid), torch.cat(scale)
+    if noise_std > 0:
+        return -r / (2 * noise_std**2)
+    tol = 16 * y.numel() * (torch.finfo(torch.float64).eps / 2) * (y.square().sum() + a2)
+    return torch.where(r <= r.min() + tol, 0.0, -math.inf)
+
+
+def gaussian_posterior(gaussian: GaussianDenoiser, operator: LinearOperator, measurement,
+                       noise_std: float = 0.0) -> GaussianDenoiser:
+    """The Gaussian prior ``N(μ, Σ)`` conditioned on ``y = A x0 + s_y n``, as a Gaussian denoiser.
+
+    The posterior is ``N(μ_y, Σ_y)``, ``μ_y`` from :func:`gaussian_posterior_mean` and
+    ``Σ_y = Σ − Σ Aᵀ (A Σ Aᵀ + s_y² I)⁺ A Σ``; its denoiser is the posterior denoiser
+    ``E[x0 | x̃, y]`` exactly. With ``Σ = U_r Λ U_rᵀ`` and ``B = A U_r √Λ``,
+    ``Σ_y = U_r √Λ (I − (BᵀB + s_y² I)⁺ BᵀB) √Λ U_rᵀ``: an ``r × r`` eigenproblem, the prior's
+    discarded directions completing the basis (variance 0). ``s_y = 0`` is the noise-free limit.
+    """
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
+    y = _single_measurement(measurement)
+    shape = (gaussian.img_channels, gaussian.img_resolution, gaussian.img_resolution)
+    r = int((gaussian.lam_eff > 0).sum())  # lam_eff is descending: the first r directions
+    ur, sq = gaussian.U[:, :r], gaussian.lam_eff[:r].sqrt()
+    b = operator.forward((ur * sq).T.reshape(-1, *shape)).reshape(r, -1)  # Bᵀ, [r, m]
+    kappa, v = torch.linalg.eigh(b @ b.T)
+    floor = (kappa[-1].clamp_min(0) + noise_std**2) * max(r, 1) * torch.finfo(torch.float64).eps
+    # I − (K + s²)⁺ K in K's eigenbasis: s²/(κ + s²), and 1 where κ + s² counts as 0.
+    keep = torch.where(kappa + noise_std**2 > floor, noise_std**2 / (kappa.clamp_min(0) + noise_std**2), 1.0)
+    m = (v * keep) @ v.T
+    nu, w = torch.linalg.eigh(sq[:, None] * m * sq[None, :])
+    nu, w = nu.flip(0).clamp_min(0), w.flip(1)
+    u_y = torch.cat([ur @ w, gaussian.U[:, r:]], 1)
+    lam_y = torch.cat([nu, torch.zeros(gaussian.U.shape[1] - r, dtype=torch.float64, device=nu.device)])
+    mu_y = gaussian_posterior_mean(gaussian, operator, y, noise_std).reshape(-1)
+    return GaussianDenoiser(mu_y, lam_y, u_y, n=gaussian.n, shape=shape, device=gaussian.device)
 
 
 class PosteriorDenoiser(Denoiser):
     """The posterior denoiser ``E[x0 | x̃, y] = D + σ² ∇_x̃ log p(y | x̃)`` of a linear inverse problem.
 
-    ``p(y | x̃)`` is not available in closed form; two approximations, both built on
-    ``J = ∂D/∂x̃`` (symmetric for the analytic denoisers, ``Cov[x0 | x̃] = σ² J``):
+    * ``"exact"`` (the default for the analytic priors): the exact posterior denoiser. Empirical
+      prior: the training rows reweighted by ``log w_i = −‖y − A y_i‖²/(2 s_y²)``
+      (:func:`exact_log_weights`; the noise-free limit for ``s_y = 0``), one weighted
+      empirical-denoiser call per evaluation. Gaussian prior: the denoiser of the Gaussian
+      posterior (:func:`gaussian_posterior`). Needs one measurement.
+
+    For other priors (networks) ``p(y | x̃)`` is not available in closed form; two approximations,
+    both built on ``J = ∂D/∂x̃`` (symmetric for the analytic denoisers, ``Cov[x0 | x̃] = σ² J``):
 
     * ``"dps"`` (diffusion posterior sampling; Chung et al. 2023): ``p(y | x̃) ≈ p(y | x0 = D)`` with
       DPS's step size ``ζ/‖r‖`` in place of ``1/s_y²``, ``r = y − A D``:
@@ -335,18 +429,24 @@ class PosteriorDenoiser(Denoiser):
         measurement: ``y`` (``[1, ...]`` or ``[B, ...]``, as ``operator.forward`` returns), finite;
             checked against the operator and the images by :func:`check_problem` here, before
             any sampling.
-        likelihood: ``"moment"`` or ``"dps"``.
+        likelihood: ``"exact"``, ``"moment"`` or ``"dps"`` (None: ``"exact"`` for the empirical
+            and Gaussian priors, ``"moment"`` otherwise).
         zeta: DPS step size ``ζ`` (≥ 0; ``"dps"`` only).
-        noise_std: measurement noise ``s_y`` of the likelihood (> 0 recommended; ``"moment"`` only).
+        noise_std: measurement noise ``s_y`` of the likelihood (``"exact"``: 0 is the noise-free
+            limit; ``"moment"``: > 0 recommended).
         cg_iters: conjugate-gradient iterations per evaluation (``"moment"``).
         cg_tol: relative residual tolerance of the conjugate gradients.
     """
 
     def __init__(self, denoiser: Denoiser, operator: LinearOperator, measurement: torch.Tensor, *,
-                 likelihood: str = "moment", zeta: float = 1.0, noise_std: float = 0.01, cg_iters: int = 50,
+                 likelihood: str | None = None, zeta: float = 1.0, noise_std: float = 0.01, cg_iters: int = 50,
                  cg_tol: float = 1e-6):
         if not isinstance(denoiser, Denoiser):
             raise TypeError(f"denoiser must be a Denoiser, got {type(denoiser).__name__}")
+        if likelihood is None:
+            analytic = isinstance(denoiser, (EmpiricalDenoiser, GaussianDenoiser))
+            likelihood = "exact" if analytic else "moment"
+
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}")
         for name, value in (("zeta", zeta), ("noise_std", noise_std), ("cg_tol", cg_tol)):
@@ -362,15 +462,29 @@ class PosteriorDenoiser(Denoiser):
             setattr(self, name, getattr(denoiser, name))
         self.round_sigma = denoiser.round_sigma
         self.device = torch.device(getattr(denoiser, "device", "cpu"))
+        self._exact = None
+        if likelihood == "exact":
+            if isinstance(denoiser, GaussianDenoiser):
+                self._exact = gaussian_posterior(denoiser, operator, self.measurement, self.noise_std)
+            elif isinstance(denoiser, EmpiricalDenoiser):
+                self._exact = denoiser.reweighted(exact_log_weights(denoiser, operator, self.measurement,
+                                                                    self.noise_std))
+            else:
+                raise ValueError(f"likelihood 'exact' needs an EmpiricalDenoiser or GaussianDenoiser prior, got "
+                                 f"{type(denoiser).__name__}; use 'moment' or 'dps'")
 
     def describe(self) -> dict:
         """JSON-able settings (recorded in manifests)."""
         out = {"likelihood": self.likelihood, "operator": self.operator.describe()}
         if self.likelihood == "dps":
             return {**out, "zeta": self.zeta}
+        if self.likelihood == "exact":
+            return {**out, "noise_std": self.noise_std}
         return {**out, "noise_std": self.noise_std, "cg_iters": self.cg_iters, "cg_tol": self.cg_tol}
 
     def _x0(self, x, sigma, s, class_labels):
+        if self._exact is not None:
+            return self._exact._x0(x, sigma, s, class_labels)
         den = self.base._x0(x, sigma, s, class_labels)
         if self.likelihood == "dps" and self.zeta == 0:
             return den

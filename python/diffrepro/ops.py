@@ -77,11 +77,13 @@ class DenoiserState:
     """Streaming softmax state of the empirical denoiser over the rows seen so far.
 
     Attributes:
-        max_logit: [Q] float64, max_i l_i with l_i = -||x/s - y_i||^2 / (2 sigma^2).
+        max_logit: [Q] float64, max_i l_i with l_i = -||x/s - y_i||^2 / (2 sigma^2) + lw_i
+            (lw_i: the row's log-weight, 0 without ``log_weights``).
         sum_exp: [Q] float64, sum_i exp(l_i - max_logit).
         sum_exp_sq: [Q] float64, sum_i exp(l_i - max_logit)^2.
         weighted_sum: [Q, D] (x's dtype), sum_i exp(l_i - max_logit) y_i.
-        nearest_index: [Q] int64, global index of the nearest row (lowest index wins ties).
+        nearest_index: [Q] int64, global index of the nearest row (lowest index wins ties);
+            with log-weights the row of largest weight (largest l_i, see ``nearest_key``).
         nearest_sqdist: [Q] float64, ||x/s - y_nearest||^2 recomputed in float64.
         max_logit_lo: [Q] float64 or None, low part of the max logit (the exact value is
             max_logit + max_logit_lo): keeps merges exact when ||x/s||^2 / sigma^2 is huge.
@@ -89,6 +91,8 @@ class DenoiserState:
         query_fingerprint: [Q] float64 or None, a cheap fingerprint of the queries x.
         rows: the global row ranges [start, stop) covered, or None if unknown.
         The last five let ``merge_states`` refuse states that do not belong together.
+        nearest_key: [Q] float64 or None (no log-weights): the nearest row's ranking key
+            ||x/s - y||^2 / (2 sigma^2) - lw (smaller wins, then the lower index), +inf for none.
     """
 
     max_logit: torch.Tensor
@@ -102,6 +106,7 @@ class DenoiserState:
     s: torch.Tensor | None = None
     query_fingerprint: torch.Tensor | None = None
     rows: Rows | None = None
+    nearest_key: torch.Tensor | None = None
 
 
 @dataclass
@@ -206,6 +211,31 @@ def _prepare_denoiser(x, train, sigma, s):
     return xt, from_numpy, x2, xs, y2, sig, scale
 
 
+def _log_weights(log_weights, n: int, device) -> torch.Tensor | None:
+    """``log_weights`` as a contiguous float64 ``[n]`` tensor on ``device`` (None stays None):
+    finite or -inf (row excluded); NaN and +inf are refused."""
+    if log_weights is None:
+        return None
+    lw, _ = to_tensor("log_weights", log_weights, _FLOATS)
+    if lw.shape != (n,):
+        raise ValueError(f"log_weights must have shape [{n}] (one per training row), got {list(lw.shape)}")
+    lw = lw.to(device=device, dtype=torch.float64).contiguous()
+    bad = torch.isnan(lw) | (lw == float("inf"))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"log_weights must be finite or -inf (row excluded), got {float(lw[i])} at row {i}")
+    return lw
+
+
+def _nearest_key(state: DenoiserState, lw: torch.Tensor, inv_sigma2: torch.Tensor, row_offset: int) -> torch.Tensor:
+    """The ranking key of each query's nearest row, the formula of the kernels'
+    nearest_rank_key (csrc/include/diffrepro/logits.h): ``0.5 d2 / sigma^2 - lw`` (+inf: none)."""
+    found = state.nearest_index >= 0
+    local = torch.where(found, state.nearest_index - int(row_offset), 0)
+    key = 0.5 * state.nearest_sqdist * inv_sigma2 - lw[local]
+    return torch.where(found, key, float("inf"))
+
+
 def _center(y2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Mean of an evenly strided sample of rows: removes a large common offset before the
     products (the logits and L2 distances are invariant to a shift of x and y by the same
@@ -239,6 +269,13 @@ def _empty_state(Q: int, D: int, dtype, device, fill: bool = True) -> DenoiserSt
     )
 
 
+def _empty_weighted(Q: int, D: int, dtype, device, lw) -> DenoiserState:
+    state = _empty_state(Q, D, dtype, device)
+    if lw is not None:
+        state.nearest_key = torch.full((Q,), float("inf"), dtype=torch.float64, device=device)
+    return state
+
+
 def _workspace(module, op: str, sizes: tuple, knobs: _Knobs, device) -> torch.Tensor:
     nbytes = getattr(module, f"{op}_workspace_bytes")(*sizes, config=knobs.config, splits=knobs.splits)
     return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
@@ -270,11 +307,11 @@ def _gpu_engine_choice(device, knobs: _Knobs) -> bool:
     return device.type == "cuda" and not knobs.emulate and knobs.config < 0 and knobs.splits == 0
 
 
-def _denoiser_state(xs, y2, sig, row_offset, knobs: _Knobs) -> DenoiserState:
+def _denoiser_state(xs, y2, sig, row_offset, knobs: _Knobs, lw: torch.Tensor | None = None) -> DenoiserState:
     Q, D = xs.shape
     N = y2.shape[0]
     if Q == 0 or N == 0:
-        return _empty_state(Q, D, xs.dtype, xs.device)
+        return _empty_weighted(Q, D, xs.dtype, xs.device, lw)
     state = _empty_state(Q, D, xs.dtype, xs.device, fill=False)  # the kernels write every field
     center = _center(y2, xs.dtype)
     inv_sigma2 = sig.pow(-2)
@@ -284,9 +321,10 @@ def _denoiser_state(xs, y2, sig, row_offset, knobs: _Knobs) -> DenoiserState:
         max_logit=state.max_logit.data_ptr(), max_logit_lo=state.max_logit_lo.data_ptr(),
         sum_exp=state.sum_exp.data_ptr(), sum_exp_sq=state.sum_exp_sq.data_ptr(),
         weighted_sum=state.weighted_sum.data_ptr(), nearest_index=state.nearest_index.data_ptr(),
-        nearest_sqdist=state.nearest_sqdist.data_ptr(),
+        nearest_sqdist=state.nearest_sqdist.data_ptr(), log_weights=0 if lw is None else lw.data_ptr(),
     )
-    if _gpu_engine_choice(xs.device, knobs):
+    # Weighted calls run the fused kernels (the BLAS engine's epilogue has no log-weights).
+    if lw is None and _gpu_engine_choice(xs.device, knobs):
         fields = _gpu_dispatch.empirical_denoiser(
             xs, y2, inv_sigma2, center, int(row_offset),
             lambda n: _launch("empirical_denoiser", {**args, "N": n}, (Q, n, D), xs.device, knobs))
@@ -295,6 +333,8 @@ def _denoiser_state(xs, y2, sig, row_offset, knobs: _Knobs) -> DenoiserState:
     else:
         _launch("empirical_denoiser", args, (Q, N, D), xs.device, knobs)
     _check_state_finite(state, xs, y2)
+    if lw is not None:
+        state.nearest_key = _nearest_key(state, lw, inv_sigma2, row_offset)
     return state
 
 
@@ -311,11 +351,17 @@ def _check_state_finite(state: DenoiserState, xs: torch.Tensor, y2: torch.Tensor
         )
 
 
+def check_some_weight(lw: torch.Tensor | None) -> None:
+    """At least one row of finite log-weight (a softmax over no row has no value)."""
+    if lw is not None and not bool((lw > -float("inf")).any()):
+        raise ValueError(f"log_weights are -inf for all {lw.numel()} rows: no row has a finite weight")
+
+
 def _decode_abs_max(y2: torch.Tensor) -> float:
     return 1.0 if y2.dtype == torch.uint8 else float(y2.abs().max())
 
 
-def empirical_denoiser_partial(x, train_chunk, sigma, *, s=1.0, row_offset: int = 0,
+def empirical_denoiser_partial(x, train_chunk, sigma, *, s=1.0, row_offset: int = 0, log_weights=None,
                                _tile: int | None = None, _workers: int | None = None, _config: int = -1,
                                _splits: int = 0, _emulate: bool = False) -> DenoiserState:
     """Softmax state of the empirical denoiser over one chunk of training rows.
@@ -326,6 +372,8 @@ def empirical_denoiser_partial(x, train_chunk, sigma, *, s=1.0, row_offset: int 
             as u / 127.5 - 1; numpy arrays and np.memmap are used without a copy.
         sigma: positive float or [Q] noise levels. s: positive float or [Q] signal scales.
         row_offset: global index of the chunk's first row (for ``nearest_index``).
+        log_weights: optional ``[n]`` float log-weights of the chunk's rows (see
+            ``empirical_denoiser``); a chunk whose rows all have -inf contributes nothing.
 
     Returns:
         DenoiserState; combine chunks with ``merge_states`` and read it with ``finalize``. The
@@ -334,7 +382,8 @@ def empirical_denoiser_partial(x, train_chunk, sigma, *, s=1.0, row_offset: int 
     """
     _, _, x2, xs, y2, sig, scale = _prepare_denoiser(x, train_chunk, sigma, s)
     check_int("row_offset", row_offset, 0)
-    state = _denoiser_state(xs, y2, sig, row_offset, _Knobs(_tile, _workers, _config, _splits, _emulate))
+    lw = _log_weights(log_weights, y2.shape[0], xs.device)
+    state = _denoiser_state(xs, y2, sig, row_offset, _Knobs(_tile, _workers, _config, _splits, _emulate), lw)
     state.sigma, state.s = sig, scale
     state.query_fingerprint = _fingerprint(x2)
     state.rows = _covered(row_offset, y2.shape[0])
@@ -362,6 +411,8 @@ def merge_states(a: DenoiserState, b: DenoiserState) -> DenoiserState:
     _check_same_scalar("s", a.s, b.s)
     _check_same_queries("denoiser states", a, b)
     rows = _union(a.rows, b.rows, "denoiser states")
+    if (a.nearest_key is None) != (b.nearest_key is None):
+        raise ValueError("cannot merge a denoiser state computed with log_weights and one without")
     # The max logit is the pair hi + lo (|lo| <= ulp(hi) / 2), so (hi, lo) order is value order
     # and hi differences are exact where they matter (Sterbenz): the merge never rounds away
     # the digits of a huge ||x||^2 / 2 sigma^2.
@@ -372,10 +423,14 @@ def merge_states(a: DenoiserState, b: DenoiserState) -> DenoiserState:
     fa = torch.where(a_hi == -float("inf"), 0.0, torch.exp((a_hi - m_hi) + (a_lo - m_lo)))
     fb = torch.where(b_hi == -float("inf"), 0.0, torch.exp((b_hi - m_hi) + (b_lo - m_lo)))
     ws = a.weighted_sum.double() * fa[:, None] + b.weighted_sum.double() * fb[:, None]
+    # Nearest: the smaller key (the distance, or with log-weights the kernels' rank key), then
+    # the lower index.
+    key_a = a.nearest_sqdist if a.nearest_key is None else a.nearest_key
+    key_b = b.nearest_sqdist if b.nearest_key is None else b.nearest_key
     take_b = (b.nearest_index >= 0) & (
         (a.nearest_index < 0)
-        | (b.nearest_sqdist < a.nearest_sqdist)
-        | ((b.nearest_sqdist == a.nearest_sqdist) & (b.nearest_index < a.nearest_index))
+        | (key_b < key_a)
+        | ((key_b == key_a) & (b.nearest_index < a.nearest_index))
     )
     return DenoiserState(
         max_logit=m_hi,
@@ -389,6 +444,7 @@ def merge_states(a: DenoiserState, b: DenoiserState) -> DenoiserState:
         s=a.s if b.s is not None else None,
         query_fingerprint=a.query_fingerprint if b.query_fingerprint is not None else None,
         rows=rows,
+        nearest_key=None if a.nearest_key is None else torch.where(take_b, key_b, key_a),
     )
 
 
@@ -399,9 +455,12 @@ def finalize(state: DenoiserState) -> tuple[torch.Tensor, dict]:
         (out [Q, D] in the state's dtype, info) with info["log_normalizer"] [Q] float64
         (logsumexp_i l_i, including the ||x||^2 term), info["nearest_index"] [Q] int64,
         info["nearest_sqdist"] [Q] float64 and info["n_eff"] [Q] float64 = 1 / sum_i w_i^2.
+        With log-weights, l_i includes them, the nearest row is the one of largest weight, and
+        info["nearest_key"] [Q] float64 is its key ||x/s - y||^2 / (2 sigma^2) - lw.
     """
     if bool((state.max_logit == -float("inf")).any()):
-        raise ValueError("state has queries that saw no training rows; merge a non-empty chunk first")
+        raise ValueError("state has queries that saw no training rows (or only rows of log-weight -inf); "
+                         "merge a chunk with a row of finite weight first")
     ws, z = state.weighted_sum, state.sum_exp
     if ws.device.type == "cpu":
         out = torch.from_numpy((_host(ws).astype(np.float64) / _host(z)[:, None]).astype(_host(ws).dtype))
@@ -414,11 +473,13 @@ def finalize(state: DenoiserState) -> tuple[torch.Tensor, dict]:
         "nearest_sqdist": state.nearest_sqdist,
         "n_eff": state.sum_exp.square() / state.sum_exp_sq,
     }
+    if state.nearest_key is not None:
+        info["nearest_key"] = state.nearest_key
     return out, info
 
 
-def empirical_denoiser(x, train, sigma, *, s=1.0, _tile: int | None = None, _workers: int | None = None,
-                       _config: int = -1, _splits: int = 0, _emulate: bool = False):
+def empirical_denoiser(x, train, sigma, *, s=1.0, log_weights=None, _tile: int | None = None,
+                       _workers: int | None = None, _config: int = -1, _splits: int = 0, _emulate: bool = False):
     """Empirical optimal denoiser D(x; sigma) = sum_i softmax_i(-||x/s - y_i||^2 / 2 sigma^2) y_i.
 
     One streaming pass over the training rows (online softmax), never a Q x N matrix.
@@ -431,6 +492,11 @@ def empirical_denoiser(x, train, sigma, *, s=1.0, _tile: int | None = None, _wor
             ``u.to(dtype) / 127.5 - 1`` (bitwise equal to passing the decoded floats); np.memmap ok.
             A non-contiguous tensor is copied once.
         sigma: positive float or [Q] tensor. s: positive float or [Q] tensor (x~ = x / s).
+        log_weights: optional [N] float32/float64 per-row log-weights lw_i (torch or numpy):
+            the weights become exp(-||x/s - y_i||^2 / 2 sigma^2 + lw_i), i.e. the empirical
+            distribution sum_i exp(lw_i) delta_{y_i} (duplicate counts: log(count); the exact
+            posterior of a linear-Gaussian measurement, diffrepro.inverse). -inf excludes a row;
+            NaN and +inf are refused, and at least one row must have a finite log-weight.
 
     Returns:
         The denoised rows with x's shape and dtype.
@@ -443,11 +509,13 @@ def empirical_denoiser(x, train, sigma, *, s=1.0, _tile: int | None = None, _wor
     xt, from_numpy, x2, xs, y2, sig, _ = _prepare_denoiser(x, train, sigma, s)
     if y2.shape[0] == 0:
         raise ValueError(f"train must have at least one row, got shape {list(y2.shape)}")
+    lw = _log_weights(log_weights, y2.shape[0], xs.device)
+    check_some_weight(lw)
     if x2.shape[0] == 0:
         out = torch.empty_like(x2)
     else:
         knobs = _Knobs(_tile, _workers, _config, _splits, _emulate)
-        out, _ = finalize(_denoiser_state(xs, y2, sig, 0, knobs))
+        out, _ = finalize(_denoiser_state(xs, y2, sig, 0, knobs, lw))
     out = out.reshape(xt.shape)
     return out.numpy() if from_numpy else out
 

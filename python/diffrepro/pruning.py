@@ -27,6 +27,13 @@ a certificate:
   :func:`straight_line_margin`). The O(D) check stays because it is also what keeps the result
   exact when the caller leaves that line.
 
+* **Log-weights.** With per-row log-weights ``lw_i`` (weights ``exp(−‖x̃ − y_i‖²/(2σ²) + lw_i)``)
+  the reference row is the one of largest weight, the reference value ``R = U² − 2σ² lw_U`` and
+  tile ``t`` is skipped only if ``L_t² − 2σ² max_{i∈t} lw_i − R > 2σ² ln(N/ε)`` (a tile whose
+  rows all have ``lw = −inf`` is never computed); the skipped-mass bound uses the same exponent.
+  Commitment is off with log-weights (the straight-line argument assumes equal weights): every
+  call runs the certified tile selection.
+
 Rows are ordered once by a principal-direction tree (tiles of nearby images), so a query's
 candidates fall into few tiles; the order is a permutation and changes no result.
 
@@ -49,7 +56,7 @@ import torch
 
 from . import _backend
 from ._validate import ROW_TYPES
-from .ops import DenoiserState, _check_state_finite, _workers, finalize, merge_states
+from .ops import DenoiserState, _check_state_finite, _nearest_key, _workers, finalize, merge_states
 
 __all__ = ["PrunedRows", "OneProcess", "check_prune", "cluster_order", "straight_line_margin", "DEFAULT_PRUNE",
            "batch_fields", "summarize", "plot_commitment", "FIELDS"]
@@ -243,11 +250,13 @@ class PrunedRows:
         shards: the reductions across the shards of a split training set (:class:`OneProcess`:
             these rows are the whole set).
         n_total: rows of the whole set over all shards (default: these rows).
+        log_weights: optional list of float64 ``[n]`` per-row log-weights, one per chunk (aligned
+            with its ``global_index``); see the module's *Log-weights*.
     """
 
     def __init__(self, chunks, center: torch.Tensor, tile_norm: np.ndarray, dtype: torch.dtype,
                  tile_rows: int = TILE_ROWS, *, device=None, emulate: bool = False, shards=None,
-                 n_total: int | None = None):
+                 n_total: int | None = None, log_weights=None):
         self.dtype, self.tile_rows, self.center = dtype, int(tile_rows), center
         self.device = torch.device("cpu" if device is None else device)
         self.emulate = bool(emulate)
@@ -282,6 +291,21 @@ class PrunedRows:
         self.kernel_seconds = 0.0  # inside the kernel during the last call
         self._np_dtype = np.float32 if dtype == torch.float32 else np.float64
         self._center_np = center.numpy()
+        self._set_log_weights(log_weights)
+
+    def _set_log_weights(self, log_weights) -> None:
+        """Per flat position (``lw``), per tile (``tile_lw``, the largest) and per chunk on the
+        kernel's device (``_chunk_lw``); all None without log-weights."""
+        self.lw = self.tile_lw = self._chunk_lw = None
+        if log_weights is None:
+            return
+        parts = [np.ascontiguousarray(np.asarray(w, dtype=np.float64)) for w in log_weights]
+        self.lw = np.concatenate(parts + [np.zeros(0)])
+        firsts = np.concatenate([self.starts[i] + self.tile_rows * np.arange(-(-len(c.index) // self.tile_rows))
+                                 for i, c in enumerate(self.chunks)] + [np.zeros(0)]).astype(np.int64)
+        self.tile_lw = np.maximum.reduceat(self.lw, firsts) if len(firsts) else np.zeros(0)
+        dev = self.device if self.device.type == "cuda" and not self.emulate else torch.device("cpu")
+        self._chunk_lw = [torch.from_numpy(w).to(dev) for w in parts]
 
     @property
     def _bounds(self) -> _Bounds | None:
@@ -301,6 +325,7 @@ class PrunedRows:
                               torch.float64, self.tile_rows, device=self.device, emulate=self.emulate,
                               shards=self.shards, n_total=self.n_total)
             twin.cuda_config, twin.cuda_splits, twin._slot = self.cuda_config, self.cuda_splits, self._slot
+            twin.lw, twin.tile_lw, twin._chunk_lw = self.lw, self.tile_lw, self._chunk_lw  # float64 already
             self._float64 = twin
         return self._float64
 
@@ -331,6 +356,26 @@ class PrunedRows:
         if mine.any():
             out[mine] = self.rows_at(flat[mine])
         return out
+
+    def _reference(self, qd: np.ndarray, slots: np.ndarray, flat: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        """The certificate's reference ``R`` for the queries ``slots`` and the rows at ``flat``:
+        ``U²`` (:meth:`_exact_sqdist`), with log-weights ``U² − 2σ² lw`` rounded up; the minimum
+        over the shards (+inf where ``flat`` is -1 on every shard)."""
+        if self.lw is None:
+            return self._exact_sqdist(qd, slots, flat)[0]
+        mine = flat >= 0
+        u2 = np.where(mine, _sqdist(_take(qd, slots), self._rows_here(flat)) * (1 + 1e-12), np.inf)
+        shift = np.where(mine, 2 * sigma**2 * self.lw[np.where(mine, flat, 0)], 0.0)
+        return self.shards.min(u2 - shift + 1e-15 * np.abs(shift))
+
+    def _tile_shift(self, sigma: np.ndarray):
+        """``2σ² max_t lw`` per (query, tile), rounded up (+0 without log-weights; -inf for a
+        tile whose rows are all excluded)."""
+        if self.lw is None:
+            return 0.0
+        shift = 2 * sigma[:, None] ** 2 * self.tile_lw[None]
+        with np.errstate(invalid="ignore"):
+            return shift + 1e-15 * np.abs(np.where(np.isfinite(shift), shift, 0.0))
 
     def _exact_sqdist(self, qd: np.ndarray, slots: np.ndarray, flat: np.ndarray):
         """``(‖x̃ − y‖² rounded up, y)`` for the queries ``slots`` and the rows at ``flat``, the
@@ -426,9 +471,12 @@ class PrunedRows:
         kernel -> exact tile minima -> new bounds, output, commitment test."""
         drift = st.drift[rest][:, None]
         lb = np.maximum(st.lb[rest].astype(np.float64) - drift, 0.0)
-        # U: the exact distance to the previous call's nearest row (+inf on the first call).
-        u2, _ = self._exact_sqdist(qd, rest, st.nearest[rest])
-        active = np.square(lb) - u2[:, None] <= thr[rest][:, None]
+        # U: the exact distance to the previous call's nearest row (+inf on the first call); with
+        # log-weights R = U² − 2σ² lw_U against L_t² − 2σ² max lw of each tile.
+        u2 = self._reference(qd, rest, st.nearest[rest], sigma[rest])
+        shift = self._tile_shift(sigma[rest])
+        with np.errstate(invalid="ignore"):  # inf - inf: an excluded tile (False below) on the first call
+            active = np.square(lb) - shift - u2[:, None] <= thr[rest][:, None]
         self._last.update(rest=rest, active=active)
         qs = np.ascontiguousarray(_take(qn, rest))
         state, best, second = self._kernel(qs, 1.0 / sigma[rest] ** 2, active)
@@ -445,12 +493,16 @@ class PrunedRows:
         d2_second = np.maximum(xn2 - 2 * second - err, 0.0)
         st.lb[rest] = np.where(active, _round_down_f32(np.sqrt(d2) + drift), st.lb[rest])
         st.nearest[rest] = np.where(here >= 0, here, st.nearest[rest])
-        # The new U: the global nearest row and its exact float64 distance.
+        # The new U: the global nearest row and its exact float64 distance (with log-weights the
+        # row of largest weight and R = 2σ² key = U² − 2σ² lw_U, rounded up).
         nearest = info["nearest_index"].numpy()
         u2 = info["nearest_sqdist"].numpy() * (1 + 1e-12)
+        if self.lw is not None:
+            ref = 2 * sigma[rest] ** 2 * info["nearest_key"].numpy()
+            u2 = ref + 1e-12 * (np.abs(ref) + u2)
         stats["nearest"][rest] = nearest
         lb2 = np.where(active, d2, np.square(lb))
-        gap = lb2 - u2[:, None]
+        gap = lb2 - shift - u2[:, None]
         with np.errstate(over="ignore"):
             skipped = np.where(active, 0.0, self.tile_size[None] * np.exp(-gap / (2 * sigma[rest] ** 2)[:, None]))
         stats["skipped_bound"][rest] = self.shards.sum(skipped.sum(1))
@@ -462,7 +514,7 @@ class PrunedRows:
         home = self.tile_of[here[owner]]
         lb2[owner, home] = d2_second[owner, home]
         l_other2 = self.shards.min(lb2.min(1, initial=np.inf))
-        commit = (l_other2 - u2 > thr[rest]) & (self.n_total > 1)
+        commit = (l_other2 - u2 > thr[rest]) & (self.n_total > 1) & (self.lw is None)
         new = rest[commit]
         st.commit[new] = nearest[commit]
         st.commit_pos[new] = np.where(np.isin(np.flatnonzero(commit), owner), here[commit], -1)
@@ -511,7 +563,8 @@ class PrunedRows:
                 row_offset=int(self.starts[ci]), max_logit=part.max_logit.data_ptr(),
                 max_logit_lo=part.max_logit_lo.data_ptr(), sum_exp=part.sum_exp.data_ptr(),
                 sum_exp_sq=part.sum_exp_sq.data_ptr(), weighted_sum=part.weighted_sum.data_ptr(),
-                nearest_index=part.nearest_index.data_ptr(), nearest_sqdist=part.nearest_sqdist.data_ptr())
+                nearest_index=part.nearest_index.data_ptr(), nearest_sqdist=part.nearest_sqdist.data_ptr(),
+                log_weights=0 if self.lw is None else self._chunk_lw[ci].data_ptr())
             prune = dict(active=act_t.data_ptr(), tile_rows=self.tile_rows, tile_best=cb.data_ptr(),
                          tile_second=cs.data_ptr())
             start = time.perf_counter()
@@ -522,13 +575,19 @@ class PrunedRows:
             on = act.astype(bool)
             best[:, cols] = np.where(on, cb, best[:, cols])
             second[:, cols] = np.where(on, cs, second[:, cols])
+            if self.lw is not None:
+                part.nearest_key = _nearest_key(part, self._chunk_lw[ci], inv_t, int(self.starts[ci]))
             state = part if state is None else merge_states(state, part)
         if gpu and state is not None:
+            key = state.nearest_key
             state = DenoiserState(*(t.cpu() for t in (
                 state.max_logit, state.sum_exp, state.sum_exp_sq, state.weighted_sum, state.nearest_index,
                 state.nearest_sqdist, state.max_logit_lo)))
+            state.nearest_key = None if key is None else key.cpu()
         if state is None:  # no tile active here: every candidate is on another shard
             state = _empty_state(b, d, self._np_dtype)
+            if self.lw is not None:
+                state.nearest_key = torch.from_numpy(np.full(b, np.inf))
         return state, best, second
 
     def _launch(self, args: dict, prune: dict, sizes: tuple, dev: torch.device) -> None:
@@ -578,12 +637,12 @@ def _rows_from(rows, flat: np.ndarray) -> np.ndarray:
 
 
 def build_rows(chunks, dtype: torch.dtype, tile_rows: int = TILE_ROWS, *, device=None,
-               emulate: bool = False, shards=None, n_total: int | None = None) -> PrunedRows:
+               emulate: bool = False, shards=None, n_total: int | None = None, log_weights=None) -> PrunedRows:
     """:class:`PrunedRows` from ``(rows, global_index)`` chunks (a shard without rows passes one
     ``[0, D]`` chunk): one pass computes the centre (mean of the decoded rows) and the largest
     centred norm of every tile. ``device``: where the rows live (None: the first resident chunk's
     device, else the CPU); rows on a GPU are read back block by block for this pass. ``emulate``,
-    ``shards`` and ``n_total``: see :class:`PrunedRows`."""
+    ``shards``, ``n_total`` and ``log_weights``: see :class:`PrunedRows`."""
     if device is None:
         first = chunks[0][0] if chunks else None
         device = first.device if isinstance(first, torch.Tensor) else "cpu"
@@ -609,7 +668,8 @@ def build_rows(chunks, dtype: torch.dtype, tile_rows: int = TILE_ROWS, *, device
             dist = np.linalg.norm((_decode(part, dtype) - center).astype(np.float64), axis=1)
             norms.append(np.pad(dist, (0, -len(dist) % tile_rows)).reshape(-1, tile_rows).max(1))
     return PrunedRows(chunks, torch.from_numpy(center), np.concatenate(norms) * (1 + 1e-6), dtype,
-                      tile_rows, device=device, emulate=emulate, shards=shards, n_total=n_total)
+                      tile_rows, device=device, emulate=emulate, shards=shards, n_total=n_total,
+                      log_weights=log_weights)
 
 
 # -------------------------------------------------------------------------------------------

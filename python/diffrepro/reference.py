@@ -12,10 +12,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.double() / 127.5 - 1 if t.dtype == torch.uint8 else t.double()
 
 
-def empirical_denoiser_reference(x, train, sigma, s=1.0) -> torch.Tensor:
+def _plus_log_weights(logits: torch.Tensor, log_weights) -> torch.Tensor:
+    if log_weights is None:
+        return logits
+    return logits + torch.as_tensor(log_weights, dtype=torch.float64).reshape(1, -1)
+
+
+def empirical_denoiser_reference(x, train, sigma, s=1.0, log_weights=None) -> torch.Tensor:
     """float64 softmax-weighted mean from materialised differences ||x/s - y_i||^2.
 
-    Returns [Q, D] float64. sigma and s: floats or [Q].
+    Returns [Q, D] float64. sigma and s: floats or [Q]. log_weights: optional [N] added to the
+    logits (-inf: row excluded).
     """
     x = _rows(x)
     y = _rows(train)
@@ -23,27 +30,28 @@ def empirical_denoiser_reference(x, train, sigma, s=1.0) -> torch.Tensor:
     s = torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1)
     xt = x / s
     d2 = ((xt[:, None, :] - y[None, :, :]) ** 2).sum(-1)  # [Q, N]
-    logits = -d2 / (2 * sigma**2)
+    logits = _plus_log_weights(-d2 / (2 * sigma**2), log_weights)
     w = torch.softmax(logits, dim=1)
     return w @ y
 
 
-def empirical_denoiser_info_reference(x, train, sigma, s=1.0) -> dict:
-    """float64 log-normaliser, n_eff and nearest index/sqdist (lowest index on ties)."""
+def empirical_denoiser_info_reference(x, train, sigma, s=1.0, log_weights=None) -> dict:
+    """float64 log-normaliser, n_eff and nearest index/sqdist (lowest index on ties). With
+    log_weights the "nearest" row is the one of largest logit (largest weight)."""
     x = _rows(x)
     y = _rows(train)
     sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
     s = torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1)
     d2 = ((x[:, None, :] / s[:, :, None] - y[None, :, :]) ** 2).sum(-1)
-    logits = -d2 / (2 * sigma**2)
+    logits = _plus_log_weights(-d2 / (2 * sigma**2), log_weights)
     w = torch.softmax(logits, dim=1)
-    best = d2.min(1).values
-    nearest = (d2 == best[:, None]).to(torch.int64).argmax(1)  # first minimum
+    key = d2 if log_weights is None else -logits
+    nearest = (key == key.min(1).values[:, None]).to(torch.int64).argmax(1)  # first minimum
     return {
         "log_normalizer": torch.logsumexp(logits, 1),
         "n_eff": 1.0 / (w**2).sum(1),
         "nearest_index": nearest,
-        "nearest_sqdist": best,
+        "nearest_sqdist": d2.gather(1, nearest[:, None])[:, 0],
     }
 
 

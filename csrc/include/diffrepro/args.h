@@ -17,14 +17,17 @@ inline constexpr int kSearchMaxK = 128;
 // Empirical optimal denoiser over one chunk of training rows (global index of row n is
 // row_offset + n). T = float (speed path) or double (reference path).
 //
-// True logits are l_n = -||x_q - y_n||^2 / (2 sigma_q^2). Outputs (the DenoiserState of the
-// Python API), per query:
+// True logits are l_n = -||x_q - y_n||^2 / (2 sigma_q^2) + lw_n, with lw_n = log_weights[n] a
+// per-row log-weight (0 when log_weights is null; -inf excludes the row). Outputs (the
+// DenoiserState of the Python API), per query:
 //   max_logit + max_logit_lo : max_n l_n as an unevaluated float64 sum (hi + lo, see
 //                              logits.h); lo keeps the digits a huge ||x||^2 / 2 sigma^2 would
 //                              otherwise round away, so chunk states merge exactly at any scale
 //   sum_exp, sum_exp_sq      : sum_n exp(l_n - max), sum_n exp(l_n - max)^2
 //   weighted_sum             : sum_n exp(l_n - max) y_n (y_n as stored, uncentred)
-//   nearest_index            : the row nearest to x_q, lowest index among equal distances
+//   nearest_index            : the row of highest logit l_n (with log-weights: the mode of the
+//                              weights; without: the nearest row), ranked in float64 by
+//                              nearest_rank_key (logits.h), lowest index among equal keys
 //   nearest_sqdist           : ||x_q - y_nearest||^2 in float64 from the decoded values
 template <class T>
 struct DenoiserArgs {
@@ -42,6 +45,7 @@ struct DenoiserArgs {
   T* weighted_sum;            // [Q, D]
   index_t* nearest_index;     // [Q]
   double* nearest_sqdist;     // [Q]
+  const double* log_weights = nullptr;  // [N] or null: per-row log-weights lw_n (finite or -inf)
 };
 
 // Certified pruning of the empirical denoiser (pruned_denoiser_cpu): the N rows are cut into

@@ -74,4 +74,22 @@ DR_HD double score_error(double gamma, double x_norm, double y_norm, double y_no
   return gamma * (x_norm * y_norm + 0.5 * y_norm2);
 }
 
+// A per-row log-weight lw enters the score units as sigma^2 lw: l = (g + sigma^2 lw - h) /
+// sigma^2. Formed in float64 from the (float or double) score g, so the float32 path adds no
+// rounding of its own to the weights; -inf stays -inf (the row gets weight 0).
+DR_HD double weighted_score(double g, double lw, double sigma2) { return g + sigma2 * lw; }
+
+// Extra rounding bound of weighted_score in score units (two float64 roundings, with margin).
+DR_HD double weighted_score_error(double adjusted, double lw, double sigma2) {
+  return 4.5e-16 * (fabs(adjusted) + fabs(sigma2 * lw));
+}
+
+// The key by which the nearest row is ranked (smaller is better, then the lower index): the
+// float64 squared distance d2 without log-weights, and d2 / (2 sigma^2) - lw with them, the
+// negated logit up to the per-query constant, so the reported row is the one of largest weight.
+// diffrepro.ops.merge_states forms the same key from (nearest_sqdist, the row's log-weight).
+DR_HD double nearest_rank_key(double d2, const double* lw, index_t n, double inv_sigma2) {
+  return lw == nullptr ? d2 : 0.5 * d2 * inv_sigma2 - lw[n];
+}
+
 }  // namespace diffrepro

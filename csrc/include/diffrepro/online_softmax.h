@@ -67,6 +67,16 @@ DR_HD T softmax_push_scores(SoftmaxState<T>& st, const S* g, index_t n, S scale,
   S tile_max = g[0];
   for (index_t j = 1; j < n; ++j) tile_max = g[j] > tile_max ? g[j] : tile_max;
   const S new_max = static_cast<T>(tile_max) > st.max ? tile_max : static_cast<S>(st.max);
+  if (new_max == -static_cast<S>(INFINITY)) {
+    // No finite score yet (rows of log-weight -inf): their weights are 0, and a NaN score stays
+    // NaN in the sums (as exp(NaN) would), so that the caller still detects non-finite data.
+    for (index_t j = 0; j < n; ++j) {
+      p[j] = g[j] == -static_cast<S>(INFINITY) ? S(0) : g[j] - g[j];
+      st.sum += p[j];
+      st.sum_sq += static_cast<T>(p[j]) * p[j];
+    }
+    return T(1);
+  }
   const T r = st.max == -static_cast<T>(INFINITY)
                   ? T(0)
                   : static_cast<T>(exp(static_cast<T>(static_cast<S>(st.max) - new_max) * scale));

@@ -9,7 +9,7 @@ from ._common import HelpFormatter, int_at_least, nonneg_float, positive_float, 
 
 # Kept literal so that building the parser imports no torch; tests check them against diffrepro.inverse.
 TASK_CHOICES = ("inpaint-box", "inpaint-random", "sr2", "sr4", "deblur")
-LIKELIHOOD_CHOICES = ("moment", "dps")
+LIKELIHOOD_CHOICES = ("exact", "moment", "dps")
 
 
 def add_commands(sub) -> None:
@@ -18,8 +18,9 @@ def add_commands(sub) -> None:
         formatter_class=HelpFormatter,
         description="Measures one target image through a linear operator (box or random-pixel inpainting, 2x/4x "
                     "average-pooling super-resolution, Gaussian blur) and solves for it from each seed's noise with "
-                    "the EDM sampler and the posterior denoiser of the empirical or Gaussian model (Tweedie moment "
-                    "projection, or DPS). Writes the generate layout (NNNNNN.png per seed, batches/*.npz, grid.png, "
+                    "the EDM sampler and the posterior denoiser of the empirical or Gaussian model (exact by default; "
+                    "Tweedie moment projection or DPS on request). Writes the generate layout (NNNNNN.png per seed, "
+                    "batches/*.npz, grid.png, "
                     "manifest.json) plus inverse.npz (target, measurement and, for the Gaussian model, the exact "
                     "posterior mean), so 'features' and 'score rp' compare two models' solutions seed by seed. "
                     "Resumable like generate.")
@@ -32,10 +33,13 @@ def add_commands(sub) -> None:
     p.add_argument("--denoiser", choices=["empirical", "gaussian"], default="empirical", help="prior")
     p.add_argument("--target", metavar="DATA", help="data set holding the image to measure (default: --train's)")
     p.add_argument("--target-index", metavar="K", type=int_at_least(0), default=0, help="row of the target image")
-    p.add_argument("--likelihood", choices=LIKELIHOOD_CHOICES, default="moment",
-                   help="moment: Tweedie moment projection (exact for the Gaussian model); dps: Chung et al. 2023")
+    p.add_argument("--likelihood", choices=LIKELIHOOD_CHOICES, default="exact",
+                   help="exact: the prior's exact posterior (empirical: training images reweighted by "
+                   "exp(-|y - A y_i|^2 / 2 s_y^2), one denoiser call per step; Gaussian: the Gaussian posterior); "
+                   "moment: Tweedie moment projection (50 conjugate-gradient steps); dps: Chung et al. 2023")
     p.add_argument("--noise-std", type=nonneg_float, default=0.01,
-                   help="measurement noise s_y added to the measurement and assumed by the moment likelihood")
+                   help="measurement noise s_y added to the measurement and assumed by the exact and moment "
+                   "likelihoods (0: noise-free, the exact posterior keeps only the images that fit y best)")
     p.add_argument("--measurement-seed", type=int_at_least(0), default=0, help="seed of the measurement noise")
     p.add_argument("--zeta", type=nonneg_float, default=1.0, help="DPS step size (--likelihood=dps)")
     p.add_argument("--cg-iters", type=int_at_least(1), default=50,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 
@@ -12,7 +13,7 @@ import torch
 from .. import pruning
 from .._validate import check_finite
 from ..data import Dataset
-from ..ops import empirical_denoiser_partial, finalize, merge_states
+from ..ops import _log_weights, check_some_weight, empirical_denoiser_partial, finalize, merge_states
 from .base import Denoiser, _class_indices, _per_sample, _torch_dtype
 from .jacobian import empirical_jvp
 
@@ -181,11 +182,17 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
         chunk_rows: stream this many training rows per kernel call (None: one call).
         label_dim: number of classes (default ``max(labels) + 1``).
         prune: relative weight below which rows are skipped, with a certificate (0: dense).
+        log_weights: optional float ``[N]`` per-row log-weights ``lw_i``: the weights become
+            ``exp(−‖x̃ − y_i‖²/(2σ²) + lw_i)``, the denoiser of the weighted training set
+            ``Σ_i e^{lw_i} δ_{y_i}`` (duplicate counts: ``log(count)``; importance weights; the
+            exact posterior of :mod:`diffrepro.inverse`). −inf excludes a row; NaN/+inf are
+            refused. ``class_labels`` use the log-weights of their class's rows; the nearest
+            row is then the row of largest weight. See :meth:`reweighted`.
     """
 
     def __init__(self, train, *, labels=None, dtype: torch.dtype = torch.float32,
                  device="cpu", chunk_rows: int | None = None, label_dim: int | None = None,
-                 prune: float = pruning.DEFAULT_PRUNE):
+                 prune: float = pruning.DEFAULT_PRUNE, log_weights=None):
         if isinstance(train, Dataset):
             labels = train.labels if labels is None else labels
             train = train.images
@@ -235,6 +242,38 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
         self._labels_sha256 = None if labels is None else hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()
         self._fingerprint = None
         self._spread: tuple[np.ndarray, float] | None = None
+        self._log_weights = _log_weights(log_weights, n, self.device)
+        check_some_weight(self._log_weights)
+
+    def reweighted(self, log_weights) -> "EmpiricalDenoiser":
+        """This denoiser with ``log_weights`` added to its rows' log-weights (``[N]``, as in the
+        constructor), sharing the training rows: e.g. the exact posterior of a measurement
+        (:class:`diffrepro.inverse.PosteriorDenoiser`). Pruning state and records start afresh."""
+        extra = _log_weights(log_weights, self.num_rows, self.device)
+        out = copy.copy(self)
+        out._log_weights = extra if self._log_weights is None else self._log_weights + extra
+        check_some_weight(out._log_weights)
+        out._pruned, out._recorder, out._fingerprint = {}, pruning.Recorder(), None
+        return out
+
+    def float64_rows(self, block: int = 1024):
+        """The training images in index order, decoded to float64 ``[n, C, H, W]`` CPU tensors
+        (uint8 as ``u/127.5 − 1``), ``block`` rows at a time."""
+        shape = (self.img_channels, self.img_resolution, self.img_resolution)
+        for lo in range(0, self.num_rows, block):
+            rows = self._train[lo:lo + block]
+            rows = rows.cpu() if isinstance(rows, torch.Tensor) else torch.from_numpy(np.asarray(rows))
+            rows = rows.to(torch.float64) / 127.5 - 1 if rows.dtype == torch.uint8 else rows.to(torch.float64)
+            yield rows.reshape(-1, *shape)
+
+    def _class_log_weights(self, k: int | None, lo: int, hi: int):
+        """Log-weights of rows ``[lo, hi)`` of class ``k``'s (virtual, ascending-index) array
+        (None: all rows), or None without log-weights."""
+        if self._log_weights is None:
+            return None
+        if k is None:
+            return self._log_weights[lo:hi]
+        return self._log_weights[torch.from_numpy(self._class_rows[k][lo:hi]).to(self.device)]
 
     def fingerprint(self) -> dict:
         """Content identity for run records: sha256 of the training rows as stored (for uint8 rows
@@ -248,6 +287,9 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
                 "labels_sha256": self._labels_sha256, "label_dim": self.label_dim,
                 "dtype": str(self.dtype).replace("torch.", ""), "device": self.device.type,
                 "chunk_rows": self.chunk_rows, "prune": self.prune}
+            if self._log_weights is not None:
+                lw = self._log_weights.cpu().numpy()
+                self._fingerprint["log_weights_sha256"] = hashlib.sha256(lw.tobytes()).hexdigest()
         return dict(self._fingerprint)
 
     def _near_tie(self, x, sigma, s) -> bool:
@@ -349,7 +391,8 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
     def _streamed(self, q, sigma, s, k):
         state = None
         for rows, offset in self._chunks(k):
-            part = empirical_denoiser_partial(q, rows, sigma, s=s, row_offset=offset)
+            lw = self._class_log_weights(k, offset, offset + rows.shape[0])
+            part = empirical_denoiser_partial(q, rows, sigma, s=s, row_offset=offset, log_weights=lw)
             state = part if state is None else merge_states(state, part)
         if state is None:
             raise ValueError(f"class {k} has no training rows")
@@ -364,6 +407,9 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
         for k in torch.unique(classes).tolist():
             if len(self._class_rows[k]) == 0:
                 raise ValueError(f"class_labels ask for class {k}, which has no training rows")
+            lw = self._class_log_weights(k, 0, len(self._class_rows[k]))
+            if lw is not None and not bool((lw > -float("inf")).any()):
+                raise ValueError(f"class_labels ask for class {k}, whose rows all have log-weight -inf")
             yield torch.nonzero(classes == k).reshape(-1), k
 
     def _rows_in(self, k: int | None) -> int:
@@ -392,7 +438,11 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
                     return lambda: self._load(k, lo, hi).reshape(hi - lo, -1)
 
                 chunks = [(loader(lo, hi), base[lo:hi]) for lo, hi in self._spans(k)]
-            self._pruned[k] = pruning.build_rows(chunks, self.dtype, device=self.device)
+            lw = None
+            if self._log_weights is not None:
+                all_lw = self._log_weights.cpu().numpy()
+                lw = [all_lw[index] for _, index in chunks]
+            self._pruned[k] = pruning.build_rows(chunks, self.dtype, device=self.device, log_weights=lw)
         return self._pruned[k]
 
     def _jvp(self, x, sigma, v, class_labels):
@@ -403,7 +453,9 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
         for sel, k in self._groups(x, class_labels):
             sel = slice(None) if sel is None else sel.to(self.device)
             rows = (chunk for chunk, _ in self._chunks(k))
-            out[sel] = empirical_jvp(rows, q[sel], sigma[sel].to(self.device), vq[sel])[1]
+            lw = None if self._log_weights is None else \
+                [self._class_log_weights(k, lo, hi) for lo, hi in self._spans(k)]
+            out[sel] = empirical_jvp(rows, q[sel], sigma[sel].to(self.device), vq[sel], log_weights=lw)[1]
         return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
     _vjp = _jvp

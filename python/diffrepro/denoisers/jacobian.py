@@ -40,7 +40,7 @@ _BLOCK_ELEMENTS = 1 << 22
 
 
 def empirical_jvp(chunks: Iterable, x: torch.Tensor, sigma: torch.Tensor,
-                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  v: torch.Tensor, log_weights: Iterable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``D(x̃;σ)`` and ``(∂D/∂x̃) v = Cov_w(y) v / σ²`` of the empirical denoiser, in float64.
 
     Args:
@@ -50,6 +50,9 @@ def empirical_jvp(chunks: Iterable, x: torch.Tensor, sigma: torch.Tensor,
         x: ``[Q, d]`` unscaled queries ``x̃``.
         sigma: ``[Q]`` noise levels (> 0).
         v: ``[Q, d]`` tangent (or cotangent: the Jacobian is symmetric) vectors.
+        log_weights: optional iterable of float64 ``[n]`` per-row log-weights, one per chunk
+            (``l_i`` gains ``lw_i``; -inf excludes a row). The formula is unchanged: a constant
+            per row does not depend on ``x̃``.
 
     Returns:
         ``(D [Q, d], Jv [Q, d])`` float64 on x's device.
@@ -67,13 +70,22 @@ def empirical_jvp(chunks: Iterable, x: torch.Tensor, sigma: torch.Tensor,
     a_sum = torch.zeros_like(m_sum)
     xv = (x * v).sum(1, keepdim=True)
     step = max(1, _BLOCK_ELEMENTS // max(q, 1))
+    weights = iter(log_weights) if log_weights is not None else None
     for chunk in chunks:
+        lw = None if weights is None else torch.as_tensor(next(weights), dtype=torch.float64).to(x.device)
+        start = 0
         for y in _float64_chunks(chunk, x.device, step):
             # l_i + ‖x̃‖²/(2σ²): the dropped term is the same for every row of a query.
             logits = (x @ y.T - 0.5 * (y * y).sum(1)) * inv_var
+            if lw is not None:
+                logits = logits + lw[start:start + len(y)]
+                start += len(y)
             m_new = torch.maximum(m, logits.max(1, keepdim=True).values)
-            rescale = torch.exp(m - m_new)  # 0 on the first block (m = −inf)
-            e = torch.exp(logits - m_new)
+            # exp(m - m_new) is 0 on the first block (m = −inf); a block of rows that are all
+            # excluded (log-weight −inf) leaves m_new = −inf, where -inf - (-inf) would be NaN.
+            safe = torch.where(m_new == -torch.inf, 0.0, m_new)
+            rescale = torch.exp(m - safe)
+            e = torch.exp(logits - safe)
             es = e * (v @ y.T - xv)
             w_sum = w_sum * rescale + e.sum(1, keepdim=True)
             b_sum = b_sum * rescale + es.sum(1, keepdim=True)
