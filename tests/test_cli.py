@@ -296,6 +296,35 @@ def test_every_flag_has_help_and_shows_its_default():
             assert action.required or "default" in shown, f"{parser.prog} {action.option_strings}: no default"
 
 
+def test_ctrl_c_during_features_keeps_finished_chunks_and_the_rerun_resumes(tmp_path):
+    """What the Ctrl-C message promises: the chunks finished before the interrupt are kept (atomic part
+    files of this run), the rerun computes only the rest, and the result equals an uninterrupted run."""
+    save_stub_sscd(tmp_path / "model.pt")
+    np.savez(tmp_path / "imgs.npz", images=data.default_dataset().images[:200])
+    argv = ["features", "--images", tmp_path / "imgs.npz", "--model", tmp_path / "model.pt", "--batch-size", "8",
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "diffrepro", *map(str, argv), "--out", str(tmp_path / "f.npz")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("f.rows-*.npz")):  # the first finished chunk
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "finished outputs are kept, rerun the same command to resume" in err, err
+    rows = [tuple(map(int, p.name.split(".")[1].split("-")[1:])) for p in tmp_path.glob("f.rows-*.npz")]
+    kept = sum(b - a for a, b in rows)
+    assert 0 < kept < 200 and not (tmp_path / "f.npz").exists()
+    rerun = cli(*argv, "--out", tmp_path / "f.npz")
+    assert rerun.returncode == 0 and f"{200 - kept} computed, {kept} from part files" in rerun.stdout, rerun
+    assert not list(tmp_path.glob("f.rows-*"))  # assembled and removed
+    whole = cli(*argv, "--out", tmp_path / "one.npz")
+    assert whole.returncode == 0 and "200 computed, 0 from part files" in whole.stdout
+    with np.load(tmp_path / "f.npz") as resumed, np.load(tmp_path / "one.npz") as once:
+        assert np.array_equal(resumed["features"], once["features"]) and np.array_equal(resumed["ids"], once["ids"])
+        assert json.loads(str(resumed["meta"])) == json.loads(str(once["meta"]))
+
+
 # ----------------------------------------------------------------------------------------------
 # dry runs, large outputs, optional plotting, bench
 # ----------------------------------------------------------------------------------------------
