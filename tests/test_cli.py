@@ -7,6 +7,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -351,6 +352,66 @@ def test_dry_runs_print_the_cost_and_write_nothing(tmp_path, tiny_sets, command)
     assert proc.returncode == 0, proc.stderr
     assert "nothing written" in proc.stdout and ("images/s" in proc.stdout or "GFLOP" in proc.stdout)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_format_duration_prints_hours_minutes_seconds():
+    from diffrepro._estimate import format_duration
+
+    cases = {0.04: "0.0 s", 3.33: "3.3 s", 42.4: "42 s", 192.0: "3 min 12 s", 3599.4: "59 min 59 s",
+             1167556.0: "324 h 19 min", float("inf"): "unknown"}  # 1167556 s = 324 h 19.26 min
+    assert {s: format_duration(s) for s in cases} == cases
+
+
+def _estimate_gflop(stdout: str) -> float:
+    return float(stdout.split("estimate ")[1].split(" GFLOP")[0]) if "estimate " in stdout else \
+        float(stdout.split("~")[1].split(" GFLOP")[0])
+
+
+def test_linearity_gaussian_dry_run_counts_the_fit_and_prints_a_measured_duration(tmp_path):
+    """The dry run of the Gaussian model counts its fit (covariance 2 N d^2, eigh 9 d^3) and every call
+    (4 d^2 per projection and back), prints the time at the measured rates in h/min/s, and fits nothing."""
+    n, c, r = 800, 3, 16
+    d = c * r * r
+    np.savez(tmp_path / "train.npz", images=rand_images(n, c=c, r=r, seed=3))
+    np.savez(tmp_path / "held.npz", images=rand_images(8, c=c, r=r, seed=4))
+    proc = cli("linearity", "--denoiser", "gaussian", "--train", tmp_path / "train.npz", "--images",
+               tmp_path / "held.npz", "--pairs", "4", "--sigmas", "0.5,1,2", "--dry-run", "--outdir", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    evaluations = 3 * 4 * (2 + 5)  # sigmas x pairs x (x1, x2 and the five mixes)
+    flops = evaluations * 4 * d * d + 2 * n * d * d + 9 * d ** 3
+    assert f"{evaluations} denoiser evaluations" in proc.stdout and "fitted on 800 images first" in proc.stdout
+    assert abs(_estimate_gflop(proc.stdout) - flops / 1e9) <= 0.05 + 1e-3 * flops / 1e9, (proc.stdout, flops / 1e9)
+    assert "measured rates" in proc.stdout and "100 GFLOP/s" not in proc.stdout
+    assert re.search(r"~(\d+\.\d s|\d+ s|\d+ min \d\d s|\d+ h \d\d min) at", proc.stdout), proc.stdout
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("denoiser", ["empirical", "gaussian"])
+def test_generate_dry_run_counts_both_terms_of_guidance(tmp_path, denoiser):
+    """Classifier-free guidance evaluates the unconditional and the class model at every step: the
+    estimate counts both (the class's rows for the empirical denoiser, two fits and two calls for the
+    Gaussian model, whose guided trajectory has no closed form)."""
+    real = data.default_dataset()
+    n, d, seeds, nfe = 60, 3 * 32 * 32, 10_000, 35  # Heun 18: 35 evaluations per sample
+    labels = real.labels[:n]
+    n_class = int((labels == 3).sum())
+    np.savez(tmp_path / "train.npz", images=real.images[:n], labels=labels)
+    base = ["generate", "--train", tmp_path / "train.npz", "--denoiser", denoiser, "--seeds", f"0-{seeds - 1}",
+            "--dry-run", "--outdir", tmp_path / "o"]
+    plain, guided = cli(*base), cli(*base, "--class", "3", "--guidance", "2")
+    assert plain.returncode == 0 and guided.returncode == 0, plain.stderr + guided.stderr
+
+    def fit(rows):  # the Gaussian fit of `rows` images (rows < d: the Gram matrix, its eigh, back-projection)
+        return 4 * rows * rows * d + 9 * rows ** 3
+
+    if denoiser == "empirical":
+        want_plain, want_guided = 4 * n * d * nfe * seeds, 4 * (n + n_class) * d * nfe * seeds
+    else:
+        want_plain = 4 * d * d * seeds + fit(n)  # closed form: one projection per sample
+        want_guided = 2 * 4 * d * d * nfe * seeds + fit(n) + fit(n_class)
+    for proc, want in ((plain, want_plain), (guided, want_guided)):
+        assert abs(_estimate_gflop(proc.stdout) - want / 1e9) <= 0.05 + 1e-3 * want / 1e9, (proc.stdout, want / 1e9)
+    assert "unconditional and class 3" in guided.stdout and not (tmp_path / "o").exists()
 
 
 def test_distill_warns_before_writing_large_models(tmp_path, tiny_sets):

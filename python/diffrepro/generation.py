@@ -45,7 +45,7 @@ import PIL
 import torch
 from tqdm.auto import tqdm
 
-from . import _engine, data, distributed, metrics, noise, plots, pruning, samplers, schedules
+from . import _engine, _estimate, data, distributed, metrics, noise, plots, pruning, samplers, schedules
 from ._backend import build_info
 from .denoisers import Denoiser, EmpiricalDenoiser, GaussianDenoiser, TimedDenoiser
 from .errors import RunError, UsageError
@@ -56,9 +56,6 @@ __all__ = ["BatchPlan", "SeedRanges", "demo", "estimate_cost", "format_seeds", "
 _GRID_SEEDS = 64
 _MANIFEST = "manifest.json"
 _BATCH_DIR = "batches"
-# GFLOP/s assumed for the Gaussian model's eigendecomposition in dry-run estimates is the probe's
-# GEMM rate; LAPACK's eigh runs slower than GEMM, so that part of the estimate is optimistic.
-_EIGH_FLOPS_PER_D3 = 9.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -918,8 +915,9 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
 
 
 def estimate_cost(kind: str, n_train: int, shape, work: dict, *, batch: int, dtype=torch.float32,
-                  device="cpu", probe=None) -> dict:
-    """Flops, time and memory of a planned run, from a short timed probe.
+                  device="cpu", closed: bool = False, guided_rows: int | None = None) -> dict:
+    """Flops, time and memory of a planned run, at this machine's measured rates
+    (:mod:`diffrepro._estimate`: tiny calibrated kernels, timed once per process).
 
     Args:
         kind: ``"empirical"`` or ``"gaussian"``.
@@ -929,43 +927,38 @@ def estimate_cost(kind: str, n_train: int, shape, work: dict, *, batch: int, dty
         batch: maximum batch size.
         dtype: empirical denoiser compute dtype.
         device: where the work runs.
-        probe: for ``"empirical"``, the denoiser to time on ``min(batch, 64)`` queries; for
-            ``"gaussian"`` a float64 ``[min(batch, 256), d] × [d, d]`` GEMM is timed.
+        closed: the Gaussian closed-form trajectory (one projection per sample, not ``nfe`` calls).
+        guided_rows: with classifier-free guidance, the guided class's rows: every call is an
+            unconditional call and a call on those rows (the Gaussian model: two fits, two calls).
 
     Returns:
-        ``{"flops", "gflops_per_second" (probe), "seconds", "memory_bytes", "probe"}``.
+        ``{"flops", "seconds", "gflops_per_second" (the run's average), "memory_bytes", "probe"}``;
+        the empirical estimate is dense (pruning only shortens it).
     """
     d = math.prod(shape)
     todo, width = work["compute_seeds"], work["width"]
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(0)
+    device = str(torch.device(device))
+    calls = work["nfe"] * todo  # one query per call per sample
     if kind == "empirical":
-        flops = 4.0 * n_train * d * work["nfe"] * todo
-        q = min(batch, 64)
-        x = torch.randn(q, *shape, generator=gen, dtype=torch.float64).to(device)
-        probe(x[:1], 1.0)  # warm-up
-        t = time.perf_counter()
-        probe(x, 1.0)
-        seconds = time.perf_counter() - t
-        rate = 4.0 * n_train * d * q / seconds
-        described = f"one denoiser call, {q} queries x {n_train} rows"
+        rows = n_train + (guided_rows or 0)
+        flops = 4.0 * rows * d * calls  # logits and weighted-sum products
+        rate = _estimate.denoiser_rate(d, dtype, device)
+        seconds = flops / rate
+        described = f"denoiser kernel {rate / 1e9:.1f} GFLOP/s"
         resident = n_train * d + 6 * width * d * 8 + width * d * torch.finfo(dtype).bits // 8
     else:
-        fit = (2.0 * n_train * min(n_train, d) * d) + _EIGH_FLOPS_PER_D3 * min(n_train, d) ** 3
-        flops = fit + 4.0 * d * d * todo
-        q = min(batch, 256)
-        a = torch.randn(q, d, generator=gen, dtype=torch.float64).to(device)
-        m = torch.randn(d, d, generator=gen, dtype=torch.float64).to(device)
-        t = time.perf_counter()
-        a @ m
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t
-        rate = 2.0 * q * d * d / seconds
-        described = f"float64 GEMM [{q}, {d}] x [{d}, {d}] (eigh assumed at this rate: optimistic)"
-        resident = n_train * d + 4 * d * d * 8 + 4 * width * d * 8
-    return {"flops": flops, "gflops_per_second": rate / 1e9, "seconds": flops / rate,
-                "memory_bytes": resident, "probe": described}
+        models = 1 if guided_rows is None else 2
+        flops = 4.0 * d * d * (todo if closed else calls) * models  # project and back-project
+        rate = _estimate.gemm_rate(device)
+        seconds = flops / rate
+        for n in [n_train] + ([] if guided_rows is None else [guided_rows]):
+            flops += sum(_estimate.gaussian_fit_flops(n, d))
+            seconds += _estimate.gaussian_fit_seconds(n, d, device)
+        described = (f"float64 GEMM {rate / 1e9:.1f} GFLOP/s, eigh {_estimate.eigh_rate(device) / 1e9:.2f} "
+                     "GFLOP/s (the fit)")
+        resident = n_train * d + 4 * models * d * d * 8 + 4 * width * d * 8
+    return {"flops": flops, "gflops_per_second": flops / seconds / 1e9, "seconds": seconds,
+            "memory_bytes": resident, "probe": described}
 
 
 # ------------------------------------------------------------------------------------------------

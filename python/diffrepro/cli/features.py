@@ -250,8 +250,10 @@ def _compute(args, ctx, part) -> dict | None:
         extractor(probe)
         rate = len(probe) / (time.perf_counter() - start)
         if ctx.rank == 0:
+            from .._estimate import format_duration
+
             print(f"features: {len(ds)} images, {args.preprocess} on {args.device}: ~{rate:.1f} images/s "
-                  f"(one batch of {len(probe)} timed) -> ~{len(ds) / rate:.0f} s; nothing written")
+                  f"(one batch of {len(probe)} timed) -> ~{format_duration(len(ds) / rate)}; nothing written")
         return None
     meta = {**extractor.meta, "images": os.path.abspath(args.images), "images_sha256": dataset_hash(ds.images),
             "n": len(ds), "image_shape": list(ds.images.shape[1:])}
