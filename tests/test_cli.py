@@ -455,6 +455,23 @@ def test_without_matplotlib_linearity_and_matrix_write_their_json_and_skip_the_p
     assert np.array(result["matrix"]).shape == (3, 3) and "png" not in result and not list(tmp_path.glob("*.png"))
 
 
+def test_bench_says_why_a_faiss_row_has_no_time(no_matplotlib, monkeypatch):
+    """A peer that could not run prints the reason on screen, not nan (here faiss cannot be imported,
+    as where it is not installed)."""
+    from diffrepro.benchmarks import faiss_row, format_table
+
+    blocker = Path(no_matplotlib["PYTHONPATH"].split(os.pathsep)[0]) / "faiss"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'faiss'\")\n")
+    monkeypatch.setenv("PYTHONPATH", no_matplotlib["PYTHONPATH"])
+    row = faiss_row("nn_search Q=8", "faiss (default env)", 8, 32, 16, 1, 1, None, 1e6)
+    assert row["skipped"] == "faiss is not installed (pip install faiss-cpu)"
+    rows = [{"case": "nn_search Q=8", "impl": "diffrepro", "seconds": 0.5, "min": 0.4, "max": 0.7, "rounds": 1,
+             "gflops": 2.0}, row]
+    text = format_table(rows)
+    assert "skipped: faiss is not installed (pip install faiss-cpu)" in text and "nan" not in text
+
+
 def test_bench_table_shows_rounds_and_spread():
     from diffrepro.benchmarks import format_table
 
@@ -465,6 +482,33 @@ def test_bench_table_shows_rounds_and_spread():
     assert "median s" in header and "min-max s" in header and "rounds" in header
     assert ours.split()[-5:] == ["0.5000", "0.4000-0.7000", "5", "10.0", "1.00x"]
     assert peer.split()[-5:] == ["2.0000", "1.5000-2.5000", "5", "2.5", "4.00x"]  # 2.0 / 0.5
+
+
+@pytest.mark.parametrize("argv", [["generate", "--seeds", "0"], ["demo"], ["score", "mae", "--a", "A", "--b", "B"],
+                                  ["linearity", "--denoiser", "gaussian", "--train", "T", "--images", "I"]])
+def test_outdir_that_is_a_file_is_one_usage_error_naming_it(tmp_path, argv):
+    (tmp_path / "taken").write_text("a file")
+    proc = cli(*argv, "--outdir", tmp_path / "taken")
+    one_line(proc, 2, f"diffrepro {' '.join(a for a in argv[:2] if not a.startswith('-'))}: error: --outdir: got "
+                      f"the file '{tmp_path / 'taken'}', expected a folder")
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_bad_thread_count_names_the_variable(tmp_path):
+    proc = cli("generate", "--seeds", "0", "--outdir", tmp_path / "out", env={**ENV, "DIFFREPRO_NUM_THREADS": "abc"})
+    one_line(proc, 2, "error: DIFFREPRO_NUM_THREADS: got 'abc', expected an integer >= 1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_paths_in_folders_print_as_paths(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    data.save_png(folder / "a.png", rand_images(1, r=8)[0])
+    data.save_png(folder / "b.png", rand_images(1, r=16)[0])
+    with pytest.raises(ValueError) as err:
+        data.load_dataset(str(folder) + "/")
+    assert f"image {folder / 'b.png'} has shape" in str(err.value) and f"but {folder / 'a.png'} has" in str(err.value)
+    assert ":b.png" not in str(err.value) and ":a.png" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------------

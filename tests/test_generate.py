@@ -357,6 +357,22 @@ def test_demo_scores_with_the_real_sscd_model_where_installed(demo_run):
     assert sscd["rp_heun_euler"]["n"] == 256 and "real SSCD" in "\n".join(lines)
 
 
+def test_demo_timing_reports_only_what_was_measured(demo_run):
+    """The closed-form Gaussian run makes no denoiser call: no GFLOP/s (it reported one); the sampler's
+    overhead is a fraction of the sampling time, in [0, 1] (it was a ratio to the denoiser time, above 1)."""
+    out, summary, lines = demo_run
+    timing = summary["timing"]
+    assert timing["gaussian_heun"]["denoiser_calls"] == 0
+    assert timing["gaussian_heun"]["denoiser_gflops_per_second"] is None
+    assert timing["gaussian_heun"]["sampler_overhead_fraction"] is None
+    assert not any("GFLOP/s" in line for line in lines if line.startswith("gaussian_heun"))
+    for name in ("empirical_heun", "empirical_euler"):
+        t = timing[name]
+        assert t["denoiser_calls"] > 0 and t["denoiser_gflops_per_second"] > 0
+        assert 0.0 <= t["sampler_overhead_fraction"] <= 1.0
+        assert t["sampler_overhead_fraction"] == pytest.approx(1 - t["denoiser_seconds"] / t["sampling_seconds"])
+
+
 def test_demo_outputs_and_report(demo_run):
     out, summary, lines = demo_run
     assert (out / "empirical_vs_nearest.png").is_file() and (out / "summary.json").is_file()

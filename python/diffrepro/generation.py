@@ -869,8 +869,7 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
     rewritten = sum(s["rewritten"] for s in gathered)
     complete = part is None and not others
     flops = _flops_per_sample(den, work["nfe"], closed, class_idx)
-    # The closed-form Gaussian path makes no denoiser calls: its "kernel" is the whole sampling.
-    kernel = sample_seconds if closed else timed.seconds
+    timed_calls = timed.calls > 0 and timed.seconds > 0  # the closed-form Gaussian path makes none: no rate
     manifest["status"] = "complete" if complete else "running"
     manifest["timing"] = {
         "seconds": elapsed, "generated": generated, "reused": sum(s["reused"] for s in gathered),
@@ -878,11 +877,12 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
         # this process (rank 0 in the manifest): time and calls of its own batches
         "sampling_seconds": sample_seconds, "denoiser_seconds": timed.seconds,
         "denoiser_calls": timed.calls,
-        "denoiser_gflops_per_second": (flops * stats["computed"] / kernel / 1e9
-                                       if flops is not None and stats["computed"] and kernel > 0 else None),
-        # sampler + Python time outside the denoiser, relative to the time inside it (no I/O)
-        "sampler_overhead_fraction": ((sample_seconds - timed.seconds) / timed.seconds
-                                      if timed.seconds > 0 else None),
+        "denoiser_gflops_per_second": (flops * stats["computed"] / timed.seconds / 1e9
+                                       if flops is not None and stats["computed"] and timed_calls else None),
+        # the fraction of the sampling time spent outside the denoiser (sampler + Python, no I/O); the
+        # denoiser's timer runs inside the sampling timer, so it lies in [0, 1]
+        "sampler_overhead_fraction": (min(1.0, max(0.0, 1.0 - timed.seconds / sample_seconds))
+                                      if timed_calls and sample_seconds > 0 else None),
     }
     if ctx.rank == 0:
         if rewritten:
