@@ -32,10 +32,11 @@ $(VENV)/.torch: | $(PY)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	touch $@
 
-# The package as a user installs it: the C++ core (CUDA only where a GPU exists), no test extras.
+# The package as a user installs it: the C++ core (CUDA only where a GPU exists) and matplotlib for the
+# demo's plots (the plots extra), no test extras.
 $(VENV)/.built-core: $(VENV)/.torch $(SOURCES)
-	@echo "== building diffrepro's C++ core$(if $(filter OFF,$(DEMO_CUDA)), (CPU only: no GPU here),) about 1 minute on 2 cores"
-	DIFFREPRO_CUDA=$(DEMO_CUDA) $(PY) -m pip install -q $(PIP_BUILD_FLAGS) .
+	@echo "== building diffrepro's C++ core$(if $(filter OFF,$(DEMO_CUDA)), (CPU only: no GPU here),) with the plots extra, about 1 minute on 2 cores"
+	DIFFREPRO_CUDA=$(DEMO_CUDA) $(PY) -m pip install -q $(PIP_BUILD_FLAGS) ".[plots]"
 	rm -f $(VENV)/.built-test
 	touch $@
 

@@ -120,3 +120,18 @@ def test_auto_configure_skips_cuda_without_a_gpu_even_with_nvcc(tmp_path):
     assert "building _cuda" not in proc.stdout
     cache = (tmp_path / "build" / "CMakeCache.txt").read_text()
     assert "CMAKE_CUDA_COMPILER:" not in cache
+
+
+def test_make_demo_installs_the_plots_extra(tmp_path):
+    """`make demo` shows plots: its build installs matplotlib (the plots extra), so the demo does not
+    warn that they were skipped (make -n: the commands, nothing run)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not on PATH")
+    proc = subprocess.run(["make", "-n", "-B", f"VENV={tmp_path / 'venv'}", "demo"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    installs = [line for line in proc.stdout.splitlines() if "pip install" in line and "$(" not in line]
+    assert any(line.rstrip().endswith('".[plots]"') for line in installs), installs

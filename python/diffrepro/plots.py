@@ -37,7 +37,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as err:
-        raise ImportError("diffrepro.plots needs matplotlib: pip install matplotlib") from err
+        raise ImportError("diffrepro.plots needs matplotlib: pip install matplotlib (the plots extra)") from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -222,7 +222,8 @@ def _cmd_linearity(args) -> int:
                                   title=f"linearity of the {args.denoiser} denoiser")
         out["png"] = os.path.abspath(png)
     else:
-        warnings.warn("matplotlib is not installed: the plot was skipped (pip install matplotlib)", stacklevel=1)
+        warnings.warn("matplotlib is not installed: the plot was skipped (pip install matplotlib, the plots extra)",
+                      stacklevel=1)
     write_json(path, out)
     cos, nmse = res["cos_main"], res["nmse_main"]
     print(f"linearity ({args.denoiser}, a={res['main_a']:g}, {args.pairs} pairs): "
