@@ -455,6 +455,18 @@ def test_without_matplotlib_linearity_and_matrix_write_their_json_and_skip_the_p
     assert np.array(result["matrix"]).shape == (3, 3) and "png" not in result and not list(tmp_path.glob("*.png"))
 
 
+def test_linearity_plot_says_what_it_was_computed_on(tmp_path, tiny_sets):
+    import PIL.Image
+
+    train, held = tiny_sets
+    proc = cli("linearity", "--denoiser", "empirical", "--train", train, "--images", held, "--pairs", "4",
+               "--sigmas", "0.5,2", "--json", tmp_path / "lin.json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    with PIL.Image.open(tmp_path / "lin.png") as img:
+        assert img.info.get("Title") == ("linearity of the empirical denoiser of 24 images of train: 4 pairs of held, "
+                                         "noisy inputs")
+
+
 def test_bench_says_why_a_faiss_row_has_no_time(no_matplotlib, monkeypatch):
     """A peer that could not run prints the reason on screen, not nan (here faiss cannot be imported,
     as where it is not installed)."""

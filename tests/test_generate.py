@@ -373,6 +373,20 @@ def test_demo_timing_reports_only_what_was_measured(demo_run):
         assert t["sampler_overhead_fraction"] == pytest.approx(1 - t["denoiser_seconds"] / t["sampling_seconds"])
 
 
+def test_run_plots_carry_the_dataset_seed_count_and_sampler(demo_run):
+    """A plot read alone says what it was computed on: a title line drawn on it, also kept as the
+    PNG's Title text (what is checked here)."""
+    import PIL.Image
+
+    out, _, _ = demo_run
+    want = {out / "empirical_vs_nearest.png": "cifar10_500.npz: 256 seeds, empirical denoiser, heun 18 steps",
+            out / "empirical_heun" / "plots" / "commitment.png": "cifar10_500.npz: 256 seeds, heun 18 steps",
+            out / "empirical_euler" / "plots" / "commitment.png": "cifar10_500.npz: 256 seeds, euler 18 steps"}
+    for path, title in want.items():
+        with PIL.Image.open(path) as img:
+            assert img.info.get("Title") == title, (path, img.info)
+
+
 def test_demo_outputs_and_report(demo_run):
     out, summary, lines = demo_run
     assert (out / "empirical_vs_nearest.png").is_file() and (out / "summary.json").is_file()

@@ -901,10 +901,14 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
                 manifest["commitment"] = pruning.summarize(fields, getattr(den, "prune", None))
                 if plots.available():
                     (outdir / "plots").mkdir(exist_ok=True)
-                    pruning.plot_commitment(fields, outdir / "plots" / "commitment.png")
+                    what = (notes or {}).get("train") or f"{getattr(den, 'num_rows', '?')} training rows"
+                    how = ("flow " if flow else "") + f"{sampler} {steps} steps"
+                    pruning.plot_commitment(fields, outdir / "plots" / "commitment.png",
+                                            plots.run_title(what, len(seeds), how))
                 else:
-                    warnings.warn("matplotlib is not installed: plots/commitment.png was skipped (the "
-                                  "commitment fields are in the batch records and the manifest)", stacklevel=2)
+                    warnings.warn("matplotlib is not installed: plots/commitment.png was skipped (pip install "
+                                  "matplotlib, the plots extra; the commitment fields are in the batch records and "
+                                  "the manifest)", stacklevel=2)
         if part is None:
             _write_manifest(outdir, manifest)
     # No barrier after the end-of-run gather: rank 0 may host the job's store, and the other ranks
@@ -1029,7 +1033,8 @@ def demo(outdir="demo_out", seeds="0-255", steps: int = 18, *, batch: int = 256,
     gauss_mem = metrics.memorisation_summary(gaussian, gaussian, ds.images)["memorised_a"]
     shown = min(len(heun), _GRID_SEEDS)
     plots.nn_grid(data.quantize(heun[:shown]), ds.images, mem["nearest_a"][:shown],
-                  outdir / "empirical_vs_nearest.png")
+                  outdir / "empirical_vs_nearest.png",
+                  title=plots.run_title(ds.source, len(heun), f"empirical denoiser, heun {steps} steps"))
     summary = {
         "seeds": len(heun), "n_train": len(ds), "steps": steps,
         "memorised_heun": mem["memorised_a"], "memorised_euler": mem["memorised_b"],

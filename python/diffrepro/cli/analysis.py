@@ -22,6 +22,7 @@ from ._common import (
     progress_enabled,
     refuse_overwrite,
     result_path,
+    stem,
     write_json,
 )
 
@@ -218,8 +219,10 @@ def _cmd_linearity(args) -> int:
         main = res["main_a"]
         curves = {f"cos a={a:g}": res["cos"][:, j] for j, a in enumerate(res["a"])}
         curves[f"nmse a={main:g}"] = res["nmse_main"]
+        train_of = f"{len(train)} images of {stem(args.train)}" if train is not None else stem(args.train)
         plots.plot_score_vs_sigma(res["sigma"], curves, png, ylabel="linearity score",
-                                  title=f"linearity of the {args.denoiser} denoiser")
+                                  title=f"linearity of the {args.denoiser} denoiser of {train_of}: {args.pairs} pairs "
+                                        f"of {stem(args.images)}, {args.inputs} inputs")
         out["png"] = os.path.abspath(png)
     else:
         warnings.warn("matplotlib is not installed: the plot was skipped (pip install matplotlib, the plots extra)",
