@@ -918,8 +918,8 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
 # Dry run
 
 
-def estimate_cost(kind: str, n_train: int, shape, work: dict, *, batch: int, dtype=torch.float32,
-                  device="cpu", closed: bool = False, guided_rows: int | None = None) -> dict:
+def estimate_cost(kind: str, n_train: int, shape, work: dict, *, dtype=torch.float32, device="cpu",
+                  closed: bool = False, guided_rows: int | None = None) -> dict:
     """Flops, time and memory of a planned run, at this machine's measured rates
     (:mod:`diffrepro._estimate`: tiny calibrated kernels, timed once per process).
 
@@ -928,7 +928,6 @@ def estimate_cost(kind: str, n_train: int, shape, work: dict, *, batch: int, dty
         n_train: training images N.
         shape: ``(C, H, W)``.
         work: :func:`plan_work`'s result.
-        batch: maximum batch size.
         dtype: empirical denoiser compute dtype.
         device: where the work runs.
         closed: the Gaussian closed-form trajectory (one projection per sample, not ``nfe`` calls).

@@ -37,7 +37,7 @@ from ._common import (
 )
 
 _PRESETS = ("p1_pil320", "torch320", "short288")  # literal: no torch at parser time; tested against sscd
-# Finished work is saved in part files of at least this many images (whole batches): an interrupted run
+# Finished work is saved in part files of about this many images (whole batches): an interrupted run
 # loses at most one such chunk (1.5 s of the int8 SSCD model on 2 CPU cores); a rerun reads them all.
 _CHUNK_IMAGES = 64
 

@@ -223,8 +223,8 @@ def _dry_run(args, r, dtype, work) -> int:
         return 0
     closed = args.denoiser == "gaussian" and sampler != "dpm" and r["flow"] is None and args.guidance is None
     guided_rows = None if args.guidance is None else int((ds.labels == args.class_idx).sum())
-    est = generation.estimate_cost(args.denoiser, len(ds), shape, work, batch=args.batch, dtype=dtype,
-                                   device=args.device, closed=closed, guided_rows=guided_rows)
+    est = generation.estimate_cost(args.denoiser, len(ds), shape, work, dtype=dtype, device=args.device,
+                                   closed=closed, guided_rows=guided_rows)
     seeds, job = work["seeds"], work["job"]
     print(f"data     {ds.source} ({len(ds)} images {shape}, sha256 {data.dataset_hash(ds.images)[:16]}...)")
     flow = r["flow"]
