@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import time
 
 import torch
@@ -21,8 +22,9 @@ __all__ = ["denoiser_rate", "eigh_rate", "format_duration", "gaussian_fit_flops"
 
 # eigh of an n x n symmetric matrix: about 9 n^3 flops (tridiagonal reduction 4/3 n^3, eigenvectors).
 EIGH_FLOPS_PER_N3 = 9.0
-# Time each probe at least this long (repeating it), after one untimed warm-up call.
-_MIN_PROBE_SECONDS = 0.02
+# Each probe: one untimed warm-up call, then this many timed calls; the median resists a call slowed
+# (or a cache warmed) by something else on the machine.
+_PROBE_CALLS = 3
 
 
 def format_duration(seconds: float) -> str:
@@ -41,22 +43,17 @@ def format_duration(seconds: float) -> str:
 
 
 def _flop_rate(fn, flops: float, device: torch.device) -> float:
-    """flops / seconds of ``fn()``, timed over repeats lasting at least ``_MIN_PROBE_SECONDS``."""
+    """flops / the median seconds of ``_PROBE_CALLS`` calls of ``fn()`` after a warm-up call."""
 
-    def sync():
+    def timed() -> float:
+        start = time.perf_counter()
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
-    fn()  # warm-up: thread pools, kernel selection, lazy loading
-    sync()
-    calls, start = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        sync()
-        elapsed = time.perf_counter() - start
-        if elapsed >= _MIN_PROBE_SECONDS:
-            return flops * calls / elapsed
+    timed()  # warm-up: thread pools, kernel selection, lazy loading
+    return flops / statistics.median(timed() for _ in range(_PROBE_CALLS))
 
 
 @functools.lru_cache(maxsize=None)
