@@ -70,7 +70,7 @@ def bench_generate_heun18(benchmark, record, tmp_path_factory, sizes, train):
                                 seconds_target="<= 10 s for K=1000, N=5170 on 2 cores")
     case = f"sampler overhead K={k} N={len(train)} (ratio = kernel/sampler)"
     record(case, "diffrepro", [timing["sampling_seconds"]], _flops(k, train),
-           note=f"sampler + Python overhead {overhead:.1%} of kernel time (target <= 5%)")
+           note=f"sampler + Python overhead {overhead:.1%} of the sampling time (target <= 5%)")
     record(case, "denoiser calls only", [timing["denoiser_seconds"]], _flops(k, train))
 
 

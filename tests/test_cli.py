@@ -7,6 +7,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -296,6 +297,35 @@ def test_every_flag_has_help_and_shows_its_default():
             assert action.required or "default" in shown, f"{parser.prog} {action.option_strings}: no default"
 
 
+def test_ctrl_c_during_features_keeps_finished_chunks_and_the_rerun_resumes(tmp_path):
+    """What the Ctrl-C message promises: the chunks finished before the interrupt are kept (atomic part
+    files of this run), the rerun computes only the rest, and the result equals an uninterrupted run."""
+    save_stub_sscd(tmp_path / "model.pt")
+    np.savez(tmp_path / "imgs.npz", images=data.default_dataset().images[:200])
+    argv = ["features", "--images", tmp_path / "imgs.npz", "--model", tmp_path / "model.pt", "--batch-size", "8",
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "diffrepro", *map(str, argv), "--out", str(tmp_path / "f.npz")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("f.rows-*.npz")):  # the first finished chunk
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "finished outputs are kept, rerun the same command to resume" in err, err
+    rows = [tuple(map(int, p.name.split(".")[1].split("-")[1:])) for p in tmp_path.glob("f.rows-*.npz")]
+    kept = sum(b - a for a, b in rows)
+    assert 0 < kept < 200 and not (tmp_path / "f.npz").exists()
+    rerun = cli(*argv, "--out", tmp_path / "f.npz")
+    assert rerun.returncode == 0 and f"{200 - kept} computed, {kept} from part files" in rerun.stdout, rerun
+    assert not list(tmp_path.glob("f.rows-*"))  # assembled and removed
+    whole = cli(*argv, "--out", tmp_path / "one.npz")
+    assert whole.returncode == 0 and "200 computed, 0 from part files" in whole.stdout
+    with np.load(tmp_path / "f.npz") as resumed, np.load(tmp_path / "one.npz") as once:
+        assert np.array_equal(resumed["features"], once["features"]) and np.array_equal(resumed["ids"], once["ids"])
+        assert json.loads(str(resumed["meta"])) == json.loads(str(once["meta"]))
+
+
 # ----------------------------------------------------------------------------------------------
 # dry runs, large outputs, optional plotting, bench
 # ----------------------------------------------------------------------------------------------
@@ -322,6 +352,66 @@ def test_dry_runs_print_the_cost_and_write_nothing(tmp_path, tiny_sets, command)
     assert proc.returncode == 0, proc.stderr
     assert "nothing written" in proc.stdout and ("images/s" in proc.stdout or "GFLOP" in proc.stdout)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_format_duration_prints_hours_minutes_seconds():
+    from diffrepro._estimate import format_duration
+
+    cases = {0.04: "0.0 s", 3.33: "3.3 s", 42.4: "42 s", 192.0: "3 min 12 s", 3599.4: "59 min 59 s",
+             1167556.0: "324 h 19 min", float("inf"): "unknown"}  # 1167556 s = 324 h 19.26 min
+    assert {s: format_duration(s) for s in cases} == cases
+
+
+def _estimate_gflop(stdout: str) -> float:
+    return float(stdout.split("estimate ")[1].split(" GFLOP")[0]) if "estimate " in stdout else \
+        float(stdout.split("~")[1].split(" GFLOP")[0])
+
+
+def test_linearity_gaussian_dry_run_counts_the_fit_and_prints_a_measured_duration(tmp_path):
+    """The dry run of the Gaussian model counts its fit (covariance 2 N d^2, eigh 9 d^3) and every call
+    (4 d^2 per projection and back), prints the time at the measured rates in h/min/s, and fits nothing."""
+    n, c, r = 800, 3, 16
+    d = c * r * r
+    np.savez(tmp_path / "train.npz", images=rand_images(n, c=c, r=r, seed=3))
+    np.savez(tmp_path / "held.npz", images=rand_images(8, c=c, r=r, seed=4))
+    proc = cli("linearity", "--denoiser", "gaussian", "--train", tmp_path / "train.npz", "--images",
+               tmp_path / "held.npz", "--pairs", "4", "--sigmas", "0.5,1,2", "--dry-run", "--outdir", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    evaluations = 3 * 4 * (2 + 5)  # sigmas x pairs x (x1, x2 and the five mixes)
+    flops = evaluations * 4 * d * d + 2 * n * d * d + 9 * d ** 3
+    assert f"{evaluations} denoiser evaluations" in proc.stdout and "fitted on 800 images first" in proc.stdout
+    assert abs(_estimate_gflop(proc.stdout) - flops / 1e9) <= 0.05 + 1e-3 * flops / 1e9, (proc.stdout, flops / 1e9)
+    assert "measured rates" in proc.stdout and "100 GFLOP/s" not in proc.stdout
+    assert re.search(r"~(\d+\.\d s|\d+ s|\d+ min \d\d s|\d+ h \d\d min) at", proc.stdout), proc.stdout
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("denoiser", ["empirical", "gaussian"])
+def test_generate_dry_run_counts_both_terms_of_guidance(tmp_path, denoiser):
+    """Classifier-free guidance evaluates the unconditional and the class model at every step: the
+    estimate counts both (the class's rows for the empirical denoiser, two fits and two calls for the
+    Gaussian model, whose guided trajectory has no closed form)."""
+    real = data.default_dataset()
+    n, d, seeds, nfe = 60, 3 * 32 * 32, 10_000, 35  # Heun 18: 35 evaluations per sample
+    labels = real.labels[:n]
+    n_class = int((labels == 3).sum())
+    np.savez(tmp_path / "train.npz", images=real.images[:n], labels=labels)
+    base = ["generate", "--train", tmp_path / "train.npz", "--denoiser", denoiser, "--seeds", f"0-{seeds - 1}",
+            "--dry-run", "--outdir", tmp_path / "o"]
+    plain, guided = cli(*base), cli(*base, "--class", "3", "--guidance", "2")
+    assert plain.returncode == 0 and guided.returncode == 0, plain.stderr + guided.stderr
+
+    def fit(rows):  # the Gaussian fit of `rows` images (rows < d: the Gram matrix, its eigh, back-projection)
+        return 4 * rows * rows * d + 9 * rows ** 3
+
+    if denoiser == "empirical":
+        want_plain, want_guided = 4 * n * d * nfe * seeds, 4 * (n + n_class) * d * nfe * seeds
+    else:
+        want_plain = 4 * d * d * seeds + fit(n)  # closed form: one projection per sample
+        want_guided = 2 * 4 * d * d * nfe * seeds + fit(n) + fit(n_class)
+    for proc, want in ((plain, want_plain), (guided, want_guided)):
+        assert abs(_estimate_gflop(proc.stdout) - want / 1e9) <= 0.05 + 1e-3 * want / 1e9, (proc.stdout, want / 1e9)
+    assert "unconditional and class 3" in guided.stdout and not (tmp_path / "o").exists()
 
 
 def test_distill_warns_before_writing_large_models(tmp_path, tiny_sets):
@@ -365,6 +455,35 @@ def test_without_matplotlib_linearity_and_matrix_write_their_json_and_skip_the_p
     assert np.array(result["matrix"]).shape == (3, 3) and "png" not in result and not list(tmp_path.glob("*.png"))
 
 
+def test_linearity_plot_says_what_it_was_computed_on(tmp_path, tiny_sets):
+    import PIL.Image
+
+    train, held = tiny_sets
+    proc = cli("linearity", "--denoiser", "empirical", "--train", train, "--images", held, "--pairs", "4",
+               "--sigmas", "0.5,2", "--json", tmp_path / "lin.json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    with PIL.Image.open(tmp_path / "lin.png") as img:
+        assert img.info.get("Title") == ("linearity of the empirical denoiser of 24 images of train: 4 pairs of held, "
+                                         "noisy inputs")
+
+
+def test_bench_says_why_a_faiss_row_has_no_time(no_matplotlib, monkeypatch):
+    """A peer that could not run prints the reason on screen, not nan (here faiss cannot be imported,
+    as where it is not installed)."""
+    from diffrepro.benchmarks import faiss_row, format_table
+
+    blocker = Path(no_matplotlib["PYTHONPATH"].split(os.pathsep)[0]) / "faiss"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'faiss'\")\n")
+    monkeypatch.setenv("PYTHONPATH", no_matplotlib["PYTHONPATH"])
+    row = faiss_row("nn_search Q=8", "faiss (default env)", 8, 32, 16, 1, 1, None, 1e6)
+    assert row["skipped"] == "faiss is not installed (pip install faiss-cpu)"
+    rows = [{"case": "nn_search Q=8", "impl": "diffrepro", "seconds": 0.5, "min": 0.4, "max": 0.7, "rounds": 1,
+             "gflops": 2.0}, row]
+    text = format_table(rows)
+    assert "skipped: faiss is not installed (pip install faiss-cpu)" in text and "nan" not in text
+
+
 def test_bench_table_shows_rounds_and_spread():
     from diffrepro.benchmarks import format_table
 
@@ -375,6 +494,33 @@ def test_bench_table_shows_rounds_and_spread():
     assert "median s" in header and "min-max s" in header and "rounds" in header
     assert ours.split()[-5:] == ["0.5000", "0.4000-0.7000", "5", "10.0", "1.00x"]
     assert peer.split()[-5:] == ["2.0000", "1.5000-2.5000", "5", "2.5", "4.00x"]  # 2.0 / 0.5
+
+
+@pytest.mark.parametrize("argv", [["generate", "--seeds", "0"], ["demo"], ["score", "mae", "--a", "A", "--b", "B"],
+                                  ["linearity", "--denoiser", "gaussian", "--train", "T", "--images", "I"]])
+def test_outdir_that_is_a_file_is_one_usage_error_naming_it(tmp_path, argv):
+    (tmp_path / "taken").write_text("a file")
+    proc = cli(*argv, "--outdir", tmp_path / "taken")
+    one_line(proc, 2, f"diffrepro {' '.join(a for a in argv[:2] if not a.startswith('-'))}: error: --outdir: got "
+                      f"the file '{tmp_path / 'taken'}', expected a folder")
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_bad_thread_count_names_the_variable(tmp_path):
+    proc = cli("generate", "--seeds", "0", "--outdir", tmp_path / "out", env={**ENV, "DIFFREPRO_NUM_THREADS": "abc"})
+    one_line(proc, 2, "error: DIFFREPRO_NUM_THREADS: got 'abc', expected an integer >= 1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_paths_in_folders_print_as_paths(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    data.save_png(folder / "a.png", rand_images(1, r=8)[0])
+    data.save_png(folder / "b.png", rand_images(1, r=16)[0])
+    with pytest.raises(ValueError) as err:
+        data.load_dataset(str(folder) + "/")
+    assert f"image {folder / 'b.png'} has shape" in str(err.value) and f"but {folder / 'a.png'} has" in str(err.value)
+    assert ":b.png" not in str(err.value) and ":a.png" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------------

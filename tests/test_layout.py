@@ -15,7 +15,7 @@ PACKAGE = ROOT / "python" / "diffrepro"
 # Layer of every module of the package: a module may import modules of its own layer or below.
 LAYERS = {
     0: {"__init__", "errors", "_engine", "_split", "_validate", "reference"},
-    1: {"_backend", "_blas_engine", "_gpu_dispatch", "ops"},
+    1: {"_backend", "_blas_engine", "_gpu_dispatch", "ops", "_estimate"},
     2: {"data", "noise", "schedules", "plots", "sscd"},
     3: {"samplers", "denoisers", "metrics", "distill", "flow", "pruning"},
     4: {"generation", "sweeps", "inverse", "distributed", "benchmarks", "gpu_bench", "selftest"},

@@ -32,6 +32,13 @@ def test_wilson_interval_is_the_root_pair_of_the_score_equation(k, n):
     assert hi == pytest.approx(min(1.0, (-b + disc) / (2 * a)), abs=1e-12)
 
 
+def test_wilson_bounds_are_exactly_0_and_1_at_the_edges():
+    """At k = 0 the lower root of the score equation is p = 0 exactly (c = p̂² = 0), at k = n the upper
+    is 1; the formula's two terms cancel there and left ~1e-16 (printed as 1.1e-16 instead of 0)."""
+    for n in range(1, 2001):
+        assert metrics.wilson_interval(0, n)[0] == 0.0 and metrics.wilson_interval(n, n)[1] == 1.0, n
+
+
 def test_wilson_interval_closed_form_edges_and_errors():
     assert metrics.wilson_interval(0, 10) == pytest.approx((0.0, Z * Z / (10 + Z * Z)), abs=1e-12)
     assert metrics.wilson_interval(10, 10) == pytest.approx((10 / (10 + Z * Z), 1.0), abs=1e-12)

@@ -25,6 +25,16 @@ def test_cuda_without_a_gpu_says_skipped_and_exits_0(tmp_path):
     assert rec["status"] == "skipped" and "build_info" in rec
 
 
+def test_default_device_is_the_one_present():
+    """Without --device: the CUDA engines where torch sees a GPU, else the CPU table (it said "skipped")."""
+    p = run("--sizes", "small")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "skipped" not in p.stdout and "0 failed" in p.stdout
+    ops = ("empirical_denoiser", "nn_search")
+    engines = {line.split()[1] for line in p.stdout.splitlines() if line.startswith(ops)}
+    assert ("cpu" in engines) != torch.cuda.is_available(), engines
+
+
 def test_cpu_table_passes(tmp_path):
     p = run("--device", "cpu", "--json", str(tmp_path / "st.json"))
     assert p.returncode == 0, p.stdout + p.stderr

@@ -222,12 +222,22 @@ def run_table(size_name: str | None = None, rounds: int = 5, include_paper1: boo
                 ("faiss (default env)", None),
                 (f"faiss (OPENBLAS_CORETYPE={best_openblas_coretype()})", best_openblas_coretype()),
             ):
-                try:
-                    times = faiss_subprocess_times(sz["nn_q"], N, sz["nn_d"], k, rounds=rounds, coretype=core)
-                    rows.append(timing_row(case, label, times, flops))
-                except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-                    rows.append(timing_row(case, label, [], flops, error=str(exc)[:200]))
+                rows.append(faiss_row(case, label, sz["nn_q"], N, sz["nn_d"], k, rounds, core, flops))
     return rows
+
+
+def faiss_row(case: str, label: str, Q: int, N: int, D: int, k: int, rounds: int, coretype: str | None,
+              flops: float) -> dict:
+    """The timing row of faiss on this search, or a row saying why it was skipped (``skipped``)."""
+    try:
+        return timing_row(case, label, faiss_subprocess_times(Q, N, D, k, rounds=rounds, coretype=coretype), flops)
+    except subprocess.CalledProcessError as exc:
+        last = (exc.stderr or "").strip().splitlines()[-1:] or [f"exit status {exc.returncode}"]
+        why = ("faiss is not installed (pip install faiss-cpu)" if "No module named 'faiss'" in last[0]
+               else f"the faiss process failed: {last[0][:160]}")
+    except (OSError, ValueError) as exc:  # no interpreter, or output that is not the times
+        why = f"the faiss process failed: {exc}"[:200]
+    return timing_row(case, label, [], flops, skipped=why)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -243,6 +253,9 @@ def format_table(rows: list[dict]) -> str:
     for case, rs in by_case.items():
         ours = next((r["seconds"] for r in rs if r["impl"] == "diffrepro"), float("nan"))
         for r in rs:
+            if r.get("skipped") or r.get("error"):  # nothing was timed: say why instead of printing nan
+                lines.append(f"{case:<48} {r['impl']:<36} skipped: {r.get('skipped') or r.get('error')}")
+                continue
             ratio = r["seconds"] / ours if r["impl"] != "diffrepro" else 1.0
             spread = f"{r.get('min', r['seconds']):.4f}-{r.get('max', r['seconds']):.4f}"
             lines.append(

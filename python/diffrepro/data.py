@@ -355,13 +355,17 @@ def _stack(names: list[str], read: Callable, source: str, progress: bool) -> np.
     """Decode ``names`` in order into one preallocated ``[N, C, H, W]`` array."""
     images = None
     folder = os.path.isdir(source)
+
+    def where(name: str) -> str:  # a file of a folder, or a member of an archive
+        return os.path.join(source, name) if folder else f"{source}:{name}"
+
     for i, name in enumerate(tqdm(names, desc="decode", disable=not progress)):
-        chw = _decode(read(name), os.path.join(source, name) if folder else f"{source}:{name}")
+        chw = _decode(read(name), where(name))
         if images is None:
             images = np.empty((len(names), *chw.shape), np.uint8)
         elif chw.shape != images.shape[1:]:
-            raise ValueError(f"image {source}:{name} has shape {chw.shape} (CHW) but "
-                             f"{source}:{names[0]} has {images.shape[1:]}; all must match")
+            raise ValueError(f"image {where(name)} has shape {chw.shape} (CHW) but "
+                             f"{where(names[0])} has {images.shape[1:]}; all must match")
         images[i] = chw
     return images
 

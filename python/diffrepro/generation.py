@@ -57,21 +57,18 @@ import PIL
 import torch
 from tqdm.auto import tqdm
 
-from . import _engine, data, distributed, metrics, noise, plots, pruning, samplers, schedules
+from . import _engine, _estimate, data, distributed, metrics, noise, plots, pruning, samplers, schedules
 from ._backend import build_info
 from .denoisers import Denoiser, EmpiricalDenoiser, GaussianDenoiser, TimedDenoiser
 from .errors import RunError, UsageError
 from .samplers import has_closed_form, nfe, sample, sample_flow
 
-__all__ = ["BatchPlan", "SeedRanges", "demo", "duration_text", "estimate_cost", "format_seeds", "generate",
+__all__ = ["BatchPlan", "SeedRanges", "demo", "estimate_cost", "format_seeds", "generate",
            "load_outputs", "plan_work"]
 
 _GRID_SEEDS = 64
 _MANIFEST = "manifest.json"
 _BATCH_DIR = "batches"
-# GFLOP/s assumed for the Gaussian model's eigendecomposition in dry-run estimates is the probe's
-# GEMM rate; LAPACK's eigh runs slower than GEMM, so that part of the estimate is optimistic.
-_EIGH_FLOPS_PER_D3 = 9.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,22 +87,6 @@ def _flops_per_sample(denoiser, evaluations: int, closed: bool, class_idx) -> fl
     if isinstance(den, EmpiricalDenoiser) and class_idx is None:
         return 4.0 * den.num_rows * d * evaluations  # logits GEMM + weighted-sum GEMM
     return None
-
-
-def duration_text(seconds: float) -> str:
-    """``"2 h 05 min"``, ``"3 min 20 s"``, ``"4.2 s"``, ``"< 0.1 s"``: estimates and progress as a person
-    reads them (``"1167556.0 s"`` is 13 days)."""
-    if not math.isfinite(seconds):
-        return "unknown"
-    if seconds < 0.1:
-        return "< 0.1 s"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 _PROGRESS_SECONDS = 30.0  # without a terminal: at most one progress line per this many seconds
@@ -139,8 +120,9 @@ class _Progress:
         frac = min(1.0, (self.done + self.partial) / max(1, self.total))
         if self.lines and t - self.last >= self.every and 0 < frac < 1:
             self.last, spent = t, t - self.start
-            self._line(f"{self.shown}/{self.total} images ({100 * frac:.0f}%), {duration_text(spent)} spent, "
-                       f"about {duration_text(spent * (1 - frac) / frac)} left")
+            left = spent * (1 - frac) / frac
+            self._line(f"{self.shown}/{self.total} images ({100 * frac:.0f}%), {_estimate.format_duration(spent)} "
+                       f"spent, about {_estimate.format_duration(left)} left")
 
     def advance(self, images: float) -> None:
         self.partial += images
@@ -154,7 +136,8 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
         elif self.printed:
-            self._line(f"{self.done}/{self.total} images in {duration_text(time.perf_counter() - self.start)}")
+            spent = time.perf_counter() - self.start
+            self._line(f"{self.done}/{self.total} images in {_estimate.format_duration(spent)}")
 
 
 class _CountedDenoiser(TimedDenoiser):
@@ -1275,10 +1258,15 @@ class _Job:
         self.manifest["commitment"] = pruning.summarize(fields, getattr(self.den, "prune", None))
         if plots.available():
             (folder.outdir / "plots").mkdir(exist_ok=True)
-            pruning.plot_commitment(fields, folder.outdir / "plots" / "commitment.png")
+            notes = self.manifest["notes"]
+            what = notes.get("train") or f"{getattr(self.den, 'num_rows', '?')} training rows"
+            how = ("flow " if self.flow else "") + f"{self.sample_args['sampler']} {self.sample_args['steps']} steps"
+            pruning.plot_commitment(fields, folder.outdir / "plots" / "commitment.png",
+                                    plots.run_title(what, len(finished), how))
         else:
-            warnings.warn("matplotlib is not installed: plots/commitment.png was skipped (the "
-                          "commitment fields are in the batch records and the manifest)", stacklevel=5)
+            warnings.warn("matplotlib is not installed: plots/commitment.png was skipped (pip install "
+                          "matplotlib, the plots extra; the commitment fields are in the batch records and "
+                          "the manifest)", stacklevel=5)
 
     def _write_manifest(self, finished: set[int], status: str) -> None:
         self.manifest["config"] = {"seeds": format_seeds(sorted(finished)), **self.config}
@@ -1289,19 +1277,19 @@ class _Job:
         stats, timed = self.stats, self.timed
         generated = sum(s["computed"] for s in gathered)
         flops = _flops_per_sample(self.den, self.nfe, self.closed, self.class_idx)
-        # The closed-form Gaussian path makes no denoiser calls: its "kernel" is the whole sampling.
-        kernel = self.sample_seconds if self.closed else timed.seconds
+        timed_calls = timed.calls > 0 and timed.seconds > 0  # the closed-form Gaussian path makes none: no rate
         return {
             "seconds": elapsed, "generated": generated, "reused": sum(s["reused"] for s in gathered),
             "images_per_second": generated / elapsed if generated and elapsed > 0 else None,
             # this process (rank 0 in the manifest): time and calls of its own batches
             "sampling_seconds": self.sample_seconds, "denoiser_seconds": timed.seconds,
             "denoiser_calls": timed.calls,
-            "denoiser_gflops_per_second": (flops * stats["sampled"] / kernel / 1e9
-                                           if flops is not None and stats["sampled"] and kernel > 0 else None),
-            # sampler + Python time outside the denoiser, relative to the time inside it (no I/O)
-            "sampler_overhead_fraction": ((self.sample_seconds - timed.seconds) / timed.seconds
-                                          if timed.seconds > 0 else None),
+            "denoiser_gflops_per_second": (flops * stats["sampled"] / timed.seconds / 1e9
+                                           if flops is not None and stats["sampled"] and timed_calls else None),
+            # the fraction of the sampling time spent outside the denoiser (sampler + Python, no I/O); the
+            # denoiser's timer runs inside the sampling timer, so it lies in [0, 1]
+            "sampler_overhead_fraction": (min(1.0, max(0.0, 1.0 - timed.seconds / self.sample_seconds))
+                                          if timed_calls and self.sample_seconds > 0 else None),
         }
 
 
@@ -1402,73 +1390,63 @@ def generate(denoiser, seeds, outdir, *, sampler: str = "heun", steps: int = 18,
 # Dry run
 
 
-def estimate_cost(kind: str, n_train: int, shape, work: dict, *, batch: int, dtype=torch.float32,
-                  device="cpu", probe=None, jacobian_products: int = 0, extra_flops: float = 0.0) -> dict:
-    """Flops, time and memory of a planned run, from a short timed probe.
+def estimate_cost(kind: str, n_train: int, shape, work: dict, *, dtype=torch.float32, device="cpu",
+                  closed: bool = False, guided_rows: int | None = None, jacobian_products: int = 0,
+                  extra_flops: float = 0.0) -> dict:
+    """Flops, time and memory of a planned run, at this machine's measured rates
+    (:mod:`diffrepro._estimate`: tiny calibrated kernels, timed once per process).
 
     Args:
         kind: ``"empirical"`` or ``"gaussian"``.
-        n_train: training images N.
-        shape: ``(C, H, W)``.
-        work: :func:`plan_work`'s result.
-        batch: maximum batch size.
-        dtype: empirical denoiser compute dtype.
-        device: where the work runs.
-        probe: for ``"empirical"``, the denoiser to time on ``min(batch, 64)`` queries; for
-            ``"gaussian"`` a float64 ``[min(batch, 256), d] × [d, d]`` GEMM is timed.
+        n_train: training rows; ``shape``: one image's shape.
+        work: :func:`plan_work`'s result (``nfe``, ``compute_seeds``, ``width``).
+        dtype, device: the denoiser's compute dtype and device.
+        closed: the Gaussian closed-form trajectory (one projection per sample, not ``nfe`` calls).
+        guided_rows: with classifier-free guidance, the guided class's rows: every call is an
+            unconditional call and a call on those rows (the Gaussian model: two fits, two calls).
         jacobian_products: Jacobian–vector products made with every denoiser evaluation (the
-            posterior denoiser of an inverse problem, :class:`diffrepro.inverse.PosteriorDenoiser`);
-            then the Gaussian model is sampled step by step instead of in closed form, and for
-            ``"empirical"`` the probe's ``jvp`` is timed on ``min(batch, 8)`` queries (6 N d flops each).
-        extra_flops: work outside the sampler, at the probe's rate (e.g. a closed-form posterior).
+            posterior denoiser of an inverse problem, :class:`diffrepro.inverse.PosteriorDenoiser`),
+            each ``6 N d`` flops in float64 for ``"empirical"``; the Gaussian model is then sampled
+            step by step.
+        extra_flops: work outside the sampler (e.g. a closed-form posterior), at the main rate.
 
     Returns:
-        ``{"flops", "gflops_per_second" (all the work over the estimated time), "seconds",
-        "memory_bytes", "probe"}``.
+        ``{"flops", "seconds", "gflops_per_second" (the run's average), "memory_bytes", "probe"}``;
+        the empirical estimate is dense (pruning only shortens it).
     """
     d = math.prod(shape)
     todo, width = work["compute_seeds"], work["width"]
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(0)
-    products = work["nfe"] * todo * jacobian_products
+    device = str(torch.device(device))
+    calls = work["nfe"] * todo  # one query per call per sample
+    products = calls * jacobian_products
     if kind == "empirical":
-        flops = 4.0 * n_train * d * work["nfe"] * todo
-        q = min(batch, 64)
-        x = torch.randn(q, *shape, generator=gen, dtype=torch.float64).to(device)
-        probe(x[:1], 1.0)  # warm-up
-        rate = 4.0 * n_train * d * q / _timed_seconds(lambda: probe(x, 1.0), device)
+        rows = n_train + (guided_rows or 0)
+        flops = 4.0 * rows * d * calls  # logits and weighted-sum products
+        rate = _estimate.denoiser_rate(d, dtype, device)
         seconds = flops / rate
-        described = f"one denoiser call, {q} queries x {n_train} rows"
+        described = f"denoiser kernel {rate / 1e9:.1f} GFLOP/s"
         if products:
-            qj = min(batch, 8)
-            jvp_seconds = _timed_seconds(lambda: probe.jvp(x[:qj], 1.0, x[:qj]), device)
-            flops, seconds = flops + 6.0 * n_train * d * products, seconds + jvp_seconds / qj * products
-            described += f"; one float64 jvp, {qj} queries"
-        seconds += extra_flops / rate
+            jvp_flops = 6.0 * n_train * d * products
+            rate64 = _estimate.denoiser_rate(d, torch.float64, device)
+            flops, seconds = flops + jvp_flops, seconds + jvp_flops / rate64
+            described += f", float64 Jacobian products {rate64 / 1e9:.1f} GFLOP/s"
         resident = n_train * d + 6 * width * d * 8 + width * d * torch.finfo(dtype).bits // 8
     else:
-        fit = (2.0 * n_train * min(n_train, d) * d) + _EIGH_FLOPS_PER_D3 * min(n_train, d) ** 3
-        per_sample = 4.0 * d * d * (work["nfe"] * (1 + jacobian_products) if jacobian_products else 1)
-        flops = fit + per_sample * todo
-        q = min(batch, 256)
-        a = torch.randn(q, d, generator=gen, dtype=torch.float64).to(device)
-        m = torch.randn(d, d, generator=gen, dtype=torch.float64).to(device)
-        rate = 2.0 * q * d * d / _timed_seconds(lambda: a @ m, device)
-        seconds = (flops + extra_flops) / rate
-        described = f"float64 GEMM [{q}, {d}] x [{d}, {d}] (eigh assumed at this rate: optimistic)"
-        resident = n_train * d + 4 * d * d * 8 + 4 * width * d * 8
-    flops += extra_flops
+        models = 1 if guided_rows is None else 2
+        per_sample = 1 if closed and not products else work["nfe"] * (1 + jacobian_products)
+        flops = 4.0 * d * d * per_sample * todo * models  # project and back-project
+        rate = _estimate.gemm_rate(device)
+        seconds = flops / rate
+        for n in [n_train] + ([] if guided_rows is None else [guided_rows]):
+            flops += sum(_estimate.gaussian_fit_flops(n, d))
+            seconds += _estimate.gaussian_fit_seconds(n, d, device)
+        described = (f"float64 GEMM {rate / 1e9:.1f} GFLOP/s, eigh {_estimate.eigh_rate(device) / 1e9:.2f} "
+                     "GFLOP/s (the fit)")
+        resident = n_train * d + 4 * models * d * d * 8 + 4 * width * d * 8
+    flops, seconds = flops + extra_flops, seconds + extra_flops / rate
     resident += 6 * width * d * 8 if jacobian_products else 0  # conjugate-gradient vectors
     return {"flops": flops, "gflops_per_second": flops / seconds / 1e9, "seconds": seconds,
             "memory_bytes": resident, "probe": described}
-
-
-def _timed_seconds(fn, device) -> float:
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return max(time.perf_counter() - t, 1e-9)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1539,7 +1517,8 @@ def demo(outdir="demo_out", seeds="0-255", steps: int = 18, *, batch: int = 256,
     gauss_mem = metrics.memorisation_summary(gaussian, gaussian, ds.images)["memorised_a"]
     shown = min(len(heun), _GRID_SEEDS)
     plots.nn_grid(data.quantize(heun[:shown]), ds.images, mem["nearest_a"][:shown],
-                  outdir / "empirical_vs_nearest.png")
+                  outdir / "empirical_vs_nearest.png",
+                  title=plots.run_title(ds.source, len(heun), f"empirical denoiser, heun {steps} steps"))
     summary = {
         "seeds": len(heun), "n_train": len(ds), "steps": steps,
         "memorised_heun": mem["memorised_a"], "memorised_euler": mem["memorised_b"],

@@ -68,7 +68,8 @@ def wilson_interval(k: int, n: int, *, z: float = _Z95) -> tuple[float, float]:
         z: standard-normal quantile (default: 95% two-sided).
 
     Returns:
-        ``(low, high)``, clipped to [0, 1].
+        ``(low, high)`` in [0, 1]; exactly 0 at ``k = 0`` and exactly 1 at ``k = n``, where the
+        formula's two terms cancel (in floating point they leave ~1e-16).
 
     Raises:
         ValueError: if ``n < 1`` or ``k`` is outside ``[0, n]``.
@@ -81,7 +82,9 @@ def wilson_interval(k: int, n: int, *, z: float = _Z95) -> tuple[float, float]:
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return low, high
 
 
 def _proportion(name: str, hits: np.ndarray, **extra: Any) -> dict[str, Any]:

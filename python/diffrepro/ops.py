@@ -45,7 +45,13 @@ def _workers(override: int | None) -> int:
         return check_int("_workers", override, 1)
     env = os.environ.get("DIFFREPRO_NUM_THREADS")
     if env:
-        return check_int("DIFFREPRO_NUM_THREADS", int(env), 1)
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"DIFFREPRO_NUM_THREADS: got {env!r}, expected an integer >= 1 (worker threads)")
+        return value
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux

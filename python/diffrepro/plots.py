@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 __all__ = ["available", "hyperplane_rgb", "nn_grid", "plot_hyperplane_map", "plot_score_vs_sigma",
-           "plot_similarity_matrix"]
+           "plot_similarity_matrix", "run_title"]
 
 # Pure colours of the three hyperplane classes (anchor 1, 2, 3).
 _CLASS_RGB = np.array([[0.85, 0.15, 0.15], [0.15, 0.65, 0.2], [0.2, 0.3, 0.9]])
@@ -37,19 +37,25 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as err:
-        raise ImportError("diffrepro.plots needs matplotlib: pip install matplotlib") from err
+        raise ImportError("diffrepro.plots needs matplotlib: pip install matplotlib (the plots extra)") from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def _save(fig, path: str | os.PathLike) -> None:
-    """Render to memory, then write the PNG atomically (no half-written figure is ever left)."""
+def run_title(dataset: str, seeds: int, sampler: str) -> str:
+    """The title of a run's plot: what it was computed on, so that a figure read alone says so."""
+    return f"{os.path.basename(str(dataset).rstrip('/')) or dataset}: {seeds} seeds, {sampler}"
+
+
+def _save(fig, path: str | os.PathLike, title: str | None = None) -> None:
+    """Render to memory, then write the PNG atomically (no half-written figure is ever left). The
+    title is drawn by the caller and also kept as the PNG's ``Title`` text."""
     from .data import atomic_write_bytes
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=150, bbox_inches="tight", metadata={"Title": title} if title else None)
     fig.clf()
     _pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
@@ -84,7 +90,7 @@ def plot_similarity_matrix(matrix: np.ndarray, path: str | os.PathLike, *, names
     fig.colorbar(im, ax=ax, fraction=0.046)
     if title:
         ax.set_title(title)
-    _save(fig, path)
+    _save(fig, path, title)
 
 
 def hyperplane_rgb(label: np.ndarray, sim: np.ndarray, *, floor: float = 0.0) -> np.ndarray:
@@ -130,7 +136,7 @@ def plot_hyperplane_map(result: Mapping[str, np.ndarray] | str | os.PathLike, pa
     ax.set_ylabel("beta")
     if title:
         ax.set_title(title)
-    _save(fig, path)
+    _save(fig, path, title)
 
 
 def plot_score_vs_sigma(sigmas: Sequence[float], curves: Mapping[str, Sequence[float]], path: str | os.PathLike, *,
@@ -164,7 +170,7 @@ def plot_score_vs_sigma(sigmas: Sequence[float], curves: Mapping[str, Sequence[f
     ax.legend()
     if title:
         ax.set_title(title)
-    _save(fig, path)
+    _save(fig, path, title)
 
 
 _ROW_LABELS = ("generation", "nearest train")
@@ -172,7 +178,7 @@ _ROW_LABELS = ("generation", "nearest train")
 
 def nn_grid(gen: np.ndarray, train: np.ndarray, nn_index: np.ndarray, path: str | os.PathLike, *,
             per_row: int = 8, scale: int = 2, pad: int = 2, gen_ids: Sequence | None = None,
-            dist: Sequence[float] | None = None) -> None:
+            dist: Sequence[float] | None = None, title: str | None = None) -> None:
     """Labelled grid PNG: each generation above its nearest training image (Pillow only).
 
     Rows come in pairs: a left margin says "generation" beside the upper row and "nearest train"
@@ -189,8 +195,9 @@ def nn_grid(gen: np.ndarray, train: np.ndarray, nn_index: np.ndarray, path: str 
         pad: white border between tiles, in output pixels.
         gen_ids: optional [K] ids (seeds) of the generations.
         dist: optional [K] distance (or similarity) of each generation to its nearest image.
+        title: a line above the grid (e.g. :func:`run_title`), also kept as the PNG's ``Title`` text.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
     from .data import atomic_write_bytes
 
@@ -211,22 +218,31 @@ def nn_grid(gen: np.ndarray, train: np.ndarray, nn_index: np.ndarray, path: str 
     k, c, h, w = gen.shape
     th, tw = h * scale + text_h + pad, w * scale + pad
     rows = -(-k // per_row)
-    canvas = Image.new("RGB", (margin + min(k, per_row) * tw + pad, rows * 2 * th + pad), "white")
+    head = text_h + pad if title else 0  # the title line
+    width = margin + min(k, per_row) * tw + pad
+    if title:
+        width = max(width, font.getbbox(title)[2] + 2 * pad)
+    canvas = Image.new("RGB", (width, head + rows * 2 * th + pad), "white")
     draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, pad), title, fill="black", font=font)
     for r in range(rows):
         for half, label in enumerate(_ROW_LABELS):
-            draw.text((pad, (2 * r + half) * th + pad + max(0, h * scale - text_h) // 2), label, fill="black",
-                      font=font)
+            draw.text((pad, head + (2 * r + half) * th + pad + max(0, h * scale - text_h) // 2), label,
+                      fill="black", font=font)
     for j in range(k):
         r, col = divmod(j, per_row)
         captions = (None if gen_ids is None else f"seed {gen_ids[j]}",
                     f"#{nn_index[j]}" + ("" if dist is None else f" d={float(dist[j]):.2f}"))
         for half, (img, caption) in enumerate(zip((gen[j], train[nn_index[j]]), captions)):
             tile = np.repeat(np.repeat(img.transpose(1, 2, 0), scale, 0), scale, 1)
-            top, left = (2 * r + half) * th + pad, margin + col * tw
+            top, left = head + (2 * r + half) * th + pad, margin + col * tw
             canvas.paste(Image.fromarray(tile if c == 3 else tile.repeat(3, axis=2)), (left, top))
             if caption:
                 draw.text((left, top + h * scale), caption, fill="black", font=font)
+    info = PngImagePlugin.PngInfo()
+    if title:
+        info.add_text("Title", title)
     buf = io.BytesIO()
-    canvas.save(buf, format="png")
+    canvas.save(buf, format="png", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())

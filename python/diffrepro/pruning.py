@@ -732,9 +732,10 @@ def summarize(fields: list[dict], prune: float) -> dict:
     }
 
 
-def plot_commitment(fields: list[dict], path) -> None:
+def plot_commitment(fields: list[dict], path, title: str | None = None) -> None:
     """Two panels: the distribution of commitment σ, and the median and quartiles of ``n_eff``
-    against σ (the "critical window" where generations choose their training image)."""
+    against σ (the "critical window" where generations choose their training image); ``title``
+    (e.g. ``plots.run_title``) heads the figure and is kept as the PNG's ``Title`` text."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -744,7 +745,9 @@ def plot_commitment(fields: list[dict], path) -> None:
     sig = sig[~np.isnan(sig)]
     # Fixed margins: tight_layout measures every label and took half of the plot's time.
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw=dict(left=0.07, right=0.98, bottom=0.15,
-                                                                          top=0.96, wspace=0.25))
+                                                                          top=0.88 if title else 0.96, wspace=0.25))
+    if title:
+        fig.suptitle(title)
     if sig.size:
         a.hist(sig, bins=np.geomspace(sig.min(), sig.max() * 1.0001 + 1e-12, 30))
     a.set_xscale("log")
@@ -760,5 +763,5 @@ def plot_commitment(fields: list[dict], path) -> None:
     b.set_xlabel("σ")
     b.set_ylabel("n_eff = 1/Σw²")
     b.legend()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Title": title} if title else None)
     plt.close(fig)

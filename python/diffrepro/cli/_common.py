@@ -43,6 +43,7 @@ def run(args) -> int:
         warnings.showwarning = lambda message, category, *rest, **kw: quiet or print(
             f"{name}: warning: {message}", file=sys.stderr)
         try:
+            _check_shared_inputs(args)
             return int(args.fn(args) or 0)
         except UsageError as exc:
             print(f"{name}: error: {exc}", file=sys.stderr)
@@ -58,6 +59,21 @@ def run(args) -> int:
             print(f"\n{name}: interrupted; finished outputs are kept, rerun the same command to resume",
                   file=sys.stderr)
             return 130
+
+
+def _check_shared_inputs(args) -> None:
+    """What every command checks before any work: --outdir names a folder, and DIFFREPRO_NUM_THREADS
+    (read by the kernels at their first call) is a thread count."""
+    outdir = getattr(args, "outdir", None)
+    if outdir and os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise UsageError(f"--outdir: got the file {str(outdir)!r}, expected a folder (existing or new)")
+    if os.environ.get("DIFFREPRO_NUM_THREADS"):
+        from .. import ops
+
+        try:
+            ops._workers(None)  # the kernels' own reading of it
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

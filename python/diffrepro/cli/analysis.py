@@ -22,6 +22,7 @@ from ._common import (
     progress_enabled,
     refuse_overwrite,
     result_path,
+    stem,
     write_json,
 )
 
@@ -105,44 +106,87 @@ def _sigmas(text: str) -> np.ndarray:
     return values
 
 
-def _make_denoiser(args, progress: bool):
-    """(denoiser, training images or None) for --denoiser/--train."""
-    import torch
-
+def _gaussian_stats(args) -> bool:
+    """True when --train is a Gaussian statistics .npz (mu, lam, U) for --denoiser gaussian."""
     from ..data import reading_file
-    from ..denoisers import EmpiricalDenoiser, GaussianDenoiser
 
-    if args.denoiser == "gaussian" and args.train.endswith(".npz") and os.path.isfile(args.train):
-        # numpy raises ValueError for a file that is not an .npz at all
-        with reading_file(f"--train: {args.train!r}", "a data set or Gaussian statistics .npz", ValueError), \
-                np.load(args.train) as z:
-            is_stats = "lam" in z.files
-        if is_stats:
-            with usage_errors("--train"):
-                return GaussianDenoiser.load(args.train, device=args.device), None
+    if args.denoiser != "gaussian" or not args.train.endswith(".npz") or not os.path.isfile(args.train):
+        return False
+    # numpy raises ValueError for a file that is not an .npz at all
+    with reading_file(f"--train: {args.train!r}", "a data set or Gaussian statistics .npz", ValueError), \
+            np.load(args.train) as z:
+        return "lam" in z.files
+
+
+def _train(args, progress: bool):
+    """(training images, or None for a statistics file; the Gaussian statistics denoiser or None)."""
+    from ..denoisers import GaussianDenoiser
+
+    if _gaussian_stats(args):
+        with usage_errors("--train"):
+            return None, GaussianDenoiser.load(args.train, device=args.device)
     ds, _ = load_images("--train", args.train, args.max_train, progress=progress)
     if ds.images.shape[2] != ds.images.shape[3]:
         raise UsageError(f"--train: images must be square, got [C, H, W] = {list(ds.images.shape[1:])}")
+    return ds.images, None
+
+
+def _make_denoiser(args, train, stats, progress: bool):
+    """The denoiser of --denoiser/--train (a fit of the Gaussian model takes a while: never in a dry run)."""
+    import torch
+
+    from ..denoisers import EmpiricalDenoiser, GaussianDenoiser
+
+    if stats is not None:
+        return stats
     if args.denoiser == "empirical":
         dtype = torch.float64 if args.dtype == "float64" else torch.float32
-        return EmpiricalDenoiser(ds.images, dtype=dtype, device=args.device), ds.images
-    return GaussianDenoiser.from_data(ds.images, device=args.device, progress=progress), ds.images
+        return EmpiricalDenoiser(train, dtype=dtype, device=args.device)
+    return GaussianDenoiser.from_data(train, device=args.device, progress=progress)
 
 
-def _held_out(args, den, count: int | None = None):
+def _held_out(args, shape, count: int | None = None):
     ds, _ = load_images("--images", args.images, count)
-    shape = (den.img_channels, den.img_resolution, den.img_resolution)
-    if tuple(ds.images.shape[1:]) != shape:
+    if tuple(ds.images.shape[1:]) != tuple(shape):
         raise UsageError(f"--images: images must match --train's [C, H, W] = {list(shape)}, "
                          f"got {list(ds.images.shape[1:])}")
     return ds.images
 
 
-def _cost_line(command: str, n_train: int | None, d: int, evaluations: int, kind: str) -> str:
-    flops = 4.0 * n_train * d * evaluations if kind == "empirical" and n_train else 4.0 * d * d * evaluations
-    return (f"{command}: {evaluations} denoiser evaluations of dimension {d} against "
-            f"{n_train if n_train else 'the Gaussian model'}: ~{flops / 1e9:.1f} GFLOP "
-            f"(~{flops / 100e9:.0f} s at 100 GFLOP/s); nothing written")
+def _train_shape(train, stats) -> tuple[int, ...]:
+    if train is not None:
+        return tuple(int(v) for v in train.shape[1:])
+    return (stats.img_channels, stats.img_resolution, stats.img_resolution)
+
+
+def _cost(args, train, d: int, evaluations: int) -> tuple[float, float]:
+    """(flops, seconds) of ``evaluations`` denoiser calls on one query each, plus the Gaussian fit
+    where --train is a data set, at this machine's measured rates (:mod:`diffrepro._estimate`)."""
+    import torch
+
+    from .. import _estimate
+
+    if args.denoiser == "empirical":
+        dtype = torch.float64 if args.dtype == "float64" else torch.float32
+        flops = 4.0 * len(train) * d * evaluations  # logits and weighted-sum products
+        return flops, flops / _estimate.denoiser_rate(d, dtype, str(args.device))
+    flops = 4.0 * d * d * evaluations  # project on the eigenvectors and back
+    seconds = flops / _estimate.gemm_rate(str(args.device))
+    if train is not None:
+        fit = sum(_estimate.gaussian_fit_flops(len(train), d))
+        flops, seconds = flops + fit, seconds + _estimate.gaussian_fit_seconds(len(train), d, str(args.device))
+    return flops, seconds
+
+
+def _cost_line(command: str, args, train, d: int, evaluations: int, extra: tuple[float, float] = (0.0, 0.0)) -> str:
+    from .._estimate import format_duration
+
+    flops, seconds = _cost(args, train, d, evaluations)
+    flops, seconds = flops + extra[0], seconds + extra[1]
+    against = f"{len(train)} training images" if args.denoiser == "empirical" else (
+        "the Gaussian model" + (f" (fitted on {len(train)} images first)" if train is not None else ""))
+    return (f"{command}: {evaluations} denoiser evaluations of dimension {d} against {against}: "
+            f"~{flops / 1e9:.1f} GFLOP, ~{format_duration(seconds)} at this machine's measured rates; nothing written")
 
 
 def _cmd_linearity(args) -> int:
@@ -151,18 +195,18 @@ def _cmd_linearity(args) -> int:
     sigmas = _sigmas(args.sigmas)
     a_values = _parse_floats("--a-values", args.a_values, 0.0, 1.0, "a comma-separated list of numbers in [0, 1]")
     progress = progress_enabled(args)
-    den, train = _make_denoiser(args, progress)
-    y = _held_out(args, den, 2 * args.pairs)
+    train, stats = _train(args, progress)
+    y = _held_out(args, _train_shape(train, stats), 2 * args.pairs)
     if len(y) < 2 * args.pairs:
         raise UsageError(f"--images: --pairs {args.pairs} needs {2 * args.pairs} images, got {len(y)}")
     path = result_path(args, [args.images, args.train], f"linearity-{args.denoiser}")
     png = Path(args.plot) if args.plot else path.with_suffix(".png")
     refuse_overwrite(("--plot" if args.plot else "default plot", png))
-    if args.dry_run:
+    if args.dry_run:  # x1, x2 and every mix a x1 + b x2, per pair and sigma
         evaluations = len(sigmas) * args.pairs * (2 + len(a_values))
-        print(_cost_line("linearity", None if train is None else len(train), int(np.prod(y.shape[1:])),
-                         evaluations, args.denoiser))
+        print(_cost_line("linearity", args, train, int(np.prod(y.shape[1:])), evaluations))
         return 0
+    den = _make_denoiser(args, train, stats, progress)
     with job(args, args.device) as ctx:  # under torchrun the σ are shared out; rank 0 writes
         res = sweeps.linearity_sweep(den, y, sigmas, pairs=args.pairs, a_values=a_values, inputs=args.inputs,
                                      abs_cos=args.abs_cos, nmse_squared=args.nmse_squared, seed=args.seed,
@@ -175,11 +219,14 @@ def _cmd_linearity(args) -> int:
         main = res["main_a"]
         curves = {f"cos a={a:g}": res["cos"][:, j] for j, a in enumerate(res["a"])}
         curves[f"nmse a={main:g}"] = res["nmse_main"]
+        train_of = f"{len(train)} images of {stem(args.train)}" if train is not None else stem(args.train)
         plots.plot_score_vs_sigma(res["sigma"], curves, png, ylabel="linearity score",
-                                  title=f"linearity of the {args.denoiser} denoiser")
+                                  title=f"linearity of the {args.denoiser} denoiser of {train_of}: {args.pairs} pairs "
+                                        f"of {stem(args.images)}, {args.inputs} inputs")
         out["png"] = os.path.abspath(png)
     else:
-        warnings.warn("matplotlib is not installed: the plot was skipped (pip install matplotlib)", stacklevel=1)
+        warnings.warn("matplotlib is not installed: the plot was skipped (pip install matplotlib, the plots extra)",
+                      stacklevel=1)
     write_json(path, out)
     cos, nmse = res["cos_main"], res["nmse_main"]
     print(f"linearity ({args.denoiser}, a={res['main_a']:g}, {args.pairs} pairs): "
@@ -189,14 +236,33 @@ def _cmd_linearity(args) -> int:
     return 0
 
 
+def _fit_cost(args, train, d: int, n_sigmas: int, evaluations: int) -> tuple[float, float]:
+    """(flops, seconds) of distill's own work beside the teacher's calls: the reference Gaussian fit
+    (an empirical teacher), each sigma's Wiener weights U diag(g) U^T, and the linear fits (least
+    squares: input and target moments, then a d x d solve; Adam: forward and backward passes)."""
+    from .. import _estimate
+
+    device = str(args.device)
+    flops = 2.0 * d ** 3 * n_sigmas
+    if args.mode == "lstsq":
+        flops += 4.0 * d * d * evaluations + 3.0 * d ** 3 * n_sigmas
+    else:
+        flops += 6.0 * d * d * evaluations
+    seconds = flops / _estimate.gemm_rate(device)
+    if args.denoiser == "empirical":
+        flops += sum(_estimate.gaussian_fit_flops(len(train), d))
+        seconds += _estimate.gaussian_fit_seconds(len(train), d, device)
+    return flops, seconds
+
+
 def _cmd_distill(args) -> int:
     from .. import sweeps
     from ..denoisers import GaussianDenoiser
 
     sigmas = _sigmas(args.sigmas)
     progress = progress_enabled(args)
-    den, train = _make_denoiser(args, progress)
-    y = _held_out(args, den)
+    train, stats = _train(args, progress)
+    y = _held_out(args, _train_shape(train, stats))
     d = int(np.prod(y.shape[1:]))
     M = 20 * d if args.M is None else args.M
     if args.mode == "lstsq" and M <= d + 1:
@@ -207,12 +273,13 @@ def _cmd_distill(args) -> int:
     model_path = Path(args.out) if args.out else path.with_suffix(".npz")
     refuse_overwrite(("--out" if args.out else "default models file", model_path))
     if args.dry_run:
-        print(_cost_line("distill", None if train is None else len(train), d, evaluations, args.denoiser)
+        print(_cost_line("distill", args, train, d, evaluations, _fit_cost(args, train, d, len(sigmas), evaluations))
               + f"; the models would take {model_bytes / 2**20:.0f} MiB")
         return 0
     if model_bytes > _LARGE_OUTPUT_BYTES:
         warnings.warn(f"the linear models ({len(sigmas)} x {d} x {d} float64) will take "
                       f"{model_bytes / 2**20:.0f} MiB on disk", stacklevel=1)
+    den = _make_denoiser(args, train, stats, progress)
     reference = den if isinstance(den, GaussianDenoiser) else GaussianDenoiser.from_data(train, device=args.device,
                                                                                           progress=progress)
     with job(args, args.device) as ctx, usage_errors("--lr" if args.mode == "adam" else "--M"):

@@ -218,18 +218,17 @@ def _denoiser(args, ds, dtype, ctx):
 
 def _dry_run(args, r, dtype, work) -> int:
     from .. import data, generation
-    from ..denoisers import EmpiricalDenoiser
+    from .._estimate import format_duration
 
     ds, sampler, steps = r["ds"], r["sampler"], r["steps"]
     shape = tuple(int(v) for v in ds.images.shape[1:])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
-    probe = (EmpiricalDenoiser(ds.images, labels=ds.labels if args.class_idx is not None else None, dtype=dtype,
-                               device=args.device) if args.denoiser == "empirical" else None)
-    est = generation.estimate_cost(args.denoiser, len(ds), shape, work, batch=args.batch, dtype=dtype,
-                                   device=args.device, probe=probe)
     closed = args.denoiser == "gaussian" and sampler != "dpm" and r["flow"] is None and args.guidance is None
+    guided_rows = None if args.guidance is None else int((ds.labels == args.class_idx).sum())
+    est = generation.estimate_cost(args.denoiser, len(ds), shape, work, dtype=dtype, device=args.device,
+                                   closed=closed, guided_rows=guided_rows)
     seeds, job = work["seeds"], work["job"]
     print(f"data     {ds.source} ({len(ds)} images {shape}, sha256 {data.dataset_hash(ds.images)[:16]}...)")
     flow = r["flow"]
@@ -247,10 +246,13 @@ def _dry_run(args, r, dtype, work) -> int:
     if world > 1:
         print(f"procs    {world} (" + ("training rows split over them" if args.shard_train
                                        else "batch i on process i mod " + str(world)) + ")")
-    print(f"NFE      {work['nfe']} per sample; {0 if closed else work['evaluations']} batched denoiser calls")
-    print(f"estimate {est['flops'] / 1e9:.1f} GFLOP at {est['gflops_per_second']:.1f} GFLOP/s "
-          f"({est['probe']}): {generation.duration_text(est['seconds'])}; memory "
-          f"~{est['memory_bytes'] / 2**30:.2f} GiB")
+    calls = 0 if closed else work["evaluations"] * (1 if args.guidance is None else 2)
+    print(f"NFE      {work['nfe']} per sample; {calls} batched denoiser calls"
+          + ("" if args.guidance is None else f" (unconditional and class {args.class_idx}: {guided_rows} rows)"))
+    print(f"estimate {est['flops'] / 1e9:.1f} GFLOP at this machine's measured rates ({est['probe']}): "
+          f"~{format_duration(est['seconds'])}" + (" dense (pruning skips part of it)"
+                                                   if args.denoiser == "empirical" and args.prune > 0 else "")
+          + f"; memory ~{est['memory_bytes'] / 2**30:.2f} GiB")
     return 0
 
 
@@ -258,6 +260,7 @@ def _cmd_generate(args) -> int:
     import torch
 
     from .. import data, distributed, generation
+    from .._estimate import format_duration
 
     r = _resolve(args)
     ds, sampler, steps = r["ds"], r["sampler"], r["steps"]
@@ -284,8 +287,8 @@ def _cmd_generate(args) -> int:
         held = manifest["config"]["seeds"]
         held = len(generation.SeedRanges.parse(held)) if held else 0
         print(f"{len(work['seeds'])} images in {args.outdir}: {what} ({tm['generated']} generated, "
-              f"{tm['reused']} reused) in {tm['seconds']:.2f} s" + (f" on {ctx.world_size} processes"
-                                                                    if ctx.world_size > 1 else "")
+              f"{tm['reused']} reused) in {format_duration(tm['seconds'])}" + (f" on {ctx.world_size} processes"
+                                                                                if ctx.world_size > 1 else "")
               + (f"; the folder holds {held} finished seeds" if held != len(work["seeds"]) else ""))
     return 0
 

@@ -88,8 +88,7 @@ def _dry_run(args, ds, target_ds, op, seeds, dtype) -> int:
     products); loads the data, checks the problem, writes nothing."""
     import math
 
-    from .. import data, generation
-    from ..denoisers import EmpiricalDenoiser
+    from .. import _estimate, data, generation
 
     shape = tuple(int(v) for v in ds.images.shape[1:])
     with usage_errors("--outdir"):
@@ -99,9 +98,8 @@ def _dry_run(args, ds, target_ds, op, seeds, dtype) -> int:
     if args.denoiser == "gaussian":  # the exact posterior mean: B = A R (r operator images), B Bᵀ, eigh
         r, m = min(len(ds), math.prod(shape)), math.prod(op.measurement_shape(shape))
         extra = 2.0 * r * r * m + 9.0 * r**3
-    probe = EmpiricalDenoiser(ds.images, dtype=dtype, device=args.device) if args.denoiser == "empirical" else None
-    est = generation.estimate_cost(args.denoiser, len(ds), shape, work, batch=args.batch, dtype=dtype,
-                                   device=args.device, probe=probe, jacobian_products=products, extra_flops=extra)
+    est = generation.estimate_cost(args.denoiser, len(ds), shape, work, dtype=dtype, device=args.device,
+                                   jacobian_products=products, extra_flops=extra)
     likelihood = {"moment": f"moment projection (<= {args.cg_iters} CG iterations, s_y {args.noise_std})",
                   "dps": f"DPS (zeta {args.zeta})"}.get(args.likelihood, args.likelihood)
     print(f"data     {ds.source} ({len(ds)} images {shape}, sha256 {data.dataset_hash(ds.images)[:16]}...)")
@@ -114,8 +112,8 @@ def _dry_run(args, ds, target_ds, op, seeds, dtype) -> int:
           f"PNGs missing: {work['missing_png']}")
     print(f"NFE      {work['nfe']} per sample, each 1 denoiser call + {products} Jacobian products (at most); "
           f"{work['evaluations']} batched evaluations")
-    print(f"estimate {est['flops'] / 1e9:.1f} GFLOP at {est['gflops_per_second']:.1f} GFLOP/s ({est['probe']}): "
-          f"{generation.duration_text(est['seconds'])}; memory ~{est['memory_bytes'] / 2**30:.2f} GiB")
+    print(f"estimate {est['flops'] / 1e9:.1f} GFLOP at this machine's measured rates ({est['probe']}): "
+          f"~{_estimate.format_duration(est['seconds'])}; memory ~{est['memory_bytes'] / 2**30:.2f} GiB")
     print("dry run: nothing written")
     return 0
 

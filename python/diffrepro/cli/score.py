@@ -361,7 +361,8 @@ def _cmd_matrix(args) -> int:
                                            f"{args.tau if args.metric == 'rp' else args.thresh})")
         out["png"] = os.path.abspath(png)
     else:
-        warnings.warn("matplotlib is not installed: the heatmap was skipped (pip install matplotlib)", stacklevel=1)
+        warnings.warn("matplotlib is not installed: the heatmap was skipped (pip install matplotlib, the plots extra)",
+                      stacklevel=1)
     write_json(path, out)
     m = res["matrix"]
     off = m[~np.eye(len(m), dtype=bool)]

@@ -18,7 +18,9 @@ def add_commands(sub) -> None:
                     "shapes and on the papers' sizes, checks each result against the float64 oracle under "
                     "the tolerance rule and prints a pass/fail table. Exit status 1 if any check fails; "
                     "without a CUDA device, --device cuda prints 'skipped' and exits 0.")
-    s.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="engines of this device")
+    s.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="engines of this device (default: cuda where a CUDA device and the CUDA build are "
+                        "present, else cpu)")
     s.add_argument("--sizes", choices=["small", "paper", "all"], default=None,
                    help="shapes (default: all on cuda, small on cpu, where the papers' sizes take minutes)")
     s.add_argument("--json", metavar="OUT", help="also write the rows, build_info() and the engine report here")
@@ -29,6 +31,8 @@ def _cmd_selftest(args) -> int:
     from .. import _engine, _gpu_dispatch, selftest
     from .._backend import build_info
 
+    if args.device is None:  # the devices present
+        args.device = "cpu" if _gpu_dispatch.cuda_skip_reason() else "cuda"
     sizes = args.sizes or ("all" if args.device == "cuda" else "small")
     reason = _gpu_dispatch.cuda_skip_reason() if args.device == "cuda" else None
     if reason:
