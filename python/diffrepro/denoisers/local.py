@@ -38,6 +38,7 @@ from ..ops import empirical_denoiser_partial, finalize, merge_states
 from ..schedules import edm_sigmas
 from .base import Denoiser, _class_indices, _torch_dtype
 from .empirical import sha256_rows
+from .gaussian import GaussianDenoiser
 
 # Candidate-row bytes per kernel call when streaming patch rows (the state merges are exact).
 _CHUNK_BYTES = 64 << 20
@@ -435,12 +436,10 @@ class PCALocalityDenoiser(_LocalDenoiser):
         return {"name": "pca-locality", "mask_threshold": self.mask_threshold, "temperature": self.temperature}
 
     def _eigenpairs(self):
+        """λ and U of the training covariance (through the N×N Gram matrix when N < D)."""
         if self._eig is None:
-            from .gaussian import gaussian_statistics
-
-            _, cov, _ = gaussian_statistics(self._train, device=self.device)
-            lam, u = torch.linalg.eigh(cov)
-            self._eig = (lam.clamp_min(0), u)
+            fit = GaussianDenoiser.from_data(self._train, device=self.device)
+            self._eig = (fit.lam, fit.U)
         return self._eig
 
     def mask(self, sigma: float) -> torch.Tensor:
