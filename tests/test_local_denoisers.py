@@ -254,11 +254,11 @@ def test_bad_patch_and_pca_arguments(real):
 
 
 @pytest.mark.parametrize("model, flags", [
-    ("pspc", ["--patch-size", "8,4"]), ("ls", ["--patch-size", "3"]), ("els", ["--patch-size", "3"]),
-    ("pca-locality", ["--mask-threshold", "0.05"])])
+    ("pspc", ["--patch-size", "8,8,4,4", "--class", "1"]), ("ls", ["--patch-size", "3"]),
+    ("els", ["--patch-size", "3"]), ("pca-locality", ["--mask-threshold", "0.05"])])
 def test_generate_cli_runs_each_local_model(tmp_path, cifar_subset, model, flags):
     train = tmp_path / "train.npz"
-    np.savez(train, images=np.ascontiguousarray(cifar_subset[:24, :, :8, :8]))
+    np.savez(train, images=np.ascontiguousarray(cifar_subset[:24, :, :8, :8]), labels=np.arange(24) % 3)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "diffrepro", "generate", "--train", str(train), "--denoiser", model, *flags,
            "--seeds", "0-1", "--steps", "4", "--outdir", str(out), "--no-progress"]
@@ -266,6 +266,29 @@ def test_generate_cli_runs_each_local_model(tmp_path, cifar_subset, model, flags
     manifest = json.loads((out / "manifest.json").read_text())
     model_id = manifest["config"]["denoiser"]["model"]
     assert model_id["name"] == model
+    if model == "pspc":  # the schedule refers to the run's own grid
+        assert model_id["patch_size"] == {"sizes": [8, 8, 4, 4], "sigmas": manifest["sampler_detail"]["sigmas"][:-1]}
     assert manifest["status"] == "complete" and (out / "000001.png").exists()
     again = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert "0 generated, 2 reused" in again.stdout
+
+
+def test_generate_cli_refuses_bad_local_flags(tmp_path, capsys):
+    from diffrepro.cli import main
+
+    base = ["generate", "--outdir", str(tmp_path / "o"), "--max-train", "8", "--no-progress"]
+    for flags, message in ((["--denoiser", "pspc"], "--patch-size: missing"),
+                           (["--denoiser", "ls", "--patch-size", "3,5"], "--patch-size: got 2 sizes"),
+                           (["--denoiser", "els", "--patch-size", "x"], "--patch-size"),
+                           (["--denoiser", "empirical", "--patch-size", "3"], "--patch-size: got '3'"),
+                           (["--denoiser", "ls", "--patch-size", "3", "--dry-run"], "--dry-run")):
+        code = main(base + flags)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
+
+
+def test_cli_choices_are_the_local_models():
+    from diffrepro.cli.generate import LOCAL_CHOICES
+    from diffrepro.denoisers.local import LOCAL_MODELS
+
+    assert LOCAL_CHOICES == LOCAL_MODELS

@@ -518,3 +518,31 @@ def _masked_softmax(q, flat, w, elems, scale: float) -> torch.Tensor:
         acc = acc * fade + (e * y[:, elems][None]).sum(1)
         best = new
     return acc / total
+
+
+LOCAL_MODELS = ("pspc", "ls", "els", "els-borders", "pca-locality")
+
+
+def local_denoiser(name: str, train, *, patch_size=None, sigmas=None, mask_threshold: float = 0.02,
+                   temperature: float = 1.0, labels=None, label_dim=None, dtype=torch.float32, device="cpu"):
+    """One of the local models by name (``diffrepro generate --denoiser``).
+
+    Args:
+        name: "pspc", "ls", "els", "els-borders" or "pca-locality".
+        train: the training images (as the models take them).
+        patch_size: the patch (pspc) or kernel (ls, els) size, an int or one per step.
+        sigmas: the step grid of a per-step size.
+        mask_threshold, temperature: pca-locality's parameters.
+        labels, label_dim, dtype, device: as the models take them.
+    """
+    common = dict(labels=labels, label_dim=label_dim, dtype=dtype, device=device)
+    if name not in LOCAL_MODELS:
+        raise ValueError(f"name must be one of {', '.join(LOCAL_MODELS)}, got {name!r}")
+    if name == "pca-locality":
+        return PCALocalityDenoiser(train, mask_threshold=mask_threshold, temperature=temperature, **common)
+    if patch_size is None:
+        raise ValueError(f"the {name} model needs a patch size (an int or one per step), got None")
+    if name == "pspc":
+        return PatchSetDenoiser(train, patch_size, sigmas=sigmas, **common)
+    return LocalScoreDenoiser(train, patch_size, equivariant=name != "ls", borders=name == "els-borders",
+                              sigmas=sigmas, **common)
