@@ -292,3 +292,25 @@ def test_cli_choices_are_the_local_models():
     from diffrepro.denoisers.local import LOCAL_MODELS
 
     assert LOCAL_CHOICES == LOCAL_MODELS
+
+
+def test_small_sigma_batch_is_finite_and_exact(real):
+    """Three queries at σ = 0.01-0.1 in one call: each query has its own running max (a shared
+    one, as in one reference module, underflows every weight of some query to 0/0)."""
+    train, x = real
+    sig = torch.tensor([0.01, 0.03, 0.1], dtype=torch.float64)
+    want = els_oracle(x, _decode(train), sig, 3)
+    got = LocalScoreDenoiser(train, 3, equivariant=True, dtype=torch.float64)(x, sig)
+    assert (got - want).abs().max() <= 1e-10
+    got32 = LocalScoreDenoiser(train, 3, equivariant=True)(x.float(), sig)
+    assert bool(torch.isfinite(got32).all()) and (got32.double() - want).abs().max() <= 1e-4
+
+
+def test_flow_velocity_at_t1_is_the_training_mean(real):
+    """At t = 1 (σ = 1e30) every softmax is uniform: PSPC and LS return the training mean image,
+    so the flow velocity is x − mean."""
+    train, x = real
+    mean = _decode(train).mean(0)
+    for den in (PatchSetDenoiser(train, 5, dtype=torch.float64), LocalScoreDenoiser(train, 3, dtype=torch.float64)):
+        v = den.velocity(x, 1.0)
+        assert (v - (x - mean)).abs().max() <= 1e-12
