@@ -314,3 +314,50 @@ def test_flow_velocity_at_t1_is_the_training_mean(real):
     for den in (PatchSetDenoiser(train, 5, dtype=torch.float64), LocalScoreDenoiser(train, 3, dtype=torch.float64)):
         v = den.velocity(x, 1.0)
         assert (v - (x - mean)).abs().max() <= 1e-12
+
+
+def flex_oracle(x, y, sigma, masks, dtype=torch.float64):
+    """Per pixel: the masked pixels' posterior mean over the same pixels of every image, added
+    to the composite over the mask (Niedoba et al. 2024's PSPCDenoiser loop)."""
+    x, y = x.to(dtype), y.to(dtype)
+    b, c, h, _ = x.shape
+    out, count = torch.zeros(b, c, h * h, dtype=dtype), torch.zeros(h * h, dtype=dtype)
+    for m in masks:
+        idx = np.flatnonzero(m)
+        rows = y.reshape(len(y), c, -1)[:, :, idx]
+        for j in range(b):
+            out[j][:, idx] += _softmax_values(x[j].reshape(c, -1)[:, idx], rows, rows,
+                                              float(sigma[j])).reshape(c, -1)
+        count[idx] += 1
+    return (out / count).reshape(x.shape)
+
+
+def test_flex_matches_oracle(real):
+    """Random heatmaps (no ties), thresholds 1 (every mask the whole image) and 0.3; the oracle's
+    masks come from numpy: ascending sort, cumulative share >= 1 - threshold."""
+    from diffrepro.denoisers import FlexPatchSetDenoiser
+
+    train, x = real
+    train, x = np.ascontiguousarray(train[:, :, :8, :8]), x[:, :, :8, :8].contiguous()
+    heat = np.random.default_rng(0).random((2, 8, 8, 8, 8)) ** 4
+    sig = [3.0, 0.3]
+
+    def masks(t, thr):
+        out = []
+        for r in range(8):
+            for col in range(8):
+                h = heat[t, r, col].reshape(-1)
+                order = np.argsort(h, kind="stable")
+                keep = np.empty(64, bool)
+                keep[order] = np.cumsum(h[order] / h.sum()) >= 1 - thr
+                out.append(keep)
+        return out
+
+    s = torch.tensor([3.0, 0.3, 0.3], dtype=torch.float64)
+    y = _decode(train)
+    want = torch.cat([flex_oracle(x[:1], y, s[:1], masks(0, 1.0)), flex_oracle(x[1:], y, s[1:], masks(1, 0.3))])
+    den = FlexPatchSetDenoiser(train, heat, [1.0, 0.3], sigmas=sig, dtype=torch.float64)
+    assert (den(x, s) - want).abs().max() <= 1e-10
+    assert den.fingerprint()["model"]["name"] == "pspc-flex"
+    with pytest.raises(ValueError, match="heatmaps must have shape"):
+        FlexPatchSetDenoiser(train, heat[:, :4], [1.0, 0.3], sigmas=sig)

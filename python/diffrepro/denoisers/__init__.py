@@ -26,7 +26,7 @@ from .empirical import EmpiricalDenoiser
 from .gaussian import GaussianDenoiser, gaussian_statistics
 from .guidance import ClassConditionalDenoiser, GuidedDenoiser, guidance_commitment
 from .linear import LinearDenoiser, LinearDenoiserSet
-from .local import LocalScoreDenoiser, PatchSetDenoiser, PCALocalityDenoiser, StepSchedule
+from .local import FlexPatchSetDenoiser, LocalScoreDenoiser, PatchSetDenoiser, PCALocalityDenoiser, StepSchedule
 
 __all__ = [
     "CallableDenoiser",
@@ -34,6 +34,7 @@ __all__ = [
     "Denoiser",
     "DiffusersDenoiser",
     "EmpiricalDenoiser",
+    "FlexPatchSetDenoiser",
     "GaussianDenoiser",
     "GuidedDenoiser",
     "LinearDenoiser",

@@ -273,6 +273,86 @@ class PatchSetDenoiser(_LocalDenoiser):
 
 
 CIFAR_PATCH_SCHEDULE = (32, 32, 32, 32, 32, 32, 32, 23, 15, 11, 7, 5, 3, 3, 3, 3, 3, 3)
+# The paper's CIFAR-10 cumulative thresholds for the flex masks (per EDM step, 18 steps).
+CIFAR_THRESHOLD_SCHEDULE = (1.0,) * 7 + (0.7, 0.7, 0.5, 0.4, 0.4, 0.4, 0.4, 0.3, 0.3, 0.3, 0.3)
+
+
+def heatmap_mask(heatmap: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The pixels of a heatmap that hold a cumulative ``threshold`` of its total: sorted
+    ascending, a pixel is kept when the cumulative normalised sum up to it is ≥ 1 − threshold
+    (Niedoba et al. 2024's masks from gradient heatmaps). Returns a bool ``[H, W]``."""
+    flat = heatmap.reshape(-1).to(torch.float64)
+    values, order = torch.sort(flat / flat.sum(), stable=True)
+    keep = torch.empty_like(flat, dtype=torch.bool)
+    keep[order] = torch.cumsum(values, 0) >= 1 - threshold
+    return keep.reshape(heatmap.shape)
+
+
+class FlexPatchSetDenoiser(_LocalDenoiser):
+    """Patch-set posterior composites with flexible masks, PSPC-flex (Niedoba et al. 2024).
+
+    For each pixel, the mask :func:`heatmap_mask` of its heatmap at the step's threshold selects
+    a set of pixels (all channels); the mask's posterior mean over the same pixels of every
+    training image is added to the composite over the mask, and each pixel averages what covers
+    it. Pixels with equal masks share one softmax (weighted by their number, which is exact).
+
+    Args:
+        train: uint8 ``[N, C, H, W]``, float in [-1, 1], or a Dataset.
+        heatmaps: ``[L, H, W, H, W]`` non-negative, ``heatmaps[t, r, c]`` the map of pixel (r, c)
+            at step t (the paper's average gradient heatmaps of a trained network).
+        thresholds: ``[L]`` cumulative fractions in (0, 1] (:data:`CIFAR_THRESHOLD_SCHEDULE`).
+        sigmas: the step grid (default: EDM's with L steps).
+        labels, label_dim, dtype, device: as :class:`PatchSetDenoiser`.
+    """
+
+    def __init__(self, train, heatmaps, thresholds, *, sigmas=None, labels=None, label_dim=None,
+                 dtype=torch.float32, device="cpu"):
+        super().__init__(train, labels=labels, label_dim=label_dim, dtype=dtype, device=device)
+        h = self.img_resolution
+        maps = torch.as_tensor(heatmaps, dtype=torch.float64)
+        thr = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1)
+        if maps.ndim != 5 or tuple(maps.shape[1:]) != (h, h, h, h) or maps.shape[0] != len(thr):
+            raise ValueError(f"heatmaps must have shape [L={len(thr)}, {h}, {h}, {h}, {h}] (one map per step and "
+                             f"pixel), got {tuple(maps.shape)}")
+        if not bool(torch.isfinite(maps).all() & (maps >= 0).all() & (maps.sum((-1, -2)) > 0).all()):
+            raise ValueError("heatmaps must be finite, >= 0 and not all zero for any pixel")
+        if not bool(((thr > 0) & (thr <= 1)).all()):
+            raise ValueError(f"thresholds must be in (0, 1], got {thr.tolist()[:8]}")
+        # "sizes" are step numbers 1..L: _denoise groups the queries by step
+        self._schedule = StepSchedule(list(range(1, len(thr) + 1)), sigmas, name="thresholds") \
+            if len(thr) > 1 else StepSchedule(1)
+        self._masks = [[heatmap_mask(maps[t, r, c], float(thr[t])) for r in range(h) for c in range(h)]
+                       for t in range(len(thr))]
+        for t, masks in enumerate(self._masks):
+            covered = torch.stack(masks).any(0)
+            if not bool(covered.all()):
+                r, c = (int(v) for v in torch.nonzero(~covered)[0])
+                raise ValueError(f"heatmaps: at step {t} no pixel's mask covers pixel ({r}, {c}) (its output would "
+                                 "be 0/0); expected masks that together cover the image")
+        self._identity = {"name": "pspc-flex", "heatmaps_sha256": sha256_rows(maps.reshape(len(thr), -1)),
+                          "thresholds": thr.tolist(), "sigmas": self._schedule.sigmas}
+
+    def _model_identity(self) -> dict:
+        return dict(self._identity)
+
+    def _apply(self, x, sigma, images, step):
+        b, c, h, _ = x.shape
+        distinct: dict[bytes, list] = {}
+        for m in self._masks[step - 1]:
+            key = np.packbits(m.numpy()).tobytes()
+            distinct.setdefault(key, [m, 0])[1] += 1
+        out = torch.zeros(b, c, h * h, dtype=x.dtype, device=x.device)
+        count = torch.zeros(h * h, dtype=x.dtype, device=x.device)
+        flat_x, flat_y = x.reshape(b, c, -1), images.reshape(images.shape[0], c, -1)
+        for m, times in distinct.values():
+            idx = torch.nonzero(m.reshape(-1)).reshape(-1).to(x.device)
+            rows = flat_y.index_select(2, idx).reshape(images.shape[0], -1)
+            step_rows = _rows_per_chunk(rows.shape[1] * rows.element_size(), rows.shape[0])
+            chunks = ((rows[a:a + step_rows], a) for a in range(0, rows.shape[0], step_rows))
+            mean, _ = _softmax_mean(flat_x.index_select(2, idx).reshape(b, -1), chunks, sigma)
+            out[:, :, idx] += times * mean.reshape(b, c, -1)
+            count[idx] += times
+        return (out / count).reshape(x.shape)
 
 
 def _patch_rows(images: torch.Tensor, k: int, centres: torch.Tensor, pad: str | None, dtype) -> torch.Tensor:
