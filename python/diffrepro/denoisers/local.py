@@ -378,8 +378,9 @@ class LocalScoreDenoiser(_LocalDenoiser):
     k×k training patches ``P_c``:
 
     - LS (``equivariant=False``): the patches of every training image at q's own position, zero
-      padding (as ``LocalScoreModule``); windows are clipped to the image, which is exact (the
-      padded zeros match) and makes large k cheap (k ≥ 2H − 1 is the empirical denoiser).
+      padding (as ``LocalScoreModule``); the patch distances are box sums of per-pixel squared
+      distances, so any k costs the same (k ≥ 2H − 1 is the empirical denoiser). This path is
+      float64 torch with an exact online softmax, not the fused kernel.
     - ELS (``equivariant=True``): the patches at every valid position of every training image
       (translation equivariance), query patches circularly padded (as ``LocalEquivScoreModule``).
     - border-aware ELS (``equivariant=True, borders=True``): query and candidates zero padded;
@@ -428,21 +429,28 @@ class LocalScoreDenoiser(_LocalDenoiser):
         return self._classes(x, sigma, images, k, groups)
 
     def _local(self, x, sigma, images, k):
-        """LS: per pixel, the clipped window's posterior mean read at the pixel; pixels whose
-        clipped windows coincide share one softmax."""
-        h, d = self.img_resolution, k // 2
-        out = torch.empty_like(x)
-        windows: dict[tuple, list[tuple[int, int]]] = {}
-        for r in range(h):
-            for c in range(h):
-                key = (max(r - d, 0), min(r + d + 1, h), max(c - d, 0), min(c + d + 1, h))
-                windows.setdefault(key, []).append((r, c))
-        for (r0, r1, c0, c1), pixels in windows.items():
-            mean = _crop_mean(x, sigma, images, r0, r1, c0, c1)
-            rr = torch.tensor([p[0] for p in pixels], device=x.device)
-            cc = torch.tensor([p[1] for p in pixels], device=x.device)
-            out[:, :, rr, cc] = mean[:, :, rr - r0, cc - c0]
-        return out
+        """LS: per pixel q, ``‖P_q x − P_q y_i‖²`` is the k×k box sum (zeros outside the image)
+        of the per-pixel squared distances ``Σ_c (x − y_i)²``, so its cost does not depend on k;
+        one exact online softmax per (query, pixel) over the images, streamed in chunks."""
+        b, c, h, w = x.shape
+        d = k // 2
+        step = max(1, _DENSE_BLOCK // (b * c * h * w))
+        scale = (2 * sigma.to(torch.float64) ** 2).reshape(b, 1, 1, 1)
+        best = torch.full((b, 1, h, w), -math.inf, dtype=torch.float64, device=x.device)
+        total, acc = torch.zeros_like(best), torch.zeros(b, c, h, w, dtype=torch.float64, device=x.device)
+        for a in range(0, images.shape[0], step):
+            y = _decode(images[a:a + step], x.dtype)
+            m = len(y)
+            per_pixel = ((x[:, None] - y[None]) ** 2).sum(2).reshape(b * m, 1, h, w)
+            box = F.avg_pool2d(per_pixel, k, stride=1, padding=d, count_include_pad=True) * (k * k)
+            logit = -box.reshape(b, m, h, w).to(torch.float64) / scale
+            new = torch.maximum(best, logit.amax(1, keepdim=True))
+            fade = torch.where(best == -math.inf, 0.0, torch.exp(best - new))
+            e = torch.exp(logit - new)
+            total = total * fade + e.sum(1, keepdim=True)
+            acc = acc * fade + torch.einsum("bmhw,mchw->bchw", e, y.to(torch.float64))
+            best = new
+        return (acc / total).to(x.dtype)
 
     def _classes(self, x, sigma, images, k, groups):
         """For each ``(query pixels, candidate centres, padding)``: one softmax per query patch
