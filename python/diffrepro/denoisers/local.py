@@ -262,12 +262,8 @@ class PatchSetDenoiser(_LocalDenoiser):
         return {"name": "pspc", "patch_size": self._schedule.identity()}
 
     def _apply(self, x, sigma, images, p):
-        if p < self.img_resolution:
-            return _boxed_composite(x, sigma, images, p)
-        return self._per_crop(x, sigma, images, p)
-
-    def _per_crop(self, x, sigma, images, p):
-        """One fused-kernel pass per crop position (p = H: the empirical denoiser, one pass)."""
+        # One fused-kernel pass per crop. A two-pass box-filter form (cost independent of p) was
+        # measured 1.8-2.6x slower at p = 3 and 15 (16 queries, 256 images, 2 loaded cores).
         h = self.img_resolution
         out = torch.zeros_like(x)
         count = torch.zeros(h, h, dtype=x.dtype, device=x.device)
@@ -276,49 +272,6 @@ class PatchSetDenoiser(_LocalDenoiser):
                 out[:, :, u:u + p, v:v + p] += _crop_mean(x, sigma, images, u, u + p, v, v + p)
                 count[u:u + p, v:v + p] += 1
         return out / count
-
-
-def _crop_logits(x, y, p, scale):
-    """``−‖C_uv x − C_uv y_i‖²/scale`` for every valid p×p crop: the box sums of the per-pixel
-    squared distances, float64 ``[b, m, H − p + 1, W − p + 1]``."""
-    b, m, (h, w) = x.shape[0], y.shape[0], x.shape[-2:]
-    per_pixel = ((x[:, None] - y[None]) ** 2).sum(2).reshape(b * m, 1, h, w)
-    box = F.avg_pool2d(per_pixel, p, stride=1) * (p * p)
-    return -box.reshape(b, m, h - p + 1, w - p + 1).to(torch.float64) / scale
-
-
-def _boxed_composite(x, sigma, images, p):
-    """PSPC in two exact passes over image chunks whose cost does not depend on p: (1) each
-    crop's log-normaliser by an online log-sum-exp of box-summed distances; (2) each image's
-    normalised crop weights spread back over the pixels they cover (a transposed box filter),
-    ``out_q = Σ_i y_{i,q} Σ_{crops ∋ q} w_{i,crop} / #crops ∋ q``."""
-    b, c, h, w = x.shape
-    step = max(1, _DENSE_BLOCK // (b * c * h * w))
-    scale = (2 * sigma.to(torch.float64) ** 2).reshape(b, 1, 1, 1)
-
-    def each():
-        for a in range(0, images.shape[0], step):
-            yield _decode(images[a:a + step], x.dtype)
-
-    best, total = None, None
-    for y in each():
-        logit = _crop_logits(x, y, p, scale)
-        top = logit.amax(1, keepdim=True)
-        if best is None:
-            best, total = top, torch.exp(logit - top).sum(1, keepdim=True)
-            continue
-        new = torch.maximum(best, top)
-        total = total * torch.exp(best - new) + torch.exp(logit - new).sum(1, keepdim=True)
-        best = new
-    log_z = best + torch.log(total)
-    ones = torch.ones(1, 1, p, p, dtype=torch.float64, device=x.device)
-    acc = torch.zeros(b, c, h, w, dtype=torch.float64, device=x.device)
-    for y in each():
-        weights = torch.exp(_crop_logits(x, y, p, scale) - log_z)
-        spread = F.conv_transpose2d(weights.reshape(-1, 1, h - p + 1, w - p + 1), ones).reshape(b, len(y), h, w)
-        acc += torch.einsum("bmhw,mchw->bchw", spread, y.to(torch.float64))
-    count = F.conv_transpose2d(torch.ones(1, 1, h - p + 1, w - p + 1, dtype=torch.float64, device=x.device), ones)
-    return (acc / count.reshape(1, 1, h, w)).to(x.dtype)
 
 
 CIFAR_PATCH_SCHEDULE = (32, 32, 32, 32, 32, 32, 32, 23, 15, 11, 7, 5, 3, 3, 3, 3, 3, 3)
