@@ -9,7 +9,8 @@ end to end (:func:`diffrepro.generate`, PNGs and npz included) over the real CIF
 Sizes (``DIFFREPRO_BENCH_SIZES``): ``small`` a few seeds over a few hundred rows (minutes on 2
 cores); ``paper`` the issue's settings: PSPC and PCA locality 64 seeds over the 5,170 real images,
 LS 64 seeds, ELS 16 seeds over the 5,170 (hours on 2 cores: the work is Σ over crops of N·|crop|
-per query and evaluation, reported as GFLOP/s of the kernel's two products).
+per query and evaluation, reported as GFLOP/s of the kernel's two products; LS and PCA
+locality: the nominal products of their windows and masks).
 """
 import numpy as np
 import pytest
@@ -51,7 +52,8 @@ def pspc_flops(n: int, c: int, h: int, p: int) -> float:
 
 
 def ls_flops(n: int, c: int, h: int, k: int) -> float:
-    """Per query and evaluation: one clipped window per pixel."""
+    """Per query and evaluation: the products of one clipped window per pixel (the model's
+    nominal work; the box-sum path does a few elementwise passes over N·C·H·W instead)."""
     d = k // 2
     side = [min(i + d + 1, h) - max(i - d, 0) for i in range(h)]
     return 4.0 * n * c * sum(a * b for a in side for b in side)
