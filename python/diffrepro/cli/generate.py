@@ -12,6 +12,8 @@ from ._common import HelpFormatter, int_at_least, nonneg_float, positive_float, 
 # Kept literal so that building the parser imports no torch; tests check them against
 # diffrepro.samplers.SAMPLERS, FLOW_SOLVERS and PRESETS.
 SAMPLER_CHOICES = ("heun", "euler", "dpm", "exact", "midpoint")
+# diffrepro.denoisers.local.LOCAL_MODELS (a test checks them).
+LOCAL_CHOICES = ("pspc", "ls", "els", "els-borders", "pca-locality")
 PRESET_CHOICES = ("p1_net", "p1_optimal", "p2_euler10", "p2_euler10_net")
 
 
@@ -30,8 +32,18 @@ def add_commands(sub) -> None:
                    "or npy (default: the embedded 500 CIFAR-10 images)")
     g.add_argument("--max-train", metavar="N", type=int_at_least(1), default=None,
                    help="use the first N training images (default: all)")
-    g.add_argument("--denoiser", choices=["empirical", "gaussian"], default="empirical",
-                   help="empirical (multi-delta) optimal denoiser or Gaussian (Wiener) denoiser of --train")
+    g.add_argument("--denoiser", choices=["empirical", "gaussian", *LOCAL_CHOICES], default="empirical",
+                   help="empirical (multi-delta) optimal denoiser or Gaussian (Wiener) denoiser of --train, or a "
+                        "local model: pspc (patch-set posterior composites, square patches), ls / els / els-borders "
+                        "(local score machines), pca-locality (Wiener-filter masks)")
+    g.add_argument("--patch-size", metavar="P", default=None,
+                   help="pspc: patch size; ls/els/els-borders: odd kernel size; an int, or one per step as a comma "
+                        "list (--family=edm, euler or heun: looked up by the nearest step of the sigma grid), e.g. "
+                        "the CIFAR-10 PSPC schedule 32,32,32,32,32,32,32,23,15,11,7,5,3,3,3,3,3,3")
+    g.add_argument("--mask-threshold", type=nonneg_float, default=0.02,
+                   help="pca-locality: mask entries >= this fraction of the largest become 1, the rest 0 "
+                        "(0: real-valued masks)")
+    g.add_argument("--temperature", type=positive_float, default=1.0, help="pca-locality: softmax temperature")
     g.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
                    help="ODE solver (default: heun as EDM, or the preset's); --family=flow: euler, heun or midpoint")
     g.add_argument("--steps", type=int_at_least(2), default=None,
@@ -149,10 +161,11 @@ def _resolve(args) -> dict:
     if args.guidance is not None and args.shard_train:
         raise UsageError("--guidance: got it with --shard-train, expected no --shard-train (the guided "
                          "denoiser's two terms are not sharded)")
-    if args.class_idx is not None and args.guidance is None and args.denoiser != "empirical":
+    if args.class_idx is not None and args.guidance is None and args.denoiser == "gaussian":
         raise UsageError(f"--class: got {args.class_idx} with --denoiser={args.denoiser}, expected "
-                         "--denoiser=empirical (class-conditional optimum), or --guidance 1 for the "
-                         "Gaussian model of the class")
+                         "--denoiser=empirical (class-conditional optimum) or a local model, or --guidance 1 for "
+                         "the Gaussian model of the class")
+    _check_local(args, sampler, steps, flow, grid)
     if args.latents is not None and not os.path.isfile(args.latents):
         raise UsageError(f"--latents: got {args.latents!r}, expected an existing noise-bank .npz")
     if args.train:
@@ -175,6 +188,40 @@ def _resolve(args) -> dict:
             warnings.warn(reason, stacklevel=1)
     return {"sampler": sampler, "steps": steps, "grid": grid, "seeds": seeds, "ds": ds, "part": part,
             "flow": flow}
+
+
+def _check_local(args, sampler, steps, flow, grid) -> None:
+    """The local models' flags: --patch-size for pspc/ls/els, a per-step list only on an EDM grid
+    of as many steps (its σ grid kept in ``args.patch_sigmas``); no guidance or dry run."""
+    local, args.patch_sigmas = args.denoiser in LOCAL_CHOICES, None
+    if not local or args.denoiser == "pca-locality":
+        if args.patch_size is not None:
+            raise UsageError(f"--patch-size: got {args.patch_size!r} with --denoiser={args.denoiser}, expected "
+                             "--denoiser=pspc, ls, els or els-borders")
+        if not local:
+            return
+    from ..denoisers.local import parse_sizes
+
+    if args.guidance is not None or args.dry_run:
+        flag = "--guidance" if args.guidance is not None else "--dry-run"
+        raise UsageError(f"{flag}: got it with --denoiser={args.denoiser}, expected --denoiser=empirical or gaussian")
+    if args.denoiser == "pca-locality":
+        return
+    if args.patch_size is None:
+        raise UsageError(f"--patch-size: missing, expected an int or a comma list per step with "
+                         f"--denoiser={args.denoiser}")
+    with usage_errors("--patch-size"):
+        sizes = parse_sizes(args.patch_size)
+    if isinstance(sizes, list) and (flow is not None or sampler not in ("heun", "euler") or len(sizes) != steps):
+        raise UsageError(f"--patch-size: got {len(sizes)} sizes with --sampler={sampler}, --steps={steps}"
+                         + (", --family=flow" if flow is not None else "")
+                         + f", expected one per step of an EDM grid (--family=edm, heun or euler, "
+                         f"--steps={len(sizes)})")
+    if isinstance(sizes, list):
+        from ..samplers import edm_grid
+
+        args.patch_sigmas = edm_grid(steps, grid["sigma_min"], grid["sigma_max"], grid["rho"])[:-1].tolist()
+    args.patch_size = sizes
 
 
 def _flow_settings(args) -> dict | None:
@@ -213,7 +260,18 @@ def _denoiser(args, ds, dtype, ctx):
             prune=args.prune)
     if args.denoiser == "empirical":
         return EmpiricalDenoiser(ds.images, labels=labels, dtype=dtype, device=args.device, prune=args.prune)
+    if args.denoiser in LOCAL_CHOICES:
+        return _local(args, ds, labels, dtype)
     return GaussianDenoiser.from_data(ds.images, device=args.device)
+
+
+def _local(args, ds, labels, dtype):
+    """A local model; a per-step size refers to the run's EDM grid."""
+    from ..denoisers.local import local_denoiser
+
+    return local_denoiser(args.denoiser, ds.images, patch_size=args.patch_size, sigmas=args.patch_sigmas,
+                          mask_threshold=args.mask_threshold, temperature=args.temperature, labels=labels,
+                          label_dim=ds.label_dim if labels is not None else None, dtype=dtype, device=args.device)
 
 
 def _dry_run(args, r, dtype, work) -> int:

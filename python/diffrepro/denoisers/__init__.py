@@ -14,6 +14,7 @@ EDM networks they carry ``img_channels``, ``img_resolution``, ``label_dim``, ``s
 - :mod:`.gaussian`: the Gaussian (Wiener) denoiser of the training mean and covariance, with
   closed-form trajectories (Li, Dai, Qu 2024, eq. 6).
 - :mod:`.linear`: affine denoisers per σ (linear distillation).
+- :mod:`.local`: local (patch) denoisers: PSPC patch sets, LS/ELS machines, PCA locality.
 - :mod:`.guidance`: classifier-free guidance and per-class models (Ho & Salimans 2022).
 - :mod:`.jacobian`: exact Jacobian products of the empirical denoiser (``jvp``/``vjp``).
 - :mod:`.adapters`: callables, diffusers models and EDM pickles behind the same interface.
@@ -25,6 +26,7 @@ from .empirical import EmpiricalDenoiser
 from .gaussian import GaussianDenoiser, gaussian_statistics
 from .guidance import ClassConditionalDenoiser, GuidedDenoiser, guidance_commitment
 from .linear import LinearDenoiser, LinearDenoiserSet
+from .local import FlexPatchSetDenoiser, LocalScoreDenoiser, PatchSetDenoiser, PCALocalityDenoiser, StepSchedule
 
 __all__ = [
     "CallableDenoiser",
@@ -32,10 +34,15 @@ __all__ = [
     "Denoiser",
     "DiffusersDenoiser",
     "EmpiricalDenoiser",
+    "FlexPatchSetDenoiser",
     "GaussianDenoiser",
     "GuidedDenoiser",
     "LinearDenoiser",
     "LinearDenoiserSet",
+    "LocalScoreDenoiser",
+    "PCALocalityDenoiser",
+    "PatchSetDenoiser",
+    "StepSchedule",
     "TimedDenoiser",
     "as_denoiser",
     "gaussian_statistics",
