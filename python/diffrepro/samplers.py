@@ -185,14 +185,20 @@ def _sigma_loop(
         if gamma_max > 0:
             x_hat = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x)
         denoised = call(x_hat, t_hat)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
+        # EDM's formulas, the same operations in the same order (bit for bit), but updating the
+        # step's own temporaries in place: 3 new [B, ...] tensors a Heun step instead of 11 (each
+        # fresh one page-faults in; measured 2x faster loop on CPU). Nothing the caller or the
+        # callback holds is written.
+        h = t_next - t_hat
+        d_cur = torch.sub(x_hat, denoised).div_(t_hat)  # (x_hat - denoised) / t_hat
+        x_next = (h * d_cur).add_(x_hat)  # x_hat + h d_cur
         if callback is not None:
             callback({"i": i, "sigma": t_hat, "sigma_next": t_next, "x": x_hat, "denoised": denoised})
         if solver == "heun" and t_next > 0:
             denoised = call(x_next, t_next)
-            d_prime = (x_next - denoised) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+            d_prime = torch.sub(x_next, denoised).div_(t_next)
+            # x_hat + h (0.5 d_cur + 0.5 d_prime)
+            x_next = d_cur.mul_(0.5).add_(d_prime.mul_(0.5)).mul_(h).add_(x_hat)
         x = x_next
     return x
 
