@@ -119,47 +119,56 @@ def bench_generate_vs_paper1(benchmark, record, tmp_path_factory, sizes, train):
                                           f"{sub} rows, x{scale:.0f}")
 
 
-def _one_call_seconds(rows: torch.Tensor, q: int, repeats: int = 3) -> tuple[float, float]:
-    """Fastest wall-clock and process-CPU seconds of a few calls of ``ops.empirical_denoiser`` on
-    q noisy float32 queries at σ = 80 (the microbenchmark of one call of the shape generate
-    makes). CPU seconds count every thread: on shared cores they show work, not waiting."""
-    x = benchmarks.noisy_queries(rows, q, 80.0)
-    ops.empirical_denoiser(x, rows, 80.0)
+def _one_call_seconds(rows: torch.Tensor, q: int, sigma: float, repeats: int = 2) -> tuple[float, float]:
+    """Fastest wall-clock and process-CPU seconds of ``ops.empirical_denoiser`` on q queries
+    y + σ n (y: decoded rows, as a sampler's state at σ; a call's cost depends on σ: below σ ~ 0.1
+    the second product goes sparse). CPU seconds count every thread: on shared cores they show
+    work, not waiting."""
+    g = torch.Generator().manual_seed(q)
+    x = rows[:q].float() / 127.5 - 1 + sigma * torch.randn(q, rows.shape[1], generator=g)
+    ops.empirical_denoiser(x, rows, sigma)
     wall, cpu = [], []
     for _ in range(repeats):
         w, c = time.perf_counter(), time.process_time()
-        ops.empirical_denoiser(x, rows, 80.0)
+        ops.empirical_denoiser(x, rows, sigma)
         wall.append(time.perf_counter() - w)
         cpu.append(time.process_time() - c)
     return min(wall), min(cpu)
 
 
+def _heun_call_sigmas() -> list[float]:
+    """σ of each denoiser call of Heun-18 on EDM's grid: t_i, then t_{i+1} while t_{i+1} > 0."""
+    t = samplers.edm_grid(STEPS).tolist()
+    return [s for i in range(STEPS) for s in ([t[i], t[i + 1]] if t[i + 1] > 0 else [t[i]])]
+
+
 def generate_vs_kernel_calls(train: np.ndarray, samples: int, rounds: int, outdir) -> dict:
     """Per round, side by side: ``generate`` (Heun-18, dense, batches of 256) end to end, then each
-    call's shape timed alone; returns per-round seconds (wall clock, and process CPU time for the ``*_cpu``
-    keys) and their ratios. ``outdir()`` gives a fresh folder."""
+    call's shape and σ timed alone; returns per-round seconds (wall clock, and process CPU time for
+    the ``*_cpu`` keys) and their ratios. ``outdir()`` gives a fresh folder."""
     den = EmpiricalDenoiser(train, prune=0)
     den.fingerprint()  # the one-off hash of the rows is not part of a call
     rows = torch.from_numpy(train.reshape(len(train), -1))
     keys = ("generate", "kernel_calls", "denoiser", "sampling", "ratio",
             "generate_cpu", "kernel_calls_cpu", "ratio_cpu")
     out = {k: [] for k in keys}
+    sigmas = _heun_call_sigmas()
     for _ in range(rounds):
         start, start_cpu = time.perf_counter(), time.process_time()
         timing = generation.generate(den, f"0-{samples - 1}", outdir(), steps=STEPS, progress=False)["timing"]
         out["generate"].append(time.perf_counter() - start)
         out["generate_cpu"].append(time.process_time() - start_cpu)
-        # EDM's split: ceil(S / 256) batches of near-equal size, NFE calls each
+        assert timing["denoiser_calls"] % len(sigmas) == 0, timing
+        # EDM's split: ceil(S / 256) batches of near-equal sizes, each making the calls of `sigmas`
         batches = [len(b) for b in np.array_split(np.arange(samples), -(-samples // 256))]
-        calls = [q for q in batches for _ in range(timing["denoiser_calls"] // len(batches))]
-        one = {q: _one_call_seconds(rows, q) for q in set(batches)}
-        out["kernel_calls"].append(sum(one[q][0] for q in calls))
-        out["kernel_calls_cpu"].append(sum(one[q][1] for q in calls))
+        one = {(q, s): _one_call_seconds(rows, q, s) for q in set(batches) for s in set(sigmas)}
+        out["kernel_calls"].append(sum(one[q, s][0] for q in batches for s in sigmas))
+        out["kernel_calls_cpu"].append(sum(one[q, s][1] for q in batches for s in sigmas))
         out["denoiser"].append(timing["denoiser_seconds"])
         out["sampling"].append(timing["sampling_seconds"])
         out["ratio"].append(out["generate"][-1] / out["kernel_calls"][-1])
         out["ratio_cpu"].append(out["generate_cpu"][-1] / out["kernel_calls_cpu"][-1])
-    out["calls"] = len(calls)
+    out["calls"] = len(batches) * len(sigmas)
     return out
 
 
