@@ -34,7 +34,7 @@ def test_machine_peak_is_positive_cached_and_ordered_by_width():
     for key in ("fma_gflops", "fma_gflops_cpu_time"):
         assert all(math.isfinite(g) and g > 0 for g in peak[key].values()), peak
     assert peak["peak_gflops"] == max(peak["fma_gflops"].values())
-    assert peak["read_gbs"] > 0 and peak["read_buffer_bytes"] >= 512 << 20
+    assert peak["read_gbs"] > 0 and peak["read_buffer_bytes"] > 0
     # A core's own rate (CPU time, robust to other processes): doubling the width at most
     # doubles the flops of an instruction, and no CPU runs its wider FMA at well under the
     # narrower one's flop rate.
