@@ -59,7 +59,9 @@ def pytest_terminal_summary(terminalreporter):
         f"diffrepro ratio table ({diffrepro.build_info()['gemm_engine']}, "
         f"{os.cpu_count()} CPUs, sizes={os.environ.get('DIFFREPRO_BENCH_SIZES', 'small')})"
     )
-    terminalreporter.write_line(benchmarks.format_table(RESULTS))
+    peak = benchmarks.machine_peak()
+    terminalreporter.write_line(benchmarks.format_peak(peak))
+    terminalreporter.write_line(benchmarks.format_table(RESULTS, peak))
     out = Path(".benchmarks")
     out.mkdir(exist_ok=True)
     (out / "ratios.json").write_text(json.dumps(RESULTS, indent=1))

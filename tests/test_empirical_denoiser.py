@@ -386,3 +386,50 @@ def test_empty_chunks_and_states():
     ref, ref_info = dr.finalize(full)
     assert torch.equal(out, ref) and torch.equal(info["nearest_index"], ref_info["nearest_index"])
     assert dr.empirical_denoiser(torch.empty(0, 5), y, 0.4).shape == (0, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-call work done once: the centring vector, finalize without temporaries
+# ---------------------------------------------------------------------------------------------
+def test_a_centre_computed_once_gives_the_per_call_result_bit_for_bit(cifar_subset):
+    from diffrepro.ops import empirical_denoiser_partial, finalize, row_center
+
+    train = torch.from_numpy(cifar_subset[:700])
+    x = train[:8].float() / 127.5 - 1 + 0.3 * torch.randn(8, 3, 32, 32)
+    for dtype in (torch.float32, torch.float64):
+        xd = x.to(dtype)
+        center = row_center(train, dtype)
+        # the mean of the strided sample of rows, decoded as the kernel decodes (float64 oracle)
+        sample = train.reshape(700, -1)[::2][:256].to(dtype) / 127.5 - 1
+        torch.testing.assert_close(center.double(), sample.double().mean(0), rtol=0, atol=1e-6)
+        a = empirical_denoiser_partial(xd, train, 0.4, row_offset=3)
+        b = empirical_denoiser_partial(xd, train, 0.4, row_offset=3, _row_center=center)
+        for name in ("max_logit", "sum_exp", "weighted_sum", "nearest_index", "nearest_sqdist"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        out, _ = finalize(b)
+        assert torch.equal(out, (b.weighted_sum.double() / b.sum_exp[:, None]).to(dtype))
+
+
+def test_a_centre_of_the_wrong_dtype_or_length_is_refused():
+    from diffrepro.ops import empirical_denoiser_partial, row_center
+
+    train = torch.rand(40, 12)
+    x = torch.rand(3, 12)
+    for bad in (row_center(train, torch.float64), row_center(train[:, :6]), row_center(train)[::2], [0.0] * 12):
+        with pytest.raises(ValueError, match="_row_center must be a contiguous torch.float32 \\[12\\] tensor"):
+            empirical_denoiser_partial(x, train, 1.0, _row_center=bad)
+
+
+def test_empirical_denoiser_keeps_one_centre_per_chunk_and_matches_the_op(cifar_subset):
+    from diffrepro.denoisers import EmpiricalDenoiser
+
+    train = cifar_subset[:300]
+    x = torch.from_numpy(train[:5]).double() / 127.5 - 1 + 0.5 * torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    for chunk_rows in (None, 128):
+        den = EmpiricalDenoiser(train, prune=0, chunk_rows=chunk_rows)
+        first = den(x, 0.5)
+        assert len(den._centers) == (1 if chunk_rows is None else 3)
+        assert torch.equal(den(x, 0.5), first)  # the kept centres change nothing
+        if chunk_rows is None:
+            want = dr.empirical_denoiser(x.reshape(5, -1).float(), torch.from_numpy(train), 0.5)
+            assert torch.equal(first.float().reshape(5, -1), want)

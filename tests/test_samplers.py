@@ -643,3 +643,38 @@ def test_errors_name_the_argument(latents, call, exc, message):
     with pytest.raises(exc) as info:
         call(latents)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_sigma_loop_is_bitwise_edm_and_writes_nothing_it_was_given(latents, solver, dtype):
+    """The loop updates its own temporaries in place (through numpy on the host); the result is
+    EDM's out-of-place torch formulas bit for bit on the same grid, and neither the latents nor
+    any tensor the denoiser returned (which it may keep, e.g. a cache) nor any x it was called
+    with is written."""
+    returned, seen = [], []
+
+    def den(x, sigma):
+        return wiener(x, sigma).to(x.dtype)
+
+    def keeping(x, sigma):
+        seen.append((x, x.clone()))
+        out = den(x, sigma)
+        returned.append((out, out.clone()))
+        return out
+
+    x0 = (latents.to(F64) * 80.0).to(dtype)
+    x0_copy = x0.clone()
+    t = SM.edm_grid(12)
+    got = SM._sigma_loop(keeping, x0, t, solver=solver)
+    x = x0_copy.clone()
+    for i in range(len(t) - 1):  # EDM Algorithm 2 (no churn), out of place, in torch
+        d = (x - den(x, t[i])) / t[i]
+        x_next = x + (t[i + 1] - t[i]) * d
+        if solver == "heun" and t[i + 1] > 0:
+            d2 = (x_next - den(x_next, t[i + 1])) / t[i + 1]
+            x_next = x + (t[i + 1] - t[i]) * (0.5 * d + 0.5 * d2)
+        x = x_next
+    assert got.dtype == dtype and torch.equal(got, x)
+    assert torch.equal(x0, x0_copy)
+    assert all(torch.equal(a, b) for a, b in returned + seen)

@@ -2,12 +2,16 @@
 // pybind11 module diffrepro._cpu: fills the argument structs from the dict built by
 // diffrepro/ops.py, releases the GIL around the kernels and maps a Status to a RuntimeError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 #include <type_traits>
+#include <tuple>
+#include <vector>
 
 #include "binding_util.h"
 #include "diffrepro/api_cpu.h"
+#include "../cpu/machine_peak.h"
 
 namespace py = pybind11;
 using diffrepro::index_t;
@@ -59,5 +63,22 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("gemm_core", [] { return std::string(diffrepro::cpu_gemm_core()); });
   m.def("cpu_isa", [] { return std::string(diffrepro::cpu_isa()); });
   m.def("search_kernel", [] { return std::string(diffrepro::cpu_search_kernel()); });
+  m.def("fma_widths", [] {
+    int w[3];
+    const int n = diffrepro::fma_widths(w);
+    return std::vector<int>(w, w + n);
+  });
+  m.def("fma_loop", [](int width_bits, long long iterations, int workers) {
+    double seconds = 0, flops = 0, cpu_seconds = 0;
+    {
+      py::gil_scoped_release release;
+      diffrepro::fma_loop(width_bits, iterations, workers, &seconds, &flops, &cpu_seconds);
+    }
+    return std::make_tuple(seconds, flops, cpu_seconds);
+  }, "width_bits"_a, "iterations"_a, "workers"_a);
+  m.def("read_bandwidth_seconds", [](long long bytes, int passes, int workers) {
+    py::gil_scoped_release release;
+    return diffrepro::read_bandwidth_seconds(bytes, passes, workers);
+  }, "bytes"_a, "passes"_a, "workers"_a);
   m.attr("version") = DR_VERSION;
 }

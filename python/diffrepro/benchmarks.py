@@ -16,17 +16,19 @@ Peers are what a researcher would otherwise run:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import ops
+from . import _backend, ops
 from .reference import p1_two_pass_denoiser
 
 SIZES = {
@@ -41,6 +43,119 @@ def sizes(name: str | None = None) -> dict:
     if name not in SIZES:
         raise ValueError(f"DIFFREPRO_BENCH_SIZES must be one of {sorted(SIZES)}, got {name!r}")
     return SIZES[name]
+
+
+# The FMA loop runs this long per timed round (after a short calibration), the best of
+# _PEAK_ROUNDS rounds per width, rounds interleaved across widths so that a burst of load from
+# elsewhere hits all widths alike.
+_PEAK_ROUND_SECONDS = 0.08
+_PEAK_ROUNDS = 3
+# The streaming read covers at least this many bytes and twice the L3 the OS reports.
+_BANDWIDTH_MIN_BYTES = 512 << 20
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _l3_bytes() -> int | None:
+    """The largest cache the OS reports for cpu0 (a VM may report a virtual size), or None."""
+    sizes = []
+    for path in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size")):
+        text = path.read_text().strip()
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * unit)
+        except ValueError:
+            continue
+    return max(sizes, default=None)
+
+
+def _available_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 1 << 31
+
+
+def _fma_iterations(width: int, workers: int) -> int:
+    """Loop rounds that take about _PEAK_ROUND_SECONDS at this width (from a short trial)."""
+    iterations = 20_000
+    while True:
+        seconds, _, _ = _backend.cpu.fma_loop(width, iterations, workers)
+        if seconds >= 0.01:
+            return max(1, int(iterations * _PEAK_ROUND_SECONDS / seconds))
+        iterations *= 4
+
+
+@functools.cache
+def machine_peak(workers: int | None = None) -> dict:
+    """This machine's measured limits, once per process (about two seconds), for the "% of peak"
+    columns of ``diffrepro bench``.
+
+    Returns:
+        dict with ``cpu_model``; ``workers`` (threads, as the kernels use); ``fma_gflops``
+        {vector width in bits: float32 GFLOP/s} for each width this CPU runs, from a register-only
+        loop of independent fused multiply-adds on every worker (best of a few rounds);
+        ``peak_gflops``, the largest of them (wall clock: what the kernels' wall-clock rows
+        are compared with); ``fma_gflops_cpu_time``, the same flops per second of the workers'
+        own CPU time (all workers' cores at full rate: far above the wall-clock figure when
+        other processes share the cores, equal on an idle machine); ``read_gbs``, GB/s of a streaming read over
+        ``read_buffer_bytes`` on every worker (best pass); ``l3_bytes`` as the OS reports it
+        (None if unknown: the read is from DRAM only when the buffer is well above the real L3).
+    """
+    cpu = _backend.cpu
+    workers = ops._workers(workers)
+    widths = list(cpu.fma_widths())
+    iterations = {w: _fma_iterations(w, workers) for w in widths}
+    best = {w: 0.0 for w in widths}
+    per_cpu = {w: 0.0 for w in widths}
+    for _ in range(_PEAK_ROUNDS):
+        for w in widths:
+            seconds, flops, cpu_seconds = cpu.fma_loop(w, iterations[w], workers)
+            best[w] = max(best[w], flops / seconds / 1e9)
+            if cpu_seconds > 0:
+                per_cpu[w] = max(per_cpu[w], flops / cpu_seconds / 1e9)
+    l3 = _l3_bytes()
+    buffer = max(_BANDWIDTH_MIN_BYTES, 2 * (l3 or 0))
+    buffer = min(buffer, _available_bytes() // 4) // 64 * 64
+    read_seconds = cpu.read_bandwidth_seconds(buffer, 3, workers)
+    return dict(
+        cpu_model=_cpu_model(),
+        workers=workers,
+        fma_gflops=best,
+        peak_gflops=max(best.values(), default=float("nan")),
+        fma_gflops_cpu_time=per_cpu,
+        read_gbs=buffer / read_seconds / 1e9,
+        read_buffer_bytes=buffer,
+        l3_bytes=l3,
+    )
+
+
+def format_peak(peak: dict) -> str:
+    """The peak lines printed above the benchmark table."""
+    widths = ", ".join(f"{w}-bit {g:.1f}" for w, g in sorted(peak["fma_gflops"].items()))
+    by_cpu = ", ".join(f"{w}-bit {g:.1f}" for w, g in sorted(peak["fma_gflops_cpu_time"].items()))
+    l3 = f"{peak['l3_bytes'] / 2**20:.0f} MiB" if peak["l3_bytes"] else "unknown"
+    shared = max(peak["fma_gflops_cpu_time"].values(), default=0) > 1.25 * peak["peak_gflops"]
+    return "\n".join([
+        f"machine: {peak['cpu_model']}, {peak['workers']} worker threads",
+        f"FMA peak (float32, register-only loop, all workers): {widths} GFLOP/s; "
+        f"peak {peak['peak_gflops']:.1f} GFLOP/s",
+        f"  per second of the workers' own CPU time: {by_cpu} GFLOP/s"
+        + (" (other processes share the cores: wall-clock figures are low)" if shared else ""),
+        f"streaming read: {peak['read_gbs']:.1f} GB/s over {peak['read_buffer_bytes'] / 2**20:.0f} MiB "
+        f"(L3 reported: {l3})",
+    ])
 
 
 def denoiser_flops(Q: int, N: int, D: int) -> float:
@@ -201,6 +316,7 @@ def run_table(size_name: str | None = None, rounds: int = 5, include_paper1: boo
     for Q in sz["den_q"]:
         x = noisy_queries(train, Q, sigma)
         flops = denoiser_flops(Q, train.shape[0], D)
+        nbytes = train.numel() * train.element_size()
         case = f"empirical_denoiser Q={Q} N={train.shape[0]} D={D}"
         impls = {
             "diffrepro": lambda: ops.empirical_denoiser(x, train, sigma),
@@ -208,29 +324,32 @@ def run_table(size_name: str | None = None, rounds: int = 5, include_paper1: boo
             "torch chunked": lambda: torch_chunked_denoiser(x, train, sigma, train_norm2=norm2),
         }
         for name, fn in impls.items():
-            rows.append(timing_row(case, name, time_rounds(fn, rounds), flops))
+            rows.append(timing_row(case, name, time_rounds(fn, rounds), flops, bytes=nbytes))
         if include_paper1:
             _, t = paper1_seconds(x, train, sigma, n_subset=512)
-            rows.append(timing_row(case, "paper 1 (extrapolated)", [t], flops))
+            rows.append(timing_row(case, "paper 1 (extrapolated)", [t], flops, bytes=nbytes))
     for N in sz["nn_n"]:
         q, r = search_workload(sz["nn_q"], N, sz["nn_d"])
         for k in sz["ks"]:
             case = f"nn_search Q={sz['nn_q']} N={N} D={sz['nn_d']} k={k}"
             flops = search_flops(sz["nn_q"], N, sz["nn_d"])
-            rows.append(timing_row(case, "diffrepro", time_rounds(lambda: ops.nn_search(q, r, k), rounds), flops))
+            rows.append(timing_row(case, "diffrepro", time_rounds(lambda: ops.nn_search(q, r, k), rounds), flops,
+                                   bytes=r.nbytes))
             for label, core in (
                 ("faiss (default env)", None),
                 (f"faiss (OPENBLAS_CORETYPE={best_openblas_coretype()})", best_openblas_coretype()),
             ):
-                rows.append(faiss_row(case, label, sz["nn_q"], N, sz["nn_d"], k, rounds, core, flops))
+                rows.append(faiss_row(case, label, sz["nn_q"], N, sz["nn_d"], k, rounds, core, flops,
+                                      bytes=r.nbytes))
     return rows
 
 
 def faiss_row(case: str, label: str, Q: int, N: int, D: int, k: int, rounds: int, coretype: str | None,
-              flops: float) -> dict:
+              flops: float, **extra) -> dict:
     """The timing row of faiss on this search, or a row saying why it was skipped (``skipped``)."""
     try:
-        return timing_row(case, label, faiss_subprocess_times(Q, N, D, k, rounds=rounds, coretype=coretype), flops)
+        return timing_row(case, label, faiss_subprocess_times(Q, N, D, k, rounds=rounds, coretype=coretype), flops,
+                          **extra)
     except subprocess.CalledProcessError as exc:
         last = (exc.stderr or "").strip().splitlines()[-1:] or [f"exit status {exc.returncode}"]
         why = ("faiss is not installed (pip install faiss-cpu)" if "No module named 'faiss'" in last[0]
@@ -240,12 +359,15 @@ def faiss_row(case: str, label: str, Q: int, N: int, D: int, k: int, rounds: int
     return timing_row(case, label, [], flops, skipped=why)
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], peak: dict | None = None) -> str:
     """Median seconds with their spread (min–max over the rounds), GFLOP/s, and each peer's time
-    over diffrepro's (the speed-up)."""
+    over diffrepro's (the speed-up). With ``peak`` (:func:`machine_peak`): each row's GFLOP/s as a
+    percentage of the FMA peak and, where the row records the bytes of rows it streams, its
+    read rate as a percentage of the measured streaming-read bandwidth."""
+    extra = f" {'% FMA peak':>10} {'% read BW':>9}" if peak else ""
     lines = [
         f"{'case':<48} {'implementation':<36} {'median s':>10} {'min-max s':>19} {'rounds':>6} "
-        f"{'GFLOP/s':>9} {'diffrepro speed-up':>18}"
+        f"{'GFLOP/s':>9} {'diffrepro speed-up':>18}{extra}"
     ]
     by_case: dict[str, list[dict]] = {}
     for r in rows:
@@ -258,8 +380,11 @@ def format_table(rows: list[dict]) -> str:
                 continue
             ratio = r["seconds"] / ours if r["impl"] != "diffrepro" else 1.0
             spread = f"{r.get('min', r['seconds']):.4f}-{r.get('max', r['seconds']):.4f}"
-            lines.append(
-                f"{case:<48} {r['impl']:<36} {r['seconds']:>10.4f} {spread:>19} {r.get('rounds', 1):>6} "
-                f"{r['gflops']:>9.1f} {ratio:>17.2f}x"
-            )
+            line = (f"{case:<48} {r['impl']:<36} {r['seconds']:>10.4f} {spread:>19} {r.get('rounds', 1):>6} "
+                    f"{r['gflops']:>9.1f} {ratio:>17.2f}x")
+            if peak:
+                bw = (f"{100 * r['bytes'] / r['seconds'] / 1e9 / peak['read_gbs']:>8.0f}%"
+                      if r.get("bytes") else f"{'-':>9}")
+                line += f" {100 * r['gflops'] / peak['peak_gflops']:>9.0f}% {bw}"
+            lines.append(line)
     return "\n".join(lines)

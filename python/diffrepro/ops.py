@@ -140,7 +140,9 @@ def _fingerprint(q2: torch.Tensor) -> torch.Tensor:
     (the same for every call with this D): O(Q D), and different queries give different values."""
     w = torch.rand(q2.shape[1], generator=torch.Generator().manual_seed(q2.shape[1]), dtype=torch.float64) + 0.5
     if q2.device.type == "cpu":
-        return torch.from_numpy(_host(q2).astype(np.float64) @ w.numpy())
+        # einsum casts in small buffers and runs on this thread: no Q x D float64 copy, and no
+        # numpy BLAS threads left spinning against the kernel's workers (a matmul here cost 10x).
+        return torch.from_numpy(np.einsum("ij,j->i", _host(q2), w.numpy()))
     return q2.double() @ w.to(q2.device)
 
 
@@ -247,14 +249,38 @@ def _center(y2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     products (the logits and L2 distances are invariant to a shift of x and y by the same
     vector). Computed on the host in float64 from rows decoded exactly as the kernels decode
     them (uint8: u / 127.5 - 1 in the compute dtype), so uint8 and pre-decoded rows give the
-    same centre."""
+    same centre. Decoded in place: one temporary, not four (each fresh page faults)."""
     step = max(1, y2.shape[0] // _CENTER_SAMPLE)
     sample = _host(y2[::step][:_CENTER_SAMPLE].cpu())
     ftype = np.float32 if dtype == torch.float32 else np.float64
+    rows = sample.astype(ftype)
     if sample.dtype == np.uint8:
-        sample = sample.astype(ftype) / ftype(127.5) - ftype(1)
-    center = sample.astype(ftype).astype(np.float64).mean(0).astype(ftype)
+        np.divide(rows, ftype(127.5), out=rows)
+        np.subtract(rows, ftype(1), out=rows)
+    center = rows.mean(0, dtype=np.float64).astype(ftype)
     return torch.from_numpy(center).to(y2.device)
+
+
+def row_center(train_chunk, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The centring vector ``empirical_denoiser_partial`` computes for these rows (``[D]``, in
+    ``dtype``): a caller that calls it again and again on the same rows computes it once and
+    passes it as ``_row_center``."""
+    tt, _ = to_tensor("train_chunk", train_chunk, (torch.float32, torch.float64, torch.uint8, torch.float16))
+    return _center(as_rows("train_chunk", tt), dtype)
+
+
+def _given_center(center, y2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel reads D values of the compute dtype at center's address: anything else would
+    be read as wrong numbers, so it is refused."""
+    if center is None:
+        return _center(y2, dtype)
+    if not isinstance(center, torch.Tensor) or center.shape != (y2.shape[1],) or center.dtype != dtype \
+            or center.device != y2.device or not center.is_contiguous():
+        got = f"{center.dtype} {list(center.shape)} on {center.device}" if isinstance(center, torch.Tensor) \
+            else type(center).__name__
+        raise ValueError(f"_row_center must be a contiguous {dtype} [{y2.shape[1]}] tensor on {y2.device} "
+                         f"(from row_center), got {got}")
+    return center
 
 
 def _empty_state(Q: int, D: int, dtype, device, fill: bool = True) -> DenoiserState:
@@ -313,13 +339,14 @@ def _gpu_engine_choice(device, knobs: _Knobs) -> bool:
     return device.type == "cuda" and not knobs.emulate and knobs.config < 0 and knobs.splits == 0
 
 
-def _denoiser_state(xs, y2, sig, row_offset, knobs: _Knobs, lw: torch.Tensor | None = None) -> DenoiserState:
+def _denoiser_state(xs, y2, sig, row_offset, knobs: _Knobs, lw: torch.Tensor | None = None,
+                    center=None) -> DenoiserState:
     Q, D = xs.shape
     N = y2.shape[0]
     if Q == 0 or N == 0:
         return _empty_weighted(Q, D, xs.dtype, xs.device, lw)
     state = _empty_state(Q, D, xs.dtype, xs.device, fill=False)  # the kernels write every field
-    center = _center(y2, xs.dtype)
+    center = _given_center(center, y2, xs.dtype)
     inv_sigma2 = sig.pow(-2)
     args = dict(
         f64=xs.dtype == torch.float64, x=xs.data_ptr(), y=y2.data_ptr(), y_type=ROW_TYPES[y2.dtype],
@@ -369,7 +396,7 @@ def _decode_abs_max(y2: torch.Tensor) -> float:
 
 def empirical_denoiser_partial(x, train_chunk, sigma, *, s=1.0, row_offset: int = 0, log_weights=None,
                                _tile: int | None = None, _workers: int | None = None, _config: int = -1,
-                               _splits: int = 0, _emulate: bool = False) -> DenoiserState:
+                               _splits: int = 0, _emulate: bool = False, _row_center=None) -> DenoiserState:
     """Softmax state of the empirical denoiser over one chunk of training rows.
 
     Args:
@@ -380,6 +407,8 @@ def empirical_denoiser_partial(x, train_chunk, sigma, *, s=1.0, row_offset: int 
         row_offset: global index of the chunk's first row (for ``nearest_index``).
         log_weights: optional ``[n]`` float log-weights of the chunk's rows (see
             ``empirical_denoiser``); a chunk whose rows all have -inf contributes nothing.
+        _row_center: ``row_center(train_chunk, x's dtype)``, computed once by a caller that
+            passes the same rows again and again (None: computed here).
 
     Returns:
         DenoiserState; combine chunks with ``merge_states`` and read it with ``finalize``. The
@@ -389,7 +418,8 @@ def empirical_denoiser_partial(x, train_chunk, sigma, *, s=1.0, row_offset: int 
     _, _, x2, xs, y2, sig, scale = _prepare_denoiser(x, train_chunk, sigma, s)
     check_int("row_offset", row_offset, 0)
     lw = _log_weights(log_weights, y2.shape[0], xs.device)
-    state = _denoiser_state(xs, y2, sig, row_offset, _Knobs(_tile, _workers, _config, _splits, _emulate), lw)
+    state = _denoiser_state(xs, y2, sig, row_offset, _Knobs(_tile, _workers, _config, _splits, _emulate), lw,
+                            _row_center)
     state.sigma, state.s = sig, scale
     state.query_fingerprint = _fingerprint(x2)
     state.rows = _covered(row_offset, y2.shape[0])
@@ -469,7 +499,10 @@ def finalize(state: DenoiserState) -> tuple[torch.Tensor, dict]:
                          "merge a chunk with a row of finite weight first")
     ws, z = state.weighted_sum, state.sum_exp
     if ws.device.type == "cpu":
-        out = torch.from_numpy((_host(ws).astype(np.float64) / _host(z)[:, None]).astype(_host(ws).dtype))
+        # Divided in float64 and rounded once to ws's dtype, through the ufunc's small buffers
+        # rather than two Q x D temporaries.
+        out = torch.from_numpy(np.divide(_host(ws), _host(z)[:, None], out=np.empty_like(_host(ws)),
+                                         dtype=np.float64, casting="unsafe"))
     else:
         out = (ws.double() / z[:, None]).to(ws.dtype)
     hi, lo = _max_pair(state)

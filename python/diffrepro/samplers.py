@@ -20,6 +20,7 @@ import math
 import numbers
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .schedules import (
@@ -158,6 +159,49 @@ def _gamma_max(S_churn, num_steps) -> float:
     return min(_check_nonneg("S_churn", S_churn) / num_steps, math.sqrt(2) - 1)
 
 
+# The loop's elementwise updates: EDM's formulas, the same IEEE operations in the same order
+# (bit for bit), writing only the step's own temporaries (3 new tensors a Heun step instead of
+# 11: each fresh one page-faults in). Host tensors go through numpy, on this thread: torch would
+# wake its OpenMP pool for each op, and its spinning threads cost more CPU than the ops (measured
+# 6 ms of CPU per op on a 128 x 3072 state) and compete with the denoiser's own workers.
+def _on_host(*ts: torch.Tensor) -> bool:
+    first = ts[0]
+    return first.dtype in (torch.float32, torch.float64) and all(
+        t.device.type == "cpu" and not t.requires_grad and t.dtype == first.dtype and t.shape == first.shape
+        for t in ts)
+
+
+def _slope(x, denoised, t):
+    """(x - denoised) / t, a new tensor."""
+    if not _on_host(x, denoised):
+        return torch.sub(x, denoised).div_(t)
+    out = np.subtract(x.numpy(), denoised.numpy())
+    np.divide(out, out.dtype.type(t), out=out)  # t in x's dtype, as torch takes a 0-d tensor
+    return torch.from_numpy(out)
+
+
+def _step(x, h, d):
+    """x + h d, a new tensor."""
+    if not _on_host(x, d):
+        return (h * d).add_(x)
+    out = np.multiply(d.numpy(), d.numpy().dtype.type(h))
+    np.add(out, x.numpy(), out=out)
+    return torch.from_numpy(out)
+
+
+def _heun_step(x, h, d_cur, d_prime):
+    """x + h (0.5 d_cur + 0.5 d_prime), written into d_cur and d_prime (the loop's own)."""
+    if not _on_host(x, d_cur, d_prime):
+        return d_cur.mul_(0.5).add_(d_prime.mul_(0.5)).mul_(h).add_(x)
+    a, b = d_cur.numpy(), d_prime.numpy()
+    np.multiply(a, a.dtype.type(0.5), out=a)
+    np.multiply(b, b.dtype.type(0.5), out=b)
+    np.add(a, b, out=a)
+    np.multiply(a, a.dtype.type(h), out=a)
+    np.add(a, x.numpy(), out=a)
+    return d_cur
+
+
 def _sigma_loop(
     call,
     x,
@@ -185,14 +229,14 @@ def _sigma_loop(
         if gamma_max > 0:
             x_hat = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x)
         denoised = call(x_hat, t_hat)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
+        h = t_next - t_hat
+        d_cur = _slope(x_hat, denoised, t_hat)
+        x_next = _step(x_hat, h, d_cur)
         if callback is not None:
             callback({"i": i, "sigma": t_hat, "sigma_next": t_next, "x": x_hat, "denoised": denoised})
         if solver == "heun" and t_next > 0:
             denoised = call(x_next, t_next)
-            d_prime = (x_next - denoised) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+            x_next = _heun_step(x_hat, h, d_cur, _slope(x_next, denoised, t_next))
         x = x_next
     return x
 

@@ -17,10 +17,14 @@ def add_commands(sub) -> None:
                        formatter_class=HelpFormatter,
                        description="Times diffrepro's kernels and their peers (torch SDPA, chunked torch, faiss, "
                                    "the papers' code paths) side by side; prints the median, the spread "
-                                   "(min-max over the rounds) and each peer's time over diffrepro's.")
+                                   "(min-max over the rounds), each peer's time over diffrepro's, and each row as a "
+                                   "percentage of this machine's measured FMA peak and read bandwidth.")
     s.add_argument("--sizes", default="small", choices=["small", "paper"], help="workload sizes")
     s.add_argument("--rounds", type=int_at_least(1), default=5, help="timed calls per implementation")
-    s.add_argument("--json", metavar="OUT", help="also write the rows to this JSON file")
+    s.add_argument("--json", metavar="OUT", help="also write the rows (and the peak) to this JSON file")
+    s.add_argument("--peak", action="store_true",
+                   help="only measure this machine's float32 FMA peak per vector width and its streaming-read "
+                        "bandwidth (about two seconds); without it these lines head the table")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: each GPU engine against torch (chunked GEMM, SDPA) and faiss-gpu, with TFLOP/s and "
                         "fractions of the device's peaks (docs/cuda.md)")
@@ -42,10 +46,16 @@ def _cmd_bench(args) -> int:
 
     if args.json:
         refuse_overwrite(("--json", Path(args.json)))
+    peak = benchmarks.machine_peak()
+    print(benchmarks.format_peak(peak), flush=True)
+    if args.peak:
+        if args.json:
+            write_json(Path(args.json), {"peak": peak})
+        return 0
     rows = benchmarks.run_table(args.sizes, rounds=args.rounds)
-    print(benchmarks.format_table(rows))
+    print(benchmarks.format_table(rows, peak))
     if args.json:
-        write_json(Path(args.json), {"rows": rows})
+        write_json(Path(args.json), {"peak": peak, "rows": rows})
     return 0
 
 

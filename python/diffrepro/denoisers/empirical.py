@@ -13,7 +13,7 @@ import torch
 from .. import pruning
 from .._validate import check_finite
 from ..data import Dataset
-from ..ops import _log_weights, check_some_weight, empirical_denoiser_partial, finalize, merge_states
+from ..ops import _log_weights, check_some_weight, empirical_denoiser_partial, finalize, merge_states, row_center
 from .base import Denoiser, _class_indices, _per_sample, _torch_dtype
 from .jacobian import empirical_jvp
 
@@ -228,6 +228,7 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
 
         self._class_rows: list[np.ndarray] = []
         self._class_blocks: dict[int, torch.Tensor] = {}
+        self._centers: dict[tuple, torch.Tensor] = {}
         self.label_dim = 0
         if labels is not None:
             labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
@@ -388,11 +389,22 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
             return idx
         return torch.from_numpy(self._class_rows[k]).to(idx.device)[idx]
 
+    def _row_center(self, k: int | None, lo: int, hi: int, rows, dtype: torch.dtype) -> torch.Tensor:
+        """The kernel's centring vector of a chunk in ``dtype`` (the call's: float64 where near-ties
+        run in float64), computed on first use and kept (a strided sample of 256 rows, decoded: it
+        was a tenth of a call at Q=256, N=5,170)."""
+        key = (k, lo, hi, dtype)
+        if key not in self._centers:
+            self._centers[key] = row_center(rows, dtype)
+        return self._centers[key]
+
     def _streamed(self, q, sigma, s, k):
         state = None
-        for rows, offset in self._chunks(k):
-            lw = self._class_log_weights(k, offset, offset + rows.shape[0])
-            part = empirical_denoiser_partial(q, rows, sigma, s=s, row_offset=offset, log_weights=lw)
+        for lo, hi in self._spans(k):
+            rows = self._load(k, lo, hi)
+            lw = self._class_log_weights(k, lo, hi)
+            part = empirical_denoiser_partial(q, rows, sigma, s=s, row_offset=lo, log_weights=lw,
+                                              _row_center=self._row_center(k, lo, hi, rows, q.dtype))
             state = part if state is None else merge_states(state, part)
         if state is None:
             raise ValueError(f"class {k} has no training rows")
