@@ -11,6 +11,8 @@ import time
 import numpy as np
 import torch
 
+from ..data import Dataset
+
 # σ standing in for ∞ at the flow time t = 1 (see Denoiser.velocity).
 _SIGMA_INFINITY = 1e30
 
@@ -72,6 +74,24 @@ def _class_indices(class_labels, batch: int, label_dim: int, device=None) -> tor
         raise ValueError(f"class_labels must be {batch} integers in [0, {label_dim}), "
                          f"got {t.tolist()[:8]}")
     return t
+
+
+def _training_images(train, labels, dtype: torch.dtype):
+    """``(images, labels)`` of a training set given as a :class:`~diffrepro.data.Dataset` (its
+    labels unless ``labels`` is given) or a ``[N, C, H, W]`` array/tensor of N >= 1 square images,
+    for a denoiser computing in ``dtype`` (float32 or float64); one clear error otherwise."""
+    if isinstance(train, Dataset):
+        labels = train.labels if labels is None else labels
+        train = train.images
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if not isinstance(train, (np.ndarray, torch.Tensor)) or train.ndim != 4:
+        raise ValueError(f"train must be a [N, C, H, W] array or tensor, got "
+                         f"{type(train).__name__} {tuple(getattr(train, 'shape', ()))}")
+    n, _, h, w = train.shape
+    if n < 1 or h != w:
+        raise ValueError(f"train must have N >= 1 square images, got shape {tuple(train.shape)}")
+    return train, labels
 
 
 def wiener_gain(lam: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

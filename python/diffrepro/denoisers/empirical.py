@@ -12,9 +12,8 @@ import torch
 
 from .. import pruning
 from .._validate import check_finite
-from ..data import Dataset
 from ..ops import _log_weights, check_some_weight, empirical_denoiser_partial, finalize, merge_states, row_center
-from .base import Denoiser, _class_indices, _per_sample, _torch_dtype
+from .base import Denoiser, _class_indices, _per_sample, _torch_dtype, _training_images
 from .jacobian import empirical_jvp
 
 # Memmapped training sets larger than this are streamed in chunks instead of loaded whole.
@@ -193,17 +192,8 @@ class EmpiricalDenoiser(RecordedCalls, Denoiser):
     def __init__(self, train, *, labels=None, dtype: torch.dtype = torch.float32,
                  device="cpu", chunk_rows: int | None = None, label_dim: int | None = None,
                  prune: float = pruning.DEFAULT_PRUNE, log_weights=None):
-        if isinstance(train, Dataset):
-            labels = train.labels if labels is None else labels
-            train = train.images
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if not isinstance(train, (np.ndarray, torch.Tensor)) or train.ndim != 4:
-            raise ValueError(f"train must be a [N, C, H, W] array or tensor, got "
-                             f"{type(train).__name__} {tuple(getattr(train, 'shape', ()))}")
+        train, labels = _training_images(train, labels, dtype)
         n, c, h, w = train.shape
-        if n < 1 or h != w:
-            raise ValueError(f"train must have N >= 1 square images, got shape {tuple(train.shape)}")
         if chunk_rows is not None and (int(chunk_rows) != chunk_rows or chunk_rows < 1):
             raise ValueError(f"chunk_rows must be a positive integer or None, got {chunk_rows!r}")
         self.dtype, self.device = dtype, torch.device(device)

@@ -33,10 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import Dataset
 from ..ops import empirical_denoiser_partial, finalize, merge_states
 from ..schedules import edm_sigmas
-from .base import Denoiser, _class_indices, _torch_dtype
+from .base import Denoiser, _class_indices, _torch_dtype, _training_images
 from .empirical import sha256_rows
 from .gaussian import GaussianDenoiser
 
@@ -133,17 +132,8 @@ class _LocalDenoiser(Denoiser):
     images, size)`` for one class group and one schedule size, and ``_model_identity()``."""
 
     def __init__(self, train, *, labels=None, label_dim=None, dtype=torch.float32, device="cpu"):
-        if isinstance(train, Dataset):
-            labels = train.labels if labels is None else labels
-            train = train.images
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if not isinstance(train, (np.ndarray, torch.Tensor)) or train.ndim != 4:
-            raise ValueError(f"train must be a [N, C, H, W] array or tensor, got "
-                             f"{type(train).__name__} {tuple(getattr(train, 'shape', ()))}")
+        train, labels = _training_images(train, labels, dtype)
         n, c, h, w = train.shape
-        if n < 1 or h != w:
-            raise ValueError(f"train must have N >= 1 square images, got shape {tuple(train.shape)}")
         if _torch_dtype(train) not in (torch.uint8, torch.float32, torch.float64):
             raise TypeError(f"train must be uint8 or float32/float64, got dtype {train.dtype}")
         self.dtype, self.device = dtype, torch.device(device)
