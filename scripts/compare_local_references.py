@@ -164,15 +164,19 @@ def oracle_els(x, train, sigma, k, borders=False):
         xwin = _windows(np.pad(x, ((0, 0), (0, 0), (d, d), (d, d))), k)
     else:
         xwin = _windows(np.pad(x, ((0, 0), (0, 0), (d, d), (d, d)), mode="wrap"), k)
-    inner_r, inner_s = np.arange(d, h - d), np.arange(d, w - d)
     out = np.empty_like(x)
+    sets: dict = {}                                   # candidate set per (row rule, column rule)
     for r in range(h):
-        rows = [r] if borders and (r < d or r >= h - d) else inner_r
+        rkey = r if borders and (r < d or r >= h - d) else -1
         for s in range(w):
-            cols = [s] if borders and (s < d or s >= w - d) else inner_s
-            cand = ywin[:, :, rows][:, :, :, cols]                        # [N, C, R, S, k, k]
-            cand = np.moveaxis(cand, 1, 3).reshape(-1, c * k * k)         # [(N R S), C k k]
-            vals = np.moveaxis(train[:, :, rows][:, :, :, cols], 1, 3).reshape(-1, c)
+            skey = s if borders and (s < d or s >= w - d) else -1
+            if (rkey, skey) not in sets:
+                rows = [r] if rkey >= 0 else np.arange(d, h - d)
+                cols = [s] if skey >= 0 else np.arange(d, w - d)
+                cand = ywin[:, :, rows][:, :, :, cols]                    # [N, C, R, S, k, k]
+                sets[(rkey, skey)] = (np.moveaxis(cand, 1, 3).reshape(-1, c * k * k),   # [(N R S), C k k]
+                                      np.moveaxis(train[:, :, rows][:, :, :, cols], 1, 3).reshape(-1, c))
+            cand, vals = sets[(rkey, skey)]
             q = xwin[:, :, r, s].reshape(b, -1)
             dist = ((q[:, None, :] - cand[None]) ** 2).sum(-1)
             out[:, :, r, s] = softmax_mean(dist, vals, sigma)
@@ -182,22 +186,22 @@ def oracle_els(x, train, sigma, k, borders=False):
 _EIGH: dict = {}
 
 
-def wiener_filter(train, sigma):
-    """W = Σ(Σ + σ²I)⁻¹ = V diag(λ/(λ+σ²)) Vᵀ, Σ the training covariance (N − 1 normalised), from
-    numpy's eigh (the reference takes torch's SVD of Σ)."""
-    key = (train.__array_interface__["data"][0], train.shape)
+def wiener_filter(train, sigma, ddof=1):
+    """W = Σ(Σ + σ²I)⁻¹ = V diag(λ/(λ+σ²)) Vᵀ, Σ the training covariance (N − ddof normalised; the
+    reference's is N − 1), from numpy's eigh (the reference takes torch's SVD of Σ)."""
+    key = (train.__array_interface__["data"][0], train.shape, ddof)
     if key not in _EIGH:
-        _EIGH[key] = np.linalg.eigh(np.cov(train.reshape(len(train), -1), rowvar=False))
+        _EIGH[key] = np.linalg.eigh(np.cov(train.reshape(len(train), -1), rowvar=False, ddof=ddof))
     lam, vec = _EIGH[key]
     lam = np.clip(lam, 0, None)
     return (vec * (lam / (lam + sigma**2))) @ vec.T
 
 
-def wiener_mask(train, sigma, threshold, eps=1e-6):
+def wiener_mask(train, sigma, threshold, eps=1e-6, ddof=1):
     """Lukoianov et al. 2025, as their code builds it: the Wiener filter W with each row divided by
     its diagonal entry (|diag| < eps left as is); with threshold > 0, entries with
     |m| ≥ threshold·max|m| become 1 and the rest 0."""
-    wien = wiener_filter(train, sigma)
+    wien = wiener_filter(train, sigma, ddof)
     diag = np.diag(wien).copy()
     diag[np.abs(diag) < eps] = 1.0
     mask = wien / diag[:, None]
@@ -629,6 +633,52 @@ def run_timing(args) -> None:
                            "dtype": "float32 (the references' default)", "nfe": nfe, "entries": entries})
 
 
+def run_timing_diffrepro(args) -> None:
+    """diffrepro's local denoisers on the subsets and query counts that ``timing`` gives the
+    references (float32, the default), extrapolated the same way, so the ratios compare like with
+    like on one machine state."""
+    import torch
+
+    from diffrepro import denoisers as dn
+    images, _ = load_cifar(Path(args.data))
+    rng = np.random.default_rng(0)
+    xq = torch.from_numpy(rng.standard_normal((64, 3, 32, 32)).astype(np.float32))
+    entries: list[dict] = []
+
+    def add(model, setting, sec, on, per_call_full_s, calls, extrapolation):
+        e = {"model": model, "setting": setting, "measured_s": sec, "measured_on": on,
+             "per_call_full_s": per_call_full_s, "calls": calls, "total_full_s": per_call_full_s * calls,
+             "extrapolation": extrapolation}
+        entries.append(e)
+        print(json.dumps(e), flush=True)
+
+    full = 51700
+    for p, calls in sorted(heun_evals(CIFAR_PATCH_SCHEDULE).items()):
+        den = dn.PatchSetDenoiser(images[:args.pspc_rows], p)
+        sec = _best_of(lambda: den(xq, 1.0), rounds=1)
+        add("pspc_square", f"p={p}, 64 queries", sec, f"{args.pspc_rows} rows", sec * full / args.pspc_rows, calls,
+            f"linear in rows ({full}/{args.pspc_rows})")
+    ls_sched = tuple(min(p, 31) if p % 2 else p - 1 for p in CIFAR_PATCH_SCHEDULE)
+    for k, calls in sorted(heun_evals(ls_sched).items()):
+        den = dn.LocalScoreDenoiser(images[:args.ls_rows], k)
+        sec = _best_of(lambda: den(xq[:1], 1.0), rounds=1)
+        add("ls", f"k={k}, 1 query per call", sec, f"{args.ls_rows} rows, 1 query", sec * full / args.ls_rows * 64,
+            calls, f"linear in rows ({full}/{args.ls_rows}) and queries (64 calls of 1)")
+    for k in (3, 5, 7, 9):
+        den = dn.LocalScoreDenoiser(images[:args.els_rows], k, equivariant=True)
+        sec = _best_of(lambda: den(xq[:4], 1.0), rounds=1)
+        add("els", f"k={k}, 4 queries per call", sec, f"{args.els_rows} rows, 4 queries",
+            sec * 5170 / args.els_rows * 4, 35, f"linear in rows (5170/{args.els_rows}) and queries (16/4)")
+    den = dn.PCALocalityDenoiser(images[:args.pca_rows], mask_threshold=0.05)
+    den.mask(1.0)                                       # the covariance eigenpairs, outside the timing
+    b = args.pca_queries
+    sec = _best_of(lambda: den(xq[:b], 1.0), rounds=1)
+    add("pca_locality", f"threshold 0.05, {b} queries", sec, f"{args.pca_rows} rows, {b} queries",
+        sec * full / args.pca_rows * 64 / b, 35, f"linear in rows ({full}/{args.pca_rows}) and queries (64/{b})")
+    write_json(args.json, {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                           "dtype": "float32", "entries": entries})
+
+
 # ----------------------------------------------------------------------------------------------
 # Step 3: diffrepro beside the saved reference outputs
 # ----------------------------------------------------------------------------------------------
@@ -672,8 +722,13 @@ def run_compare(args) -> None:
         t0 = time.perf_counter()
         got = den(x, sigma).numpy()
         sec = time.perf_counter() - t0
-        emit({"model": model, "setting": setting, "sigma": sigma, "seconds": sec,
-              "vs_reference": _diff(got, z[key]), "vs_oracle": _diff(got, z["oracle|" + key[4:]])})
+        row = {"model": model, "setting": setting, "sigma": sigma, "seconds": sec,
+               "vs_reference": _diff(got, z[key]), "vs_oracle": _diff(got, z["oracle|" + key[4:]])}
+        if model == "pca":                  # the oracle with an N-normalised covariance (diffrepro's)
+            thr = float(setting.split("=")[1])
+            row["vs_oracle_cov_over_N"] = _diff(got, oracle_pca_locality(
+                z["x|" + key[4:]], z["train"], sigma, wiener_mask(z["train"], sigma, thr, ddof=0)))
+        emit(row)
     compare_reference_defects(dn, torch, z, emit)
     write_json(args.json, {"machine": machine(), "rows": rows})
 
@@ -717,10 +772,12 @@ def compare_reference_defects(dn, torch, z, emit) -> None:
         for thr in (0.02, 0.0):
             den = dn.PCALocalityDenoiser(train, mask_threshold=thr, dtype=torch.float64)
             m_dr = den.mask(s).numpy()
-            m_ref = wiener_mask(train_np, s, thr)
-            emit({"model": "pca", "setting": f"mask at threshold {thr}: diffrepro vs reference construction",
-                  "sigma": s, "mask_entries_differing": int((np.abs(m_dr - m_ref) > 1e-9).sum()),
-                  "mask_max_abs": float(np.abs(m_dr - m_ref).max())})
+            for ddof in (1, 0):
+                m_ref = wiener_mask(train_np, s, thr, ddof=ddof)
+                emit({"model": "pca", "setting": f"mask at threshold {thr}: diffrepro vs the reference's "
+                      f"construction with covariance over N - {ddof}", "sigma": s,
+                      "mask_entries_differing": int((np.abs(m_dr - m_ref) > 1e-9).sum()),
+                      "mask_max_abs": float(np.abs(m_dr - m_ref).max())})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -732,7 +789,8 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_average_1_5_15": list(os.getloadavg())}
 
 
 def ref_commits(refs: Path) -> dict:
@@ -776,11 +834,18 @@ def main(argv=None) -> None:
     t.add_argument("--els-rows", type=int, default=32)
     t.add_argument("--pca-rows", type=int, default=256)
     t.add_argument("--pca-queries", type=int, default=16)
+    td = sub.add_parser("timing-diffrepro")
+    td.add_argument("--data", default=str(DATA))
+    td.add_argument("--json")
+    for name, default in (("--pspc-rows", 200), ("--ls-rows", 64), ("--els-rows", 32), ("--pca-rows", 256),
+                          ("--pca-queries", 16)):
+        td.add_argument(name, type=int, default=default)
     c = sub.add_parser("compare")
     c.add_argument("--inputs", required=True)
     c.add_argument("--json")
     args = ap.parse_args(argv)
-    {"reference": run_reference, "timing": run_timing, "compare": run_compare}[args.cmd](args)
+    {"reference": run_reference, "timing": run_timing, "timing-diffrepro": run_timing_diffrepro,
+     "compare": run_compare}[args.cmd](args)
 
 
 if __name__ == "__main__":
