@@ -780,6 +780,37 @@ def compare_reference_defects(dn, torch, z, emit) -> None:
                       "mask_max_abs": float(np.abs(m_dr - m_ref).max())})
 
 
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.1e}"
+
+
+def run_tables(args) -> None:
+    """Markdown tables for docs/local_denoisers.md from the JSON files of the other steps."""
+    ref = json.loads(Path(args.reference_json).read_text())
+    cmp_rows = {}
+    if args.compare_json:
+        for r in json.loads(Path(args.compare_json).read_text())["rows"]:
+            if "vs_reference" in r or "diffrepro" in r:
+                cmp_rows[(r["model"], r["setting"].replace("thr=", "threshold="), r["sigma"])] = r
+    alias = {"pspc_square": "pspc_sq", "pca_locality": "pca"}
+    print("| model | setting | σ | reference vs oracle (max / mean abs) | diffrepro vs reference | diffrepro vs oracle |")
+    print("|---|---|---|---|---|---|")
+    for r in ref["rows"]:
+        c = cmp_rows.get((alias.get(r["model"], r["model"]), r["setting"], r["sigma"]))
+        if c is None:
+            dr = do = "not run"
+        elif "diffrepro" in c:
+            dr = do = c["diffrepro"]
+        else:
+            dr = f"{_fmt(c['vs_reference']['max_abs'])} / {_fmt(c['vs_reference']['mean_abs'])}"
+            do = f"{_fmt(c['vs_oracle']['max_abs'])} / {_fmt(c['vs_oracle']['mean_abs'])}"
+        print(f"| {r['model']} | {r['setting']} | {r['sigma']:g} | {_fmt(r['max_abs'])} / {_fmt(r['mean_abs'])} "
+              f"| {dr} | {do} |")
+    print()
+    for d in ref["defects"]:
+        print("- " + json.dumps(d))
+
+
 # ----------------------------------------------------------------------------------------------
 
 def machine() -> dict:
@@ -840,12 +871,15 @@ def main(argv=None) -> None:
     for name, default in (("--pspc-rows", 200), ("--ls-rows", 64), ("--els-rows", 32), ("--pca-rows", 256),
                           ("--pca-queries", 16)):
         td.add_argument(name, type=int, default=default)
+    tb = sub.add_parser("tables")
+    tb.add_argument("--reference-json", required=True)
+    tb.add_argument("--compare-json")
     c = sub.add_parser("compare")
     c.add_argument("--inputs", required=True)
     c.add_argument("--json")
     args = ap.parse_args(argv)
     {"reference": run_reference, "timing": run_timing, "timing-diffrepro": run_timing_diffrepro,
-     "compare": run_compare}[args.cmd](args)
+     "compare": run_compare, "tables": run_tables}[args.cmd](args)
 
 
 if __name__ == "__main__":
