@@ -793,7 +793,8 @@ def run_tables(args) -> None:
             if "vs_reference" in r or "diffrepro" in r:
                 cmp_rows[(r["model"], r["setting"].replace("thr=", "threshold="), r["sigma"])] = r
     alias = {"pspc_square": "pspc_sq", "pca_locality": "pca"}
-    print("| model | setting | σ | reference vs oracle (max / mean abs) | diffrepro vs reference | diffrepro vs oracle |")
+    print("| model | setting | σ | reference vs oracle (max / mean abs) | diffrepro vs reference "
+          "| diffrepro vs oracle |")
     print("|---|---|---|---|---|---|")
     for r in ref["rows"]:
         c = cmp_rows.get((alias.get(r["model"], r["model"]), r["setting"], r["sigma"]))
