@@ -412,7 +412,7 @@ def run_reference(args) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    for sigma in sigmas:
+    for sigma in () if args.only_defects else sigmas:
         x = clean + sigma * noise
         for p in args.patch_sizes:
             key = f"pspc_sq|p={p}|s={sigma}"
@@ -432,7 +432,7 @@ def run_reference(args) -> None:
             elsb_out = np.concatenate([refs.els(x[i:i + 1], train, sigma, k, borders=True) for i in range(len(x))])
             record("els_borders", f"k={k}", sigma, elsb_out, oracle_els(x, train, sigma, k, borders=True),
                    f"els_borders|k={k}|s={sigma}")
-    for thr in args.pca_thresholds:
+    for thr in () if args.only_defects else args.pca_thresholds:
         for sigma in sigmas:
             x = clean + sigma * noise
             ref = refs.pca_locality(x, train, (sigma,), thr, chunk=len(train))[0]
@@ -821,6 +821,7 @@ def main(argv=None) -> None:
     r.add_argument("--pca-thresholds", type=float, nargs="+", default=[0.02, 0.0])
     r.add_argument("--flex-sigmas", type=float, nargs="*", default=list(SIGMAS))
     r.add_argument("--skip-defects", action="store_true")
+    r.add_argument("--only-defects", action="store_true")
     t = sub.add_parser("timing")
     t.add_argument("--refs", required=True)
     t.add_argument("--data", default=str(DATA))
