@@ -592,51 +592,63 @@ def run_timing(args) -> None:
         entries.append(e)
         print(json.dumps(e), flush=True)
 
-    # PSPC-square: 64 queries over 51,700 rows; time `positions` crop positions of each p.
-    full = augmented_rows(images, 51700)
-    data = refs._PSPCData(full)
-    z = torch.from_numpy(xq)
-    t = torch.full((64,), 1.0)
-    for p, calls in sorted(heun_evals(CIFAR_PATCH_SCHEDULE).items()):
-        den = refs.pspc.PSPCSquareDenoiser(data, torch.full((18,), p))
-        fits = [(u, v) for u in range(33 - p) for v in range(33 - p)]
-        chosen = set(fits[:: max(1, len(fits) // args.positions)][:args.positions])
-        inner = den.get_mask
-        den.get_mask = lambda x, y, tt, inner=inner, chosen=chosen: (
-            inner(x, y, tt) if (x, y) in chosen else torch.zeros((32, 32), dtype=torch.bool))
-        wall, cpu = _timed(lambda: den(z, t))
-        add("pspc_square", f"p={p}, 64 queries, 51,700 rows", wall, cpu, len(chosen), len(fits), calls,
-            f"{len(chosen)} of the {len(fits)} crop positions timed at full size, scaled by positions")
-    # LS: one query per call (the module breaks for more); chunks of 256 rows (its default).
-    ls_sched = tuple(min(p, 31) if p % 2 else p - 1 for p in CIFAR_PATCH_SCHEDULE)
-    y = augmented_rows(images, 256).astype(np.float32) / 127.5 - 1
-    for k, calls in sorted(heun_evals(ls_sched).items()):
-        mod = refs.ks.LocalScoreModule(refs._ks_dataset(y), kernel_size=k, batch_size=256)
-        x1, tt = torch.from_numpy(xq[:1]), torch.full((1,), 0.5)
-        wall, cpu = _timed(lambda: mod(tt, x1, device=torch.device("cpu"), k=k))
-        add("ls", f"k={k}, 64 seeds one per call, 51,700 rows", wall, cpu, 1, 64 * 51700 / 256, calls,
-            "one chunk of 256 rows and 1 query timed; x (51,700/256 chunks) x 64 calls")
-    # ELS: 16 seeds over 5,170 rows; chunks of 16 rows with 4 queries (the default 64-row chunk
-    # with 16 queries needs ~15 GB per chunk in float32).
-    y = images[:16].astype(np.float32) / 127.5 - 1
-    for k in (3, 5, 7, 9):
-        mod = refs.ks.LocalEquivScoreModule(refs._ks_dataset(y), kernel_size=k, batch_size=16)
-        xb, tt = torch.from_numpy(xq[:4]), torch.full((1,), 0.5)
-        wall, cpu = _timed(lambda: mod(tt, xb, device=torch.device("cpu"), k=k))
-        add("els", f"k={k}, 16 seeds, 5,170 rows", wall, cpu, 1, 5170 / 16 * 16 / 4, 35,
-            "one chunk of 16 rows with 4 queries timed; x (5,170/16 chunks) x (16/4 query groups)")
-    # PCA locality: 64 seeds over 51,700 rows in chunks of 512 (their CIFAR-10 config).
-    y = augmented_rows(images, 512).astype(np.float32) / 127.5 - 1
-    loader = torch.utils.data.DataLoader(refs._ks_dataset(y), batch_size=512)
-    bundle = refs._Bundle(loader, 32, 3)
-    with tempfile.TemporaryDirectory() as tmp:
-        den = refs.pca.PCALocalityDenoiser(bundle, "cpu", 10, params={"mask_threshold": 0.05, "wiener_path": tmp})
-        den.train(bundle)
-    b = args.pca_queries
-    xb = torch.from_numpy(xq[:b])
-    wall, cpu = _timed(lambda: den.denoise(xb, torch.tensor(5)))
-    add("pca_locality", "threshold 0.05, 64 seeds, 51,700 rows", wall, cpu, 1, 51700 / 512 * 64 / b, 35,
-        f"one chunk of 512 rows with {b} queries timed (Wiener SVD excluded); x (51,700/512 chunks) x (64/{b})")
+    def time_pspc():
+        # PSPC-square: 64 queries over 51,700 rows; time `positions` crop positions of each p.
+        full = augmented_rows(images, 51700)
+        data = refs._PSPCData(full)
+        z = torch.from_numpy(xq)
+        t = torch.full((64,), 1.0)
+        for p, calls in sorted(heun_evals(CIFAR_PATCH_SCHEDULE).items()):
+            if args.pspc_sizes and p not in args.pspc_sizes:
+                continue
+            den = refs.pspc.PSPCSquareDenoiser(data, torch.full((18,), p))
+            fits = [(u, v) for u in range(33 - p) for v in range(33 - p)]
+            chosen = set(fits[:: max(1, len(fits) // args.positions)][:args.positions])
+            inner = den.get_mask
+            den.get_mask = lambda x, y, tt, inner=inner, chosen=chosen: (
+                inner(x, y, tt) if (x, y) in chosen else torch.zeros((32, 32), dtype=torch.bool))
+            wall, cpu = _timed(lambda: den(z, t))
+            add("pspc_square", f"p={p}, 64 queries, 51,700 rows", wall, cpu, len(chosen), len(fits), calls,
+                f"{len(chosen)} of the {len(fits)} crop positions timed at full size, scaled by positions")
+
+    def time_ls():
+        # LS: one query per call (the module breaks for more); chunks of 256 rows (its default).
+        ls_sched = tuple(min(p, 31) if p % 2 else p - 1 for p in CIFAR_PATCH_SCHEDULE)
+        y = augmented_rows(images, 256).astype(np.float32) / 127.5 - 1
+        for k, calls in sorted(heun_evals(ls_sched).items()):
+            mod = refs.ks.LocalScoreModule(refs._ks_dataset(y), kernel_size=k, batch_size=256)
+            x1, tt = torch.from_numpy(xq[:1]), torch.full((1,), 0.5)
+            wall, cpu = _timed(lambda: mod(tt, x1, device=torch.device("cpu"), k=k))
+            add("ls", f"k={k}, 64 seeds one per call, 51,700 rows", wall, cpu, 1, 64 * 51700 / 256, calls,
+                "one chunk of 256 rows and 1 query timed; x (51,700/256 chunks) x 64 calls")
+
+    def time_els():
+        # ELS: 16 seeds over 5,170 rows; chunks of 16 rows with 4 queries (the default 64-row chunk
+        # with 16 queries needs ~15 GB per chunk in float32).
+        y = images[:16].astype(np.float32) / 127.5 - 1
+        for k in (3, 5, 7, 9):
+            mod = refs.ks.LocalEquivScoreModule(refs._ks_dataset(y), kernel_size=k, batch_size=16)
+            xb, tt = torch.from_numpy(xq[:4]), torch.full((1,), 0.5)
+            wall, cpu = _timed(lambda: mod(tt, xb, device=torch.device("cpu"), k=k))
+            add("els", f"k={k}, 16 seeds, 5,170 rows", wall, cpu, 1, 5170 / 16 * 16 / 4, 35,
+                "one chunk of 16 rows with 4 queries timed; x (5,170/16 chunks) x (16/4 query groups)")
+
+    def time_pca():
+        # PCA locality: 64 seeds over 51,700 rows in chunks of 512 (their CIFAR-10 config).
+        y = augmented_rows(images, 512).astype(np.float32) / 127.5 - 1
+        loader = torch.utils.data.DataLoader(refs._ks_dataset(y), batch_size=512)
+        bundle = refs._Bundle(loader, 32, 3)
+        with tempfile.TemporaryDirectory() as tmp:
+            den = refs.pca.PCALocalityDenoiser(bundle, "cpu", 10, params={"mask_threshold": 0.05, "wiener_path": tmp})
+            den.train(bundle)
+        b = args.pca_queries
+        xb = torch.from_numpy(xq[:b])
+        wall, cpu = _timed(lambda: den.denoise(xb, torch.tensor(5)))
+        add("pca_locality", "threshold 0.05, 64 seeds, 51,700 rows", wall, cpu, 1, 51700 / 512 * 64 / b, 35,
+            f"one chunk of 512 rows with {b} queries timed (Wiener SVD excluded); x (51,700/512 chunks) x (64/{b})")
+
+    for model in args.models:
+        {"pspc": time_pspc, "ls": time_ls, "els": time_els, "pca": time_pca}[model]()
     write_json(args.json, {"machine": machine(), "reference_commits": ref_commits(Path(args.refs)),
                            "torch": torch.__version__, "threads": torch.get_num_threads(),
                            "dtype": "float32 (the references' default)", "heun_nfe": 35, "entries": entries})
@@ -827,6 +839,8 @@ def main(argv=None) -> None:
     t.add_argument("--data", default=str(DATA))
     t.add_argument("--json")
     t.add_argument("--positions", type=int, default=2)
+    t.add_argument("--models", nargs="+", default=["pspc", "ls", "els", "pca"])
+    t.add_argument("--pspc-sizes", type=int, nargs="*", default=[])
     t.add_argument("--pca-queries", type=int, default=8)
     tb = sub.add_parser("tables")
     tb.add_argument("--reference-json", required=True)
