@@ -316,7 +316,7 @@ class References:
     # -- Kamb & Ganguli ----------------------------------------------------------------------
     def _ks_dataset(self, train, labels=None):
         torch = self.torch
-        t = torch.from_numpy(train)
+        t = torch.from_numpy(train).to(torch.get_default_dtype())
         lab = torch.zeros(len(train), dtype=torch.long) if labels is None else torch.from_numpy(labels)
         return torch.utils.data.TensorDataset(t, lab)
 
@@ -440,14 +440,17 @@ def run_reference(args) -> None:
                    oracle_pca_locality(x, train, sigma, wiener_mask(train, sigma, thr)),
                    f"pca|thr={thr}|s={sigma}")
 
-    defects = [] if args.skip_defects else run_defects(refs, train, labels, clean, noise, saved)
+    defects = [] if args.skip_defects else run_defects(refs, train, labels, clean, noise, saved, args.defects)
     out = {"rows": rows, "defects": defects, "machine": machine(), "reference_commits": ref_commits(Path(args.refs)),
            "n_train": args.n_train, "n_query": args.n_query}
     np.savez_compressed(args.out, **saved)
     write_json(args.json, out)
 
 
-def run_defects(refs, train, labels, clean, noise, saved) -> list[dict]:
+DEFECT_GROUPS = ("ls_batch", "uneven", "class", "els_batch", "pca_chunks", "pca_reading", "pspc_rows", "ls_k")
+
+
+def run_defects(refs, train, labels, clean, noise, saved, groups=DEFECT_GROUPS) -> list[dict]:
     """The reference behaviours that depart from the papers' formulas, measured."""
     import torch
     found: list[dict] = []
@@ -456,87 +459,96 @@ def run_defects(refs, train, labels, clean, noise, saved) -> list[dict]:
         found.append({"what": what, **kv})
         print(json.dumps(found[-1]), flush=True)
 
-    # LocalScoreModule with 2 and 3 queries in one call.
-    sigma, k = 1.0, 5
-    x = clean + sigma * noise
-    want = oracle_ls(x, train, sigma, k)
-    try:
-        refs.ls(x[:2], train, sigma, k)
-        note("ls: 2 queries in one call", error=None)
-    except Exception as e:  # noqa: BLE001 - we record what the reference raises
-        note("ls: 2 queries in one call", error=f"{type(e).__name__}: {e}")
-    got3 = refs.ls(x[:3], train, sigma, k)
-    note("ls: 3 queries in one call vs oracle", sigma=sigma, k=k, **_diff(got3, want[:3]))
-    # Mean per data-loader chunk with uneven chunks (40 rows in chunks of 16, 16, 8).
-    torch.manual_seed(0)
-    for s in (1.0,):
-        xs = clean + s * noise
-        got = np.concatenate([refs.ls(xs[i:i + 1], train, s, k, batch_size=16) for i in range(len(xs))])
-        note("ls: chunks of 16,16,8 (shuffled) vs oracle", sigma=s, k=k, **_diff(got, oracle_ls(xs, train, s, k)))
-        got = np.concatenate([refs.els(xs[i:i + 1], train, s, 3, batch_size=16) for i in range(len(xs))])
-        note("els: chunks of 16,16,8 vs oracle", sigma=s, k=3, **_diff(got, oracle_els(xs, train, s, 3)))
-    # Class-conditional: the label filter leaves uneven chunks too (mean per chunk).
-    lab = int(np.bincount(labels).argmax())
-    sel = train[labels == lab]
-    xs = clean + 1.0 * noise
-    got = np.concatenate([refs.els(xs[i:i + 1], train, 1.0, 3, batch_size=16, labels=labels, label=lab)
-                          for i in range(len(xs))])
-    note("els: class-conditional, chunks of 16 filtered by label vs oracle on that class", sigma=1.0, k=3,
-         label=lab, rows_in_class=int(len(sel)), **_diff(got, oracle_els(xs, sel, 1.0, 3)))
-    # LocalEquivScoreModule: running max shared by the query batch.
-    for dtype in (torch.float32, torch.float64):
-        torch.set_default_dtype(dtype)
-        for s in (0.1, 0.03):
-            xs = clean[:2] + s * noise[:2]
-            got = refs.els(xs, train, s, 3)
-            single = np.concatenate([refs.els(xs[i:i + 1], train, s, 3) for i in range(2)])
-            note(f"els: 2 queries in one call, {str(dtype).split('.')[-1]}", sigma=s, k=3,
-                 nan_pixels=int(np.isnan(got).any(1).sum()), pixels=int(got.shape[0] * got.shape[2] * got.shape[3]),
-                 vs_one_query_per_call=_diff(got, single))
-            saved[f"defect|els_batch2|{dtype}|s={s}"] = got
-    torch.set_default_dtype(torch.float64)
-    # PCA locality: softmax normalised per data-loader chunk, chunks averaged with equal weight.
-    tiny = 1e-12                                    # all-ones mask: the global empirical denoiser
-    for s in (0.1, 1.0, 10.0):
-        xs = clean + s * noise
-        exact = oracle_empirical(xs, train, s)
-        for chunk in (40, 10):
-            got = refs.pca_locality(xs, train, (s,), tiny, chunk=chunk)[0]
-            note(f"pca_locality: all-ones mask, chunk={chunk} ({math.ceil(len(train) / chunk)} chunks) "
-                 "vs exact posterior mean", sigma=s, **_diff(got, exact),
-                 vs_per_chunk_normalised_oracle=_diff(got, per_chunk_normalised(xs, train, s, chunk)))
-        got = refs.pca_locality(xs, train, (s,), 0.02, chunk=10)[0]
-        note("pca_locality: threshold 0.02, 4 chunks vs exact softmax with their mask", sigma=s,
-             **_diff(got, oracle_pca_locality(xs, train, s, wiener_mask(train, s, 0.02))))
-    # PCA locality: the code normalises rows of LLᵀ by their diagonal and uses mask columns; the
-    # symmetric reading (row m over its own diagonal) differs.
-    for s in (1.0,):
-        xs = clean + s * noise
-        for thr in (0.0, 0.02):
-            m_code = wiener_mask(train, s, thr)
-            wien = wiener_filter(train, s)
-            m_row = (wien / np.diag(wien)[:, None]).T          # column m = row m / W[m, m]
-            if thr > 0:
-                m_row = (np.abs(m_row) >= thr * np.abs(m_row).max()).astype(np.float64)
-            note("pca_locality: mask column m = row-normalised W (code) vs W[m, :]/W[m, m]", sigma=s,
-                 threshold=thr, **_diff(oracle_pca_locality(xs, train, s, m_code),
-                                        oracle_pca_locality(xs, train, s, m_row)))
-    # PSPC: their preprocessing keeps the training rows in float32 even for float64 queries.
-    for s in (0.1,):
-        xs = clean + s * noise
-        images_u8 = np.round((train + 1) * 127.5).astype(np.uint8)
-        note("pspc_square: rows as shipped (float32 .float()) vs float64 rows, p=8", sigma=s,
-             **_diff(refs.pspc_square(xs, images_u8, s, 8, rows_float64=False),
-                     refs.pspc_square(xs, images_u8, s, 8, rows_float64=True)))
-    # LS at k >= image size is not the global denoiser; even k does not run.
-    xs = clean[:1] + 1.0 * noise[:1]
-    for kk in (31, 32):
+    if "ls_batch" in groups:
+        # LocalScoreModule with 2 and 3 queries in one call.
+        sigma, k = 1.0, 5
+        x = clean + sigma * noise
+        want = oracle_ls(x, train, sigma, k)
         try:
-            got = refs.ls(xs, train, 1.0, kk)
-            note(f"ls: k={kk} vs global empirical denoiser", sigma=1.0,
-                 **_diff(got, oracle_empirical(xs, train, 1.0)))
-        except Exception as e:  # noqa: BLE001
-            note(f"ls: k={kk}", error=f"{type(e).__name__}: {str(e)[:200]}")
+            refs.ls(x[:2], train, sigma, k)
+            note("ls: 2 queries in one call", error=None)
+        except Exception as e:  # noqa: BLE001 - we record what the reference raises
+            note("ls: 2 queries in one call", error=f"{type(e).__name__}: {e}")
+        got3 = refs.ls(x[:3], train, sigma, k)
+        note("ls: 3 queries in one call vs oracle", sigma=sigma, k=k, **_diff(got3, want[:3]))
+    if "uneven" in groups:
+        # Mean per data-loader chunk with uneven chunks (40 rows in chunks of 16, 16, 8).
+        torch.manual_seed(0)
+        k = 5
+        for s in (1.0,):
+            xs = clean + s * noise
+            got = np.concatenate([refs.ls(xs[i:i + 1], train, s, k, batch_size=16) for i in range(len(xs))])
+            note("ls: chunks of 16,16,8 (shuffled) vs oracle", sigma=s, k=k, **_diff(got, oracle_ls(xs, train, s, k)))
+            got = np.concatenate([refs.els(xs[i:i + 1], train, s, 3, batch_size=16) for i in range(len(xs))])
+            note("els: chunks of 16,16,8 vs oracle", sigma=s, k=3, **_diff(got, oracle_els(xs, train, s, 3)))
+    if "class" in groups:
+        # Class-conditional: the label filter leaves uneven chunks too (mean per chunk).
+        lab = int(np.bincount(labels).argmax())
+        sel = train[labels == lab]
+        xs = clean + 1.0 * noise
+        got = np.concatenate([refs.els(xs[i:i + 1], train, 1.0, 3, batch_size=16, labels=labels, label=lab)
+                              for i in range(len(xs))])
+        note("els: class-conditional, chunks of 16 filtered by label vs oracle on that class", sigma=1.0, k=3,
+             label=lab, rows_in_class=int(len(sel)), **_diff(got, oracle_els(xs, sel, 1.0, 3)))
+    if "els_batch" in groups:
+        # LocalEquivScoreModule: running max shared by the query batch.
+        for dtype in (torch.float32, torch.float64):
+            torch.set_default_dtype(dtype)
+            for s in (0.1, 0.03):
+                xs = clean[:2] + s * noise[:2]
+                got = refs.els(xs, train, s, 3)
+                single = np.concatenate([refs.els(xs[i:i + 1], train, s, 3) for i in range(2)])
+                note(f"els: 2 queries in one call, {str(dtype).split('.')[-1]}", sigma=s, k=3,
+                     nan_pixels=int(np.isnan(got).any(1).sum()), pixels=int(got.shape[0] * got.shape[2] * got.shape[3]),
+                     vs_one_query_per_call=_diff(got, single))
+                saved[f"defect|els_batch2|{dtype}|s={s}"] = got
+        torch.set_default_dtype(torch.float64)
+    if "pca_chunks" in groups:
+        # PCA locality: softmax normalised per data-loader chunk, chunks averaged with equal weight.
+        tiny = 1e-12                                    # all-ones mask: the global empirical denoiser
+        for s in (0.1, 1.0, 10.0):
+            xs = clean + s * noise
+            exact = oracle_empirical(xs, train, s)
+            for chunk in (40, 10):
+                got = refs.pca_locality(xs, train, (s,), tiny, chunk=chunk)[0]
+                note(f"pca_locality: all-ones mask, chunk={chunk} ({math.ceil(len(train) / chunk)} chunks) "
+                     "vs exact posterior mean", sigma=s, **_diff(got, exact),
+                     vs_per_chunk_normalised_oracle=_diff(got, per_chunk_normalised(xs, train, s, chunk)))
+            got = refs.pca_locality(xs, train, (s,), 0.02, chunk=10)[0]
+            note("pca_locality: threshold 0.02, 4 chunks vs exact softmax with their mask", sigma=s,
+                 **_diff(got, oracle_pca_locality(xs, train, s, wiener_mask(train, s, 0.02))))
+    if "pca_reading" in groups:
+        # PCA locality: the code normalises rows of LLᵀ by their diagonal and uses mask columns; the
+        # symmetric reading (row m over its own diagonal) differs.
+        for s in (1.0,):
+            xs = clean + s * noise
+            for thr in (0.0, 0.02):
+                m_code = wiener_mask(train, s, thr)
+                wien = wiener_filter(train, s)
+                m_row = (wien / np.diag(wien)[:, None]).T          # column m = row m / W[m, m]
+                if thr > 0:
+                    m_row = (np.abs(m_row) >= thr * np.abs(m_row).max()).astype(np.float64)
+                note("pca_locality: mask column m = row-normalised W (code) vs W[m, :]/W[m, m]", sigma=s,
+                     threshold=thr, **_diff(oracle_pca_locality(xs, train, s, m_code),
+                                            oracle_pca_locality(xs, train, s, m_row)))
+    if "pspc_rows" in groups:
+        # PSPC: their preprocessing keeps the training rows in float32 even for float64 queries.
+        for s in (0.1,):
+            xs = clean + s * noise
+            images_u8 = np.round((train + 1) * 127.5).astype(np.uint8)
+            note("pspc_square: rows as shipped (float32 .float()) vs float64 rows, p=8", sigma=s,
+                 **_diff(refs.pspc_square(xs, images_u8, s, 8, rows_float64=False),
+                         refs.pspc_square(xs, images_u8, s, 8, rows_float64=True)))
+    if "ls_k" in groups:
+        # LS at k >= image size is not the global denoiser; even k does not run.
+        xs = clean[:1] + 1.0 * noise[:1]
+        for kk in (31, 32):
+            try:
+                got = refs.ls(xs, train, 1.0, kk)
+                note(f"ls: k={kk} vs global empirical denoiser", sigma=1.0,
+                     **_diff(got, oracle_empirical(xs, train, 1.0)))
+            except Exception as e:  # noqa: BLE001
+                note(f"ls: k={kk}", error=f"{type(e).__name__}: {str(e)[:200]}")
     return found
 
 
@@ -834,6 +846,7 @@ def main(argv=None) -> None:
     r.add_argument("--flex-sigmas", type=float, nargs="*", default=list(SIGMAS))
     r.add_argument("--skip-defects", action="store_true")
     r.add_argument("--only-defects", action="store_true")
+    r.add_argument("--defects", nargs="+", default=list(DEFECT_GROUPS), choices=DEFECT_GROUPS)
     t = sub.add_parser("timing")
     t.add_argument("--refs", required=True)
     t.add_argument("--data", default=str(DATA))
