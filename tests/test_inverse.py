@@ -297,7 +297,7 @@ def test_shapes_are_checked_before_any_file_is_written(small, tmp_path, case, me
 def test_one_measurement_per_sample_must_match_the_batch(small):
     u8, train, _ = small
     den, op = EmpiricalDenoiser(u8, dtype=F64), inverse.make_operator("sr2", 8)
-    post = inverse.PosteriorDenoiser(den, op, op(train[:3]), cg_iters=2)
+    post = inverse.PosteriorDenoiser(den, op, op(train[:3]), likelihood="moment", cg_iters=2)
     assert post(train[:3], 0.5).shape == (3, 3, 8, 8)
     with pytest.raises(ValueError, match=r"^measurement: holds 3 measurements, expected 1 or one per sample of the "
                                          r"batch \(2\)"):
@@ -393,7 +393,7 @@ def test_cli_dry_run_prints_the_plan_and_cost_and_writes_nothing(tmp_path, denoi
         r, m = min(n, d), 3 * 16 * 16
         flops = 2 * n * r * d + 9 * r**3 + 4 * d * d * (1 + products) * nfe * todo + 2 * r * r * m + 9 * r**3
     assert lines["estimate"].startswith(f"{flops / 1e9:.1f} GFLOP at ")
-    assert re.search(r"\): (< 0\.1 s|\d+\.\d s|\d+ min \d\d s|\d+ h \d\d min|\d+\.\d days); memory", lines["estimate"])
+    assert re.search(r"\): ~(\d+\.\d s|\d+ s|\d+ min \d\d s|\d+ h \d\d min); memory", lines["estimate"])
     assert run.stdout.strip().endswith("dry run: nothing written")
 
 
