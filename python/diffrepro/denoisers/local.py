@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..ops import empirical_denoiser_partial, finalize, merge_states
 from ..schedules import edm_sigmas
-from .base import Denoiser, _class_indices, _torch_dtype, _training_images
+from .base import Denoiser, _class_indices, _per_sample, _torch_dtype, _training_images
 from .empirical import sha256_rows
 from .gaussian import GaussianDenoiser
 
@@ -112,14 +112,18 @@ def _softmax_mean(q: torch.Tensor, chunks, sigma: torch.Tensor):
 
     ``out_j = Σ_i softmax_i(−‖q_j − r_i‖² / 2σ_j²) r_i`` over every row yielded by ``chunks``
     (``(rows [n, D], global offset)``), one online pass: each chunk's state from the fused kernel,
-    merged exactly. Returns ``(out [Q, D], finalize's info)``; ``nearest_index`` is global."""
+    merged exactly. Returns ``(out [Q, D], finalize's info)``; ``nearest_index`` is global and
+    ``info["top_weight"]`` [Q] float64 is that row's softmax weight."""
     state = None
     for rows, offset in chunks:
         part = empirical_denoiser_partial(q, rows, sigma, row_offset=int(offset))
         state = part if state is None else merge_states(state, part)
     if state is None:
         raise ValueError("no candidate rows")
-    return finalize(state)
+    out, info = finalize(state)
+    # The nearest row holds the largest logit, the state's running max: its weight is 1/Σ exp(l_i − max).
+    info["top_weight"] = 1 / state.sum_exp.to(torch.float64)
+    return out, info
 
 
 def _rows_per_chunk(row_bytes: int, total: int) -> int:
@@ -187,6 +191,9 @@ class _LocalDenoiser(Denoiser):
             yield torch.nonzero(classes == k).reshape(-1), k
 
     def _denoise(self, x, sigma, class_labels):
+        if getattr(self, "_record", False):
+            self._last = (x.detach().clone(), sigma.detach().clone(),
+                          None if class_labels is None else torch.as_tensor(class_labels).clone())
         q = x.to(device=self.device, dtype=self.dtype)
         sigma = sigma.to(self.device)
         out = torch.empty_like(q)
@@ -200,8 +207,59 @@ class _LocalDenoiser(Denoiser):
     def _apply(self, x, sigma, images, size):
         raise NotImplementedError
 
+    def provenance(self, x, sigma, class_labels=None) -> dict:
+        """Which training patch dominates each output pixel of ``D(x; σ)``: one extra evaluation.
+
+        For each query and output pixel, the candidate of largest softmax weight (ties to the
+        lowest candidate index): ``"image"`` int64 ``[B, H, W]`` (index into the training set),
+        ``"row"``/``"col"`` int64 ``[B, H, W]``, the pixel of that image the output pixel is
+        drawn from (the winning patch's centre for ELS; the pixel itself for LS, PSPC and PCA
+        locality, whose candidates sit at the query's own position), and ``"weight"`` float64
+        ``[B, H, W]``, that candidate's softmax weight. Where a pixel has several softmaxes
+        (PSPC: every crop covering it; PCA locality: one per channel) the one whose winner has
+        the largest weight is kept (the first crop in raster order, the lowest channel, on a tie).
+
+        Args: as :meth:`__call__` (x ``[B, C, H, W]``, sigma scalar or ``[B]``, class_labels)."""
+        self._check_x(x)
+        sigma = _per_sample(sigma, x.shape[0], "cpu", "sigma")
+        q = x.to(device=self.device, dtype=self.dtype)
+        b, _, h, w = x.shape
+        out = {"image": torch.empty(b, h, w, dtype=torch.int64), "row": torch.empty(b, h, w, dtype=torch.int64),
+               "col": torch.empty(b, h, w, dtype=torch.int64), "weight": torch.empty(b, h, w, dtype=torch.float64)}
+        for sel, k in self._groups(x, class_labels):
+            sizes = torch.tensor([self._schedule.at(float(s)) for s in sigma[sel].tolist()])
+            for size in torch.unique(sizes).tolist():
+                idx = sel[sizes == size]
+                got = self._winners(q[idx.to(self.device)], sigma[idx].to(self.device), self._images(k), int(size))
+                image = got["image"].cpu()
+                if k is not None:  # class-local row -> training-set row
+                    image = torch.from_numpy(self._class_rows[k]).to(torch.int64)[image]
+                out["image"][idx] = image
+                for key in ("row", "col", "weight"):
+                    out[key][idx] = got[key].cpu().to(out[key].dtype)
+        return out
+
+    def _winners(self, x, sigma, images, size) -> dict:
+        raise NotImplementedError
+
+    def record_last(self, on: bool = True) -> None:
+        """Keep (a copy of) the input of the latest call, for :meth:`last_provenance`."""
+        self._record = bool(on)
+        self._last = None
+
+    def last_provenance(self) -> dict | None:
+        """:meth:`provenance` of the latest call since :meth:`record_last` (None before any)."""
+        last = getattr(self, "_last", None)
+        return None if last is None else self.provenance(*last)
+
     def _model_identity(self) -> dict:
         raise NotImplementedError
+
+
+def _own_pixels(b: int, h: int) -> dict:
+    """Row and column maps of every pixel's own position, ``[b, h, h]``."""
+    r = torch.arange(h, dtype=torch.int64)
+    return {"row": r[None, :, None].expand(b, h, h), "col": r[None, None, :].expand(b, h, h)}
 
 
 def _crop_chunks(images: torch.Tensor, r0: int, r1: int, c0: int, c1: int):
@@ -262,6 +320,23 @@ class PatchSetDenoiser(_LocalDenoiser):
                 out[:, :, u:u + p, v:v + p] += _crop_mean(x, sigma, images, u, u + p, v, v + p)
                 count[u:u + p, v:v + p] += 1
         return out / count
+
+    def _winners(self, x, sigma, images, p):
+        """Per crop, the image of largest weight; per pixel, the covering crop whose winner weighs
+        most (the first in raster order on a tie). The source pixel is the pixel itself."""
+        b, h = x.shape[0], self.img_resolution
+        image = torch.zeros(b, h, h, dtype=torch.int64, device=x.device)
+        weight = torch.full((b, h, h), -1.0, dtype=torch.float64, device=x.device)
+        for u in range(h - p + 1):
+            for v in range(h - p + 1):
+                q = x[:, :, u:u + p, v:v + p].reshape(b, -1)
+                _, info = _softmax_mean(q, _crop_chunks(images, u, u + p, v, v + p), sigma)
+                top = info["top_weight"].to(x.device)[:, None, None].expand(b, p, p)
+                win = info["nearest_index"].to(x.device)[:, None, None].expand(b, p, p)
+                better = top > weight[:, u:u + p, v:v + p]
+                weight[:, u:u + p, v:v + p] = torch.where(better, top, weight[:, u:u + p, v:v + p])
+                image[:, u:u + p, v:v + p] = torch.where(better, win, image[:, u:u + p, v:v + p])
+        return {"image": image, **_own_pixels(b, h), "weight": weight}
 
 
 CIFAR_PATCH_SCHEDULE = (32, 32, 32, 32, 32, 32, 32, 23, 15, 11, 7, 5, 3, 3, 3, 3, 3, 3)
@@ -407,9 +482,13 @@ class LocalScoreDenoiser(_LocalDenoiser):
     def _apply(self, x, sigma, images, k):
         if not self.equivariant or k >= self.img_resolution:
             return self._local(x, sigma, images, k)
+        return self._classes(x, sigma, images, k, self._groups_of(k))
+
+    def _groups_of(self, k):
+        """The ``(query pixels, candidate centres, padding)`` groups of the equivariant model."""
         h = self.img_resolution
         if not self.borders:
-            return self._classes(x, sigma, images, k, [(_grid(range(h), range(h)), _interior(h, k), "circular")])
+            return [(_grid(range(h), range(h)), _interior(h, k), "circular")]
         d = k // 2
         axis = [[i] for i in range(d)] + [list(range(d, h - d))] + [[i] for i in range(h - d, h)]
         groups = []
@@ -418,51 +497,84 @@ class LocalScoreDenoiser(_LocalDenoiser):
                 where = _grid(rows, cols)
                 inside = d <= min(rows[0], cols[0]) and max(rows[-1], cols[-1]) < h - d
                 groups.append((where, where, None if inside else "zeros"))
-        return self._classes(x, sigma, images, k, groups)
+        return groups
 
     def _local(self, x, sigma, images, k):
-        """LS: per pixel q, ``‖P_q x − P_q y_i‖²`` is the k×k box sum (zeros outside the image)
-        of the per-pixel squared distances ``Σ_c (x − y_i)²``, so its cost does not depend on k;
-        one exact online softmax per (query, pixel) over the images, streamed in chunks."""
-        b, c, h, w = x.shape
-        d = k // 2
-        step = max(1, _DENSE_BLOCK // (b * c * h * w))
-        scale = (2 * sigma.to(torch.float64) ** 2).reshape(b, 1, 1, 1)
-        best = torch.full((b, 1, h, w), -math.inf, dtype=torch.float64, device=x.device)
-        total, acc = torch.zeros_like(best), torch.zeros(b, c, h, w, dtype=torch.float64, device=x.device)
-        for a in range(0, images.shape[0], step):
-            y = _decode(images[a:a + step], x.dtype)
-            m = len(y)
-            per_pixel = ((x[:, None] - y[None]) ** 2).sum(2).reshape(b * m, 1, h, w)
-            box = F.avg_pool2d(per_pixel, k, stride=1, padding=d, count_include_pad=True) * (k * k)
-            logit = -box.reshape(b, m, h, w).to(torch.float64) / scale
-            new = torch.maximum(best, logit.amax(1, keepdim=True))
-            fade = torch.where(best == -math.inf, 0.0, torch.exp(best - new))
-            e = torch.exp(logit - new)
-            total = total * fade + e.sum(1, keepdim=True)
-            acc = acc * fade + torch.einsum("bmhw,mchw->bchw", e, y.to(torch.float64))
-            best = new
-        return (acc / total).to(x.dtype)
+        return _box_softmax(x, sigma, images, k)[0]
+
+    def _winners(self, x, sigma, images, k):
+        b, h = x.shape[0], self.img_resolution
+        if not self.equivariant or k >= h:
+            _, arg, weight = _box_softmax(x, sigma, images, k)
+            return {"image": arg, **_own_pixels(b, h), "weight": weight}
+        image = torch.empty(b, h, h, dtype=torch.int64)
+        row, col, weight = torch.empty_like(image), torch.empty_like(image), torch.empty(b, h, h, dtype=torch.float64)
+        for where, centres, pad in self._groups_of(k):
+            _, info = self._group_softmax(x, sigma, images, k, where, centres, pad)
+            idx = info["nearest_index"].cpu().reshape(b, len(where))
+            top = info["top_weight"].cpu().reshape(b, len(where))
+            r, c = where[:, 0], where[:, 1]
+            image[:, r, c] = idx // len(centres)
+            row[:, r, c], col[:, r, c] = centres[idx % len(centres), 0], centres[idx % len(centres), 1]
+            weight[:, r, c] = top
+        return {"image": image, "row": row, "col": col, "weight": weight}
 
     def _classes(self, x, sigma, images, k, groups):
         """For each ``(query pixels, candidate centres, padding)``: one softmax per query patch
         over the candidate patches of every image; the output pixel is the mean's centre.
         Padding "circular" pads the queries only (the candidates lie inside), "zeros" both."""
-        b, c, h, _ = x.shape
+        b, c = x.shape[:2]
         d, out = k // 2, torch.empty_like(x)
         for where, centres, pad in groups:
-            q = _patch_rows(x, k, where, pad, x.dtype)  # [b·P, C·k·k], batch-major
-            rows_pad = None if pad == "circular" else pad
-            sig = sigma.repeat_interleave(len(where))
-            n = images.shape[0]
-            row_bytes = len(centres) * c * k * k * (images.element_size() if rows_pad is None else x.element_size())
-            step = _rows_per_chunk(row_bytes, n)
-            chunks = ((_patch_rows(images[a:a + step], k, centres, rows_pad, x.dtype), a * len(centres))
-                      for a in range(0, n, step))
-            mean, _ = _softmax_mean(q, chunks, sig)
+            mean, _ = self._group_softmax(x, sigma, images, k, where, centres, pad)
             centre = mean.reshape(b, len(where), c, k, k)[:, :, :, d, d]  # [b, P, C]
             out[:, :, where[:, 0], where[:, 1]] = centre.permute(0, 2, 1)
         return out
+
+    @staticmethod
+    def _group_softmax(x, sigma, images, k, where, centres, pad):
+        """The softmax of one group: query patches at ``where`` (rows batch-major ``[b·P]``)
+        over the patches at ``centres`` of every image (global row ``image·len(centres) + p``)."""
+        c = x.shape[1]
+        q = _patch_rows(x, k, where, pad, x.dtype)  # [b·P, C·k·k], batch-major
+        rows_pad = None if pad == "circular" else pad
+        sig = sigma.repeat_interleave(len(where))
+        n = images.shape[0]
+        row_bytes = len(centres) * c * k * k * (images.element_size() if rows_pad is None else x.element_size())
+        step = _rows_per_chunk(row_bytes, n)
+        chunks = ((_patch_rows(images[a:a + step], k, centres, rows_pad, x.dtype), a * len(centres))
+                  for a in range(0, n, step))
+        return _softmax_mean(q, chunks, sig)
+
+
+def _box_softmax(x, sigma, images, k):
+    """LS: per pixel q, ``‖P_q x − P_q y_i‖²`` is the k×k box sum (zeros outside the image) of
+    the per-pixel squared distances ``Σ_c (x − y_i)²``, so its cost does not depend on k; one
+    exact online softmax per (query, pixel) over the images, streamed in chunks. Returns the
+    mean ``[b, C, H, W]`` in x's dtype, the image of largest weight (lowest index on a tie) and
+    its weight, ``[b, H, W]``."""
+    b, c, h, w = x.shape
+    d = k // 2
+    step = max(1, _DENSE_BLOCK // (b * c * h * w))
+    scale = (2 * sigma.to(torch.float64) ** 2).reshape(b, 1, 1, 1)
+    best = torch.full((b, 1, h, w), -math.inf, dtype=torch.float64, device=x.device)
+    arg = torch.zeros(b, 1, h, w, dtype=torch.int64, device=x.device)
+    total, acc = torch.zeros_like(best), torch.zeros(b, c, h, w, dtype=torch.float64, device=x.device)
+    for a in range(0, images.shape[0], step):
+        y = _decode(images[a:a + step], x.dtype)
+        m = len(y)
+        per_pixel = ((x[:, None] - y[None]) ** 2).sum(2).reshape(b * m, 1, h, w)
+        box = F.avg_pool2d(per_pixel, k, stride=1, padding=d, count_include_pad=True) * (k * k)
+        logit = -box.reshape(b, m, h, w).to(torch.float64) / scale
+        top, where = logit.max(1, keepdim=True)
+        arg = torch.where(top > best, where + a, arg)
+        new = torch.maximum(best, top)
+        fade = torch.where(best == -math.inf, 0.0, torch.exp(best - new))
+        e = torch.exp(logit - new)
+        total = total * fade + e.sum(1, keepdim=True)
+        acc = acc * fade + torch.einsum("bmhw,mchw->bchw", e, y.to(torch.float64))
+        best = new
+    return (acc / total).to(x.dtype), arg[:, 0], (1 / total)[:, 0]
 
 
 def _grid(rows, cols) -> torch.Tensor:
@@ -548,34 +660,51 @@ class PCALocalityDenoiser(_LocalDenoiser):
         out = torch.empty(b, x[0].numel(), dtype=x.dtype, device=x.device)
         for s in torch.unique(sigma).tolist():
             sel = torch.nonzero(sigma == s).reshape(-1)
-            out[sel] = self._at_sigma(x[sel].reshape(len(sel), -1), s, images)
+            out[sel] = self._at_sigma(x[sel].reshape(len(sel), -1), s, images)[0].to(x.dtype)
         return out.reshape(x.shape)
 
     def _at_sigma(self, q, s, images):
         flat = images.reshape(images.shape[0], -1)
         cols = torch.arange(flat.shape[1], device=q.device)
-        return _masked_softmax(q, flat, self.mask(s), cols, 2 * s * s * self.temperature).to(q.dtype)
+        return _masked_softmax(q, flat, self.mask(s), cols, 2 * s * s * self.temperature)
+
+    def _winners(self, x, sigma, images, _size):
+        """Per element the image of largest weight; per pixel the channel whose winner weighs
+        most (the lowest channel on a tie). The source pixel is the pixel itself."""
+        b, c, h, w = x.shape
+        arg = torch.empty(b, c, h, w, dtype=torch.int64, device=x.device)
+        top = torch.empty(b, c, h, w, dtype=torch.float64, device=x.device)
+        for s in torch.unique(sigma).tolist():
+            sel = torch.nonzero(sigma == s).reshape(-1)
+            _, a, t = self._at_sigma(x[sel].reshape(len(sel), -1), s, images)
+            arg[sel], top[sel] = a.reshape(len(sel), c, h, w), t.reshape(len(sel), c, h, w)
+        weight, channel = top.max(1)
+        return {"image": arg.gather(1, channel[:, None])[:, 0], **_own_pixels(b, h), "weight": weight}
 
 
-def _masked_softmax(q, flat, w, elems, scale: float) -> torch.Tensor:
+def _masked_softmax(q, flat, w, elems, scale: float):
     """Exact float64 online softmax for real-valued masks: for each query b and element e_j,
     ``Σ_i softmax_i(−Σ_n w[n, j] (q_bn − y_in)² / scale) y_{i,e_j}``, chunked over the images
-    (one running max, sum and weighted sum per (b, j); nothing normalised per chunk)."""
+    (one running max, sum and weighted sum per (b, j); nothing normalised per chunk). Returns
+    the means ``[b, J]``, the image of largest weight (lowest index on a tie) and its weight."""
     q64, b, d = q.double(), q.shape[0], q.shape[1]
     step = max(1, _DENSE_BLOCK // (b * d))
     best = torch.full((b, w.shape[1]), -math.inf, dtype=torch.float64, device=q.device)
+    arg = torch.zeros(best.shape, dtype=torch.int64, device=q.device)
     total, acc = torch.zeros_like(best), torch.zeros_like(best)
     for a in range(0, flat.shape[0], step):
         y = _decode(flat[a:a + step], torch.float64)
         dist = ((q64[:, None] - y[None]) ** 2).reshape(-1, d) @ w
         logit = -dist.reshape(b, len(y), -1) / scale
-        new = torch.maximum(best, logit.amax(1))
+        top, where = logit.max(1)
+        arg = torch.where(top > best, where + a, arg)
+        new = torch.maximum(best, top)
         fade = torch.where(best == -math.inf, 0.0, torch.exp(best - new))
         e = torch.exp(logit - new[:, None])
         total = total * fade + e.sum(1)
         acc = acc * fade + (e * y[:, elems][None]).sum(1)
         best = new
-    return acc / total
+    return acc / total, arg, 1 / total
 
 
 LOCAL_MODELS = ("pspc", "ls", "els", "els-borders", "pca-locality")
