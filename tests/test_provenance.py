@@ -177,7 +177,7 @@ def test_generate_local_run_has_provenance_fields_plot_and_novelty(real, tmp_pat
     train, _, _ = real
     den = LocalScoreDenoiser(train, 3)
     out = tmp_path / "run"
-    manifest = generate(den, "0-1", out, steps=4, batch=2, progress=False)
+    manifest = generate(den, "0-1", out, steps=4, batch=2, progress=False, notes={"train": "cifar crops"})
     (rec,) = sorted((out / "batches").glob("batch-*.npz"))
     with np.load(rec) as z:
         assert z["provenance_image"].dtype == np.int64 and z["provenance_image"].shape == (2, SIDE, SIDE)
@@ -186,6 +186,12 @@ def test_generate_local_run_has_provenance_fields_plot_and_novelty(real, tmp_pat
         assert z["provenance_weight"].dtype == np.float64 and z["provenance_weight"].shape == (2, SIDE, SIDE)
         image, weight = z["provenance_image"], z["provenance_weight"]
         assert image.min() >= 0 and image.max() < N_TRAIN and (weight > 0).all() and (weight <= 1 + 1e-12).all()
+        # The last evaluation (σ = 0.002) is the output: where its winner holds almost all the
+        # weight, the generated pixel is the source pixel.
+        src = _decode(train)[image, :, z["provenance_row"], z["provenance_col"]].transpose(0, 3, 1, 2)
+        sure = np.broadcast_to((weight > 0.9999)[:, None], src.shape)
+        assert sure.mean() > 0.5
+        np.testing.assert_allclose(z["images"][sure], src[sure], atol=1e-3)
     novelty = manifest["novelty"]
     assert novelty["n"] == 2 and novelty["copies"] + novelty["mosaics"] == 2
     for b, seed in enumerate(novelty["seeds"]):

@@ -792,6 +792,56 @@ def _commitment_fields(folder: _Folder, view: _View, finished: set[int]) -> list
     return out
 
 
+_PROVENANCE_SEEDS = 4  # seeds shown in plots/provenance.png
+PROVENANCE_FIELDS = ("image", "row", "col", "weight")
+
+
+def _provenance_records(folder: _Folder, view: _View, finished: set[int]):
+    """Seeds [K], images [K, C, H, W] and the provenance fields of the finished seeds of every
+    record that has them, in seed order; None when no record has them."""
+    seeds, images, fields = [], [], {k: [] for k in PROVENANCE_FIELDS}
+    for name, rec_seeds in sorted(view.records.items(), key=lambda kv: kv[1][0]):
+        cols = [j for j, s in enumerate(rec_seeds) if s in finished]
+        if not cols:
+            continue
+        with np.load(folder.batches / name) as z:
+            if "provenance_image" not in z.files:
+                continue
+            seeds.append(z["seeds"][cols])
+            images.append(z["images"][cols])
+            for k in PROVENANCE_FIELDS:
+                fields[k].append(z[f"provenance_{k}"][cols])
+    if not seeds:
+        return None
+    return np.concatenate(seeds), np.concatenate(images), {k: np.concatenate(v) for k, v in fields.items()}
+
+
+def novelty_summary(seeds, images: np.ndarray, source: dict, train: torch.Tensor) -> dict:
+    """How many generations of a local run copy a training image and how many are mosaics.
+
+    A generation is a copy when its quantised image (EDM's PNG rule) equals its nearest training
+    image (L2, :func:`diffrepro.metrics.gl_nn`) quantised, the byte-equality criterion of
+    :func:`diffrepro.metrics.memorisation_summary`; otherwise a mosaic. Per seed: the nearest
+    image and its distance ratio ``‖x − NN(x)‖/‖x‖``, and from the provenance map the number of
+    distinct source images and the share of pixels of the most used one."""
+    rows = train.numpy() if train.dtype == torch.uint8 else train.float().numpy()
+    nn = metrics.gl_nn(images, rows)
+    near = rows[nn["nn_index"]]
+    near_q = near if rows.dtype == np.uint8 else data.quantize(near.astype(np.float64))
+    copy = (data.quantize(images) == near_q).reshape(len(images), -1).all(axis=1)
+    per_seed = []
+    for k, seed in enumerate(seeds):
+        counts = np.bincount(source["image"][k].ravel())
+        per_seed.append({"seed": int(seed), "copy": bool(copy[k]), "nearest_index": int(nn["nn_index"][k]),
+                         "nearest_ratio": float(nn["ratio"][k]), "distinct_sources": int((counts > 0).sum()),
+                         "largest_source": int(counts.argmax()),
+                         "largest_source_share": float(counts.max() / source["image"][k].size),
+                         "median_weight": float(np.median(source["weight"][k]))})
+    return {"criterion": "copy: quantised generation equal to its nearest (L2) training image; else mosaic",
+            "n": len(per_seed), "copies": int(copy.sum()), "mosaics": int((~copy).sum()),
+            "gl_nn": nn["gl_nn"], "seeds": per_seed}
+
+
 def _field_columns(fields: dict, cols: list[int]) -> dict:
     """The commitment fields of the samples ``cols`` of a batch (per-evaluation fields: whole)."""
     return {**fields, "commit_sigma": fields["commit_sigma"][cols], "commit_index": fields["commit_index"][cols],
@@ -1002,6 +1052,9 @@ class _Job:
         self.stats = {"computed": 0, "reused": 0, "rewritten": 0, "sampled": 0, "others": []}
         self.sample_seconds = 0.0
         self.commit_fields: dict[int, dict] = {}  # batch -> pruning.batch_fields of its evaluations
+        # local denoisers: which training patch dominates each pixel at the last evaluation
+        self.provenance = callable(getattr(den, "last_provenance", None))
+        self.prov_fields: dict[int, dict] = {}  # batch -> provenance_* fields
         self.job_lock: distributed.Claim | None = None
         self.temps: dict = {}
         self._bar: _Progress | None = None
@@ -1160,11 +1213,18 @@ class _Job:
             labels = torch.zeros(len(b), self.label_dim, device=self.device)
             labels[:, self.class_idx] = 1
         t = time.perf_counter()
+        if self.provenance:
+            self.den.record_last(True)
         if self.flow is not None:
             images = sample_flow(self.timed, lat, labels, solver=self.sample_args["sampler"], times=self.times)
         else:
             images = sample(self.timed, lat, labels, **self.sample_args)
         images = images.cpu().numpy()
+        if self.provenance:  # one extra evaluation at the last call's input
+            prov = self.den.last_provenance()
+            self.den.record_last(False)
+            if prov is not None:
+                self.prov_fields[i] = {f"provenance_{k}": v.numpy() for k, v in prov.items()}
         self.sample_seconds += time.perf_counter() - t
         self.stats["sampled"] += len(b)
         if records is not None and not self.closed and (evaluations := records()):
@@ -1175,13 +1235,15 @@ class _Job:
         """Writer: the record of the new seeds, then the PNGs of every claimed seed (the new ones
         written, the recorded ones checked against their records and rewritten if they differ)."""
         folder, fields = self.folder, self.commit_fields.pop(i, None)
+        prov = self.prov_fields.pop(i, {})
         if got.todo:
             where = {s: j for j, s in enumerate(self.plan.seeds_of(i))}
             cols = [where[s] for s in got.todo]
             data.atomic_save_npz(folder.batches / f"batch-{got.todo[0]:06d}.npz",
                                  seeds=np.asarray(got.todo, np.int64), images=images[cols],
                                  run_id=np.array(self.run_id), run=np.array(data.strict_json(self.identity)),
-                                 **({} if fields is None else _field_columns(fields, cols)))
+                                 **({} if fields is None else _field_columns(fields, cols)),
+                                 **{k: v[cols] for k, v in prov.items()})
             for s, q in zip(got.todo, data.quantize(images[cols])):
                 png = folder.outdir / noise.seed_filename(s, folder.subdirs)
                 png.parent.mkdir(exist_ok=True)
@@ -1252,21 +1314,44 @@ class _Job:
         """The grid of the first 64 finished seeds and the commitment summary and plot."""
         folder = self.folder
         _save_grid(folder, view, sorted(finished), self.run_id, self.identity, self.shape)
+        if self.provenance:
+            self._write_provenance(view, finished)
         fields = _commitment_fields(folder, view, finished)
         if not fields:
             return
         self.manifest["commitment"] = pruning.summarize(fields, getattr(self.den, "prune", None))
         if plots.available():
             (folder.outdir / "plots").mkdir(exist_ok=True)
-            notes = self.manifest["notes"]
-            what = notes.get("train") or f"{getattr(self.den, 'num_rows', '?')} training rows"
-            how = ("flow " if self.flow else "") + f"{self.sample_args['sampler']} {self.sample_args['steps']} steps"
-            pruning.plot_commitment(fields, folder.outdir / "plots" / "commitment.png",
-                                    plots.run_title(what, len(finished), how))
+            pruning.plot_commitment(fields, folder.outdir / "plots" / "commitment.png", self._title(len(finished)))
         else:
             warnings.warn("matplotlib is not installed: plots/commitment.png was skipped (pip install "
                           "matplotlib, the plots extra; the commitment fields are in the batch records and "
                           "the manifest)", stacklevel=5)
+
+    def _title(self, seeds: int) -> str:
+        what = self.manifest["notes"].get("train") or f"{getattr(self.den, 'num_rows', '?')} training rows"
+        how = ("flow " if self.flow else "") + f"{self.sample_args['sampler']} {self.sample_args['steps']} steps"
+        return plots.run_title(what, seeds, how)
+
+    def _write_provenance(self, view: _View, finished: set[int]) -> None:
+        """Local runs: the per-seed novelty summary in the manifest and plots/provenance.png."""
+        got = _provenance_records(self.folder, view, finished)
+        if got is None:
+            return
+        seeds, images, source = got
+        train = self.den.training_rows().cpu()
+        self.manifest["novelty"] = novelty_summary(seeds, images, source, train)
+        if not plots.available():
+            warnings.warn("matplotlib is not installed: plots/provenance.png was skipped (pip install matplotlib, "
+                          "the plots extra; the provenance fields are in the batch records)", stacklevel=6)
+            return
+        (self.folder.outdir / "plots").mkdir(exist_ok=True)
+        shown = slice(0, _PROVENANCE_SEEDS)
+        rows = train.numpy() if train.dtype != torch.uint8 else train.numpy() / 127.5 - 1
+        img, r, c = source["image"][shown], source["row"][shown], source["col"][shown]
+        mosaic = rows[img, :, r, c].transpose(0, 3, 1, 2)  # [S, H, W, C] -> [S, C, H, W]
+        plots.plot_provenance(images[shown], mosaic, img, seeds[shown], self.folder.outdir / "plots" / "provenance.png",
+                              self._title(len(finished)))
 
     def _write_manifest(self, finished: set[int], status: str) -> None:
         self.manifest["config"] = {"seeds": format_seeds(sorted(finished)), **self.config}

@@ -246,3 +246,39 @@ def nn_grid(gen: np.ndarray, train: np.ndarray, nn_index: np.ndarray, path: str 
     buf = io.BytesIO()
     canvas.save(buf, format="png", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_provenance(images: np.ndarray, mosaics: np.ndarray, sources: np.ndarray, seeds: Sequence[int],
+                    path: str | os.PathLike, title: str | None = None) -> None:
+    """One row per seed: the generation, the mosaic of its source pixels (each output pixel
+    replaced by the training pixel that dominates it) and the map of source image indices.
+
+    Args:
+        images, mosaics: float [S, C, H, W] in [-1, 1].
+        sources: int [S, H, W] training image index per pixel.
+        seeds: the S seeds (row labels).
+        path: output PNG. title: figure title (``run_title``).
+    """
+    plt = _pyplot()
+    s = len(seeds)
+    fig, axes = plt.subplots(s, 3, figsize=(6.0, 2.0 * s + (0.4 if title else 0.0)), squeeze=False)
+
+    def rgb(x):
+        x = np.clip((np.asarray(x, dtype=np.float64) + 1) / 2, 0, 1).transpose(1, 2, 0)
+        return x[..., 0] if x.shape[-1] == 1 else x
+
+    for r, seed in enumerate(seeds):
+        distinct = len(np.unique(sources[r]))
+        for ax, img, name in ((axes[r, 0], rgb(images[r]), f"seed {seed}"),
+                              (axes[r, 1], rgb(mosaics[r]), "source pixels"),
+                              (axes[r, 2], None, f"source image ({distinct} distinct)")):
+            if img is None:
+                ax.imshow(sources[r], cmap="tab20", interpolation="nearest")
+            else:
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+            ax.set_title(name, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, path, title)

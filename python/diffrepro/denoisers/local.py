@@ -242,6 +242,10 @@ class _LocalDenoiser(Denoiser):
     def _winners(self, x, sigma, images, size) -> dict:
         raise NotImplementedError
 
+    def training_rows(self) -> torch.Tensor:
+        """The training images as stored (uint8, or float in the compute dtype), ``[N, C, H, W]``."""
+        return self._train
+
     def record_last(self, on: bool = True) -> None:
         """Keep (a copy of) the input of the latest call, for :meth:`last_provenance`."""
         self._record = bool(on)
