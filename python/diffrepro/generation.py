@@ -23,11 +23,14 @@ Output folder::
                                     run_id (sha256 of the run identity) and run (its JSON); with the
                                     empirical denoiser also commit_sigma [B], commit_index [B],
                                     eval_sigma [E], eval_n_eff [E, B], eval_rows_fraction [E] and
-                                    eval_skipped_bound [E] (diffrepro.pruning.batch_fields)
+                                    eval_skipped_bound [E] (diffrepro.pruning.batch_fields); with a
+                                    local denoiser provenance_image/row/col int64 [B, H, W] and
+                                    provenance_weight float64 [B, H, W] of the last evaluation
     outdir/plots/commitment.png     σ at commitment and n_eff quartiles against σ (empirical)
+    outdir/plots/provenance.png     local denoisers: generations, their source-pixel mosaics and source maps
     outdir/grid.png                 the first 64 seeds, row-major 8×8
     outdir/manifest.json            run identity (configuration; config.seeds: every finished seed of the
-                                    folder, ascending), σ grid, build and timing
+                                    folder, ascending), σ grid, build and timing (local denoisers: novelty)
     outdir/batches/.*.lock          claims of running jobs (their seeds), and outdir/.generate.lock,
                                     held for milliseconds while a job claims seeds or writes the manifest
 """
