@@ -91,6 +91,28 @@ def oracle_els(x, y, sigma, k):
     return tuple(out)
 
 
+def oracle_els_borders(x, y, sigma, k):
+    """Zero-padded query and candidates; per axis a border coordinate matches only itself, an
+    interior one every interior coordinate."""
+    h, d = x.shape[-1], k // 2
+    xp = np.pad(x, ((0, 0), (d, d), (d, d)))
+    yp = np.pad(y, ((0, 0), (0, 0), (d, d), (d, d)))
+
+    def along(t):
+        return [t] if t < d or t >= h - d else list(range(d, h - d))
+
+    out = [np.zeros((h, h), np.int64) for _ in range(3)] + [np.zeros((h, h))]
+    for r in range(h):
+        for c in range(h):
+            cands = [(i, cr, cc) for i in range(len(y)) for cr in along(r) for cc in along(c)]
+            q = xp[:, r:r + k, c:c + k]
+            dist = [((q - yp[i, :, cr:cr + k, cc:cc + k]) ** 2).sum() for i, cr, cc in cands]
+            j, w = _winner(dist, sigma)
+            out[0][r, c], out[1][r, c], out[2][r, c] = cands[j]
+            out[3][r, c] = w
+    return tuple(out)
+
+
 def oracle_pca(x, y, sigma, mask, temperature):
     """Per element m: d_i(m) = Σ_n M[n, m] (x_n − y_in)²; per pixel the channel whose winner weighs most."""
     c, h, _ = x.shape
@@ -115,7 +137,7 @@ def _check(got, want, b):
     np.testing.assert_allclose(got["weight"][b].numpy(), want[3], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("model", ["pspc-3", "pspc-8", "ls-3", "els-3", "pca"])
+@pytest.mark.parametrize("model", ["pspc-3", "pspc-8", "ls-3", "els-3", "elsb-5", "pca"])
 def test_provenance_matches_brute_force(real, model):
     train, x, sigma = real
     y = _decode(train)
@@ -128,6 +150,9 @@ def test_provenance_matches_brute_force(real, model):
     elif name == "els":
         den = LocalScoreDenoiser(train, k, equivariant=True, dtype=torch.float64)
         oracle = lambda xb, s: oracle_els(xb, y, s, k)  # noqa: E731
+    elif name == "elsb":
+        den = LocalScoreDenoiser(train, k, equivariant=True, borders=True, dtype=torch.float64)
+        oracle = lambda xb, s: oracle_els_borders(xb, y, s, k)  # noqa: E731
     else:
         den = PCALocalityDenoiser(train, mask_threshold=0.02, temperature=1.5, dtype=torch.float64)
         oracle = lambda xb, s: oracle_pca(xb, y, s, den.mask(s).numpy(), 1.5)  # noqa: E731 (mask: an input)
