@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import datetime
+import gc
 import hashlib
 import json
 import os
@@ -242,6 +243,9 @@ class Context:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+            # Garbage cycles that still reference a group (e.g. through a frame a library's stored
+            # traceback keeps) are freed now: at the interpreter's teardown gloo's threads abort the exit.
+            gc.collect()
         if _CURRENT is self:
             _CURRENT = None
 

@@ -144,15 +144,20 @@ class _Progress:
 
 
 class _CountedDenoiser(TimedDenoiser):
-    """:class:`TimedDenoiser` that also reports the query rows of each call (progress within a batch)."""
+    """:class:`TimedDenoiser` that also moves ``bar`` (a :class:`_Progress`, or None) with the query
+    rows of each call: progress within a batch, where a sample makes ``nfe`` calls. It holds the
+    bar, not the job: a callback into the job would be a reference cycle keeping the denoiser (and
+    a sharded one's process group) alive until the interpreter's teardown, where gloo's threads
+    abort the exit."""
 
-    def __init__(self, inner, on_rows):
+    def __init__(self, inner, nfe: int):
         super().__init__(inner)
-        self.on_rows = on_rows
+        self.nfe, self.bar = nfe, None
 
     def _timed(self, fn, x, *args):
         out = super()._timed(fn, x, *args)
-        self.on_rows(x.shape[0])
+        if self.bar is not None:
+            self.bar.advance(x.shape[0] / self.nfe)
         return out
 
 
@@ -1051,7 +1056,7 @@ class _Job:
         }
         self.sharded = bool(getattr(den, "sharded", False))
         self.writer = ctx.rank == 0 or not self.sharded
-        self.timed = _CountedDenoiser(den, self._advance)
+        self.timed = _CountedDenoiser(den, self.nfe)
         self.stats = {"computed": 0, "reused": 0, "rewritten": 0, "sampled": 0, "others": []}
         self.sample_seconds = 0.0
         self.commit_fields: dict[int, dict] = {}  # batch -> pruning.batch_fields of its evaluations
@@ -1060,7 +1065,6 @@ class _Job:
         self.prov_fields: dict[int, dict] = {}  # batch -> provenance_* fields
         self.job_lock: distributed.Claim | None = None
         self.temps: dict = {}
-        self._bar: _Progress | None = None
 
     # -- the folder ------------------------------------------------------------------------------
 
@@ -1128,9 +1132,13 @@ class _Job:
         return diffs
 
     def release(self) -> None:
+        """The job lock, and the denoiser: a frame of this job that something else keeps (e.g. a
+        traceback a plotting library stores) must not keep a sharded denoiser's process group alive
+        until the interpreter's teardown, where gloo's threads abort the exit."""
         if self.job_lock is not None:
             self.job_lock.release()
             self.job_lock = None
+        self.den = self.timed = None
 
     # -- the batches -----------------------------------------------------------------------------
 
@@ -1139,7 +1147,7 @@ class _Job:
         ctx = self.ctx
         width = 1 if self.sharded else ctx.world_size
         rounds = -(-len(self.job) // width)
-        self._bar = bar = _Progress(self.plan.seeds_in(self.job), "generate", progress and ctx.rank == 0)
+        self.timed.bar = bar = _Progress(self.plan.seeds_in(self.job), "generate", progress and ctx.rank == 0)
         try:
             for j in range(rounds):
                 k = j * width + (0 if self.sharded else ctx.rank)
@@ -1153,11 +1161,6 @@ class _Job:
             raise
         finally:
             bar.close()
-
-    def _advance(self, rows: int) -> None:
-        """A denoiser call on ``rows`` queries: each sample makes ``nfe`` calls."""
-        if self._bar is not None:
-            self._bar.advance(rows / self.nfe)
 
     def run_batch(self, i: int) -> None:
         """One batch on this rank: seed-parallel, or every rank of a sharded denoiser."""
