@@ -530,8 +530,9 @@ class _Folder:
     the batch records (indexed by seed, headers cached: records never change in place) and the
     claims of the jobs working in it."""
 
-    def __init__(self, outdir, subdirs: bool = False):
+    def __init__(self, outdir, subdirs: bool = False, context=None):
         self.outdir, self.subdirs = Path(outdir), bool(subdirs)
+        self.ctx = context  # the job's ranks: a lost one holding the folder lock is named, not waited for
         self.batches = self.outdir / _BATCH_DIR
         self._headers: dict[str, tuple] = {}  # record name -> (inode, seeds, run_id, run JSON)
         self._record_of: dict[int, str] = {}  # seed -> record name, kept in step with _headers
@@ -564,8 +565,17 @@ class _Folder:
     def locked(self):
         """Hold the folder lock: claims, the identity file and the manifest change only under it."""
         path = self.outdir / _FOLDER_LOCK
-        deadline, delay = time.monotonic() + _LOCK_WAIT_SECONDS, 0.001
+        start = time.monotonic()
+        deadline, delay = start + _LOCK_WAIT_SECONDS, 0.001
         while not isinstance(got := distributed.claim(path), distributed.Claim):
+            ctx = self.ctx
+            if ctx is not None and ctx.world_size > 1 and time.monotonic() - start > ctx.timeout:
+                # the holder may be a rank of this job that was killed or hangs (its pid may live on
+                # as a zombie until its launcher reaps it): the ranks' heartbeats tell
+                lost = ctx._lost()
+                if lost:
+                    raise ctx._error("waiting for the output folder's lock", lost=lost)
+                start = time.monotonic()
             if time.monotonic() > deadline:
                 raise RunError(f"outdir {str(self.outdir)!r} has been locked for {_LOCK_WAIT_SECONDS:.0f} s by "
                                f"another job ({_owner_text(got)}); delete {str(path)!r} if that job is dead")
@@ -1020,7 +1030,7 @@ class _Job:
         self.seeds = SeedRanges.parse(seeds)
         self.plan = BatchPlan(self.seeds, _check_batch(batch))
         self.job = _job_batches(self.plan, part)
-        self.folder = _Folder(outdir, subdirs)
+        self.folder = _Folder(outdir, subdirs, ctx)
         self.shape = (den.img_channels, den.img_resolution, den.img_resolution)
         self.device = torch.device(getattr(den, "device", "cpu"))
         noise_device = self.device if noise_device is None else torch.device(noise_device)
