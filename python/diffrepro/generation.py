@@ -567,14 +567,16 @@ class _Folder:
         path = self.outdir / _FOLDER_LOCK
         start = time.monotonic()
         deadline, delay = start + _LOCK_WAIT_SECONDS, 0.001
-        while not isinstance(got := distributed.claim(path), distributed.Claim):
-            ctx = self.ctx
-            if ctx is not None and ctx.world_size > 1 and time.monotonic() - start > ctx.timeout:
+        ctx = self.ctx if self.ctx is not None and self.ctx.world_size > 1 else None
+        info = None if ctx is None else {"rank": ctx.rank}
+        while not isinstance(got := distributed.claim(path, info), distributed.Claim):
+            if ctx is not None and time.monotonic() - start > ctx.timeout:
                 # the holder may be a rank of this job that was killed or hangs (its pid may live on
-                # as a zombie until its launcher reaps it): the ranks' heartbeats tell
-                lost = ctx._lost()
-                if lost:
-                    raise ctx._error("waiting for the output folder's lock", lost=lost)
+                # as a zombie until its launcher reaps it): its heartbeat tells (only the holder is
+                # named: a peer that gave up waiting stops beating too)
+                holder = got.get("rank")
+                if holder in ctx._lost():
+                    raise ctx._error("waiting for the output folder's lock", lost=[holder])
                 start = time.monotonic()
             if time.monotonic() > deadline:
                 raise RunError(f"outdir {str(self.outdir)!r} has been locked for {_LOCK_WAIT_SECONDS:.0f} s by "
